@@ -1,0 +1,100 @@
+"""Validation, padding and dispatch shared by every op family.
+
+All ops use the layout [batch, seq, heads, head_dim]. Helpers here raise `ValueError`s that name the
+offending argument and the expected shape, before any tracing work is done.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "reference", "xla", "pallas")
+
+
+def resolve_impl(impl: str, op_name: str) -> str:
+  """Maps the user's `impl=` choice to the path that runs.
+
+  "auto" picks the fastest valid path for the default backend; until a Pallas kernel for `op_name`
+  lands it is always "xla". "pallas" raises `NotImplementedError` while no kernel exists.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"{op_name}: impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "xla"
+  if impl == "pallas":
+    raise NotImplementedError(
+        f"{op_name}: no Pallas kernel for this op yet; use impl='xla' (or 'auto')")
+  return impl
+
+
+def check_rank(x, rank: int, name: str, layout: str) -> None:
+  """Raises a ValueError unless `x` has `rank` dimensions (`layout` names them, e.g. "[B,T,H,D]")."""
+  if jnp.ndim(x) != rank:
+    raise ValueError(f"{name} must have shape {layout}, got shape {jnp.shape(x)}")
+
+
+def check_shape(x, shape: tuple, name: str, layout: str) -> None:
+  """Raises a ValueError unless `x.shape == shape`."""
+  if tuple(jnp.shape(x)) != tuple(shape):
+    raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {jnp.shape(x)}")
+
+
+def check_qkv(q, k, v, *, v_heads_match_k: bool = True):
+  """Validates q [B,T,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv] with Hk dividing H (GQA).
+
+  Returns (B, T, H, Hk, Dk, Dv).
+  """
+  check_rank(q, 4, "q", "[batch, seq, heads, head_dim]")
+  check_rank(k, 4, "k", "[batch, seq, kv_heads, head_dim]")
+  check_rank(v, 4, "v", "[batch, seq, kv_heads, head_dim_v]")
+  b, t, h, dk = q.shape
+  if k.shape[:2] != (b, t) or k.shape[3] != dk:
+    raise ValueError(f"k must have shape [{b}, {t}, kv_heads, {dk}] to match q {q.shape}, "
+                     f"got {k.shape}")
+  hk = k.shape[2]
+  if v.shape[:3] != (b, t, hk) and v_heads_match_k:
+    raise ValueError(f"v must have shape [{b}, {t}, {hk}, head_dim_v] to match k {k.shape}, "
+                     f"got {v.shape}")
+  if h % hk:
+    raise ValueError(f"the heads of k/v ({hk}) must divide the heads of q ({h})")
+  return b, t, h, hk, dk, v.shape[3]
+
+
+def check_gate(x, name: str, b: int, t: int, heads: tuple[int, ...], tail: tuple = ()) -> None:
+  """Checks a gate shaped [B, T, heads, *tail] where heads may be any of `heads` (q or kv heads)."""
+  layout = f"[{b}, {t}, {' or '.join(map(str, sorted(set(heads))))}{''.join(f', {d}' for d in tail)}]"
+  if jnp.ndim(x) != 3 + len(tail) or x.shape[:2] != (b, t) or x.shape[2] not in heads \
+      or tuple(x.shape[3:]) != tuple(tail):
+    raise ValueError(f"{name} must have shape {layout}, got {jnp.shape(x)}")
+
+
+def default_scale(scale, head_dim: int) -> float:
+  """`scale` if given, else head_dim ** -0.5."""
+  return head_dim ** -0.5 if scale is None else scale
+
+
+def repeat_heads(x, heads: int, axis: int = 2):
+  """Repeats the head axis of `x` so it has `heads` heads (GQA: each kv head serves a group)."""
+  n = x.shape[axis]
+  return x if n == heads else jnp.repeat(x, heads // n, axis=axis)
+
+
+def pad_seq(x, multiple: int, axis: int = 1, value=0):
+  """Pads `x` along `axis` up to a multiple of `multiple`. Returns (padded, original_length)."""
+  t = x.shape[axis]
+  pad = (-t) % multiple
+  if pad == 0:
+    return x, t
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value), t
+
+
+def to_f32(*xs):
+  """Casts arrays (None passes through) to float32."""
+  return tuple(None if x is None else jnp.asarray(x, jnp.float32) for x in xs)
+
+
+def is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
