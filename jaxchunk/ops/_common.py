@@ -92,8 +92,13 @@ def pad_seq(x, multiple: int, axis: int = 1, value=0):
 
 
 def to_f32(*xs):
-  """Casts arrays (None passes through) to float32."""
-  return tuple(None if x is None else jnp.asarray(x, jnp.float32) for x in xs)
+  """Casts arrays (None passes through) to float32; float64 stays float64 (x64 oracle runs)."""
+  def cast(x):
+    if x is None:
+      return None
+    x = jnp.asarray(x)
+    return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
+  return tuple(cast(x) for x in xs)
 
 
 def is_traced(x) -> bool:
