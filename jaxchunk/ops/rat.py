@@ -1,0 +1,431 @@
+"""RAT: recurrence inside chunks, softmax attention across chunks (Wei et al., 2025).
+
+The sequence is cut into chunks of C = `chunk_size` tokens. Inside a chunk, keys and values are
+aggregated by an elementwise gated recurrence that restarts at every chunk start,
+
+  k~_t = f_t * k~_{t-1} + (1 - f_t) * k_t,    v~_t = f_t * v~_{t-1} + (1 - f_t) * v_t,
+
+(k~ = v~ = 0 before a chunk's first token; the same gate f in (0, 1) for keys and values). The
+"summary" of chunk c is the aggregate at its last token. Query t of chunk c then attends with one
+softmax over c + 1 keys: the summaries of chunks 0..c-1 and its own running aggregate k~_t / v~_t,
+
+  o_t = softmax_j(scale * q_t . K_j) V_j,   K = [summary_0, ..., summary_{c-1}, k~_t] (same for V).
+
+Paths:
+- "reference": a token-by-token `lax.scan` of `rat_step` (the definition), O(T * T / C).
+- "xla": the aggregates by a `lax.associative_scan` inside each chunk; then blockwise attention of
+  query blocks against blocks of chunk summaries with an online softmax (running max / sum), the
+  own-chunk running term seeding each query's softmax. The query-block body and the summary-block
+  body are `jax.checkpoint`ed, so memory stays O(T) in the forward and backward pass; no [T, T / C]
+  array is ever built.
+
+Decode / continuation state: `RATState`, holding the summaries of completed chunks in a buffer of
+fixed capacity N (static shapes under jit), the running aggregate of the chunk in progress and the
+number of tokens seen. A state whose length is not a multiple of C continues the partial chunk (also
+for a traced length): internally the new tokens are placed at offset length % C of a chunk-aligned
+buffer whose slot just before them re-injects the running aggregate (gate 0, input = aggregate).
+
+Comparison with the public code (CLAIRE-Labo/RAT, `RAT`/`RATSlow` layers and their cache):
+- the operation is the same: `pscan(g, (1 - g) * x)` inside chunks, a block-causal mask
+  `q_idx // chunk_size > kv_idx` over chunk summaries, and the own running term merged into the same
+  softmax by its log-sum-exp (`merge_last_token`).
+- there, q and k are shared by `ngroups` head groups while v and the gate have one per head; here
+  k, v and f share Hk kv heads (GQA, Hk dividing H). The public layout is Hk = H with k repeated.
+- the layer's input norm, projections, sigmoid gate with bias, output gate and inter-chunk RoPE are
+  not part of this op. Note that the public code rotates the *aggregated* keys (by chunk index, the
+  same rotation for every token of a chunk): since f is per channel, rotating k before this op gives
+  the same result only when f is equal on the two channels of every rotary pair.
+- the public code stores aggregates in bfloat16 and its training forward needs T % C == 0; here the
+  aggregates and states are float32 and any T (and any starting length) is accepted.
+
+Compute dtype: float32, or float64 when an input already is float64 (x64 enabled), so that the
+reference path can serve as a float64 oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxchunk.ops._common import (check_qkv, check_rank, check_shape, default_scale, is_traced,
+                                  resolve_impl)
+
+_HIGHEST = lax.Precision.HIGHEST
+_NEVER = np.iinfo(np.int32).max  # chunk index of a summary slot no query may see
+
+
+class RATState(NamedTuple):
+  """Decode / continuation state of `rat`.
+
+  Attributes:
+    k_chunks: [B, N, Hk, D] summaries (final aggregated keys) of completed chunks; slot n holds
+      chunk n, slots n >= length // chunk_size are ignored.
+    v_chunks: [B, N, Hk, D] the same for values.
+    k_run: [B, Hk, D] aggregated key at the last token seen (ignored when length % chunk_size == 0,
+      since the next token starts a new chunk).
+    v_run: [B, Hk, D] the same for values.
+    length: int32 scalar array, the number of tokens seen.
+  """
+  k_chunks: jax.Array
+  v_chunks: jax.Array
+  k_run: jax.Array
+  v_run: jax.Array
+  length: jax.Array
+
+
+def rat_init_state(batch: int, kv_heads: int, head_dim: int, max_chunks: int) -> RATState:
+  """An empty `RATState` (no tokens seen) with room for `max_chunks` chunk summaries."""
+  if max_chunks < 0:
+    raise ValueError(f"max_chunks must be >= 0, got {max_chunks}")
+  chunks = jnp.zeros((batch, max_chunks, kv_heads, head_dim), jnp.float32)
+  run = jnp.zeros((batch, kv_heads, head_dim), jnp.float32)
+  return RATState(chunks, chunks, run, run, jnp.zeros((), jnp.int32))
+
+
+def _einsum(spec, *operands):
+  return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
+def _compute_dtype(*xs):
+  """float64 if x64 is enabled and any array in `xs` is float64, else float32."""
+  if jax.config.jax_enable_x64 and any(jnp.result_type(x) == np.float64 for x in xs):
+    return jnp.float64
+  return jnp.float32
+
+
+def _check_chunk_size(chunk_size) -> None:
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check_gate_range(f) -> None:
+  """Raises a ValueError if a concrete (non-traced) gate has an entry outside [0, 1]."""
+  if is_traced(f):
+    return
+  f = np.asarray(f, np.float32)
+  if f.size and (f.min() < 0 or f.max() > 1):
+    raise ValueError(f"f is a forget gate and must lie in [0, 1], got range "
+                     f"[{float(f.min())}, {float(f.max())}]")
+
+
+def _check_state(state, b: int, hk: int, d: int, name: str) -> int:
+  """Validates a `RATState` for batch b, Hk kv heads and head_dim d. Returns its capacity N."""
+  if not isinstance(state, tuple) or len(state) != len(RATState._fields):
+    raise ValueError(f"{name} must be a RATState(k_chunks, v_chunks, k_run, v_run, length), "
+                     f"got {type(state).__name__}")
+  k_chunks, v_chunks, k_run, v_run, length = state
+  check_rank(k_chunks, 4, f"{name}.k_chunks", f"[{b}, max_chunks, {hk}, {d}]")
+  n = k_chunks.shape[1]
+  layout = "[batch, max_chunks, kv_heads, head_dim]"
+  check_shape(k_chunks, (b, n, hk, d), f"{name}.k_chunks", layout)
+  check_shape(v_chunks, (b, n, hk, d), f"{name}.v_chunks", layout)
+  check_shape(k_run, (b, hk, d), f"{name}.k_run", "[batch, kv_heads, head_dim]")
+  check_shape(v_run, (b, hk, d), f"{name}.v_run", "[batch, kv_heads, head_dim]")
+  if jnp.ndim(length) != 0 or not jnp.issubdtype(jnp.result_type(length), jnp.integer):
+    raise ValueError(f"{name}.length must be an integer scalar array [], got shape "
+                     f"{jnp.shape(length)} dtype {jnp.result_type(length)}")
+  return n
+
+
+def _check_capacity(length, new_tokens: int, chunk_size: int, capacity: int, name: str) -> None:
+  """When `length` is concrete, raises unless `capacity` summaries fit length + new_tokens tokens."""
+  if is_traced(length):
+    return
+  length = int(length)
+  if length < 0 or length // chunk_size > capacity:
+    raise ValueError(f"{name}.length = {length} is invalid for a state holding {capacity} chunk "
+                     f"summaries of chunk_size {chunk_size}")
+  needed = (length + new_tokens) // chunk_size
+  if needed > capacity:
+    raise ValueError(f"{name} has room for {capacity} chunk summaries but {length} + {new_tokens} "
+                     f"tokens complete {needed} chunks; pass a larger max_chunks")
+
+
+def _cast_state(state: RATState, capacity: int, dtype) -> RATState:
+  """Casts `state` to `dtype` (length to int32) and zero-pads its summary buffer to `capacity`."""
+  k_chunks, v_chunks, k_run, v_run = (jnp.asarray(x, dtype) for x in state[:4])
+  pad = [(0, 0), (0, capacity - k_chunks.shape[1]), (0, 0), (0, 0)]
+  return RATState(jnp.pad(k_chunks, pad), jnp.pad(v_chunks, pad), k_run, v_run,
+                  jnp.asarray(state.length, jnp.int32))
+
+
+def _step(state: RATState, token, *, chunk_size: int, scale: float):
+  """One token of RAT: the definition that the reference path scans.
+
+  Args:
+    state: `RATState` in the compute dtype, capacity N.
+    token: (q [B, Hk, G, D], k [B, Hk, D], v [B, Hk, D], f [B, Hk, D]).
+    chunk_size: tokens per chunk.
+    scale: softmax scale.
+
+  Returns:
+    (new state, o [B, Hk, G, D]). A summary completed past the capacity is dropped.
+  """
+  k_chunks, v_chunks, k_run, v_run, length = state
+  q, k, v, f = token
+  starts_chunk = length % chunk_size == 0
+  k_run = jnp.where(starts_chunk, 0, f * k_run) + (1 - f) * k
+  v_run = jnp.where(starts_chunk, 0, f * v_run) + (1 - f) * v
+
+  chunk = length // chunk_size
+  n = k_chunks.shape[1]
+  visible = jnp.arange(n) < chunk
+  s_chunks = jnp.where(visible, _einsum("bhgd,bnhd->bhgn", q, k_chunks) * scale, -jnp.inf)
+  s_run = _einsum("bhgd,bhd->bhg", q, k_run) * scale
+  p = jax.nn.softmax(jnp.concatenate([s_chunks, s_run[..., None]], axis=-1), axis=-1)
+  o = _einsum("bhgn,bnhd->bhgd", p[..., :n], v_chunks) + p[..., n:] * v_run[:, :, None]
+
+  if n:
+    slot = jnp.minimum(chunk, n - 1)
+    write = ((length + 1) % chunk_size == 0) & (chunk < n)
+    def append(buf, run):
+      old = lax.dynamic_index_in_dim(buf, slot, axis=1, keepdims=False)
+      return lax.dynamic_update_index_in_dim(buf, jnp.where(write, run, old), slot, axis=1)
+    k_chunks, v_chunks = append(k_chunks, k_run), append(v_chunks, v_run)
+  return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
+
+
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def _rat_reference(q, k, v, f, state: RATState, scale, *, chunk_size: int):
+  """Token-by-token scan of `_step` from `state`.
+
+  q [B,T,Hk,G,D]; k, v, f [B,T,Hk,D]; scale: softmax scale. Returns (o like q, final state).
+  """
+  step = lambda s, x: _step(s, x, chunk_size=chunk_size, scale=scale)
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  state, o = lax.scan(step, state, tuple(map(time_major, (q, k, v, f))))
+  return jnp.moveaxis(o, 0, 1), state
+
+
+def _combine(left, right):
+  """Composes x -> a x + b maps (earlier `left`, later `right`), sharing the gate for keys/values."""
+  a1, bk1, bv1 = left
+  a2, bk2, bv2 = right
+  return a1 * a2, a2 * bk1 + bk2, a2 * bv1 + bv2
+
+
+def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float):
+  """Online-softmax attention of one query block over all summary blocks.
+
+  Args:
+    q: [B, Bq, Hk, G, D] queries; k_run, v_run: [B, Bq, Hk, D] their own running aggregates.
+    q_chunk: [Bq] int32 chunk index of each query.
+    k_sum, v_sum: [S, B, Bs, Hk, D] chunk summaries in S blocks; sum_chunk: [S, Bs] their chunk
+      indices (a summary is visible to a query of a strictly later chunk).
+
+  Returns:
+    [B, Bq, Hk, G, D] attention outputs.
+  """
+  s_run = _einsum("bthgd,bthd->bthg", q, k_run) * scale
+  m = lax.stop_gradient(s_run)  # the result does not depend on the running max
+  l = jnp.exp(s_run - m)
+  acc = l[..., None] * v_run[:, :, :, None]
+
+  @jax.checkpoint
+  def body(carry, block):
+    m, l, acc = carry
+    ks, vs, chunk = block
+    visible = chunk[None, :] < q_chunk[:, None]  # [Bq, Bs]
+    s = _einsum("bthgd,bshd->bthgs", q, ks) * scale
+    s = jnp.where(visible[None, :, None, None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(s, axis=-1)))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    l = alpha * l + jnp.sum(p, axis=-1)
+    acc = alpha[..., None] * acc + _einsum("bthgs,bshd->bthgd", p, vs)
+    return (m_new, l, acc), None
+
+  (_, l, acc), _ = lax.scan(body, (m, l, acc), (k_sum, v_sum, sum_chunk))
+  return acc / l[..., None]
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("chunk_size", "continued", "old_chunks", "block_size"))
+def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: bool,
+             old_chunks: int, block_size: int):
+  """Chunk-parallel RAT.
+
+  Args:
+    q: [B, T, Hk, G, D]; k, v, f: [B, T, Hk, D] in the compute dtype.
+    state: `RATState` of the output capacity N; its first `old_chunks` slots are the given ones.
+    scale: softmax scale.
+    continued: whether `state` may be non-empty (else length is 0 and the summary buffer is unused).
+    block_size: query tokens (rounded to whole chunks) and summaries per attention block.
+
+  Returns:
+    (o [B, T, Hk, G, D], final state of capacity N).
+  """
+  b, t, hk, g, d = q.shape
+  c = chunk_size
+  length = state.length
+  offset = length % c if continued else 0  # tokens of the partial chunk seen before
+  first_chunk = length // c  # chunk index of the buffer's first chunk
+  nc = -(-(t + (c - 1 if continued else 0)) // c)  # chunks touched by the new tokens, at most
+  chunks_per_block = max(1, min(block_size // c, nc))
+  nc = -(-nc // chunks_per_block) * chunks_per_block  # padded chunks are never read back
+  p = nc * c
+
+  def place(x, fill):
+    """[B, T, ...] -> [B, P, ...] with x at buffer positions [offset, offset + T)."""
+    buf = jnp.full((b, p) + x.shape[2:], fill, x.dtype)
+    return lax.dynamic_update_slice_in_dim(buf, x, offset, axis=1)
+
+  pos = jnp.arange(p)
+  inject = (pos == offset - 1)[None, :, None, None]  # the slot re-creating the running aggregate
+  gate = jnp.where((pos < offset)[None, :, None, None], 0, place(f, 1))
+  k_in = jnp.where(inject, state.k_run[:, None], place(k, 0))
+  v_in = jnp.where(inject, state.v_run[:, None], place(v, 0))
+  by_chunk = lambda x: x.reshape(b, nc, c, hk, d)
+  _, k_agg, v_agg = lax.associative_scan(
+      _combine, (by_chunk(gate), by_chunk((1 - gate) * k_in), by_chunk((1 - gate) * v_in)), axis=2)
+  k_new, v_new = k_agg[:, :, -1], v_agg[:, :, -1]  # [B, nc, Hk, D] summaries of the buffer's chunks
+  new_chunk = first_chunk + jnp.arange(nc)
+
+  if continued and old_chunks:
+    k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks], k_new], axis=1)
+    v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks], v_new], axis=1)
+    old = jnp.arange(old_chunks)
+    sum_chunk = jnp.concatenate([jnp.where(old < first_chunk, old, _NEVER), new_chunk])
+  else:
+    k_sum, v_sum, sum_chunk = k_new, v_new, new_chunk
+  m = k_sum.shape[1]
+  sum_block = min(block_size, m)
+  pad = -m % sum_block
+  k_sum, v_sum = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (k_sum, v_sum))
+  sum_chunk = jnp.pad(sum_chunk, (0, pad), constant_values=_NEVER)
+  sum_blocks = lambda x: jnp.moveaxis(x.reshape(b, -1, sum_block, hk, d), 1, 0)
+  k_sum, v_sum, sum_chunk = sum_blocks(k_sum), sum_blocks(v_sum), sum_chunk.reshape(-1, sum_block)
+
+  q_len = chunks_per_block * c
+  q_blocks = lambda x: jnp.moveaxis(x.reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
+  q_chunk = (first_chunk + pos // c).reshape(-1, q_len)
+  attend = jax.checkpoint(lambda xs: _attend_blocks(*xs, k_sum, v_sum, sum_chunk, scale=scale))
+  o = lax.map(attend, (q_blocks(place(q, 0)), q_blocks(k_agg.reshape(b, p, hk, d)),
+                       q_blocks(v_agg.reshape(b, p, hk, d)), q_chunk))
+  o = lax.dynamic_slice_in_dim(jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d), offset, t, axis=1)
+
+  end = length + t
+  last = lambda x: lax.dynamic_index_in_dim(x.reshape(b, p, hk, d), offset + t - 1, axis=1,
+                                            keepdims=False)
+  slots = jnp.arange(state.k_chunks.shape[1])
+  fresh = ((slots >= first_chunk) & (slots < end // c))[None, :, None, None]
+  src = jnp.clip(slots - first_chunk, 0, nc - 1)
+  merge = lambda old, new: jnp.where(fresh, jnp.take(new, src, axis=1), old)
+  final = RATState(merge(state.k_chunks, k_new), merge(state.v_chunks, v_new), last(k_agg),
+                   last(v_agg), end)
+  return o, final
+
+
+def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_final_state=False,
+        max_chunks=None, block_size=128, impl="auto"):
+  """RAT attention: gated recurrence inside chunks, softmax attention over chunk summaries.
+
+  Args:
+    q: [B, T, H, D] queries.
+    k: [B, T, Hk, D] keys, Hk dividing H (GQA).
+    v: [B, T, Hk, D] values.
+    f: [B, T, Hk, D] forget gates in (0, 1), shared by keys and values.
+    chunk_size: tokens per chunk C (a model hyper-parameter, not a tuning knob).
+    scale: softmax scale; defaults to D ** -0.5.
+    initial_state: a `RATState` to continue from (any length, also traced), or None.
+    output_final_state: whether to return the state after the last token.
+    max_chunks: minimum summary capacity N of the final state (size it for later `rat_step`s).
+      Without `initial_state` the capacity is max(T // C, max_chunks). With one of capacity N0 it is
+      max(N0, max_chunks) when max_chunks is given (a ValueError is raised when the state's length
+      is concrete and that is too small; with a traced length, summaries past it are dropped), else
+      N0 + ceil(T / C), enough for any valid state.
+    block_size: query tokens (rounded to whole chunks) and summaries per attention block of the
+      "xla" path; the scores of one block pair take [B, block_size, H, block_size] memory.
+    impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
+
+  Returns:
+    (o [B, T, H, D] in q's dtype, final `RATState` (float32) or None).
+  """
+  b, t, h, hk, d, dv = check_qkv(q, k, v)
+  if dv != d:
+    raise ValueError(f"v must have shape [{b}, {t}, {hk}, {d}] (the head_dim of k, since f gates "
+                     f"both), got {v.shape}")
+  check_shape(f, (b, t, hk, d), "f", "[batch, seq, kv_heads, head_dim]")
+  _check_chunk_size(chunk_size)
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if max_chunks is not None and (not isinstance(max_chunks, (int, np.integer)) or max_chunks < 0):
+    raise ValueError(f"max_chunks must be a non-negative int or None, got {max_chunks!r}")
+  impl = resolve_impl(impl, "rat")
+  _check_gate_range(f)
+  c = chunk_size
+  if initial_state is None:
+    capacity = max(t // c, max_chunks or 0)
+    old_chunks = 0
+  else:
+    old_chunks = _check_state(initial_state, b, hk, d, "initial_state")
+    _check_capacity(initial_state.length, 0, c, old_chunks, "initial_state")
+    if max_chunks is None:
+      capacity = old_chunks + math.ceil(t / c)
+    else:
+      capacity = max(old_chunks, max_chunks)
+      _check_capacity(initial_state.length, t, c, capacity, "initial_state")
+
+  state = rat_init_state(b, hk, d, 0) if initial_state is None else initial_state
+  dtype = _compute_dtype(q, k, v, f, *state[:4])
+  state = _cast_state(state, capacity, dtype)
+  scale = default_scale(scale, d)
+  qg = jnp.asarray(q, dtype).reshape(b, t, hk, h // hk, d)
+  k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))
+  if t == 0:
+    o, final = qg, state
+  elif impl == "reference":
+    o, final = _rat_reference(qg, k, v, f, state, scale, chunk_size=c)
+  else:
+    o, final = _rat_xla(qg, k, v, f, state, scale, chunk_size=c,
+                        continued=initial_state is not None, old_chunks=old_chunks,
+                        block_size=block_size)
+  o = o.reshape(b, t, h, d).astype(q.dtype)
+  return o, (final if output_final_state else None)
+
+
+def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None):
+  """One decode token of `rat`, continuing exactly from `state` (a prefill's final state).
+
+  Appends the chunk summary when the token completes a chunk (a `dynamic_update_slice` into the
+  fixed-capacity buffer, so shapes never change under jit).
+
+  Args:
+    q: [B, H, D]; k, v, f: [B, Hk, D] with Hk dividing H; f in (0, 1).
+    state: a `RATState` with room for the summary this token may complete (a ValueError says so
+      when its length is concrete; with a traced length a summary past the capacity is dropped), or
+      None: no tokens seen, capacity 1 // chunk_size.
+    chunk_size: tokens per chunk C, as in the prefill.
+    scale: softmax scale; defaults to D ** -0.5.
+
+  Returns:
+    (o [B, H, D] in q's dtype, new `RATState`).
+  """
+  check_rank(q, 3, "q", "[batch, heads, head_dim]")
+  b, h, d = q.shape
+  check_rank(k, 3, "k", f"[{b}, kv_heads, {d}]")
+  hk = k.shape[1]
+  check_shape(k, (b, hk, d), "k", "[batch, kv_heads, head_dim]")
+  if h % hk:
+    raise ValueError(f"the heads of k/v ({hk}) must divide the heads of q ({h})")
+  check_shape(v, (b, hk, d), "v", "[batch, kv_heads, head_dim]")
+  check_shape(f, (b, hk, d), "f", "[batch, kv_heads, head_dim]")
+  _check_chunk_size(chunk_size)
+  _check_gate_range(f)
+  if state is None:
+    state = rat_init_state(b, hk, d, 1 // chunk_size)
+  capacity = _check_state(state, b, hk, d, "state")
+  _check_capacity(state.length, 1, chunk_size, capacity, "state")
+
+  dtype = _compute_dtype(q, k, v, f, *state[:4])
+  state = _cast_state(state, capacity, dtype)
+  qg = jnp.asarray(q, dtype).reshape(b, hk, h // hk, d)
+  k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))
+  state, o = _step(state, (qg, k, v, f), chunk_size=chunk_size, scale=default_scale(scale, d))
+  return o.reshape(b, h, d).astype(q.dtype), state

@@ -1,0 +1,274 @@
+"""Tests for jaxchunk.ops.rat against a float64 NumPy oracle written token by token."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
+from tests.utils import assert_rel_close, randn
+
+
+def oracle(q, k, v, f, chunk_size, *, scale=None, state=None):
+  """Float64 RAT, one token at a time.
+
+  `state` is None or (k_chunks [B,N,Hk,D], v_chunks, k_run [B,Hk,D], v_run, length).
+  Returns (o [B,T,H,D], (k_summaries [B,n,Hk,D], v_summaries, k_run, v_run, length)) where n is the
+  number of completed chunks.
+  """
+  q, k, v, f = (np.asarray(x, np.float64) for x in (q, k, v, f))
+  b, t, h, d = q.shape
+  hk = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  if state is None:
+    k_sums, v_sums, k_run, v_run, length = [], [], np.zeros((b, hk, d)), np.zeros((b, hk, d)), 0
+  else:
+    k_chunks, v_chunks, k_run, v_run, length = (np.asarray(x, np.float64) for x in state)
+    length = int(length)
+    k_sums = [k_chunks[:, j] for j in range(length // chunk_size)]
+    v_sums = [v_chunks[:, j] for j in range(length // chunk_size)]
+  o = np.zeros((b, t, h, d))
+  for i in range(t):
+    keep = 0.0 if length % chunk_size == 0 else 1.0
+    k_run = keep * f[:, i] * k_run + (1 - f[:, i]) * k[:, i]
+    v_run = keep * f[:, i] * v_run + (1 - f[:, i]) * v[:, i]
+    keys = np.repeat(np.stack(k_sums + [k_run], 1), h // hk, axis=2)  # [B, n + 1, H, D]
+    values = np.repeat(np.stack(v_sums + [v_run], 1), h // hk, axis=2)
+    s = np.einsum("bhd,bnhd->bhn", q[:, i], keys) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    o[:, i] = np.einsum("bhn,bnhd->bhd", p / p.sum(-1, keepdims=True), values)
+    length += 1
+    if length % chunk_size == 0:
+      k_sums.append(k_run)
+      v_sums.append(v_run)
+  stack = lambda xs: np.stack(xs, 1) if xs else np.zeros((b, 0, hk, d))
+  return o, (stack(k_sums), stack(v_sums), k_run, v_run, length)
+
+
+def inputs(rng, b, t, h, hk, d):
+  """Random q, k, v [B,T,*,D] and gates f in [0.05, 0.95]."""
+  f = rng.uniform(0.05, 0.95, (b, t, hk, d)).astype(np.float32)
+  return randn(rng, b, t, h, d), randn(rng, b, t, hk, d), randn(rng, b, t, hk, d), f
+
+
+def random_state(rng, b, hk, d, capacity, length):
+  """A RATState with random summaries and running aggregates (slots past the length are random)."""
+  return RATState(randn(rng, b, capacity, hk, d), randn(rng, b, capacity, hk, d),
+                  randn(rng, b, hk, d), randn(rng, b, hk, d), jnp.asarray(length, jnp.int32))
+
+
+def assert_state_close(state, ref, tol, what):
+  """Compares a RATState with an oracle state (only the completed summaries are meaningful)."""
+  n = ref[0].shape[1]
+  assert int(state.length) == ref[4], f"{what}: length {int(state.length)} != {ref[4]}"
+  assert state.k_chunks.shape[1] >= n, f"{what}: capacity {state.k_chunks.shape[1]} < {n}"
+  if n:
+    assert_rel_close(state.k_chunks[:, :n], ref[0], tol, f"{what} k_chunks")
+    assert_rel_close(state.v_chunks[:, :n], ref[1], tol, f"{what} v_chunks")
+  assert_rel_close(state.k_run, ref[2], tol, f"{what} k_run")
+  assert_rel_close(state.v_run, ref[3], tol, f"{what} v_run")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("chunk_size,t,h,hk,block_size", [
+    (4, 37, 2, 2, 8),     # several query and summary blocks, T not a multiple of the chunk
+    (8, 64, 4, 2, 128),   # GQA, T a multiple of the chunk, one block
+    (16, 45, 4, 1, 16),   # multi-query, one chunk per query block
+    (16, 11, 2, 2, 128),  # shorter than one chunk
+])
+def test_matches_oracle(rng, impl, chunk_size, t, h, hk, block_size):
+  q, k, v, f = inputs(rng, 2, t, h, hk, 8)
+  o, state = rat(q, k, v, f, chunk_size=chunk_size, output_final_state=True, block_size=block_size,
+                 impl=impl)
+  ref_o, ref_state = oracle(q, k, v, f, chunk_size)
+  assert o.dtype == jnp.float32 and state.k_chunks.dtype == jnp.float32
+  assert state.k_chunks.shape == (2, t // chunk_size, hk, 8)
+  assert_rel_close(o, ref_o, 1e-5, f"{impl} o")
+  assert_state_close(state, ref_state, 1e-5, impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("length", [13, 16])
+def test_initial_state_matches_oracle(rng, impl, length):
+  chunk_size, capacity = 8, 3
+  q, k, v, f = inputs(rng, 2, 30, 4, 2, 8)
+  init = random_state(rng, 2, 2, 8, capacity, length)
+  o, state = rat(q, k, v, f, chunk_size=chunk_size, initial_state=init, output_final_state=True,
+                 scale=0.3, block_size=16, impl=impl)
+  ref_o, ref_state = oracle(q, k, v, f, chunk_size, scale=0.3, state=init)
+  assert state.k_chunks.shape[1] == capacity + 4  # N0 + ceil(T / C) without max_chunks
+  assert_rel_close(o, ref_o, 1e-5, f"{impl} o")
+  assert_state_close(state, ref_state, 1e-5, impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_bfloat16_inputs(rng, impl):
+  q, k, v, f = inputs(rng, 2, 27, 4, 2, 16)
+  q, k, v, f = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, f))
+  o, state = rat(q, k, v, f, chunk_size=4, output_final_state=True, impl=impl)
+  assert o.dtype == jnp.bfloat16 and state.k_run.dtype == jnp.float32
+  assert_rel_close(o, oracle(q, k, v, f, 4)[0], 1e-2, f"{impl} bf16")
+
+
+def _loss(impl, chunk_size, cotangent, projections):
+  """sum(o * cotangent) + <final state, projections> as a function of every differentiable input."""
+  def loss(q, k, v, f, k_chunks, v_chunks, k_run, v_run):
+    init = RATState(k_chunks, v_chunks, k_run, v_run, jnp.asarray(11, jnp.int32))
+    o, state = rat(q, k, v, f, chunk_size=chunk_size, initial_state=init, output_final_state=True,
+                   block_size=8, impl=impl)
+    total = jnp.sum(o * cotangent)
+    for x, p in zip(state[:4], projections):
+      total += jnp.sum(x * p)
+    return total
+  return loss
+
+
+def test_gradients(rng):
+  chunk_size, capacity = 4, 2
+  q, k, v, f = inputs(rng, 1, 21, 4, 2, 8)
+  init = random_state(rng, 1, 2, 8, capacity, 11)
+  args = (q, k, v, f) + tuple(init[:4])
+  cotangent = randn(rng, *q.shape)
+  final_capacity = capacity + 6
+  projections = (randn(rng, 1, final_capacity, 2, 8), randn(rng, 1, final_capacity, 2, 8),
+                 randn(rng, 1, 2, 8), randn(rng, 1, 2, 8))
+  argnums = tuple(range(len(args)))
+  grads = {impl: jax.jit(jax.grad(_loss(impl, chunk_size, cotangent, projections), argnums))(*args)
+           for impl in ("reference", "xla")}
+  with jax.enable_x64(True):
+    to64 = lambda x: jnp.asarray(x, jnp.float64)
+    loss64 = _loss("reference", chunk_size, to64(cotangent), tuple(map(to64, projections)))
+    grads64 = jax.jit(jax.grad(loss64, argnums))(*map(to64, args))
+  assert grads64[0].dtype == np.float64
+  names = ("q", "k", "v", "f", "k_chunks", "v_chunks", "k_run", "v_run")
+  for name, g_ref, g_xla, g_64 in zip(names, grads["reference"], grads["xla"], grads64):
+    assert np.linalg.norm(g_64) > 0, f"d{name} is zero"
+    assert_rel_close(g_xla, g_ref, 1e-5, f"d{name} xla vs reference")
+    assert_rel_close(g_ref, g_64, 1e-5, f"d{name} reference vs float64")
+    assert_rel_close(g_xla, g_64, 1e-5, f"d{name} xla vs float64")
+
+
+def test_float64_reference_matches_oracle(rng):
+  q, k, v, f = inputs(rng, 1, 19, 2, 1, 8)
+  with jax.enable_x64(True):
+    o = rat(*(jnp.asarray(x, jnp.float64) for x in (q, k, v, f)), chunk_size=4,
+            impl="reference")[0]
+    assert o.dtype == jnp.float64
+  assert_rel_close(o, oracle(q, k, v, f, 4)[0], 1e-12, "float64 reference")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_prefill_then_decode(rng, impl):
+  chunk_size, t1, t = 4, 6, 15
+  q, k, v, f = inputs(rng, 2, t, 4, 2, 8)
+  full = rat(q, k, v, f, chunk_size=chunk_size, impl="reference")[0]
+  o1, state = rat(q[:, :t1], k[:, :t1], v[:, :t1], f[:, :t1], chunk_size=chunk_size,
+                  output_final_state=True, max_chunks=t // chunk_size, impl=impl)
+  step = jax.jit(rat_step, static_argnames="chunk_size")
+  outs = [o1]
+  for i in range(t1, t):
+    o, state = step(q[:, i], k[:, i], v[:, i], f[:, i], state, chunk_size=chunk_size)
+    outs.append(o[:, None])
+  assert_rel_close(jnp.concatenate(outs, 1), full, 1e-5, f"{impl} prefill + steps")
+  assert_state_close(state, oracle(q, k, v, f, chunk_size)[1], 1e-5, "decoded state")
+
+
+def test_decode_from_empty_state(rng):
+  q, k, v, f = inputs(rng, 2, 9, 2, 2, 8)
+  ref = oracle(q, k, v, f, 3)[0]
+  o, state = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], None, chunk_size=3)
+  assert state.k_chunks.shape == (2, 0, 2, 8) and int(state.length) == 1
+  assert_rel_close(o, ref[:, 0], 1e-5, "first step from None")
+  step = jax.jit(rat_step, static_argnames="chunk_size")
+  state, outs = rat_init_state(2, 2, 8, 3), []
+  for i in range(9):
+    o, state = step(q[:, i], k[:, i], v[:, i], f[:, i], state, chunk_size=3)
+    outs.append(o)
+  assert_rel_close(jnp.stack(outs, 1), ref, 1e-5, "steps from rat_init_state")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_two_piece_prefill(rng, impl):
+  chunk_size, split = 8, 13
+  q, k, v, f = inputs(rng, 2, 30, 4, 2, 8)
+  whole, whole_state = rat(q, k, v, f, chunk_size=chunk_size, output_final_state=True, impl=impl)
+  o1, state = rat(q[:, :split], k[:, :split], v[:, :split], f[:, :split], chunk_size=chunk_size,
+                  output_final_state=True, impl=impl)
+  o2, state = rat(q[:, split:], k[:, split:], v[:, split:], f[:, split:], chunk_size=chunk_size,
+                  initial_state=state, output_final_state=True, impl=impl)
+  assert_rel_close(jnp.concatenate([o1, o2], 1), whole, 1e-5, f"{impl} two pieces")
+  n = whole_state.k_chunks.shape[1]
+  assert int(state.length) == 30
+  assert_rel_close(state.k_chunks[:, :n], whole_state.k_chunks, 1e-5, "k_chunks")
+  assert_rel_close(state.v_run, whole_state.v_run, 1e-5, "v_run")
+
+
+def test_jit_with_traced_length(rng):
+  chunk_size = 4
+  q, k, v, f = inputs(rng, 2, 18, 2, 2, 8)
+
+  @jax.jit
+  def continue_from(state):
+    return rat(q, k, v, f, chunk_size=chunk_size, initial_state=state, output_final_state=True,
+               max_chunks=8, block_size=8)
+
+  for length in (5, 8):  # one compilation serves both lengths
+    init = random_state(rng, 2, 2, 8, 3, length)
+    o, state = continue_from(init)
+    ref_o, ref_state = oracle(q, k, v, f, chunk_size, state=init)
+    assert_rel_close(o, ref_o, 1e-5, f"jit o (length {length})")
+    assert_state_close(state, ref_state, 1e-5, f"jit state (length {length})")
+  assert continue_from._cache_size() == 1
+
+
+def test_decode_loop_in_scan(rng):
+  chunk_size, t1, t = 4, 5, 14
+  q, k, v, f = inputs(rng, 1, t, 2, 1, 8)
+  _, state = rat(q[:, :t1], k[:, :t1], v[:, :t1], f[:, :t1], chunk_size=chunk_size,
+                 output_final_state=True, max_chunks=4)
+
+  @jax.jit
+  def decode(state, tokens):
+    step = lambda s, x: rat_step(*x, s, chunk_size=chunk_size)[::-1]
+    return jax.lax.scan(step, state, tokens)
+
+  tokens = tuple(jnp.moveaxis(x[:, t1:], 1, 0) for x in (q, k, v, f))
+  state, outs = decode(state, tokens)
+  assert_rel_close(jnp.moveaxis(outs, 0, 1), oracle(q, k, v, f, chunk_size)[0][:, t1:], 1e-5,
+                   "scanned decode")
+
+
+def test_vmap(rng):
+  q, k, v, f = inputs(rng, 3, 10, 2, 2, 8)
+  batched = jax.vmap(lambda *x: rat(*(y[None] for y in x), chunk_size=4)[0][0])(q, k, v, f)
+  assert_rel_close(batched, oracle(q, k, v, f, 4)[0], 1e-5, "vmap")
+
+
+def test_bad_arguments(rng):
+  q, k, v, f = inputs(rng, 1, 8, 4, 2, 8)
+  with pytest.raises(ValueError, match="q must have shape"):
+    rat(q[0], k, v, f)
+  with pytest.raises(ValueError, match="must divide the heads of q"):
+    rat(q[:, :, :3], k, v, f)
+  with pytest.raises(ValueError, match="v must have shape"):
+    rat(q, k, v[..., :4], f)
+  with pytest.raises(ValueError, match="f must have shape"):
+    rat(q, k, v, f[:, :, :1])
+  with pytest.raises(ValueError, match="f is a forget gate"):
+    rat(q, k, v, f + 1)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    rat(q, k, v, f, chunk_size=0)
+  bad_state = rat_init_state(1, 4, 8, 2)
+  with pytest.raises(ValueError, match=r"initial_state.k_chunks must have shape"):
+    rat(q, k, v, f, initial_state=bad_state)
+  full = rat_init_state(1, 2, 8, 2)._replace(length=jnp.asarray(11, jnp.int32))
+  with pytest.raises(ValueError, match="pass a larger max_chunks"):
+    rat(q, k, v, f, chunk_size=4, initial_state=full, max_chunks=2)
+  with pytest.raises(ValueError, match="pass a larger max_chunks"):
+    rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], full, chunk_size=4)
+  with pytest.raises(ValueError, match=r"state.k_run must have shape"):
+    rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], full._replace(k_run=jnp.zeros((1, 2, 4))))
+  with pytest.raises(ValueError, match="k must have shape"):
+    rat_step(q[:, 0], k[:, 0, :, :4], v[:, 0], f[:, 0], None)
+  with pytest.raises(NotImplementedError):
+    rat(q, k, v, f, impl="pallas")
