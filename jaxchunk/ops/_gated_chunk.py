@@ -1,0 +1,281 @@
+"""Shared machinery of the gated linear attention family (`simple_gla`, `gla`).
+
+Both ops run the recurrence S_t = diag(exp(a_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t with a
+[Dk, Dv] state S and a log-decay a_t <= 0 that is one scalar per head (`simple_gla`, stored here
+with a trailing axis of size 1) or one value per key channel (`gla`, trailing axis Dk).
+
+Chunked ("xla") form, following the GLA paper / FLA. Inside a chunk of C tokens let b_i be the
+cumulative log-decay from the chunk start up to token i (inclusive; b is non-increasing). Then
+
+  o_i = scale * [(q_i * exp(b_i)) S_0 + sum_{j <= i} (sum_d q_id k_jd exp(b_id - b_jd)) v_j]
+  S_C = diag(exp(b_C)) S_0 + sum_j (k_j * exp(b_C - b_j))^T v_j
+
+Every exponent above is <= 0 except in the intra-chunk attention matrix, where b_i - b_j <= 0 only
+for i >= j. Numerical safety of that matrix:
+
+- scalar decay: exp(b_i - b_j) is a [C, C] factor whose exponent is masked to -inf above the
+  diagonal *before* `exp`, so nothing overflows and the gradient through the mask is exactly 0.
+- per-channel decay (secondary chunking, as FLA's `chunk_gla`): the chunk is split into sub-chunks
+  of c = gcd(C, `_SUB_CHUNK`) tokens. For a query sub-chunk I and an earlier key sub-chunk J < I
+  the reference r = b at the first token of I lies between every key j of J and query i of I, so
+  exp(b_i - b_j) = exp(b_i - r) * exp(r - b_j) with both factors in (0, 1]: the block is one matmul
+  of q * exp(b - r) and k * exp(r - b) and nothing can overflow (an underflowing factor means the
+  true product underflows too). Diagonal blocks (I == J) are exact, with a [c, c, Dk] decay tensor
+  per sub-chunk masked before `exp`. Memory is O(T * C * Dk / c) for the decayed keys and
+  O(T * c * Dk) for the diagonal blocks: linear in T, never T x T.
+
+The inter-chunk state pass is a `lax.scan` over chunks carrying S; the per-chunk contributions
+sum_j (k_j exp(b_C - b_j))^T v_j are computed for all chunks in parallel beforehand.
+
+Compute dtype: float32, or float64 when x64 is enabled and an input already is float64, so that
+the reference path can serve as a float64 oracle in tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxchunk.ops._common import (check_gate, check_qkv, check_rank, check_shape, default_scale,
+                                  is_traced, pad_seq, repeat_heads, resolve_impl)
+
+_HIGHEST = lax.Precision.HIGHEST
+_SUB_CHUNK = 16
+
+
+def _einsum(spec, *operands):
+  return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
+def _compute_dtype(*xs):
+  """float64 if x64 is enabled and any array in `xs` is float64, else float32."""
+  if jax.config.jax_enable_x64 and any(x is not None and x.dtype == np.float64 for x in xs):
+    return jnp.float64
+  return jnp.float32
+
+
+def _check_nonpositive(gate, name: str) -> None:
+  """Raises a ValueError if a concrete (non-traced) log-decay has a positive entry."""
+  if is_traced(gate):
+    return
+  largest = float(np.max(np.asarray(gate, np.float32)))
+  if largest > 0:
+    raise ValueError(f"{name} is a log-decay and must be <= 0 everywhere, got max {largest}")
+
+
+def _check_state(state, shape: tuple, name: str) -> None:
+  check_shape(state, shape, name, "[batch, heads, head_dim, head_dim_v]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Recurrent definition.
+
+
+def _recurrent_step(state, q, k, v, log_decay):
+  """One token of the recurrence.
+
+  Args: state [B,H,Dk,Dv]; q (already scaled) and k [B,H,Dk]; v [B,H,Dv]; log_decay [B,H,Dk or 1].
+  Returns (o [B,H,Dv], new_state [B,H,Dk,Dv]).
+  """
+  state = jnp.exp(log_decay)[..., None] * state + k[..., :, None] * v[..., None, :]
+  return _einsum("bhd,bhde->bhe", q, state), state
+
+
+def _reference(q, k, v, log_decay, state):
+  """Token-by-token `lax.scan`. q,k [B,T,H,Dk]; v [B,T,H,Dv]; log_decay [B,T,H,Dk or 1].
+
+  Returns (o [B,T,H,Dv], final_state [B,H,Dk,Dv]).
+  """
+  def step(s, xs):
+    o, s = _recurrent_step(s, *xs)
+    return s, o
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_decay))
+  state, o = lax.scan(step, state, xs)
+  return jnp.moveaxis(o, 0, 1), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked form.
+
+
+def _scalar_decay_attention(q, k, b):
+  """Intra-chunk attention with one log-decay per token.
+
+  q, k [..., C, Dk]; b [..., C, 1] cumulative log-decay. Returns A [..., C, C] with
+  A_ij = (q_i . k_j) exp(b_i - b_j) for i >= j and 0 above the diagonal.
+  """
+  c = q.shape[-2]
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  exponent = jnp.where(causal, b[..., :, 0][..., :, None] - b[..., :, 0][..., None, :], -jnp.inf)
+  return _einsum("...id,...jd->...ij", q, k) * jnp.exp(exponent)
+
+
+def _channel_decay_attention(q, k, b, sub_chunk: int):
+  """Intra-chunk attention with per-channel log-decays, by secondary chunking (module docstring).
+
+  q, k, b [..., C, Dk] with b the cumulative log-decay; C a multiple of `sub_chunk`. Returns
+  A [..., C, C] with A_ij = sum_d q_id k_jd exp(b_id - b_jd) for i >= j and 0 above the diagonal.
+  """
+  *lead, c, dk = q.shape
+  n = c // sub_chunk
+  q, k, b = (x.reshape(*lead, n, sub_chunk, dk) for x in (q, k, b))
+  ref = b[..., :, 0, :]                                                      # [..., n, Dk]
+  earlier = jnp.tril(jnp.ones((n, n), bool), -1)[:, :, None, None]           # J < I
+  q_rel = q * jnp.exp(b - ref[..., :, None, :])                              # [..., n, c, Dk]
+  k_exponent = jnp.where(earlier, ref[..., :, None, None, :] - b[..., None, :, :, :], -jnp.inf)
+  k_rel = k[..., None, :, :, :] * jnp.exp(k_exponent)                        # [..., I, J, c, Dk]
+  off_diagonal = _einsum("...Iid,...IJjd->...IiJj", q_rel, k_rel)
+
+  causal = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool))[:, :, None]
+  diag_exponent = jnp.where(causal, b[..., :, :, None, :] - b[..., :, None, :, :], -jnp.inf)
+  diagonal = _einsum("...Iid,...Ijd,...Iijd->...Iij", q, k, jnp.exp(diag_exponent))
+
+  same_block = jnp.eye(n, dtype=bool)[:, None, :, None]
+  a = jnp.where(same_block, diagonal[..., :, :, None, :], off_diagonal)
+  return a.reshape(*lead, c, c)
+
+
+def _chunked(q, k, v, log_decay, state, *, chunk_size: int):
+  """Chunkwise-parallel form. Shapes as `_reference`; T is padded to a multiple of `chunk_size`.
+
+  Padding uses k = v = 0 and log-decay 0, which leaves the state unchanged.
+  """
+  b_, t, h, dk = q.shape
+  dv = v.shape[-1]
+  per_channel = log_decay.shape[-1] != 1
+  padded = [pad_seq(x, chunk_size)[0] for x in (q, k, v, log_decay)]
+  n = padded[0].shape[1] // chunk_size
+
+  def to_chunks(x):                                                          # -> [B,N,H,C,D]
+    return x.reshape(b_, n, chunk_size, h, x.shape[-1]).transpose(0, 1, 3, 2, 4)
+
+  q, k, v, log_decay = map(to_chunks, padded)
+  b = jnp.cumsum(log_decay, axis=-2)
+  if per_channel:
+    a = _channel_decay_attention(q, k, b, math.gcd(chunk_size, _SUB_CHUNK))
+  else:
+    a = _scalar_decay_attention(q, k, b)
+
+  b_last = b[..., -1:, :]
+  chunk_updates = _einsum("bnhcd,bnhce->bnhde", k * jnp.exp(b_last - b), v)
+  chunk_decays = jnp.exp(b_last[..., 0, :])[..., None]                       # [B,N,H,Dk or 1,1]
+
+  def pass_chunk(s, xs):
+    decay, update = xs
+    return decay * s + update, s
+
+  xs = (jnp.moveaxis(chunk_decays, 1, 0), jnp.moveaxis(chunk_updates, 1, 0))
+  state, chunk_states = lax.scan(pass_chunk, state, xs)
+  chunk_states = jnp.moveaxis(chunk_states, 0, 1)                            # [B,N,H,Dk,Dv]
+  o = (_einsum("bnhij,bnhje->bnhie", a, v)
+       + _einsum("bnhcd,bnhde->bnhce", q * jnp.exp(b), chunk_states))
+  o = o.transpose(0, 1, 3, 2, 4).reshape(b_, n * chunk_size, h, dv)
+  return o[:, :t], state
+
+
+# ------------------------------------------------------------------------------------------------
+# Jitted bodies: casting, GQA head broadcast and dispatch.
+
+
+def _prepare(q, k, v, log_decay, state, scale, dtype, head_axis):
+  """Casts to `dtype`, scales q, repeats kv/gate heads to q's; zero state if `state` is None.
+
+  A scalar-per-head `log_decay` (one axis fewer than k) gets a trailing axis of size 1.
+  """
+  h = q.shape[head_axis]
+  if log_decay.ndim < k.ndim:
+    log_decay = log_decay[..., None]
+  q = q.astype(dtype) * scale
+  k, v, log_decay = (repeat_heads(x.astype(dtype), h, head_axis) for x in (k, v, log_decay))
+  if state is None:
+    state = jnp.zeros((q.shape[0], h, q.shape[-1], v.shape[-1]), dtype)
+  return q, k, v, log_decay, state.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("path", "chunk_size", "dtype"))
+def _forward(q, k, v, log_decay, state, scale, *, path: str, chunk_size: int, dtype):
+  """q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; log_decay [B,T,H or Hk(,Dk)];
+  state [B,H,Dk,Dv] or None. Returns (o [B,T,H,Dv] in q's dtype, final state [B,H,Dk,Dv])."""
+  out_dtype = q.dtype
+  q, k, v, log_decay, state = _prepare(q, k, v, log_decay, state, scale, dtype, head_axis=2)
+  if path == "reference":
+    o, state = _reference(q, k, v, log_decay, state)
+  else:
+    o, state = _chunked(q, k, v, log_decay, state, chunk_size=chunk_size)
+  return o.astype(out_dtype), state
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _step(q, k, v, log_decay, state, scale, *, dtype):
+  """q [B,H,Dk]; k [B,Hk,Dk]; v [B,Hk,Dv]; log_decay [B,H or Hk(,Dk)]; state [B,H,Dk,Dv] or
+  None. Returns (o [B,H,Dv] in q's dtype, new state [B,H,Dk,Dv])."""
+  out_dtype = q.dtype
+  q, k, v, log_decay, state = _prepare(q, k, v, log_decay, state, scale, dtype, head_axis=1)
+  o, state = _recurrent_step(state, q, k, v, log_decay)
+  return o.astype(out_dtype), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry points used by `simple_gla` and `gla`.
+
+
+def gated_linear_attention(op_name: str, q, k, v, gate, gate_name: str, *, per_channel: bool,
+                           scale, initial_state, output_final_state: bool, chunk_size: int,
+                           impl: str):
+  """Full-sequence op: validates, dispatches to the reference or chunked path.
+
+  q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; gate [B,T,H or Hk] (scalar decay) or
+  [B,T,H or Hk,Dk] (`per_channel`); initial_state [B,H,Dk,Dv] or None.
+  Returns (o [B,T,H,Dv] in q's dtype, final_state [B,H,Dk,Dv] or None).
+  """
+  b, t, h, hk, dk, dv = check_qkv(q, k, v)
+  check_gate(gate, gate_name, b, t, (h, hk), (dk,) if per_channel else ())
+  if initial_state is not None:
+    _check_state(initial_state, (b, h, dk, dv), "initial_state")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
+  path = resolve_impl(impl, op_name)
+  _check_nonpositive(gate, gate_name)
+
+  o, state = _forward(q, k, v, gate, initial_state, default_scale(scale, dk), path=path,
+                      chunk_size=chunk_size, dtype=_compute_dtype(q, k, v, gate, initial_state))
+  return o, (state if output_final_state else None)
+
+
+def gated_linear_attention_step(op_name: str, q, k, v, gate, gate_name: str, state, *,
+                                per_channel: bool, scale):
+  """One decode token, continuing exactly from a prefill's final state.
+
+  q [B,H,Dk]; k [B,Hk,Dk]; v [B,Hk,Dv]; gate [B,H or Hk] (scalar decay) or [B,H or Hk,Dk]
+  (`per_channel`); state [B,H,Dk,Dv] or None (zeros).
+  Returns (o [B,H,Dv] in q's dtype, new_state [B,H,Dk,Dv]).
+  """
+  check_rank(q, 3, "q", "[batch, heads, head_dim]")
+  check_rank(k, 3, "k", "[batch, kv_heads, head_dim]")
+  check_rank(v, 3, "v", "[batch, kv_heads, head_dim_v]")
+  b, h, dk = q.shape
+  hk, dv = k.shape[1], v.shape[2]
+  if k.shape[0] != b or k.shape[2] != dk or h % hk:
+    raise ValueError(f"{op_name}: k must have shape [{b}, kv_heads dividing {h}, {dk}] to match "
+                     f"q {q.shape}, got {k.shape}")
+  if v.shape[:2] != (b, hk):
+    raise ValueError(f"{op_name}: v must have shape [{b}, {hk}, head_dim_v] to match k {k.shape}, "
+                     f"got {v.shape}")
+  tail = (dk,) if per_channel else ()
+  if jnp.ndim(gate) != 2 + len(tail) or gate.shape[0] != b or gate.shape[1] not in (h, hk) \
+      or tuple(gate.shape[2:]) != tail:
+    heads = " or ".join(map(str, sorted({h, hk})))
+    raise ValueError(f"{gate_name} must have shape [{b}, {heads}{''.join(f', {d}' for d in tail)}]"
+                     f", got {jnp.shape(gate)}")
+  if state is not None:
+    _check_state(state, (b, h, dk, dv), "state")
+  _check_nonpositive(gate, gate_name)
+
+  return _step(q, k, v, gate, state, default_scale(scale, dk),
+               dtype=_compute_dtype(q, k, v, gate, state))

@@ -1,0 +1,52 @@
+"""Gated linear attention (GLA) with a per-key-channel log-decay.
+
+  S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t,
+
+with a [Dk, Dv] float32 state per head. The "xla" path is chunkwise-parallel with secondary chunking
+for the intra-chunk attention matrix: off-diagonal sub-chunk blocks factor exp(b_i - b_j) through a
+reference point between the key and query sub-chunks so both factors are <= 1, and diagonal blocks
+use an exact masked [c, c, Dk] decay tensor. Nothing overflows even with strong decays over a whole
+chunk; see `jaxchunk.ops._gated_chunk` for the derivation.
+"""
+
+from __future__ import annotations
+
+from jaxchunk.ops._gated_chunk import gated_linear_attention, gated_linear_attention_step
+
+
+def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
+        impl="auto"):
+  """Gated linear attention with a per-channel decay.
+
+  Args:
+    q: [B, T, H, Dk] queries.
+    k: [B, T, Hk, Dk] keys, Hk dividing H (GQA).
+    v: [B, T, Hk, Dv] values.
+    gk: [B, T, H, Dk] or [B, T, Hk, Dk] per-key-channel log-decays, <= 0.
+    scale: multiplies q; defaults to Dk ** -0.5.
+    initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
+    output_final_state: whether to return the state after the last token.
+    chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
+    impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
+
+  Returns:
+    (o [B, T, H, Dv] in q's dtype, final state [B, H, Dk, Dv] float32 or None).
+  """
+  return gated_linear_attention(
+      "gla", q, k, v, gk, "gk", per_channel=True, scale=scale, initial_state=initial_state,
+      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl)
+
+
+def gla_step(q, k, v, gk, state, *, scale=None):
+  """One decode token of `gla`, continuing from `state` (a prefill's final state).
+
+  Args:
+    q: [B, H, Dk]; k: [B, Hk, Dk]; v: [B, Hk, Dv]; gk: [B, H, Dk] or [B, Hk, Dk] log-decays <= 0.
+    state: [B, H, Dk, Dv] float32, or None (zeros).
+    scale: multiplies q; defaults to Dk ** -0.5.
+
+  Returns:
+    (o [B, H, Dv] in q's dtype, new state [B, H, Dk, Dv] float32).
+  """
+  return gated_linear_attention_step("gla_step", q, k, v, gk, "gk", state, per_channel=True,
+                                     scale=scale)
