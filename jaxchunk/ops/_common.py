@@ -12,20 +12,28 @@ import jax.numpy as jnp
 IMPLS = ("auto", "reference", "xla", "pallas")
 
 
-def resolve_impl(impl: str, op_name: str) -> str:
-  """Maps the user's `impl=` choice to the path that runs.
+def resolve_impl(impl: str, op_name: str, *, pallas_unsupported: str | None = "no Pallas kernel "
+                 "for this op yet") -> str:
+  """Maps the user's `impl=` choice to the path that runs: "reference", "xla" or "pallas".
 
-  "auto" picks the fastest valid path for the default backend; until a Pallas kernel for `op_name`
-  lands it is always "xla". "pallas" raises `NotImplementedError` while no kernel exists.
+  `pallas_unsupported` is None when a Pallas kernel exists for this op and supports this call, else
+  the reason it does not. "auto" picks "pallas" on GPU when the kernel supports the call and "xla"
+  otherwise; an explicit "pallas" with an unsupported call raises `NotImplementedError` with the
+  reason. On CPU, "pallas" runs the kernel in interpret mode (for tests).
   """
   if impl not in IMPLS:
     raise ValueError(f"{op_name}: impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "xla"
-  if impl == "pallas":
-    raise NotImplementedError(
-        f"{op_name}: no Pallas kernel for this op yet; use impl='xla' (or 'auto')")
+    return "pallas" if pallas_unsupported is None and jax.default_backend() == "gpu" else "xla"
+  if impl == "pallas" and pallas_unsupported is not None:
+    raise NotImplementedError(f"{op_name}: impl='pallas' unavailable: {pallas_unsupported}; "
+                              "use impl='xla' (or 'auto')")
   return impl
+
+
+def pallas_interpret() -> bool:
+  """Whether Pallas kernels must run in interpret mode (no GPU/TPU backend: tests on CPU)."""
+  return jax.default_backend() not in ("gpu", "tpu")
 
 
 def check_rank(x, rank: int, name: str, layout: str) -> None:
