@@ -1,0 +1,323 @@
+"""Delta-rule linear attention: `delta_rule` (DeltaNet) and `gated_delta_rule` (Gated DeltaNet).
+
+Both ops, and `jaxchunk.ops.kda`, run one recurrence on a [Dk, Dv] float32 state per head:
+
+  S_t = (I - beta_t k_t^T k_t) diag(exp(a_t)) S_{t-1} + beta_t k_t^T v_t,    o_t = scale * q_t S_t,
+
+with the log-decay a_t <= 0 equal to 0 (`delta_rule`), one scalar per head (`gated_delta_rule`,
+stored here with a trailing axis of size 1) or one value per key channel (`kda`, trailing axis Dk).
+A scalar decay commutes with the Householder-like factor, so then S_t = exp(g_t) (I - ...) S_{t-1}.
+
+Chunked ("xla") form: the WY / UT transform of DeltaNet, Gated DeltaNet and FLA's chunk kernels.
+Inside a chunk of C tokens starting from state S_0 let b_i be the cumulative log-decay up to token i
+(inclusive) and write each step as S_i = diag(exp(a_i)) S_{i-1} + k_i^T u_i with the "pseudo-value"
+u_i = beta_i (v_i - k_i diag(exp(a_i)) S_{i-1}). Unrolling,
+
+  S_i = diag(exp(b_i)) S_0 + sum_{j <= i} diag(exp(b_i - b_j)) k_j^T u_j,
+
+and substituting into u gives the unit lower-triangular system
+
+  (I + M) U = diag(beta) (V - (K * exp(b)) S_0),
+  M_ij = beta_i sum_d k_id k_jd exp(b_id - b_jd) for j < i, else 0.
+
+So U = U_v - W S_0 with U_v = A V, W = A (K * exp(b)) and A = (I + M)^{-1} diag(beta): one batched
+triangular solve per chunk, for all chunks in parallel. The state pass is a `lax.scan` over chunks:
+
+  U = U_v - W S_0,    S_C = diag(exp(b_C)) S_0 + (K * exp(b_C - b))^T U,
+
+and the outputs follow in parallel from each chunk's starting state:
+
+  O = (Q * exp(b)) S_0 + P U,  P_ij = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0.
+
+Every exponent outside M and P is <= 0. M and P use the overflow-free decayed attention matrices of
+`jaxchunk.ops._gated_chunk` (exponents masked before `exp` for a scalar decay, secondary chunking
+with in-between reference points for a per-channel decay).
+
+Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
+enabled), so the reference path can serve as a float64 oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+
+from jaxchunk.ops._common import (check_gate, check_qkv, check_rank, default_scale, pad_seq,
+                                  repeat_heads, resolve_impl)
+from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_nonpositive,
+                                       _check_state, _compute_dtype, _scalar_decay_attention)
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _einsum(spec, *operands):
+  return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recurrent definition.
+
+
+@jax.jit
+def _recurrent_step(state, q, k, v, beta, log_decay):
+  """One token of the recurrence.
+
+  Args: state [B,H,Dk,Dv]; q (already scaled) and k [B,H,Dk]; v [B,H,Dv]; beta [B,H];
+    log_decay [B,H,Dk or 1].
+  Returns (o [B,H,Dv], new_state [B,H,Dk,Dv]).
+  """
+  state = jnp.exp(log_decay)[..., None] * state
+  error = v - _einsum("bhd,bhde->bhe", k, state)
+  state = state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
+  return _einsum("bhd,bhde->bhe", q, state), state
+
+
+@jax.jit
+def _reference(q, k, v, beta, log_decay, state):
+  """Token-by-token `lax.scan`. q, k [B,T,H,Dk]; v [B,T,H,Dv]; beta [B,T,H];
+  log_decay [B,T,H,Dk or 1]; state [B,H,Dk,Dv].
+
+  Returns (o [B,T,H,Dv], final_state [B,H,Dk,Dv]).
+  """
+  def step(s, xs):
+    o, s = _recurrent_step(s, *xs)
+    return s, o
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, log_decay))
+  state, o = lax.scan(step, state, xs)
+  return jnp.moveaxis(o, 0, 1), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked (WY / UT transform) form.
+
+
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
+  """Chunkwise-parallel form (module docstring). Shapes as `_reference`.
+
+  T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and log-decay 0, which leaves
+  the state unchanged.
+  """
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  per_channel = log_decay.shape[-1] != 1
+  padded = [pad_seq(x, chunk_size)[0] for x in (q, k, v, beta[..., None], log_decay)]
+  n = padded[0].shape[1] // chunk_size
+
+  def to_chunks(x):                                                          # -> [B,N,H,C,D]
+    return x.reshape(bsz, n, chunk_size, h, x.shape[-1]).transpose(0, 1, 3, 2, 4)
+
+  q, k, v, beta, log_decay = map(to_chunks, padded)
+  b = jnp.cumsum(log_decay, axis=-2)
+  if per_channel:
+    sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
+    gram = _channel_decay_attention(k, k, b, sub_chunk)
+    attention = _channel_decay_attention(q, k, b, sub_chunk)
+  else:
+    gram = _scalar_decay_attention(k, k, b)
+    attention = _scalar_decay_attention(q, k, b)
+
+  strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), bool), -1)
+  system = jnp.eye(chunk_size, dtype=q.dtype) + jnp.where(strictly_lower, beta * gram, 0)
+  solved = solve_triangular(system, beta * jnp.concatenate([v, k * jnp.exp(b)], axis=-1),
+                            lower=True, unit_diagonal=True)
+  u_v, w = solved[..., :dv], solved[..., dv:]                                # [B,N,H,C,Dv / Dk]
+
+  b_last = b[..., -1:, :]
+  k_to_end = k * jnp.exp(b_last - b)
+  chunk_decays = jnp.exp(b_last[..., 0, :])[..., None]                       # [B,N,H,Dk or 1,1]
+
+  def pass_chunk(s, xs):
+    w_c, u_v_c, k_to_end_c, decay_c = xs
+    u = u_v_c - _einsum("bhcd,bhde->bhce", w_c, s)
+    return decay_c * s + _einsum("bhcd,bhce->bhde", k_to_end_c, u), (s, u)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_v, k_to_end, chunk_decays))
+  state, (chunk_states, u) = lax.scan(pass_chunk, state, xs)
+  chunk_states, u = jnp.moveaxis(chunk_states, 0, 1), jnp.moveaxis(u, 0, 1)
+  o = (_einsum("bnhij,bnhje->bnhie", attention, u)
+       + _einsum("bnhcd,bnhde->bnhce", q * jnp.exp(b), chunk_states))
+  o = o.transpose(0, 1, 3, 2, 4).reshape(bsz, n * chunk_size, h, dv)
+  return o[:, :t], state
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points shared by `delta_rule`, `gated_delta_rule` and `kda`.
+
+
+def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_channel: bool, scale,
+                  initial_state, output_final_state: bool, chunk_size: int, impl: str):
+  """Full-sequence op: validates, dispatches to the reference or chunked path.
+
+  q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; beta [B,T,H or Hk]; gate None (no decay),
+  [B,T,H or Hk] (scalar decay) or [B,T,H or Hk,Dk] (`per_channel`);
+  initial_state [B,H,Dk,Dv] or None.
+  Returns (o [B,T,H,Dv] in q's dtype, final_state [B,H,Dk,Dv] or None).
+  """
+  b, t, h, hk, dk, dv = check_qkv(q, k, v)
+  check_gate(beta, "beta", b, t, (h, hk))
+  if gate is not None:
+    check_gate(gate, gate_name, b, t, (h, hk), (dk,) if per_channel else ())
+  if initial_state is not None:
+    _check_state(initial_state, (b, h, dk, dv), "initial_state")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
+  path = resolve_impl(impl, op_name)
+  if gate is not None:
+    _check_nonpositive(gate, gate_name)
+
+  out_dtype = q.dtype
+  dtype = _compute_dtype(q, k, v, beta, gate, initial_state)
+  q, k, v, beta = (jnp.asarray(x, dtype) for x in (q, k, v, beta))
+  q = q * default_scale(scale, dk)
+  k, v, beta = (repeat_heads(x, h) for x in (k, v, beta))
+  if gate is None:
+    log_decay = jnp.zeros((b, t, h, 1), dtype)
+  else:
+    gate = repeat_heads(jnp.asarray(gate, dtype), h)
+    log_decay = gate if per_channel else gate[..., None]
+  state = (jnp.zeros((b, h, dk, dv), dtype) if initial_state is None
+           else jnp.asarray(initial_state, dtype))
+  if path == "reference":
+    o, state = _reference(q, k, v, beta, log_decay, state)
+  else:
+    o, state = _chunked(q, k, v, beta, log_decay, state, chunk_size=chunk_size)
+  return o.astype(out_dtype), (state if output_final_state else None)
+
+
+def _delta_family_step(op_name: str, q, k, v, beta, gate, gate_name: str, state, *,
+                       per_channel: bool, scale):
+  """One decode token, continuing exactly from a prefill's final state.
+
+  q [B,H,Dk]; k [B,Hk,Dk]; v [B,Hk,Dv]; beta [B,H or Hk]; gate None, [B,H or Hk] or
+  [B,H or Hk,Dk] (`per_channel`); state [B,H,Dk,Dv] or None (zeros).
+  Returns (o [B,H,Dv] in q's dtype, new_state [B,H,Dk,Dv]).
+  """
+  check_rank(q, 3, "q", "[batch, heads, head_dim]")
+  check_rank(k, 3, "k", "[batch, kv_heads, head_dim]")
+  check_rank(v, 3, "v", "[batch, kv_heads, head_dim_v]")
+  b, h, dk = q.shape
+  hk, dv = k.shape[1], v.shape[2]
+  if k.shape[0] != b or k.shape[2] != dk or h % hk:
+    raise ValueError(f"{op_name}: k must have shape [{b}, kv_heads dividing {h}, {dk}] to match "
+                     f"q {q.shape}, got {k.shape}")
+  if v.shape[:2] != (b, hk):
+    raise ValueError(f"{op_name}: v must have shape [{b}, {hk}, head_dim_v] to match k {k.shape}, "
+                     f"got {v.shape}")
+  heads = " or ".join(map(str, sorted({h, hk})))
+  if jnp.ndim(beta) != 2 or beta.shape[0] != b or beta.shape[1] not in (h, hk):
+    raise ValueError(f"beta must have shape [{b}, {heads}], got {jnp.shape(beta)}")
+  if gate is not None:
+    tail = (dk,) if per_channel else ()
+    if jnp.ndim(gate) != 2 + len(tail) or gate.shape[0] != b or gate.shape[1] not in (h, hk) \
+        or tuple(gate.shape[2:]) != tail:
+      raise ValueError(f"{gate_name} must have shape [{b}, {heads}"
+                       f"{''.join(f', {d}' for d in tail)}], got {jnp.shape(gate)}")
+  if state is not None:
+    _check_state(state, (b, h, dk, dv), "state")
+  if gate is not None:
+    _check_nonpositive(gate, gate_name)
+
+  out_dtype = q.dtype
+  dtype = _compute_dtype(q, k, v, beta, gate, state)
+  q, k, v, beta = (jnp.asarray(x, dtype) for x in (q, k, v, beta))
+  q = q * default_scale(scale, dk)
+  k, v, beta = (repeat_heads(x, h, axis=1) for x in (k, v, beta))
+  if gate is None:
+    log_decay = jnp.zeros((b, h, 1), dtype)
+  else:
+    gate = repeat_heads(jnp.asarray(gate, dtype), h, axis=1)
+    log_decay = gate if per_channel else gate[..., None]
+  state = jnp.zeros((b, h, dk, dv), dtype) if state is None else jnp.asarray(state, dtype)
+  o, state = _recurrent_step(state, q, k, v, beta, log_decay)
+  return o.astype(out_dtype), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Public ops.
+
+
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
+               chunk_size=64, impl="auto"):
+  """DeltaNet: S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, o_t = scale * q_t S_t.
+
+  Args:
+    q: [B, T, H, Dk] queries.
+    k: [B, T, Hk, Dk] keys (usually L2-normalised), Hk dividing H (GQA).
+    v: [B, T, Hk, Dv] values.
+    beta: [B, T, H] or [B, T, Hk] write strengths, usually in (0, 1).
+    scale: multiplies q; defaults to Dk ** -0.5.
+    initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
+    output_final_state: whether to return the state after the last token.
+    chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
+    impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
+
+  Returns:
+    (o [B, T, H, Dv] in q's dtype, final state [B, H, Dk, Dv] float32 or None).
+  """
+  return _delta_family("delta_rule", q, k, v, beta, None, "", per_channel=False, scale=scale,
+                       initial_state=initial_state, output_final_state=output_final_state,
+                       chunk_size=chunk_size, impl=impl)
+
+
+def delta_rule_step(q, k, v, beta, state, *, scale=None):
+  """One decode token of `delta_rule`, continuing from `state` (a prefill's final state).
+
+  Args:
+    q: [B, H, Dk]; k: [B, Hk, Dk]; v: [B, Hk, Dv]; beta: [B, H] or [B, Hk].
+    state: [B, H, Dk, Dv] float32, or None (zeros).
+    scale: multiplies q; defaults to Dk ** -0.5.
+
+  Returns:
+    (o [B, H, Dv] in q's dtype, new state [B, H, Dk, Dv] float32).
+  """
+  return _delta_family_step("delta_rule_step", q, k, v, beta, None, "", state, per_channel=False,
+                            scale=scale)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     chunk_size=64, impl="auto"):
+  """Gated DeltaNet: S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t.
+
+  Outputs o_t = scale * q_t S_t.
+
+  Args:
+    q: [B, T, H, Dk] queries.
+    k: [B, T, Hk, Dk] keys (usually L2-normalised), Hk dividing H (GQA).
+    v: [B, T, Hk, Dv] values.
+    g: [B, T, H] or [B, T, Hk] per-head log-decays, <= 0.
+    beta: [B, T, H] or [B, T, Hk] write strengths, usually in (0, 1).
+    scale: multiplies q; defaults to Dk ** -0.5.
+    initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
+    output_final_state: whether to return the state after the last token.
+    chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
+    impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
+
+  Returns:
+    (o [B, T, H, Dv] in q's dtype, final state [B, H, Dk, Dv] float32 or None).
+  """
+  return _delta_family("gated_delta_rule", q, k, v, beta, g, "g", per_channel=False, scale=scale,
+                       initial_state=initial_state, output_final_state=output_final_state,
+                       chunk_size=chunk_size, impl=impl)
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None):
+  """One decode token of `gated_delta_rule`, continuing from `state` (a prefill's final state).
+
+  Args:
+    q: [B, H, Dk]; k: [B, Hk, Dk]; v: [B, Hk, Dv]; g: [B, H] or [B, Hk] log-decays <= 0;
+    beta: [B, H] or [B, Hk].
+    state: [B, H, Dk, Dv] float32, or None (zeros).
+    scale: multiplies q; defaults to Dk ** -0.5.
+
+  Returns:
+    (o [B, H, Dv] in q's dtype, new state [B, H, Dk, Dv] float32).
+  """
+  return _delta_family_step("gated_delta_rule_step", q, k, v, beta, g, "g", state,
+                            per_channel=False, scale=scale)
