@@ -99,14 +99,19 @@ def pad_seq(x, multiple: int, axis: int = 1, value=0):
   return jnp.pad(x, widths, constant_values=value), t
 
 
-def to_f32(*xs):
-  """Casts arrays (None passes through) to float32; float64 stays float64 (x64 oracle runs)."""
-  def cast(x):
-    if x is None:
-      return None
-    x = jnp.asarray(x)
-    return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
-  return tuple(cast(x) for x in xs)
+def compute_dtype(*xs):
+  """The dtype ops compute in: float32, or float64 when an input is float64 (possible only with x64
+  enabled), so that the reference path can serve as a float64 oracle in tests."""
+  return jnp.result_type(jnp.float32, *(x for x in xs if x is not None))
+
+
+def check_nonpositive(gate, name: str) -> None:
+  """Raises a ValueError if a concrete (non-traced) log-decay has a positive entry."""
+  if is_traced(gate):
+    return
+  largest = float(jnp.max(jnp.asarray(gate, jnp.float32)))
+  if largest > 0:
+    raise ValueError(f"{name} is a log-decay and must be <= 0 everywhere, got max {largest}")
 
 
 def is_traced(x) -> bool:

@@ -38,11 +38,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxchunk.ops._common import (check_gate, check_qkv, check_rank, check_shape, default_scale,
-                                  is_traced, pad_seq, repeat_heads, resolve_impl)
+from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_rank, check_shape,
+                                  compute_dtype, default_scale, pad_seq, repeat_heads,
+                                  resolve_impl)
 
 _HIGHEST = lax.Precision.HIGHEST
 _SUB_CHUNK = 16
@@ -50,22 +50,6 @@ _SUB_CHUNK = 16
 
 def _einsum(spec, *operands):
   return jnp.einsum(spec, *operands, precision=_HIGHEST)
-
-
-def _compute_dtype(*xs):
-  """float64 if x64 is enabled and any array in `xs` is float64, else float32."""
-  if jax.config.jax_enable_x64 and any(x is not None and x.dtype == np.float64 for x in xs):
-    return jnp.float64
-  return jnp.float32
-
-
-def _check_nonpositive(gate, name: str) -> None:
-  """Raises a ValueError if a concrete (non-traced) log-decay has a positive entry."""
-  if is_traced(gate):
-    return
-  largest = float(np.max(np.asarray(gate, np.float32)))
-  if largest > 0:
-    raise ValueError(f"{name} is a log-decay and must be <= 0 everywhere, got max {largest}")
 
 
 def _check_state(state, shape: tuple, name: str) -> None:
@@ -241,10 +225,10 @@ def gated_linear_attention(op_name: str, q, k, v, gate, gate_name: str, *, per_c
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
   path = resolve_impl(impl, op_name)
-  _check_nonpositive(gate, gate_name)
+  check_nonpositive(gate, gate_name)
 
   o, state = _forward(q, k, v, gate, initial_state, default_scale(scale, dk), path=path,
-                      chunk_size=chunk_size, dtype=_compute_dtype(q, k, v, gate, initial_state))
+                      chunk_size=chunk_size, dtype=compute_dtype(q, k, v, gate, initial_state))
   return o, (state if output_final_state else None)
 
 
@@ -275,7 +259,7 @@ def gated_linear_attention_step(op_name: str, q, k, v, gate, gate_name: str, sta
                      f", got {jnp.shape(gate)}")
   if state is not None:
     _check_state(state, (b, h, dk, dv), "state")
-  _check_nonpositive(gate, gate_name)
+  check_nonpositive(gate, gate_name)
 
   return _step(q, k, v, gate, state, default_scale(scale, dk),
-               dtype=_compute_dtype(q, k, v, gate, state))
+               dtype=compute_dtype(q, k, v, gate, state))

@@ -47,10 +47,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from jaxchunk.ops._common import (check_gate, check_qkv, check_rank, default_scale, pad_seq,
-                                  repeat_heads, resolve_impl)
-from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_nonpositive,
-                                       _check_state, _compute_dtype, _scalar_decay_attention)
+from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_rank,
+                                  compute_dtype, default_scale, pad_seq, repeat_heads, resolve_impl)
+from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,
+                                       _scalar_decay_attention)
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -170,10 +170,10 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
   path = resolve_impl(impl, op_name)
   if gate is not None:
-    _check_nonpositive(gate, gate_name)
+    check_nonpositive(gate, gate_name)
 
   out_dtype = q.dtype
-  dtype = _compute_dtype(q, k, v, beta, gate, initial_state)
+  dtype = compute_dtype(q, k, v, beta, gate, initial_state)
   q, k, v, beta = (jnp.asarray(x, dtype) for x in (q, k, v, beta))
   q = q * default_scale(scale, dk)
   k, v, beta = (repeat_heads(x, h) for x in (k, v, beta))
@@ -222,10 +222,10 @@ def _delta_family_step(op_name: str, q, k, v, beta, gate, gate_name: str, state,
   if state is not None:
     _check_state(state, (b, h, dk, dv), "state")
   if gate is not None:
-    _check_nonpositive(gate, gate_name)
+    check_nonpositive(gate, gate_name)
 
   out_dtype = q.dtype
-  dtype = _compute_dtype(q, k, v, beta, gate, state)
+  dtype = compute_dtype(q, k, v, beta, gate, state)
   q, k, v, beta = (jnp.asarray(x, dtype) for x in (q, k, v, beta))
   q = q * default_scale(scale, dk)
   k, v, beta = (repeat_heads(x, h, axis=1) for x in (k, v, beta))

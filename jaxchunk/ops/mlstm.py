@@ -32,17 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (check_gate, check_qkv, check_rank, default_scale, repeat_heads,
+from jaxchunk.ops._common import (compute_dtype, check_gate, check_qkv, check_rank, default_scale, repeat_heads,
                                   resolve_impl)
 
 _HIGHEST = lax.Precision.HIGHEST
 
 MLSTMState = tuple[jax.Array, jax.Array, jax.Array]
-
-
-def _compute_dtype(*xs):
-  """float32, or float64 if any input is float64 (so `reference` is a float64 oracle under x64)."""
-  return jnp.result_type(jnp.float32, *(x for x in xs if x is not None))
 
 
 def _state_layout(b: int, h: int, dk: int, dv: int) -> str:
@@ -198,7 +193,7 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   scale = default_scale(scale, dk)
   out_dtype = q.dtype
-  dtype = _compute_dtype(q, k, v, i, f)
+  dtype = compute_dtype(q, k, v, i, f)
   q, k, v, i, f = (jnp.asarray(x, dtype) for x in (q, k, v, i, f))
   k, v, i, f = (repeat_heads(x, h) for x in (k, v, i, f))
   state = (_zero_state(b, h, dk, dv, dtype) if initial_state is None
@@ -254,7 +249,7 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState | None, *, scale: float | None =
     _check_state(state, "state", b, h, dk, dv)
   scale = default_scale(scale, dk)
   out_dtype = q.dtype
-  dtype = _compute_dtype(q, k, v, i, f)
+  dtype = compute_dtype(q, k, v, i, f)
   q, k, v, i, f = (jnp.asarray(x, dtype) for x in (q, k, v, i, f))
   k, v, i, f = (repeat_heads(x, h, axis=1) for x in (k, v, i, f))
   state = (_zero_state(b, h, dk, dv, dtype) if state is None

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxchunk.ops._common import (check_qkv, check_rank, check_shape, default_scale, is_traced,
+from jaxchunk.ops._common import (compute_dtype, check_qkv, check_rank, check_shape, default_scale, is_traced,
                                   resolve_impl)
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -90,13 +90,6 @@ def rat_init_state(batch: int, kv_heads: int, head_dim: int, max_chunks: int) ->
 
 def _einsum(spec, *operands):
   return jnp.einsum(spec, *operands, precision=_HIGHEST)
-
-
-def _compute_dtype(*xs):
-  """float64 if x64 is enabled and any array in `xs` is float64, else float32."""
-  if jax.config.jax_enable_x64 and any(jnp.result_type(x) == np.float64 for x in xs):
-    return jnp.float64
-  return jnp.float32
 
 
 def _check_chunk_size(chunk_size) -> None:
@@ -373,7 +366,7 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
       _check_capacity(initial_state.length, t, c, capacity, "initial_state")
 
   state = rat_init_state(b, hk, d, 0) if initial_state is None else initial_state
-  dtype = _compute_dtype(q, k, v, f, *state[:4])
+  dtype = compute_dtype(q, k, v, f, *state[:4])
   state = _cast_state(state, capacity, dtype)
   scale = default_scale(scale, d)
   qg = jnp.asarray(q, dtype).reshape(b, t, hk, h // hk, d)
@@ -423,7 +416,7 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None):
   capacity = _check_state(state, b, hk, d, "state")
   _check_capacity(state.length, 1, chunk_size, capacity, "state")
 
-  dtype = _compute_dtype(q, k, v, f, *state[:4])
+  dtype = compute_dtype(q, k, v, f, *state[:4])
   state = _cast_state(state, capacity, dtype)
   qg = jnp.asarray(q, dtype).reshape(b, hk, h // hk, d)
   k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))
