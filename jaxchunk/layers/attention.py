@@ -1,0 +1,110 @@
+"""Softmax-attention token mixer: global causal or sliding-window, GQA, RoPE and a KV cache.
+
+Parameters (logical axes):
+  q_proj/kernel [d_model, H, Dh]: ("embed", "heads", "head_dim");
+  k_proj/kernel, v_proj/kernel [d_model, Hk, Dh]: ("embed", "kv_heads", "head_dim");
+  o_proj/kernel [H, Dh, d_model]: ("heads", "head_dim", "embed").
+
+The cache is {"k": [B, max_len, Hk, Dh], "v": [B, max_len, Hk, Dh]}: rotated keys and values of every
+position written so far. A call with T tokens writes them at rows positions[:, 0] .. + T - 1 (per
+batch row) and attends to the keys before positions[:, 0] + T. The sliding window masks older keys
+but the cache still holds max_len positions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxchunk.layers.rotary import apply_rotary
+from jaxchunk.models.config import ModelConfig
+from jaxchunk.ops.attention import attention
+
+
+def project(x: jax.Array, features: tuple[int, ...], axes: tuple, *, name: str, config: ModelConfig,
+            in_axes: tuple = ("embed",), use_bias: bool = False,
+            bias_init=nn.initializers.zeros) -> jax.Array:
+  """A bias-free (unless `use_bias`) projection of x's last len(in_axes) dims to `features`.
+
+  The kernel has logical axes in_axes + axes, the bias `axes`; compute in config.dtype.
+  """
+  return nn.DenseGeneral(
+      features, axis=tuple(range(-len(in_axes), 0)), use_bias=use_bias, name=name,
+      dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), in_axes + axes),
+      bias_init=nn.with_logical_partitioning(bias_init, axes))(x)
+
+
+def check_mixer_input(x: jax.Array, positions: jax.Array, config: ModelConfig) -> None:
+  """Validates x [B,T,d_model] and positions [B,T] of a token mixer's call."""
+  if x.ndim != 3 or x.shape[-1] != config.d_model:
+    raise ValueError(f"x must have shape [batch, seq, {config.d_model}], got {x.shape}")
+  if jnp.shape(positions) != x.shape[:2]:
+    raise ValueError(f"positions must have shape [batch, seq] = {x.shape[:2]}, "
+                     f"got {jnp.shape(positions)}")
+
+
+def init_attention_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> dict:
+  """The empty KV cache of an `Attention` layer: {"k", "v"} zeros [B, max_len, Hk, Dh] in `dtype`."""
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _write_cache(cache: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+  """Writes update [B,T,Hk,Dh] into cache [B,L,Hk,Dh] at rows starts[b] .. starts[b] + T - 1."""
+  write_row = lambda row, new, start: jax.lax.dynamic_update_slice(row, new, (start, 0, 0))
+  return jax.vmap(write_row)(cache, update.astype(cache.dtype), starts)
+
+
+class Attention(nn.Module):
+  """Causal multi-head softmax attention with GQA and rotary positions.
+
+  Attributes:
+    config: the model configuration (heads, head_dim, rope_theta, dtype, impl).
+    window: None for global attention, else each query sees the keys within `window` positions back.
+  """
+
+  config: ModelConfig
+  window: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None):
+    """x [B,T,d_model], positions [B,T] int32 -> (y [B,T,d_model], new cache or None).
+
+    Without a cache the T tokens attend causally among themselves (within their document when
+    `segment_ids` [B,T] is given). With a cache (from `init_attention_cache`) they are written at
+    positions[:, 0] onwards and attend to everything cached before them: T > 1 is a chunked prefill,
+    T == 1 a decode step. positions[:, 0] + T must not exceed the cache length.
+    """
+    cfg = self.config
+    check_mixer_input(x, positions, cfg)
+    h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if cache is not None:
+      if segment_ids is not None:
+        raise ValueError("Attention: segment_ids (packed documents) cannot be combined with a cache")
+      expected = (x.shape[0], cache["k"].shape[1], hk, dh)
+      for name in ("k", "v"):
+        if cache[name].shape != expected:
+          raise ValueError(f"cache[{name!r}] must have shape [batch, max_len, kv_heads, head_dim] = "
+                           f"{expected}, got {cache[name].shape}")
+    x = x.astype(jnp.dtype(cfg.dtype))
+    q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
+    k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
+    v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
+    q = apply_rotary(q, positions, theta=cfg.rope_theta)
+    k = apply_rotary(k, positions, theta=cfg.rope_theta)
+
+    if cache is None:
+      o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=self.window,
+                    impl=cfg.impl)
+      new_cache = None
+    else:
+      start = positions[:, 0].astype(jnp.int32)
+      new_cache = {"k": _write_cache(cache["k"], k, start), "v": _write_cache(cache["v"], v, start)}
+      o = attention(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype), causal=True,
+                    window=self.window, q_offset=start, kv_length=start + x.shape[1],
+                    impl=cfg.impl)
+    y = project(o, (cfg.d_model,), ("embed",), name="o_proj", config=cfg,
+                in_axes=("heads", "head_dim"))
+    return y, new_cache

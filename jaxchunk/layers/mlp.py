@@ -1,0 +1,37 @@
+"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
+
+Parameters (logical axes): `gate/kernel`, `up/kernel` [d_model, hidden] -> ("embed", "mlp");
+`down/kernel` [hidden, d_model] -> ("mlp", "embed").
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class SwiGLU(nn.Module):
+  """The gated MLP of LLaMA: x [B,T,d_model] -> [B,T,d_model] through `hidden` features.
+
+  Attributes:
+    hidden: width of the gated hidden layer.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _dense(self, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                    name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d_model = x.shape[-1]
+    x = x.astype(self.dtype)
+    gate = self._dense(self.hidden, ("embed", "mlp"), "gate")(x)
+    up = self._dense(self.hidden, ("embed", "mlp"), "up")(x)
+    return self._dense(d_model, ("mlp", "embed"), "down")(nn.silu(gate) * up)

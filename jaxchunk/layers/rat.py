@@ -1,0 +1,108 @@
+"""RAT token mixer (Wei et al., 2025): recurrence inside chunks, softmax attention across chunks.
+
+Follows the layer of the public code (CLAIRE-Labo/RAT, src/model/backbone/rat): projections q, k, v,
+a forget gate f = sigmoid(W_f x + b) whose bias starts at log(U(1, chunk_size - 1)), the same gate
+on keys and values, rotary positions of the chunk index ("InterRoPE": every token of chunk c is
+rotated by angle c, so a query scores the summary of chunk j by the distance c - j), an output gate
+sigmoid(W_z x) and an output projection. The op `jaxchunk.ops.rat.rat` runs the recurrence and the
+attention.
+
+The public code rotates the keys after the in-chunk recurrence. Here the keys are rotated before the
+op, which is the same because the rotation is constant within a chunk, the recurrence restarts at
+every chunk, and the gate is tied over each rotated pair of features (feature i and i + head_dim/2),
+so the per-feature decay commutes with the rotation.
+
+Parameters (logical axes):
+  q_proj/kernel [d_model, H, Dh], z_proj/kernel [d_model, H, Dh]: ("embed", "heads", "head_dim");
+  k_proj/kernel, v_proj/kernel [d_model, Hk, Dh]: ("embed", "kv_heads", "head_dim");
+  f_proj/kernel [d_model, Hk, Dh/2]: ("embed", "kv_heads", "head_dim"), f_proj/bias [Hk, Dh/2]:
+    ("kv_heads", "head_dim");
+  o_proj/kernel [H, Dh, d_model]: ("heads", "head_dim", "embed").
+
+The cache is the op's `RATState`: a fixed number of chunk summaries plus the running summary of the
+open chunk.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxchunk.layers.attention import check_mixer_input, project
+from jaxchunk.layers.rotary import apply_rotary
+from jaxchunk.models.config import ModelConfig
+from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
+
+
+def forget_bias_init(chunk_size: int):
+  """The public code's gate bias: log(u) with u ~ U(1, chunk_size - 1), so sigmoid(b) = u / (1 + u).
+
+  The initial decay then spans 1/2 .. (chunk_size - 1)/chunk_size, memories of 2 to chunk_size tokens.
+  """
+  high = float(max(chunk_size - 1, 1))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, high)).astype(dtype)
+  return init
+
+
+def init_rat_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> RATState:
+  """The empty cache of a `RATLayer`: room for ceil(max_len / rat_chunk_size) chunk summaries.
+
+  `dtype` is accepted for the shared cache protocol; the state is float32.
+  """
+  del dtype
+  max_chunks = -(-max_len // config.rat_chunk_size)
+  return rat_init_state(batch, config.num_kv_heads, config.head_dim, max_chunks)
+
+
+class RATLayer(nn.Module):
+  """The RAT mixer; see the module docstring. `config.rat_chunk_size` is the chunk length."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None):
+    """x [B,T,d_model], positions [B,T] int32 -> (y [B,T,d_model], new `RATState` or None).
+
+    `positions` must be the token indices of the sequence (0 .. T-1 without a cache, the cached
+    length onwards with one): the op chunks tokens by index and the rotary angle is the chunk
+    index positions // rat_chunk_size. With a cache T == 1 is a decode step (`rat_step`), T > 1 a
+    chunked prefill continuing the cached state; the cache keeps its capacity of chunk summaries.
+    """
+    cfg = self.config
+    check_mixer_input(x, positions, cfg)
+    if segment_ids is not None:
+      raise ValueError("RATLayer cannot handle segment_ids (packed documents) yet: the chunk "
+                       "summaries are not reset at document boundaries")
+    if cfg.head_dim % 2:
+      raise ValueError(f"RATLayer needs an even head_dim for its rotary positions, got {cfg.head_dim}")
+    h, hk, dh, chunk = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rat_chunk_size
+    x = x.astype(jnp.dtype(cfg.dtype))
+    q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
+    k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
+    v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
+    f_logits = project(x, (hk, dh // 2), ("kv_heads", "head_dim"), name="f_proj", config=cfg,
+                       use_bias=True, bias_init=forget_bias_init(chunk))
+    f_half = nn.sigmoid(f_logits.astype(jnp.float32))
+    f = jnp.concatenate([f_half, f_half], axis=-1)  # tied over rotary pairs (i, i + Dh/2)
+    chunk_index = positions // chunk
+    q = apply_rotary(q, chunk_index, theta=cfg.rope_theta)
+    k = apply_rotary(k, chunk_index, theta=cfg.rope_theta)
+
+    if cache is None:
+      o, _ = rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
+      new_cache = None
+    elif x.shape[1] == 1:
+      o, new_cache = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache, chunk_size=chunk)
+      o = o[:, None]
+    else:
+      o, new_cache = rat(q, k, v, f, chunk_size=chunk, initial_state=cache,
+                         output_final_state=True, max_chunks=cache.k_chunks.shape[1],
+                         impl=cfg.impl)
+    z = project(x, (h, dh), ("heads", "head_dim"), name="z_proj", config=cfg)
+    o = (o.astype(jnp.float32) * nn.sigmoid(z.astype(jnp.float32))).astype(x.dtype)
+    y = project(o, (cfg.d_model,), ("embed",), name="o_proj", config=cfg,
+                in_axes=("heads", "head_dim"))
+    return y, new_cache

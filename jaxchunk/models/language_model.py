@@ -1,0 +1,131 @@
+"""A decoder-only language model built from `ModelConfig.layer_pattern`.
+
+tokens -> embedding -> blocks (x + mixer(norm(x)), then x + SwiGLU(norm(x))) -> RMSNorm -> LM head.
+The LM head is the transposed embedding when `tie_embeddings`, else its own projection.
+
+Parameters (logical axes): embed/embedding [vocab, d_model]: ("vocab", "embed");
+lm_head/kernel [d_model, vocab]: ("embed", "vocab") (untied only); norms: ("embed",); the mixers
+and MLPs document their own (`jaxchunk.layers`).
+
+The cache is {"length": int32 [B], the tokens seen per row, "layers": tuple of per-layer mixer
+caches}; `init_cache` builds an empty one.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxchunk.layers.attention import Attention, init_attention_cache
+from jaxchunk.layers.linear_attention import LinearAttention, init_linear_attention_cache
+from jaxchunk.layers.mlp import SwiGLU
+from jaxchunk.layers.norm import RMSNorm
+from jaxchunk.layers.rat import RATLayer, init_rat_cache
+from jaxchunk.models.config import ModelConfig
+
+
+def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:
+  """The token mixer of a layer of kind `kind` (one of config.MIXER_KINDS)."""
+  if kind == "attention":
+    return Attention(config, name=name)
+  if kind == "local":
+    return Attention(config, window=config.window, name=name)
+  if kind == "rat":
+    return RATLayer(config, name=name)
+  return LinearAttention(config, kind, name=name)
+
+
+def init_layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int, dtype):
+  """The empty cache of one mixer of kind `kind`."""
+  if kind in ("attention", "local"):
+    return init_attention_cache(config, batch, max_len, dtype)
+  if kind == "rat":
+    return init_rat_cache(config, batch, max_len, dtype)
+  return init_linear_attention_cache(config, kind, batch, max_len, dtype)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """The empty cache of `LanguageModel(config)` for `batch` rows of up to `max_len` tokens.
+
+  Returns {"length": zeros int32 [batch], "layers": tuple of per-layer caches}; `dtype` (default
+  config.dtype) is the dtype of the activation caches (KV caches, conv histories).
+  """
+  dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+  layers = tuple(init_layer_cache(config, kind, batch, max_len, dtype)
+                 for kind in config.layer_pattern)
+  return {"length": jnp.zeros((batch,), jnp.int32), "layers": layers}
+
+
+class Block(nn.Module):
+  """One pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+
+  config: ModelConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x, *, positions, segment_ids=None, cache=None):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mixer_norm")(x)
+    h, new_cache = make_mixer(cfg, self.kind, "mixer")(h, positions=positions,
+                                                       segment_ids=segment_ids, cache=cache)
+    x = x + h.astype(x.dtype)
+    h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlp_norm")(x)
+    x = x + SwiGLU(cfg.mlp_hidden, dtype=dtype, param_dtype=param_dtype, name="mlp")(h).astype(x.dtype)
+    return x, new_cache
+
+
+class LanguageModel(nn.Module):
+  """Decoder-only language model; see the module docstring."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, cache=None):
+    """tokens [B,T] int -> (logits [B,T,vocab] float32, new cache or None).
+
+    `segment_ids` [B,T] marks packed documents (pass `positions` restarting at each document);
+    mixers that cannot separate documents raise a ValueError. `positions` [B,T] defaults to
+    arange(T), or with a cache to cache["length"][:, None] + arange(T).
+    With a cache (from `init_cache` or a previous call) the model continues each row from its
+    cached length: T > 1 is a chunked prefill, T == 1 a decode step; the returned cache has
+    length + T.
+    """
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must have shape [batch, seq], got {tokens.shape}")
+    b, t = tokens.shape
+    if cache is not None and len(cache["layers"]) != cfg.num_layers:
+      raise ValueError(f"cache['layers'] must hold {cfg.num_layers} layer caches, "
+                       f"got {len(cache['layers'])}")
+    if positions is None:
+      start = jnp.zeros((b,), jnp.int32) if cache is None else cache["length"]
+      positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+    elif jnp.shape(positions) != (b, t):
+      raise ValueError(f"positions must have shape [batch, seq] = {(b, t)}, "
+                       f"got {jnp.shape(positions)}")
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=nn.with_logical_partitioning(nn.linear.default_embed_init,
+                                                                 ("vocab", "embed")),
+                     name="embed")
+    x = embed(tokens)
+    new_layers = []
+    for i, kind in enumerate(cfg.layer_pattern):
+      x, layer_cache = Block(cfg, kind, name=f"block_{i}")(
+          x, positions=positions, segment_ids=segment_ids,
+          cache=None if cache is None else cache["layers"][i])
+      new_layers.append(layer_cache)
+    x = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embed.embedding.astype(jnp.float32))
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
+                        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                 ("embed", "vocab")),
+                        name="lm_head")(x)
+    if cache is None:
+      return logits, None
+    return logits, {"length": cache["length"] + t, "layers": tuple(new_layers)}

@@ -1,0 +1,161 @@
+"""LanguageModel: shapes, jit, gradients, and the cached paths (prefill, decode, chunked prefill)
+against the whole-sequence logits, for layer patterns covering every mixer kind."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchunk.models.config import LINEAR_KINDS, ModelConfig
+from jaxchunk.models.language_model import LanguageModel, init_cache
+from tests.utils import assert_rel_close
+
+TOL = 1e-5
+# (layer pattern, op impl): every mixer kind in the default run, the linear kinds together on their
+# fast-compiling "reference" ops (their "xla" paths are checked against those by the op tests); each
+# linear kind on its own, on its default op, in the slow run, where a failure names the kind.
+PATTERNS = [(("rat", "local"), "auto"), (("attention",), "auto"), (LINEAR_KINDS, "reference")] + [
+    pytest.param(((kind, "local"), "auto"), marks=pytest.mark.slow) for kind in LINEAR_KINDS]
+
+
+def pattern_id(case) -> str:
+  pattern, impl = case
+  return "-".join(pattern) + f"-{impl}"
+
+
+def tiny_config(pattern, **overrides) -> ModelConfig:
+  fields = dict(vocab_size=50, d_model=32, layer_pattern=pattern, num_heads=4, num_kv_heads=2,
+                head_dim=8, mlp_hidden=64, window=6, rat_chunk_size=4, linear_chunk_size=8,
+                conv_size=3)
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def random_tokens(rng, b, t, cfg):
+  return jnp.asarray(rng.integers(0, cfg.vocab_size, size=(b, t)), jnp.int32)
+
+
+@functools.cache
+def init_model(cfg):
+  """(model, variables, jitted apply(variables, tokens, segment_ids, positions, cache)), built
+  once per config so that the tests of one pattern share their compilations."""
+  model = LanguageModel(cfg)
+  variables = jax.jit(lambda t: model.init(jax.random.PRNGKey(0), t))(jnp.zeros((1, 1), jnp.int32))
+  apply = jax.jit(lambda v, t, seg=None, pos=None, cache=None: model.apply(
+      v, t, segment_ids=seg, positions=pos, cache=cache))
+  return model, variables, apply
+
+
+def run_pieces(apply, variables, tokens, pieces, cache):
+  """Feeds tokens [B,T] piece by piece (lengths `pieces`) through the cached path."""
+  logits, start = [], 0
+  for n in pieces:
+    out, cache = apply(variables, tokens[:, start:start + n], None, None, cache)
+    logits.append(out)
+    start += n
+  assert start == tokens.shape[1]
+  return jnp.concatenate(logits, axis=1), cache
+
+
+@pytest.mark.parametrize("case", PATTERNS, ids=pattern_id)
+def test_shapes_jit_and_grad(rng, case):
+  pattern, impl = case
+  cfg = tiny_config(pattern, impl=impl)
+  b, t = 2, 11
+  tokens = random_tokens(rng, b, t, cfg)
+  _, variables, apply = init_model(cfg)
+  logits, cache = apply(variables, tokens)
+  assert logits.shape == (b, t, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert cache is None and np.all(np.isfinite(logits))
+  targets = random_tokens(rng, b, t, cfg)
+
+  def loss(variables):
+    logits, _ = apply(variables, tokens)
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)
+    return -jnp.mean(picked)
+
+  grads = jax.jit(jax.grad(loss))(variables)
+  flat = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(grads))
+  for path, g in flat:
+    name = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(g)), f"non-finite gradient for {name}"
+    assert np.linalg.norm(np.asarray(g)) > 0, f"zero gradient for {name}: the parameter is unused"
+
+
+@pytest.mark.parametrize("case", PATTERNS, ids=pattern_id)
+def test_cached_paths_match_full_sequence(rng, case):
+  pattern, impl = case
+  cfg = tiny_config(pattern, impl=impl)
+  b, t = 2, 23
+  tokens = random_tokens(rng, b, t, cfg)
+  _, variables, apply = init_model(cfg)
+  full, _ = apply(variables, tokens)
+  # prefill 6 (mid-chunk for RAT), decode 3 steps across a chunk boundary, chunked prefill of 11
+  # (spans the local window and several chunks), decode 3 more steps
+  pieces = [6, 1, 1, 1, 11, 1, 1, 1]
+  cached, cache = run_pieces(apply, variables, tokens, pieces, init_cache(cfg, b, 24))
+  assert_rel_close(cached, full, TOL, "prefill + decode")
+  np.testing.assert_array_equal(cache["length"], [t, t])
+  # one cached piece == two pieces, logits and final caches alike
+  one, one_cache = run_pieces(apply, variables, tokens[:, :17], [17], init_cache(cfg, b, 24))
+  two, two_cache = run_pieces(apply, variables, tokens[:, :17], [6, 11], init_cache(cfg, b, 24))
+  assert_rel_close(two, one, TOL, "two-piece prefill logits")
+  assert_rel_close(one, full[:, :17], TOL, "one-piece prefill logits")
+  for a, c in zip(jax.tree.leaves(two_cache), jax.tree.leaves(one_cache)):
+    assert_rel_close(a, c, TOL, "two-piece prefill cache")
+
+
+def test_init_cache_structure():
+  cfg = tiny_config(("rat", "local", "attention"), dtype="bfloat16")
+  cache = init_cache(cfg, 3, 20)
+  assert cache["length"].dtype == jnp.int32 and cache["length"].shape == (3,)
+  assert len(cache["layers"]) == 3
+  rat_state, local, attention = cache["layers"]
+  assert rat_state.k_chunks.shape == (3, 5, cfg.num_kv_heads, cfg.head_dim)  # ceil(20 / 4)
+  assert local["k"].shape == (3, 20, cfg.num_kv_heads, cfg.head_dim)
+  assert attention["v"].dtype == jnp.bfloat16
+  assert init_cache(cfg, 3, 20, jnp.float32)["layers"][1]["k"].dtype == jnp.float32
+
+
+def test_packed_documents_match_separate_runs(rng):
+  cfg = tiny_config(("attention",))
+  lengths = (7, 5)
+  tokens = random_tokens(rng, 1, sum(lengths), cfg)
+  _, variables, apply = init_model(cfg)
+  segment_ids = jnp.asarray([[0] * lengths[0] + [1] * lengths[1]], jnp.int32)
+  positions = jnp.asarray([list(range(lengths[0])) + list(range(lengths[1]))], jnp.int32)
+  packed, _ = apply(variables, tokens, segment_ids, positions)
+  separate = jnp.concatenate([apply(variables, tokens[:, :lengths[0]])[0],
+                              apply(variables, tokens[:, lengths[0]:])[0]], axis=1)
+  assert_rel_close(packed, separate, TOL, "packed documents")
+
+
+def test_untied_head_and_bf16(rng):
+  cfg = tiny_config(("rat",), tie_embeddings=False, dtype="bfloat16")
+  tokens = random_tokens(rng, 2, 9, cfg)
+  _, variables, apply = init_model(cfg)
+  specs = nn.get_partition_spec(variables)["params"]
+  assert specs["lm_head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
+  assert specs["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
+  logits, _ = apply(variables, tokens)
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+  f32_logits, _ = jax.jit(LanguageModel(tiny_config(("rat",), tie_embeddings=False)).apply)(
+      variables, tokens)
+  assert_rel_close(logits, f32_logits, 2e-2, "bf16 vs f32 logits")
+
+
+def test_rejects_bad_arguments(rng):
+  cfg = tiny_config(("rat", "local"))
+  tokens = random_tokens(rng, 1, 8, cfg)
+  model, variables, _ = init_model(cfg)
+  with pytest.raises(ValueError, match="tokens must have shape"):
+    model.apply(variables, tokens[0])
+  with pytest.raises(ValueError, match="positions must have shape"):
+    model.apply(variables, tokens, positions=jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(ValueError, match="segment_ids"):
+    model.apply(variables, tokens, segment_ids=jnp.zeros((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match="cache\\['layers'\\] must hold 2"):
+    model.apply(variables, tokens, cache=init_cache(tiny_config(("rat",)), 1, 8))
