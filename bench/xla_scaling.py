@@ -94,6 +94,26 @@ def render(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str) -> None:
+  """Log-log plot of forward time and peak memory against T, one line per op."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for op in dict.fromkeys(r["op"] for r in rows):
+    mine = [r for r in rows if r["op"] == op]
+    ts = [r["T"] for r in mine]
+    axes[0].loglog(ts, [r["fwd_ms"] for r in mine], "o-", label=op)
+    axes[1].loglog(ts, [r["fwd_bwd_mib"] for r in mine], "o-", label=f"{op} fwd+bwd")
+  axes[0].set(xlabel="T (tokens)", ylabel="forward ms", title="time (CPU)")
+  axes[1].set(xlabel="T (tokens)", ylabel="peak MiB", title="peak memory (XLA accounting)")
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--min_log2_t", type=int, default=10)
@@ -117,7 +137,8 @@ def main():
   path = os.path.join(args.out, f"xla_scaling-{datetime.date.today()}.md")
   with open(path, "w") as f:
     f.write(header + table + "\n")
-  print(f"wrote {path}")
+  plot(rows, path.replace(".md", ".png"))
+  print(f"wrote {path} and its plot")
 
 
 if __name__ == "__main__":
