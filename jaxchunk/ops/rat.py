@@ -18,6 +18,9 @@ Paths:
   own-chunk running term seeding each query's softmax. The query-block body and the summary-block
   body are `jax.checkpoint`ed, so memory stays O(T) in the forward and backward pass; no [T, T / C]
   array is ever built.
+- "pallas": the same aggregation, then the attention by the flash-attention-style Pallas kernel of
+  `pallas_kernels.gpu.rat` (forward and backward kernels under a custom VJP; bf16 or float32
+  operands, head_dim 64 or 128). "auto" picks it on GPU; on CPU it runs in interpret mode.
 
 Decode / continuation state: `RATState`, holding the summaries of completed chunks in a buffer of
 fixed capacity N (static shapes under jit), the running aggregate of the chunk in progress and the
@@ -54,7 +57,8 @@ import numpy as np
 from jax import lax
 
 from jaxchunk.ops._common import (compute_dtype, check_qkv, check_rank, check_shape, default_scale, is_traced,
-                                  resolve_impl)
+                                  pallas_interpret, resolve_impl)
+from pallas_kernels.gpu import rat as rat_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 _NEVER = np.iinfo(np.int32).max  # chunk index of a summary slot no query may see
@@ -238,10 +242,33 @@ def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: 
   return acc / l[..., None]
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("chunk_size", "continued", "old_chunks", "block_size"))
+def _attend_pallas(q, k_agg, v_agg, k_new, v_new, state: RATState, first_chunk, scale, *,
+                   old_chunks: int, chunk_size: int, dtype):
+  """The cross-chunk attention by the Pallas kernel (`pallas_kernels.gpu.rat`).
+
+  q [B, P, Hk, G, D]; k_agg, v_agg [B, P, Hk, D] running aggregates; k_new, v_new [B, nc, Hk, D]
+  summaries of the buffer's chunks (chunk first_chunk + i). The kernel wants slot j = chunk j: the
+  state's first `old_chunks` summaries, overwritten from slot first_chunk by the new ones. Operands
+  go to the kernel in `dtype` (q's input dtype); the scale is folded into q.
+  """
+  b, p, hk, g, d = q.shape
+  k_sum, v_sum = k_new, v_new
+  if old_chunks:
+    widen = [(0, 0), (0, k_new.shape[1]), (0, 0), (0, 0)]
+    put = lambda old, new: lax.dynamic_update_slice_in_dim(
+        jnp.pad(old[:, :old_chunks], widen), new, first_chunk, axis=1)
+    k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
+  cast = lambda x: x.astype(dtype)
+  o = rat_kernel.rat_attention(cast((q * scale).reshape(b, p, hk * g, d)), cast(k_agg),
+                               cast(v_agg), cast(k_sum), cast(v_sum), first_chunk,
+                               chunk_size=chunk_size, scale=1.0, interpret=pallas_interpret())
+  return o.reshape(b, p, hk, g, d).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "continued", "old_chunks", "block_size",
+                                             "kernel_dtype"))
 def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: bool,
-             old_chunks: int, block_size: int):
+             old_chunks: int, block_size: int, kernel_dtype: str | None = None):
   """Chunk-parallel RAT.
 
   Args:
@@ -250,6 +277,8 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
     scale: softmax scale.
     continued: whether `state` may be non-empty (else length is 0 and the summary buffer is unused).
     block_size: query tokens (rounded to whole chunks) and summaries per attention block.
+    kernel_dtype: None for the plain-JAX attention, else the operand dtype name of the Pallas
+      attention kernel ("pallas" path).
 
   Returns:
     (o [B, T, Hk, G, D], final state of capacity N).
@@ -280,28 +309,34 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   k_new, v_new = k_agg[:, :, -1], v_agg[:, :, -1]  # [B, nc, Hk, D] summaries of the buffer's chunks
   new_chunk = first_chunk + jnp.arange(nc)
 
-  if continued and old_chunks:
-    k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks], k_new], axis=1)
-    v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks], v_new], axis=1)
-    old = jnp.arange(old_chunks)
-    sum_chunk = jnp.concatenate([jnp.where(old < first_chunk, old, _NEVER), new_chunk])
+  if kernel_dtype is not None:
+    o = _attend_pallas(place(q, 0), k_agg.reshape(b, p, hk, d), v_agg.reshape(b, p, hk, d), k_new,
+                       v_new, state, first_chunk, scale, old_chunks=old_chunks if continued else 0,
+                       chunk_size=c, dtype=kernel_dtype)
   else:
-    k_sum, v_sum, sum_chunk = k_new, v_new, new_chunk
-  m = k_sum.shape[1]
-  sum_block = min(block_size, m)
-  pad = -m % sum_block
-  k_sum, v_sum = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (k_sum, v_sum))
-  sum_chunk = jnp.pad(sum_chunk, (0, pad), constant_values=_NEVER)
-  sum_blocks = lambda x: jnp.moveaxis(x.reshape(b, -1, sum_block, hk, d), 1, 0)
-  k_sum, v_sum, sum_chunk = sum_blocks(k_sum), sum_blocks(v_sum), sum_chunk.reshape(-1, sum_block)
+    if continued and old_chunks:
+      k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks], k_new], axis=1)
+      v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks], v_new], axis=1)
+      old = jnp.arange(old_chunks)
+      sum_chunk = jnp.concatenate([jnp.where(old < first_chunk, old, _NEVER), new_chunk])
+    else:
+      k_sum, v_sum, sum_chunk = k_new, v_new, new_chunk
+    m = k_sum.shape[1]
+    sum_block = min(block_size, m)
+    pad = -m % sum_block
+    k_sum, v_sum = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (k_sum, v_sum))
+    sum_chunk = jnp.pad(sum_chunk, (0, pad), constant_values=_NEVER)
+    sum_blocks = lambda x: jnp.moveaxis(x.reshape(b, -1, sum_block, hk, d), 1, 0)
+    k_sum, v_sum, sum_chunk = sum_blocks(k_sum), sum_blocks(v_sum), sum_chunk.reshape(-1, sum_block)
 
-  q_len = chunks_per_block * c
-  q_blocks = lambda x: jnp.moveaxis(x.reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
-  q_chunk = (first_chunk + pos // c).reshape(-1, q_len)
-  attend = jax.checkpoint(lambda xs: _attend_blocks(*xs, k_sum, v_sum, sum_chunk, scale=scale))
-  o = lax.map(attend, (q_blocks(place(q, 0)), q_blocks(k_agg.reshape(b, p, hk, d)),
-                       q_blocks(v_agg.reshape(b, p, hk, d)), q_chunk))
-  o = lax.dynamic_slice_in_dim(jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d), offset, t, axis=1)
+    q_len = chunks_per_block * c
+    q_blocks = lambda x: jnp.moveaxis(x.reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
+    q_chunk = (first_chunk + pos // c).reshape(-1, q_len)
+    attend = jax.checkpoint(lambda xs: _attend_blocks(*xs, k_sum, v_sum, sum_chunk, scale=scale))
+    o = lax.map(attend, (q_blocks(place(q, 0)), q_blocks(k_agg.reshape(b, p, hk, d)),
+                         q_blocks(v_agg.reshape(b, p, hk, d)), q_chunk))
+    o = jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d)
+  o = lax.dynamic_slice_in_dim(o, offset, t, axis=1)
 
   end = length + t
   last = lambda x: lax.dynamic_index_in_dim(x.reshape(b, p, hk, d), offset + t - 1, axis=1,
@@ -350,7 +385,6 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   if max_chunks is not None and (not isinstance(max_chunks, (int, np.integer)) or max_chunks < 0):
     raise ValueError(f"max_chunks must be a non-negative int or None, got {max_chunks!r}")
-  impl = resolve_impl(impl, "rat")
   _check_gate_range(f)
   c = chunk_size
   if initial_state is None:
@@ -367,6 +401,9 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
 
   state = rat_init_state(b, hk, d, 0) if initial_state is None else initial_state
   dtype = compute_dtype(q, k, v, f, *state[:4])
+  impl = resolve_impl(impl, "rat", pallas_unsupported=(
+      rat_kernel.unsupported_reason(d, q.dtype) if dtype == jnp.float32
+      else f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"))
   state = _cast_state(state, capacity, dtype)
   scale = default_scale(scale, d)
   qg = jnp.asarray(q, dtype).reshape(b, t, hk, h // hk, d)
@@ -378,7 +415,8 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
   else:
     o, final = _rat_xla(qg, k, v, f, state, scale, chunk_size=c,
                         continued=initial_state is not None, old_chunks=old_chunks,
-                        block_size=block_size)
+                        block_size=block_size,
+                        kernel_dtype=jnp.dtype(q.dtype).name if impl == "pallas" else None)
   o = o.reshape(b, t, h, d).astype(q.dtype)
   return o, (final if output_final_state else None)
 

@@ -1,0 +1,210 @@
+"""RAT (chunk 16) against causal softmax attention on one GPU: training and decode.
+
+  python bench/rat.py             # T = 4K, 16K, 100K and decode; writes bench/results/rat-<date>.md
+  python bench/rat.py --quick     # T = 4K only, fewer repeats (a smoke run)
+
+Training: B=1, H=16, D=128, bf16; forward, and forward+backward (gradients of sum(o * cotangent)
+w.r.t. every input), for RAT pallas, RAT xla and cuDNN causal attention
+(`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`).
+
+Decode: one new token with 4K tokens of context, batch 1 and 64, H=16, D=128: `rat_step` (jitted,
+state donated, so the summary append is in place) against one query over a bf16 4K KV cache via
+`jax.nn.dot_product_attention` (cudnn and xla) and jaxchunk's `attention` with `kv_length`.
+
+FLOPs counted (matmul FLOPs, 2 per multiply-add): attention over n key positions costs 4 * n * D per
+query and head forward, 2.5x that backward (5 matmuls instead of 2). RAT's query t sees t // C
+summaries + its own running aggregate; causal attention's query t sees t + 1 keys. Bytes for decode:
+the state / cache read once (RAT summaries are float32, the KV cache bf16).
+Times: jitted, `jax.block_until_ready`, 2 warm-up calls, median of 10 timed calls (3 when one call
+exceeds 2 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchunk.ops.attention import attention
+from jaxchunk.ops.rat import RATState, rat, rat_step
+
+HEADS, HEAD_DIM, CHUNK = 16, 128, 16
+TRAIN_LENGTHS = (4096, 16384, 102400)
+DECODE_CONTEXT, DECODE_BATCHES = 4096, (1, 64)
+
+
+def median_ms(fn, *args, reps: int = 10) -> float:
+  """Median wall time of `fn(*args)` in ms after two warm-up calls (3 reps for calls over 2 s)."""
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  if time.perf_counter() - start > 2.0:
+    reps = min(reps, 3)
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def train_inputs(t: int, key):
+  """q, k, v [1, T, H, D] bf16, gates f in (0, 1) bf16, and a float32 output cotangent."""
+  kq, kk, kv, kf, kc = jax.random.split(key, 5)
+  shape = (1, t, HEADS, HEAD_DIM)
+  q, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv))
+  f = jax.nn.sigmoid(jax.random.normal(kf, shape) + 2.0).astype(jnp.bfloat16)
+  return (q, k, v, f), jax.random.normal(kc, shape, jnp.float32)
+
+
+def train_fns(name: str):
+  """(forward, forward+backward) jitted functions of (q, k, v, f, cotangent) for a method."""
+  if name.startswith("rat"):
+    impl = name.split("-")[1]
+    out = lambda q, k, v, f: rat(q, k, v, f, chunk_size=CHUNK, impl=impl)[0]
+    argnums = (0, 1, 2, 3)
+  else:
+    out = lambda q, k, v, f: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                          implementation="cudnn")
+    argnums = (0, 1, 2)
+  loss = lambda q, k, v, f, ct: jnp.sum(out(q, k, v, f).astype(jnp.float32) * ct)
+  fwd = jax.jit(lambda q, k, v, f, ct: out(q, k, v, f))
+  fwd_bwd = jax.jit(jax.grad(loss, argnums))
+  return fwd, fwd_bwd
+
+
+def train_flops(name: str, t: int) -> float:
+  """Forward matmul FLOPs (B=1)."""
+  pos = np.arange(t, dtype=np.float64)
+  keys = (pos // CHUNK + 1).sum() if name.startswith("rat") else (pos + 1).sum()
+  return 4.0 * HEAD_DIM * HEADS * keys
+
+
+def bench_training(lengths, reps: int):
+  rows = []
+  for t in lengths:
+    args, ct = train_inputs(t, jax.random.key(t))
+    times = {}
+    for name in ("rat-pallas", "rat-xla", "cudnn"):
+      fwd, fwd_bwd = train_fns(name)
+      for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        try:
+          ms = median_ms(fn, *args, ct, reps=reps)
+        except Exception as e:  # e.g. out of memory or no cuDNN: report and go on
+          print(f"T={t} {name} {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
+          ms = float("nan")
+        flops = train_flops(name, t) * (1.0 if mode == "fwd" else 3.5)
+        times[(name, mode)] = ms
+        print(f"T={t:6d} {name:10s} {mode:7s} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s",
+              flush=True)
+    for mode in ("fwd", "fwd+bwd"):
+      cudnn, pallas, xla = (times[(n, mode)] for n in ("cudnn", "rat-pallas", "rat-xla"))
+      rows.append((t, mode, pallas, xla, cudnn, cudnn / pallas, cudnn / xla,
+                   train_flops("rat", t) * (1.0 if mode == "fwd" else 3.5) / pallas / 1e9))
+  header = ("| T | pass | RAT pallas ms | RAT xla ms | cuDNN attn ms | cuDNN / RAT pallas "
+            "| cuDNN / RAT xla | RAT pallas TFLOP/s |\n|---|---|---|---|---|---|---|---|")
+  lines = [f"| {t} | {m} | {p:.3f} | {x:.3f} | {c:.3f} | {rp:.2f}x | {rx:.2f}x | {tf:.1f} |"
+           for t, m, p, x, c, rp, rx, tf in rows]
+  return "\n".join([header] + lines)
+
+
+def decode_state(batch: int, key) -> RATState:
+  """A RATState holding DECODE_CONTEXT tokens, room for 64 more chunks (float32)."""
+  n = DECODE_CONTEXT // CHUNK + 64
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  shape = (batch, n, HEADS, HEAD_DIM)
+  return RATState(jax.random.normal(k1, shape), jax.random.normal(k2, shape),
+                  jax.random.normal(k3, shape[:1] + shape[2:]),
+                  jax.random.normal(k4, shape[:1] + shape[2:]),
+                  jnp.asarray(DECODE_CONTEXT, jnp.int32))
+
+
+def bench_decode(reps: int):
+  rows = []
+  for batch in DECODE_BATCHES:
+    key = jax.random.key(batch)
+    kq, kk, kv, kf, kc, ks = jax.random.split(key, 6)
+    tok = (batch, HEADS, HEAD_DIM)
+    q, k, v = (jax.random.normal(x, tok, jnp.bfloat16) for x in (kq, kk, kv))
+    f = jax.nn.sigmoid(jax.random.normal(kf, tok)).astype(jnp.bfloat16)
+
+    step = jax.jit(lambda q, k, v, f, s: rat_step(q, k, v, f, s, chunk_size=CHUNK),
+                   donate_argnums=4)
+    holder = [decode_state(batch, ks)]
+
+    def rat_call():
+      o, holder[0] = step(q, k, v, f, holder[0])
+      return o
+
+    cache_shape = (batch, DECODE_CONTEXT, HEADS, HEAD_DIM)
+    k_cache, v_cache = (jax.random.normal(x, cache_shape, jnp.bfloat16)
+                        for x in jax.random.split(kc))
+    q1 = q[:, None]
+    methods = {
+        "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, implementation="cudnn")),
+        "xla": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, implementation="xla")),
+        "jaxchunk": jax.jit(lambda q, k, v: attention(
+            q, k, v, causal=False, kv_length=DECODE_CONTEXT, impl="xla")),
+    }
+    rat_ms = median_ms(rat_call, reps=max(reps, 10))
+    state_bytes = 2 * batch * (DECODE_CONTEXT // CHUNK) * HEADS * HEAD_DIM * 4
+    cache_bytes = 2 * batch * DECODE_CONTEXT * HEADS * HEAD_DIM * 2
+    print(f"decode B={batch} rat_step {rat_ms:.4f} ms ({state_bytes / rat_ms / 1e6:.0f} GB/s)",
+          flush=True)
+    for name, fn in methods.items():
+      try:
+        ms = median_ms(fn, q1, k_cache, v_cache, reps=max(reps, 10))
+      except Exception as e:
+        print(f"decode B={batch} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+        ms = float("nan")
+      print(f"decode B={batch} attention-{name} {ms:.4f} ms "
+            f"({cache_bytes / ms / 1e6:.0f} GB/s)", flush=True)
+      rows.append((batch, name, rat_ms, ms, ms / rat_ms, state_bytes, cache_bytes))
+  header = ("| batch | attention decode | RAT step ms | attention ms | attention / RAT "
+            "| RAT state MB | KV cache MB |\n|---|---|---|---|---|---|---|")
+  lines = [f"| {b} | {n} | {r:.4f} | {a:.4f} | {x:.2f}x | {sb / 2**20:.0f} | {cb / 2**20:.0f} |"
+           for b, n, r, a, x, sb, cb in rows]
+  return "\n".join([header] + lines)
+
+
+def versions() -> str:
+  try:
+    import torch
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = "n/a (not installed)"
+  return (f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+          f"jaxlib {jax.lib.__version__}; torch {torch_version}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="T = 4K only, 3 repeats")
+  args = parser.parse_args()
+  lengths = TRAIN_LENGTHS[:1] if args.quick else TRAIN_LENGTHS
+  reps = 3 if args.quick else 10
+  date = datetime.date.today().isoformat()
+  train = bench_training(lengths, reps)
+  decode = bench_decode(reps)
+  report = (f"# RAT (chunk {CHUNK}) vs causal attention, B=1 H={HEADS} D={HEAD_DIM} bf16\n\n"
+            f"{date}; {versions()}\n\n## Training (B=1)\n\n{train}\n\n"
+            f"## Decode, {DECODE_CONTEXT} tokens of context\n\n{decode}\n")
+  print("\n" + report)
+  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"rat-{date}{'-quick' if args.quick else ''}.md")
+  with open(path, "w") as fh:
+    fh.write(report)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
