@@ -9,6 +9,10 @@ The cache is {"k": [B, max_len, Hk, Dh], "v": [B, max_len, Hk, Dh]}: rotated key
 position written so far. A call with T tokens writes them at rows positions[:, 0] .. + T - 1 (per
 batch row) and attends to the keys before positions[:, 0] + T. The sliding window masks older keys
 but the cache still holds max_len positions.
+
+A paged cache (for the serving engine) is {"k_pages", "v_pages": [num_pages, page_size, Hk, Dh],
+"page_table": int32 [B, pages_per_seq]}: the keys of row b at position p live in page
+page_table[b, p // page_size] (see `jaxchunk.ops.paged_attention`); pages are shared by all rows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.models.config import ModelConfig
 from jaxchunk.ops.attention import attention
+from jaxchunk.ops.paged_attention import chunked_prefill_attention, paged_write
 
 
 def project(x: jax.Array, features: tuple[int, ...], axes: tuple, *, name: str, config: ModelConfig,
@@ -57,6 +62,28 @@ def _write_cache(cache: jax.Array, update: jax.Array, starts: jax.Array) -> jax.
   return jax.vmap(write_row)(cache, update.astype(cache.dtype), starts)
 
 
+def _check_cache(cache: dict, batch: int, config: ModelConfig) -> None:
+  """Validates a dense {"k", "v"} or paged {"k_pages", "v_pages", "page_table"} KV cache."""
+  hk, dh = config.num_kv_heads, config.head_dim
+  if "page_table" in cache:
+    pool = cache["k_pages"].shape
+    if len(pool) != 4 or pool[2:] != (hk, dh):
+      raise ValueError(f"cache['k_pages'] must have shape [num_pages, page_size, {hk}, {dh}], "
+                       f"got {pool}")
+    if cache["v_pages"].shape != pool:
+      raise ValueError(f"cache['v_pages'] must have the shape of cache['k_pages'] {pool}, "
+                       f"got {cache['v_pages'].shape}")
+    if cache["page_table"].ndim != 2 or cache["page_table"].shape[0] != batch:
+      raise ValueError(f"cache['page_table'] must have shape [{batch}, pages_per_seq], "
+                       f"got {cache['page_table'].shape}")
+    return
+  expected = (batch, cache["k"].shape[1], hk, dh)
+  for name in ("k", "v"):
+    if cache[name].shape != expected:
+      raise ValueError(f"cache[{name!r}] must have shape [batch, max_len, kv_heads, head_dim] = "
+                       f"{expected}, got {cache[name].shape}")
+
+
 class Attention(nn.Module):
   """Causal multi-head softmax attention with GQA and rotary positions.
 
@@ -75,7 +102,8 @@ class Attention(nn.Module):
     Without a cache the T tokens attend causally among themselves (within their document when
     `segment_ids` [B,T] is given). With a cache (from `init_attention_cache`) they are written at
     positions[:, 0] onwards and attend to everything cached before them: T > 1 is a chunked prefill,
-    T == 1 a decode step. positions[:, 0] + T must not exceed the cache length.
+    T == 1 a decode step. positions[:, 0] + T must not exceed the cache length. A paged cache
+    (see the module docstring) works the same, writing to and reading from the row's pages.
     """
     cfg = self.config
     check_mixer_input(x, positions, cfg)
@@ -83,11 +111,7 @@ class Attention(nn.Module):
     if cache is not None:
       if segment_ids is not None:
         raise ValueError("Attention: segment_ids (packed documents) cannot be combined with a cache")
-      expected = (x.shape[0], cache["k"].shape[1], hk, dh)
-      for name in ("k", "v"):
-        if cache[name].shape != expected:
-          raise ValueError(f"cache[{name!r}] must have shape [batch, max_len, kv_heads, head_dim] = "
-                           f"{expected}, got {cache[name].shape}")
+      _check_cache(cache, x.shape[0], cfg)
     x = x.astype(jnp.dtype(cfg.dtype))
     q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
     k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
@@ -99,6 +123,13 @@ class Attention(nn.Module):
       o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=self.window,
                     impl=cfg.impl)
       new_cache = None
+    elif "page_table" in cache:
+      start = positions[:, 0].astype(jnp.int32)
+      k_pages, v_pages = paged_write(cache["k_pages"], cache["v_pages"], k, v, cache["page_table"],
+                                     positions)
+      new_cache = {"k_pages": k_pages, "v_pages": v_pages, "page_table": cache["page_table"]}
+      o = chunked_prefill_attention(q, k_pages, v_pages, cache["page_table"], start,
+                                    window=self.window, impl=cfg.impl)
     else:
       start = positions[:, 0].astype(jnp.int32)
       new_cache = {"k": _write_cache(cache["k"], k, start), "v": _write_cache(cache["v"], v, start)}

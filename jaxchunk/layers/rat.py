@@ -20,7 +20,8 @@ Parameters (logical axes):
   o_proj/kernel [H, Dh, d_model]: ("heads", "head_dim", "embed").
 
 The cache is the op's `RATState`: a fixed number of chunk summaries plus the running summary of the
-open chunk.
+open chunk. Its `length` is a scalar (all rows at the same position, as `init_rat_cache` builds it)
+or int32 [B], one length per row (the serving engine's slots); the op then runs per row (vmap).
 """
 
 from __future__ import annotations
@@ -55,6 +56,21 @@ def init_rat_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> RATS
   del dtype
   max_chunks = -(-max_len // config.rat_chunk_size)
   return rat_init_state(batch, config.num_kv_heads, config.head_dim, max_chunks)
+
+
+def _per_row(op, q, k, v, f, state: RATState):
+  """Runs op(q, k, v, f, state) -> (o, RATState) on each batch row when state.length is [B].
+
+  q, k, v, f have the batch axis first; each row runs as a batch of one with a scalar length.
+  """
+  if state.length.ndim == 0:
+    return op(q, k, v, f, state)
+
+  def row(q, k, v, f, state):
+    o, new = op(q[None], k[None], v[None], f[None],
+                RATState(*(x[None] for x in state[:4]), state.length))
+    return o[0], RATState(*(x[0] for x in new[:4]), new.length)
+  return jax.vmap(row)(q, k, v, f, state)
 
 
 class RATLayer(nn.Module):
@@ -95,12 +111,14 @@ class RATLayer(nn.Module):
       o, _ = rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
       new_cache = None
     elif x.shape[1] == 1:
-      o, new_cache = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache, chunk_size=chunk)
+      step = lambda q, k, v, f, state: rat_step(q, k, v, f, state, chunk_size=chunk)
+      o, new_cache = _per_row(step, q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache)
       o = o[:, None]
     else:
-      o, new_cache = rat(q, k, v, f, chunk_size=chunk, initial_state=cache,
-                         output_final_state=True, max_chunks=cache.k_chunks.shape[1],
-                         impl=cfg.impl)
+      prefill = lambda q, k, v, f, state: rat(
+          q, k, v, f, chunk_size=chunk, initial_state=state, output_final_state=True,
+          max_chunks=state.k_chunks.shape[1], impl=cfg.impl)
+      o, new_cache = _per_row(prefill, q, k, v, f, cache)
     z = project(x, (h, dh), ("heads", "head_dim"), name="z_proj", config=cfg)
     o = (o.astype(jnp.float32) * nn.sigmoid(z.astype(jnp.float32))).astype(x.dtype)
     y = project(o, (cfg.d_model,), ("embed",), name="o_proj", config=cfg,

@@ -1,0 +1,127 @@
+"""Attention over a paged KV cache: chunked prefill and decode for a serving engine.
+
+The keys and values of every sequence live in a shared pool of fixed-size pages,
+k_pages / v_pages [num_pages, page_size, Hk, D]; row b of `page_table` [B, pages_per_seq] lists the
+pages of sequence b in order, so its key at position p sits in page page_table[b, p // page_size]
+at offset p % page_size. Entries past a sequence's length may name any page (the engine uses page
+0, a scratch page never handed to a sequence): those keys are masked.
+
+`paged_write` stores new keys/values, `chunked_prefill_attention` attends T new queries at
+positions q_offset[b] .. q_offset[b] + T - 1 to the keys before q_offset[b] + T, and
+`paged_decode_attention` is its T = 1 form. The "reference" and "xla" paths gather the pages of
+each row into a contiguous [B, pages_per_seq * page_size, Hk, D] view and run
+`jaxchunk.ops.attention.attention` (its dense reference or its blockwise FlashAttention-2 path) with
+per-row offsets and lengths; GQA as in that op.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxchunk.ops._common import check_rank, check_shape, resolve_impl
+from jaxchunk.ops.attention import attention
+
+
+def _check_pages(k_pages, v_pages, page_table, batch: int):
+  """Validates the pools and the page table; returns (page_size, Hk, D)."""
+  check_rank(k_pages, 4, "k_pages", "[num_pages, page_size, kv_heads, head_dim]")
+  check_shape(v_pages, k_pages.shape, "v_pages", "[num_pages, page_size, kv_heads, head_dim]")
+  check_rank(page_table, 2, "page_table", "[batch, pages_per_seq]")
+  if page_table.shape[0] != batch:
+    raise ValueError(f"page_table must have shape [batch, pages_per_seq] with batch = {batch}, "
+                     f"got {page_table.shape}")
+  if not jnp.issubdtype(page_table.dtype, jnp.integer):
+    raise ValueError(f"page_table must hold integer page indices, got dtype {page_table.dtype}")
+  _, page_size, hk, d = k_pages.shape
+  return page_size, hk, d
+
+
+def _per_row(x, batch: int, name: str) -> jax.Array:
+  """An int scalar or [batch] array as int32 [batch]."""
+  x = jnp.asarray(x)
+  if x.ndim == 0:
+    x = jnp.broadcast_to(x, (batch,))
+  check_shape(x, (batch,), name, "[batch] (or a scalar)")
+  return x.astype(jnp.int32)
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+  """The contiguous view [B, pages_per_seq * page_size, Hk, D] of pages [P, page_size, Hk, D]."""
+  b, n = page_table.shape
+  _, page_size, hk, d = pages.shape
+  return pages[page_table].reshape(b, n * page_size, hk, d)
+
+
+def paged_write(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+                page_table: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes k, v [B,T,Hk,D] at `positions` [B,T] of each row's pages; returns the new pools.
+
+  Positions must be below pages_per_seq * page_size. Rows whose page-table entries name the same
+  page (the engine's scratch page 0 for idle rows) overwrite each other there.
+  """
+  b, t = positions.shape
+  page_size, hk, d = _check_pages(k_pages, v_pages, page_table, b)
+  check_shape(k, (b, t, hk, d), "k", "[batch, seq, kv_heads, head_dim]")
+  check_shape(v, (b, t, hk, d), "v", "[batch, seq, kv_heads, head_dim]")
+  positions = positions.astype(jnp.int32)
+  page = jnp.take_along_axis(page_table.astype(jnp.int32), positions // page_size, axis=1)
+  flat = (page * page_size + positions % page_size).reshape(-1)  # [B*T] slots of the flat pool
+  num_pages = k_pages.shape[0]
+
+  def write(pool, new):
+    pool = pool.reshape(num_pages * page_size, hk, d)
+    pool = pool.at[flat].set(new.reshape(b * t, hk, d).astype(pool.dtype))
+    return pool.reshape(num_pages, page_size, hk, d)
+  return write(k_pages, k), write(v_pages, v)
+
+
+def chunked_prefill_attention(q, k_pages, v_pages, page_table, q_offset, *, kv_length=None,
+                              window: int | None = None, softcap: float | None = None,
+                              scale: float | None = None, impl: str = "auto"):
+  """Causal attention of T new queries per row to that row's paged keys.
+
+  Args:
+    q: [B, T, H, D] queries at positions q_offset[b] + i.
+    k_pages, v_pages: [num_pages, page_size, Hk, D] pools (Hk dividing H), already holding the
+      keys/values of the new tokens (see `paged_write`).
+    page_table: int [B, pages_per_seq].
+    q_offset: int or int [B], the position of each row's first query.
+    kv_length: int or int [B], keys at positions >= kv_length are masked; default q_offset + T.
+    window: None, or a query sees only the keys less than `window` positions back.
+    softcap: None, or logits become softcap * tanh(logits / softcap).
+    scale: logit scale, default D ** -0.5.
+    impl: "auto" | "reference" | "xla" ("pallas" raises NotImplementedError: no kernel yet).
+
+  Returns:
+    o [B, T, H, D] in q's dtype.
+  """
+  path = resolve_impl(impl, "chunked_prefill_attention")
+  check_rank(q, 4, "q", "[batch, seq, heads, head_dim]")
+  b, t, h, d = q.shape
+  _, hk, dk = _check_pages(k_pages, v_pages, page_table, b)
+  if dk != d or h % hk:
+    raise ValueError(f"k_pages must have shape [num_pages, page_size, kv_heads, {d}] with kv_heads "
+                     f"dividing {h} (the heads of q), got {k_pages.shape}")
+  q_offset = _per_row(q_offset, b, "q_offset")
+  kv_length = q_offset + t if kv_length is None else _per_row(kv_length, b, "kv_length")
+  k = gather_pages(k_pages, page_table).astype(q.dtype)
+  v = gather_pages(v_pages, page_table).astype(q.dtype)
+  return attention(q, k, v, causal=True, window=window, softcap=softcap, scale=scale,
+                   q_offset=q_offset, kv_length=kv_length, impl=path)
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, window: int | None = None,
+                           softcap: float | None = None, scale: float | None = None,
+                           impl: str = "auto"):
+  """One decode token per row: q [B, H, D] at position lengths[b] - 1 -> o [B, H, D].
+
+  `lengths` [B] counts each row's valid keys including the new token (already written to the
+  pools). Other arguments as in `chunked_prefill_attention`.
+  """
+  check_rank(q, 3, "q", "[batch, heads, head_dim]")
+  lengths = _per_row(lengths, q.shape[0], "lengths")
+  o = chunked_prefill_attention(q[:, None], k_pages, v_pages, page_table, lengths - 1,
+                                kv_length=lengths, window=window, softcap=softcap, scale=scale,
+                                impl=impl)
+  return o[:, 0]

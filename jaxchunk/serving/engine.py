@@ -1,0 +1,492 @@
+"""The serving engine: jitted decode and prefill steps over per-slot caches, driven by the scheduler.
+
+The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`): attention layers
+keep their keys/values in a shared page pool (`jaxchunk.serving.pages`), RAT layers a `RATState`
+with one length per slot, linear layers their per-slot recurrent state and short-conv history.
+Two jitted functions update it:
+
+- decode: one token for every slot ([num_slots, 1] tokens at per-slot positions); idle slots and
+  slots still in prefill are masked (their rows of the cache are kept, their page-table rows point at
+  the scratch page) so they are never disturbed;
+- prefill: `length` tokens of one slot (its row of the cache is sliced out, continued and written
+  back); lengths are powers of two up to `chunk_size`, one compilation each.
+
+Both sample the next token on device (`sampling.sample_tokens`). A step dispatches the decode and
+then the prefill pieces without waiting (JAX dispatch is asynchronous) and only then fetches the
+sampled tokens, so host-side work of the step overlaps the device. After `warmup()` no call
+compiles again; `num_traces` counts the traces of the step functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchunk.layers.linear_attention import init_linear_attention_cache
+from jaxchunk.layers.rat import init_rat_cache
+from jaxchunk.models.config import ATTENTION_KINDS, ModelConfig
+from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables, pages_needed
+from jaxchunk.serving.sampling import SamplingParams, sample_tokens
+from jaxchunk.serving.scheduler import Request, Scheduler, Status
+
+_POOL_KEYS = ("k_pages", "v_pages")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Sizes of the engine.
+
+  Attributes:
+    num_slots: requests decoded together (the decode batch).
+    max_len: the most tokens (prompt + generated) of one request; a multiple of page_size.
+    page_size: tokens per KV page.
+    num_pages: pages in the pool, page 0 included (scratch); default enough for every slot to hold
+      max_len tokens. Must hold at least one full request.
+    chunk_size: the largest prefill piece (a power of two).
+    token_budget: tokens per step (decodes + prefill); default num_slots + chunk_size.
+    prefill_first: the baseline scheduler (prefill whole prompts before any decode).
+    cache_dtype: dtype of the KV pages and conv histories; default the model's dtype.
+  """
+
+  num_slots: int = 8
+  max_len: int = 256
+  page_size: int = 16
+  num_pages: int | None = None
+  chunk_size: int = 64
+  token_budget: int | None = None
+  prefill_first: bool = False
+  cache_dtype: str | None = None
+
+  def __post_init__(self):
+    for name in ("num_slots", "max_len", "page_size", "chunk_size"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    if self.max_len % self.page_size:
+      raise ValueError(f"max_len ({self.max_len}) must be a multiple of page_size "
+                       f"({self.page_size})")
+    if self.chunk_size & (self.chunk_size - 1):
+      raise ValueError(f"chunk_size must be a power of two, got {self.chunk_size}")
+    if self.num_pages is not None and self.num_pages - 1 < self.pages_per_seq:
+      raise ValueError(f"num_pages ({self.num_pages}) must exceed the {self.pages_per_seq} pages "
+                       "of one max_len request (page 0 is scratch)")
+    if self.token_budget is not None and self.token_budget < self.num_slots + 1:
+      raise ValueError(f"token_budget ({self.token_budget}) must exceed num_slots "
+                       f"({self.num_slots}) so prefills always progress")
+
+  @property
+  def pages_per_seq(self) -> int:
+    return self.max_len // self.page_size
+
+  @property
+  def pool_pages(self) -> int:
+    return self.num_slots * self.pages_per_seq + 1 if self.num_pages is None else self.num_pages
+
+  @property
+  def budget(self) -> int:
+    return self.num_slots + self.chunk_size if self.token_budget is None else self.token_budget
+
+
+@dataclasses.dataclass
+class StreamEvent:
+  """One generated token of a request (or its end: `finished` with a `finish_reason`)."""
+
+  request_id: int
+  token: int | None
+  logprob: float | None
+  text: str            # new text since the previous event ("" without a tokenizer)
+  finished: bool
+  finish_reason: str | None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """The result of a finished request."""
+
+  request_id: int
+  prompt: list[int]
+  tokens: list[int]
+  text: str | None
+  logprobs: list[float] | None
+  finish_reason: str
+  arrival_time: float
+  first_token_time: float | None
+  token_times: list[float]
+
+
+def init_engine_cache(config: ModelConfig, engine_config: EngineConfig) -> tuple:
+  """The per-layer caches of all slots: page pools for attention, per-slot states otherwise."""
+  dtype = jnp.dtype(engine_config.cache_dtype or config.dtype)
+  slots, max_len = engine_config.num_slots, engine_config.max_len
+  layers = []
+  for kind in config.layer_pattern:
+    if kind in ATTENTION_KINDS:
+      shape = (engine_config.pool_pages, engine_config.page_size, config.num_kv_heads,
+               config.head_dim)
+      layers.append({"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)})
+    elif kind == "rat":
+      state = init_rat_cache(config, slots, max_len, dtype)
+      layers.append(state._replace(length=jnp.zeros((slots,), jnp.int32)))
+    else:
+      layers.append(init_linear_attention_cache(config, kind, slots, max_len, dtype))
+  # Distinct buffers for every leaf (the step functions donate the cache; empty caches are zeros).
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tuple(layers))
+
+
+def _is_pool(path) -> bool:
+  return any(getattr(entry, "key", None) in _POOL_KEYS for entry in path)
+
+
+def _take_row(cache, slot):
+  """Slot `slot`'s view of the cache: per-slot leaves sliced to batch 1, pools whole."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _is_pool(path) else jax.lax.dynamic_slice_in_dim(x, slot, 1, 0), cache)
+
+
+def _put_row(cache, row, slot):
+  """Writes a batch-1 view (from `_take_row`, updated) back; its pools replace the cache's."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x, r: r if _is_pool(path) else jax.lax.dynamic_update_slice_in_dim(x, r, slot, 0),
+      cache, row)
+
+
+def _select_rows(active, new, old):
+  """Per-slot leaves from `new` where active [S] else from `old`; pools from `new`."""
+  def select(path, n, o):
+    if _is_pool(path):
+      return n
+    return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree_util.tree_map_with_path(select, new, old)
+
+
+class Engine:
+  """Continuous-batching generation for a `LanguageModel`.
+
+  Usage: `Engine(model, params, EngineConfig(...)).generate(prompts, SamplingParams(...))`, or
+  `submit` / `step` / `cancel` to drive it, or `stream` for one request's tokens as they come.
+  Thread-safe: `submit` and `cancel` may be called while another thread runs `step`.
+  """
+
+  def __init__(self, model: nn.Module, params, config: EngineConfig = EngineConfig(), *,
+               tokenizer=None, clock: Callable[[], float] = time.perf_counter):
+    self.model = model
+    self.model_config: ModelConfig = model.config
+    self.config = config
+    self.tokenizer = tokenizer
+    self.clock = clock
+    params = nn.meta.unbox(params)
+    self.variables = params if "params" in params else {"params": params}
+    self.kinds = self.model_config.layer_pattern
+    has_attention = any(kind in ATTENTION_KINDS for kind in self.kinds)
+    self.pool = PagePool(config.pool_pages, config.page_size) if has_attention else None
+    tables = PageTables(self.pool, config.num_slots, config.pages_per_seq) if has_attention else None
+    self.scheduler = Scheduler(config.num_slots, chunk_size=config.chunk_size,
+                               token_budget=config.budget, tables=tables,
+                               prefill_first=config.prefill_first)
+    self.cache = init_engine_cache(self.model_config, config)
+    self._empty_row = init_engine_cache(self.model_config,
+                                        dataclasses.replace(config, num_slots=1, num_pages=None))
+    self.num_traces = 0
+    self._decode = jax.jit(self._decode_fn, donate_argnums=1)
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
+    self._reset = jax.jit(self._reset_fn, donate_argnums=0)
+    self._requests: dict[int, Request] = {}
+    self._outputs: dict[int, RequestOutput] = {}
+    self._events: dict[int, list[StreamEvent]] = {}
+    self._text_sent: dict[int, int] = {}
+    self._times: dict[int, list[float]] = {}
+    self._ids = itertools.count()
+    self._seeds = np.random.default_rng(0)
+    self._lock = threading.RLock()
+
+  # ------------------------------------------------------------------------------------------
+  # Jitted step functions.
+
+  def _attach_tables(self, layers, table):
+    return tuple(dict(c, page_table=table) if kind in ATTENTION_KINDS else c
+                 for kind, c in zip(self.kinds, layers))
+
+  def _detach_tables(self, layers):
+    return tuple({k: c[k] for k in _POOL_KEYS} if kind in ATTENTION_KINDS else c
+                 for kind, c in zip(self.kinds, layers))
+
+  def _decode_fn(self, variables, cache, tokens, positions, table, active, temperature, top_k,
+                 top_p, seeds, counters):
+    """One token for every slot: tokens/positions/active [S], table [S, pages_per_seq]."""
+    self.num_traces += 1
+    table = jnp.where(active[:, None], table, SCRATCH_PAGE)
+    positions = jnp.where(active, positions, 0)
+    model_cache = {"length": positions, "layers": self._attach_tables(cache, table)}
+    logits, new = self.model.apply(variables, tokens[:, None], positions=positions[:, None],
+                                   cache=model_cache)
+    new_cache = _select_rows(active, self._detach_tables(new["layers"]), cache)
+    next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
+    return new_cache, next_tokens, logprobs
+
+  def _prefill_fn(self, variables, cache, slot, tokens, start, table_row, temperature, top_k,
+                  top_p, seeds, counters):
+    """tokens [1, C] of slot `slot` at positions start .. start + C - 1; table_row [1, pages]."""
+    self.num_traces += 1
+    row = _take_row(cache, slot)
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    model_cache = {"length": start[None], "layers": self._attach_tables(row, table_row)}
+    logits, new = self.model.apply(variables, tokens, positions=positions, cache=model_cache)
+    cache = _put_row(cache, self._detach_tables(new["layers"]), slot)
+    next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
+    return cache, next_tokens[0], logprobs[0]
+
+  def _reset_fn(self, cache, slot):
+    """Clears slot `slot` (its pages are cleared by being rewritten before they are read)."""
+    self.num_traces += 1
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, e: x if _is_pool(path) else jax.lax.dynamic_update_slice_in_dim(x, e, slot, 0),
+        cache, self._empty_row)
+
+  # ------------------------------------------------------------------------------------------
+  # Host side.
+
+  def warmup(self) -> None:
+    """Compiles every step shape (decode, each prefill piece length, reset) on slot 0.
+
+    Runs on the scratch page only and clears slot 0 afterwards; call it while the engine is idle.
+    """
+    with self._lock:
+      if self.scheduler.has_work():
+        raise RuntimeError("warmup() must run before any request is submitted")
+      slots = self.config.num_slots
+      zeros = np.zeros((slots,), np.int32)
+      self.cache, tokens, _ = self._decode(
+          self.variables, self.cache, zeros, zeros, self._table(), np.ones((slots,), bool),
+          *self._sampling_arrays([None] * slots))
+      length = self.config.chunk_size
+      while length >= 1:
+        self.cache, tokens, _ = self._prefill(
+            self.variables, self.cache, np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
+            self._table()[:1] * 0, *self._sampling_arrays([None]))
+        length //= 2
+      self.cache = self._reset(self.cache, np.int32(0))
+      jax.block_until_ready(tokens)
+
+  def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
+    """Queues a request; returns its id. Raises ValueError on a bad prompt or params."""
+    if not isinstance(params, SamplingParams):
+      raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    prompt = self._check_prompt(prompt, params)
+    if params.stop and self.tokenizer is None:
+      raise ValueError("stop strings need an engine with a tokenizer")
+    with self._lock:
+      request_id = next(self._ids)
+      seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
+      request = Request(request_id, prompt, params, seed, self.clock(), tokens=list(prompt))
+      self._requests[request_id] = request
+      self._events[request_id] = []
+      self._text_sent[request_id] = 0
+      self._times[request_id] = []
+      self.scheduler.add(request)
+    return request_id
+
+  def cancel(self, request_id: int) -> None:
+    """Ends a request now (its slot and pages are freed); finished requests are left alone."""
+    with self._lock:
+      request = self._requests.get(request_id)
+      if request is not None and request.status is not Status.FINISHED:
+        self._finish(request, "cancelled")
+
+  def has_work(self) -> bool:
+    with self._lock:
+      return self.scheduler.has_work()
+
+  def step(self) -> list[StreamEvent]:
+    """Runs one scheduled step; returns the events (new tokens, ends) it produced."""
+    with self._lock:
+      schedule = self.scheduler.schedule()
+      for slot in schedule.resets:
+        self.cache = self._reset(self.cache, np.int32(slot))
+      results = []  # (request, row, tokens, logprobs): the request's token is tokens[row]
+      if schedule.decodes:
+        tokens, logprobs = self._run_decode(schedule.decodes)
+        results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
+      for piece in schedule.prefills:
+        request = piece.request
+        tokens = np.asarray([request.tokens[piece.start:piece.start + piece.length]], np.int32)
+        self.cache, token, logprob = self._prefill(
+            self.variables, self.cache, np.int32(request.slot), tokens, np.int32(piece.start),
+            self._table()[request.slot:request.slot + 1], *self._sampling_arrays([request]))
+        if piece.completes:
+          results.append((request, None, token, logprob))
+      fetched = {}
+      now = self.clock()
+      for request, row, tokens, logprobs in results:
+        if id(tokens) not in fetched:  # one device-to-host copy per step output
+          fetched[id(tokens)] = np.asarray(tokens), np.asarray(logprobs)
+        tokens, logprobs = fetched[id(tokens)]
+        if row is not None:
+          tokens, logprobs = tokens[row], logprobs[row]
+        self._append(request, int(tokens), float(logprobs), now)
+      events = [event for events in self._events.values() for event in events]
+      for request_id in self._events:
+        self._events[request_id] = []
+      for event in events:
+        if event.finished:
+          self._events.pop(event.request_id, None)
+          self._text_sent.pop(event.request_id, None)
+      return events
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+               ) -> list[RequestOutput]:
+    """Generates for every prompt (one params for all, or one each); outputs in prompt order."""
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(params) != len(prompts):
+      raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+    ids = [self.submit(prompt, p) for prompt, p in zip(prompts, params)]
+    while not all(i in self._outputs for i in ids):
+      self.step()
+    return [self.pop_output(i) for i in ids]
+
+  def stream(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()
+             ) -> Iterator[StreamEvent]:
+    """Yields the events of one request as it runs (stepping the engine); closing it cancels."""
+    request_id = self.submit(prompt, params)
+    try:
+      while True:
+        for event in self.step():
+          if event.request_id == request_id:
+            yield event
+            if event.finished:
+              return
+    finally:
+      self.cancel(request_id)
+      self._outputs.pop(request_id, None)
+
+  def output(self, request_id: int) -> RequestOutput | None:
+    """The result of a finished request (None while it runs)."""
+    return self._outputs.get(request_id)
+
+  def pop_output(self, request_id: int) -> RequestOutput:
+    """Removes and returns the result of a finished request."""
+    with self._lock:
+      self._requests.pop(request_id, None)
+      return self._outputs.pop(request_id)
+
+  # ------------------------------------------------------------------------------------------
+
+  def _check_prompt(self, prompt, params: SamplingParams) -> list[int]:
+    vocab = self.model_config.vocab_size
+    try:
+      prompt = [int(t) for t in prompt]
+    except (TypeError, ValueError):
+      raise ValueError("prompt must be a sequence of token ids") from None
+    if not prompt:
+      raise ValueError("prompt is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab:
+      raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+    total = len(prompt) + params.max_tokens
+    if total > self.config.max_len:
+      raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                       f"{total} exceeds the engine's max_len {self.config.max_len}")
+    if any(t >= vocab for t in params.stop_tokens):
+      raise ValueError(f"stop_tokens must lie in [0, {vocab})")
+    return prompt
+
+  def _table(self) -> np.ndarray:
+    if self.scheduler.tables is None:
+      return np.zeros((self.config.num_slots, self.config.pages_per_seq), np.int32)
+    return self.scheduler.tables.table.copy()
+
+  def _sampling_arrays(self, requests: list[Request | None]):
+    """(temperature, top_k, top_p, seeds, counters) arrays of the rows' requests (None: greedy)."""
+    temperature = np.zeros((len(requests),), np.float32)
+    top_k = np.zeros((len(requests),), np.int32)
+    top_p = np.ones((len(requests),), np.float32)
+    seeds = np.zeros((len(requests),), np.uint32)
+    counters = np.zeros((len(requests),), np.int32)
+    for i, request in enumerate(requests):
+      if request is not None:
+        temperature[i] = request.params.temperature
+        top_k[i] = request.params.top_k
+        top_p[i] = request.params.top_p
+        seeds[i] = request.seed
+        counters[i] = len(request.generated)
+    return temperature, top_k, top_p, seeds, counters
+
+  def _run_decode(self, requests: list[Request]):
+    slots = self.config.num_slots
+    tokens = np.zeros((slots,), np.int32)
+    positions = np.zeros((slots,), np.int32)
+    active = np.zeros((slots,), bool)
+    rows: list[Request | None] = [None] * slots
+    for request in requests:
+      tokens[request.slot] = request.tokens[-1]
+      positions[request.slot] = len(request.tokens) - 1
+      active[request.slot] = True
+      rows[request.slot] = request
+    self.cache, next_tokens, logprobs = self._decode(
+        self.variables, self.cache, tokens, positions, self._table(), active,
+        *self._sampling_arrays(rows))
+    return next_tokens, logprobs
+
+  def _append(self, request: Request, token: int, logprob: float, now: float) -> None:
+    """Records a sampled token and ends the request when it stops."""
+    if request.status is Status.FINISHED:
+      return
+    request.tokens.append(token)
+    request.logprobs.append(logprob)
+    request.status = Status.DECODE
+    self._times[request.request_id].append(now)
+    reason = None
+    text_end = None
+    try:
+      if token in request.params.stop_tokens:
+        reason = "stop"
+      elif request.params.stop:
+        text = self.tokenizer.decode(request.generated)
+        hits = [text.find(s) for s in request.params.stop if s in text]
+        if hits:
+          reason, text_end = "stop", min(hits)
+      if reason is None and (len(request.generated) >= request.params.max_tokens
+                             or len(request.tokens) >= self.config.max_len):
+        reason = "length"
+      self._emit(request, token, logprob, reason, text_end)
+    except Exception as error:  # a broken request (e.g. its tokenizer) ends alone
+      reason = f"error: {error}"
+      self._emit(request, token, logprob, reason, None)
+    if reason is not None:
+      self._finish(request, reason, text_end)
+
+  def _text(self, request: Request, text_end: int | None = None) -> str:
+    if self.tokenizer is None:
+      return ""
+    text = self.tokenizer.decode(request.generated)
+    return text if text_end is None else text[:text_end]
+
+  def _emit(self, request: Request, token, logprob, reason, text_end) -> None:
+    text = self._text(request, text_end)
+    sent = self._text_sent[request.request_id]
+    end = len(text)
+    if reason is None:  # hold back what may still become a stop string or a multi-byte character
+      hold = max((len(s) - 1 for s in request.params.stop), default=0)
+      end = max(sent, len(text.rstrip("\ufffd")) - hold)
+    self._text_sent[request.request_id] = end
+    self._events[request.request_id].append(StreamEvent(
+        request.request_id, token, logprob if request.params.logprobs else None, text[sent:end],
+        reason is not None, reason))
+
+  def _finish(self, request: Request, reason: str, text_end: int | None = None) -> None:
+    self.scheduler.finish(request, reason)
+    times = self._times.pop(request.request_id, [])
+    if reason == "cancelled":
+      self._events.setdefault(request.request_id, []).append(
+          StreamEvent(request.request_id, None, None, "", True, reason))
+    self._outputs[request.request_id] = RequestOutput(
+        request.request_id, request.prompt, request.generated,
+        self._text(request, text_end) if self.tokenizer is not None else None,
+        request.logprobs if request.params.logprobs else None, reason, request.arrival_time,
+        times[0] if times else None, times)
