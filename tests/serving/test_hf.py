@@ -3,7 +3,6 @@ Face transformers when torch and transformers are installed), and the engine ser
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
