@@ -27,6 +27,10 @@ for i >= j. Numerical safety of that matrix:
 The inter-chunk state pass is a `lax.scan` over chunks carrying S; the per-chunk contributions
 sum_j (k_j exp(b_C - b_j))^T v_j are computed for all chunks in parallel beforehand.
 
+The "pallas" path (GPU, or interpret mode on CPU) runs `pallas_kernels.gpu.gated_linear_attention`
+with the chunk of its config table (`chunk_size` sets the xla path's chunk only); q, k, v stay in
+their dtype (bf16 or float32), head dims 64 and 128.
+
 Compute dtype: float32, or float64 when x64 is enabled and an input already is float64, so that
 the reference path can serve as a float64 oracle in tests.
 """
@@ -41,8 +45,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_rank, check_shape,
-                                  compute_dtype, default_scale, pad_seq, repeat_heads,
-                                  resolve_impl)
+                                  compute_dtype, default_scale, pad_seq, pallas_interpret,
+                                  repeat_heads, resolve_impl)
+from pallas_kernels.gpu import gated_linear_attention as gla_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 _SUB_CHUNK = 16
@@ -195,6 +200,25 @@ def _forward(q, k, v, log_decay, state, scale, *, path: str, chunk_size: int, dt
   return o.astype(out_dtype), state
 
 
+def _pallas_unsupported(q, k, v) -> str | None:
+  """None when the Pallas kernel supports this call, else the reason."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
+    return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
+  return gla_kernel.unsupported_reason(q.shape[-1], v.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def _forward_pallas(q, k, v, log_decay, state, scale):
+  """As `_forward`, through the Pallas kernel; q, k, v keep their (shared) dtype."""
+  b, _, h, dk = q.shape
+  k, v, log_decay = (repeat_heads(x, h) for x in (k, v, log_decay))
+  if state is None:
+    state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+  return gla_kernel.gated_linear_attention(q, k, v, log_decay, state, scale=scale,
+                                           interpret=pallas_interpret())
+
+
 @functools.partial(jax.jit, static_argnames="dtype")
 def _step(q, k, v, log_decay, state, scale, *, dtype):
   """q [B,H,Dk]; k [B,Hk,Dk]; v [B,Hk,Dv]; log_decay [B,H or Hk(,Dk)]; state [B,H,Dk,Dv] or
@@ -224,11 +248,14 @@ def gated_linear_attention(op_name: str, q, k, v, gate, gate_name: str, *, per_c
     _check_state(initial_state, (b, h, dk, dv), "initial_state")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
-  path = resolve_impl(impl, op_name)
+  path = resolve_impl(impl, op_name, pallas_unsupported=_pallas_unsupported(q, k, v))
   check_nonpositive(gate, gate_name)
 
-  o, state = _forward(q, k, v, gate, initial_state, default_scale(scale, dk), path=path,
-                      chunk_size=chunk_size, dtype=compute_dtype(q, k, v, gate, initial_state))
+  if path == "pallas":
+    o, state = _forward_pallas(q, k, v, gate, initial_state, default_scale(scale, dk))
+  else:
+    o, state = _forward(q, k, v, gate, initial_state, default_scale(scale, dk), path=path,
+                        chunk_size=chunk_size, dtype=compute_dtype(q, k, v, gate, initial_state))
   return o, (state if output_final_state else None)
 
 

@@ -1,0 +1,273 @@
+"""Linear-attention kernels on one GPU: jaxchunk pallas and xla against FLA (PyTorch) and jla.
+
+  python bench/linear_kernels.py                      # everything; writes bench/results/
+  python bench/linear_kernels.py --quick              # T = 8K only, 3 timed calls (a smoke run)
+  python bench/linear_kernels.py --ops simple_gla gla --lengths 8192
+
+Ops: simple_gla, gla, gated_delta_rule, kda; bf16 q/k/v, float32 gates, H=16, D=128, B*T = 64K
+tokens, T in {2K, 8K, 32K}; fwd, and fwd+bwd (value and gradients of sum(o * cotangent) w.r.t.
+q, k, v and the gates). Columns:
+
+- jaxchunk pallas (`impl="pallas"`; "n/a" while the op has no kernel) and jaxchunk xla;
+- FLA's Triton `chunk_*` ops (pip: flash-linear-attention, fla-core), each op in a subprocess with
+  a time limit, since FLA's autotuning can hang; timed with `triton.testing.do_bench` (median);
+- jla's Mosaic GPU kernels (pip: jax-linear-attention; `jla.ops.linear_attention(kind, q, k, v,
+  impl="mosaic_gpu", g=..., beta=...)`).
+
+Missing peers print "n/a (not installed)". JAX times: jitted, `jax.block_until_ready`, 2 warm-up
+calls, median of 10 timed calls. Ratios are peer time / jaxchunk pallas time (> 1: we are faster).
+
+FLOPs and bytes of the jaxchunk gated kernels (per token and head, chunk C, head dim D, as the
+kernels run them, full C x C blocks): forward 4CD + 4D^2 (intra Q K^T and A V; q S and the state
+update); backward 10CD + 7D^2 (the dq kernel re-runs the state). Bytes: each input read once and
+each output written once (bf16 q, k, v, o and their gradients, float32 gates and gate gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to the torch peers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
+LENGTHS = (2048, 8192, 32768)
+OPS = ("simple_gla", "gla", "gated_delta_rule", "kda")
+MODES = ("fwd", "fwd+bwd")
+CHUNKS = {"simple_gla": 64, "gla": 32}          # the Pallas kernels' chunk (CONFIGS table)
+FLA_FUNCTIONS = {"simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
+                 "gla": ("fla.ops.gla", "chunk_gla"),
+                 "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+                 "kda": ("fla.ops.kda", "chunk_kda")}
+JLA_KINDS = {"simple_gla": "simple_gla", "gla": "gla", "gated_delta_rule": "gated_deltanet",
+             "kda": "kda"}
+
+
+def inputs(op: str, t: int, seed: int = 0):
+  """NumPy inputs (q, k, v, gates...) for `op` at B = TOKENS // t: bf16-representable q, k, v
+  (keys L2-normalised for the delta rules), log-decays in [-0.5, -0.01], betas in (0, 1)."""
+  rng = np.random.default_rng(seed)
+  b = TOKENS // t
+  shape = (b, t, HEADS, HEAD_DIM)
+  q, k, v = (rng.standard_normal(shape, np.float32) for _ in range(3))
+  per_channel = op in ("gla", "kda")
+  g = rng.uniform(-0.5, -0.01, shape if per_channel else shape[:3]).astype(np.float32)
+  if op in ("gated_delta_rule", "kda"):
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    return q, k, v, g, rng.uniform(0.1, 0.9, shape[:3]).astype(np.float32)
+  return q, k, v, g
+
+
+def median_ms(fn, *args, reps: int) -> float:
+  """Median wall time of `fn(*args)` in ms after two warm-up calls."""
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def timed_jax(fn, args, mode: str, reps: int) -> float:
+  """Times `fn(q, k, v, *gates) -> o` forward, or forward + gradients w.r.t. every input."""
+  if mode == "fwd":
+    return median_ms(jax.jit(fn), *args, reps=reps)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(args[0].shape), jnp.bfloat16)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
+  return median_ms(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), *args, reps=reps)
+
+
+def jax_args(op: str, t: int):
+  q, k, v, *gates = inputs(op, t)
+  return [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in gates]
+
+
+def jaxchunk_fn(op: str, impl: str):
+  from jaxchunk.ops.delta_rule import gated_delta_rule
+  from jaxchunk.ops.gla import gla
+  from jaxchunk.ops.kda import kda
+  from jaxchunk.ops.simple_gla import simple_gla
+  fn = {"simple_gla": simple_gla, "gla": gla, "gated_delta_rule": gated_delta_rule, "kda": kda}[op]
+  return lambda *a: fn(*a, impl=impl)[0]
+
+
+def jla_fn(op: str):
+  from jla.ops import linear_attention
+  names = ("g", "beta")
+  return lambda q, k, v, *gates: linear_attention(
+      JLA_KINDS[op], q, k, v, impl="mosaic_gpu", **dict(zip(names, gates)))[0]
+
+
+def run_jax(label: str, make_fn, op: str, t: int, mode: str, reps: int) -> str | float:
+  """Time in ms, or a short reason why there is none."""
+  try:
+    return timed_jax(make_fn(), jax_args(op, t), mode, reps)
+  except ImportError:
+    return "n/a (not installed)"
+  except NotImplementedError:
+    return "n/a (no kernel)"
+  except Exception as err:  # a failing peer must not stop the table
+    print(f"{label} {op} T={t} {mode}: {type(err).__name__}: {err}"[:400], file=sys.stderr)
+    return f"error ({type(err).__name__})"
+
+
+# ------------------------------------------------------------------------------------------------
+# FLA (PyTorch), in a subprocess per op.
+
+
+def fla_worker(op: str, lengths, reps: int) -> None:
+  """Prints one JSON line {"T mode": ms or reason} for FLA's op (run as a subprocess)."""
+  import importlib
+
+  import torch
+  import triton
+  fn = getattr(importlib.import_module(FLA_FUNCTIONS[op][0]), FLA_FUNCTIONS[op][1])
+  results = {}
+  for t in lengths:
+    arrays = inputs(op, t)
+    q, k, v = (torch.tensor(x, device="cuda", dtype=torch.bfloat16) for x in arrays[:3])
+    gates = [torch.tensor(x, device="cuda") for x in arrays[3:]]
+    tensors = [q, k, v, *gates]
+    cotangent = torch.randn_like(q)
+    for mode in MODES:
+      key = f"{t} {mode}"
+      try:
+        if mode == "fwd":
+          with torch.no_grad():
+            call = lambda: fn(*tensors)[0]
+            ms = triton.testing.do_bench(call, warmup=50, rep=200, return_mode="median")
+        else:
+          for x in tensors:
+            x.requires_grad_(True)
+          def call():
+            for x in tensors:
+              x.grad = None
+            (fn(*tensors)[0].float() * cotangent).sum().backward()
+          ms = triton.testing.do_bench(call, warmup=50, rep=200, return_mode="median")
+        results[key] = ms
+      except Exception as err:  # e.g. a backward that refuses this triton version
+        results[key] = f"error ({type(err).__name__}: {str(err)[:80]})"
+      finally:
+        for x in tensors:
+          x.requires_grad_(False)
+  print("FLA_RESULTS " + json.dumps(results), flush=True)
+
+
+def run_fla(op: str, lengths, reps: int, timeout_s: int) -> dict:
+  try:
+    import fla  # noqa: F401
+    import torch  # noqa: F401
+  except ImportError:
+    return {f"{t} {m}": "n/a (not installed)" for t in lengths for m in MODES}
+  command = [sys.executable, __file__, "--fla_worker", op, "--lengths", *map(str, lengths),
+             "--reps", str(reps)]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {f"{t} {m}": f"timeout ({timeout_s} s)" for t in lengths for m in MODES}
+  for line in done.stdout.splitlines():
+    if line.startswith("FLA_RESULTS "):
+      return json.loads(line[len("FLA_RESULTS "):])
+  print(f"FLA {op}: {done.stderr[-600:]}", file=sys.stderr)
+  return {f"{t} {m}": "error (worker)" for t in lengths for m in MODES}
+
+
+# ------------------------------------------------------------------------------------------------
+# Counts and the table.
+
+
+def kernel_counts(op: str, t: int, mode: str):
+  """(FLOPs, minimal bytes) of the jaxchunk gated kernels, or None for other ops."""
+  if op not in CHUNKS:
+    return None
+  c, d = CHUNKS[op], HEAD_DIM
+  rows = TOKENS * HEADS
+  gate_bytes = 4 * (d if op == "gla" else 1)
+  if mode == "fwd":
+    return rows * (4 * c * d + 4 * d * d), rows * (4 * 2 * d + gate_bytes)
+  return (rows * (14 * c * d + 11 * d * d),
+          rows * ((4 + 8) * 2 * d + 3 * gate_bytes))   # fwd + bwd (reads q,k,v,g,do; writes 4)
+
+
+def fmt(x) -> str:
+  return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def ratio(peer, ours) -> str:
+  return f"{peer / ours:.2f}x" if isinstance(peer, float) and isinstance(ours, float) else "-"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+  parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--quick", action="store_true", help="T = 8K only, 3 timed calls")
+  parser.add_argument("--peer_timeout", type=int, default=300, help="seconds per FLA op")
+  parser.add_argument("--fla_worker", choices=OPS, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.quick:
+    args.lengths, args.reps = [8192], 3
+  if args.fla_worker:
+    fla_worker(args.fla_worker, args.lengths, args.reps)
+    return
+
+  header = ("| op | T | B | mode | jaxchunk pallas ms | TFLOP/s | GB/s | jaxchunk xla ms | "
+            "FLA ms | jla ms | xla/pallas | FLA/pallas | jla/pallas |")
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
+  for op in args.ops:
+    fla = run_fla(op, args.lengths, args.reps, args.peer_timeout)
+    for t in args.lengths:
+      for mode in MODES:
+        ours = run_jax("pallas", lambda: jaxchunk_fn(op, "pallas"), op, t, mode, args.reps)
+        xla = run_jax("xla", lambda: jaxchunk_fn(op, "xla"), op, t, mode, args.reps)
+        jla = run_jax("jla", lambda: jla_fn(op), op, t, mode, args.reps)
+        peer = fla.get(f"{t} {mode}", "-")
+        counts = kernel_counts(op, t, mode)
+        tflops = gbs = "-"
+        if counts and isinstance(ours, float):
+          tflops = f"{counts[0] / ours / 1e9:.0f}"
+          gbs = f"{counts[1] / ours / 1e6:.0f}"
+        line = (f"| {op} | {t} | {TOKENS // t} | {mode} | {fmt(ours)} | {tflops} | {gbs} | "
+                f"{fmt(xla)} | {fmt(peer)} | {fmt(jla)} | {ratio(xla, ours)} | "
+                f"{ratio(peer, ours)} | {ratio(jla, ours)} |")
+        print(line, flush=True)
+        lines.append(line)
+
+  versions = [f"jax {jax.__version__}"]
+  for name in ("torch", "triton", "fla", "jla"):
+    try:
+      module = __import__(name)
+      versions.append(f"{name} {getattr(module, '__version__', '?')}")
+    except ImportError:
+      versions.append(f"{name} not installed")
+  date = datetime.date.today().isoformat()
+  device = jax.devices()[0].device_kind
+  report = "\n".join([
+      f"# Linear-attention kernels, {device}, {date}", "",
+      f"H={HEADS}, D={HEAD_DIM}, B*T={TOKENS}, bf16 q/k/v, float32 gates. {', '.join(versions)}.",
+      "Ratios: peer time / jaxchunk pallas time (> 1: jaxchunk faster). TFLOP/s and GB/s: the "
+      "jaxchunk gated kernels' FLOPs and minimal bytes (see bench/linear_kernels.py).", "",
+      *lines, ""])
+  print("\n" + report)
+  os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+  path = os.path.join(os.path.dirname(__file__), "results", f"linear_kernels-{date}.md")
+  with open(path, "w") as f:
+    f.write(report)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

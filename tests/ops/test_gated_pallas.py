@@ -1,0 +1,168 @@
+"""Tests of the Pallas kernels of `simple_gla` and `gla` (impl="pallas").
+
+On CPU the kernels run in Pallas interpret mode; on a GPU the same tests run the compiled Triton
+kernels (float32 through full-precision dots: tolerance 1e-4 there, as the issue allows).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchunk.ops.gla import gla
+from jaxchunk.ops.simple_gla import simple_gla
+from tests.utils import assert_rel_close, randn
+
+F32_TOL = 1e-5 if jax.default_backend() == "cpu" else 1e-4
+BF16_TOL = 1e-2
+OPS = {"simple_gla": (simple_gla, False), "gla": (gla, True)}
+
+
+def oracle(q, k, v, gate, scale, initial_state):
+  """Token-by-token float64 recurrence; gate [B,T,Hg] or [B,T,Hg,Dk]. Returns (o, final state)."""
+  q, k, v, gate, state = (np.asarray(x, np.float64) for x in (q, k, v, gate, initial_state))
+  b, t, h, dk = q.shape
+  k, v, gate = (np.repeat(x, h // x.shape[2], axis=2) for x in (k, v, gate))
+  decay = np.exp(gate)[..., None] if gate.ndim == 4 else np.exp(gate)[..., None, None]
+  o = np.zeros((b, t, h, v.shape[-1]))
+  for i in range(t):
+    state = decay[:, i] * state + k[:, i, :, :, None] * v[:, i, :, None, :]
+    o[:, i] = scale * np.einsum("bhd,bhde->bhe", q[:, i], state)
+  return o, state
+
+
+def make_inputs(rng, per_channel, *, b=1, t=80, h=2, hk=2, gate_heads=2, d=64):
+  """q, k, v, gate (log-decays in [-1, -0.01)), initial state; fresh random values."""
+  q = randn(rng, b, t, h, d)
+  k = randn(rng, b, t, hk, d)
+  v = randn(rng, b, t, hk, d)
+  tail = (d,) if per_channel else ()
+  gate = rng.uniform(-1.0, -0.01, size=(b, t, gate_heads, *tail)).astype(np.float32)
+  return q, k, v, gate, randn(rng, b, h, d, d)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("t,h,hk,gate_heads", [
+    (80, 2, 2, 2),    # T not a multiple of the chunk (64 scalar / 32 per-channel)
+    (64, 4, 2, 2),    # GQA, gates on kv heads
+])
+def test_forward_matches_oracle_and_xla(rng, name, t, h, hk, gate_heads):
+  op, per_channel = OPS[name]
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=t, h=h, hk=hk, gate_heads=gate_heads)
+  o, s = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True, impl="pallas")
+  o_ref, s_ref = oracle(q, k, v, gate, 0.2, s0)
+  assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+  assert_rel_close(o, o_ref, F32_TOL, "o vs oracle")
+  assert_rel_close(s, s_ref, F32_TOL, "final state vs oracle")
+  o_xla, s_xla = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True,
+                    impl="xla")
+  assert_rel_close(o, o_xla, F32_TOL, "o vs xla")
+  assert_rel_close(s, s_xla, F32_TOL, "final state vs xla")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_bf16_matches_oracle(rng, name):
+  op, per_channel = OPS[name]
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=72)
+  q16, k16, v16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  o, s = op(q16, k16, v16, gate, initial_state=s0, output_final_state=True, impl="pallas")
+  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+  o_ref, s_ref = oracle(*(np.asarray(x, np.float32) for x in (q16, k16, v16)), gate, 64 ** -0.5,
+                        s0)
+  assert_rel_close(o, o_ref, BF16_TOL, "o")
+  assert_rel_close(s, s_ref, BF16_TOL, "final state")
+
+
+def _loss(op, impl, ct, proj):
+  """sum(o * ct) + sum(final_state * proj) as a function of every input."""
+  def loss(q, k, v, gate, s0):
+    o, s = op(q, k, v, gate, scale=0.3, initial_state=s0, output_final_state=True, impl=impl)
+    return jnp.sum(o.astype(jnp.float32) * ct) + jnp.sum(s * proj)
+  return loss
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_gradients_match_xla(rng, name):
+  """Every input, incl. the gate (the dB = q dq - k dk identity) and the initial state; GQA with
+  gates on kv heads and ragged T."""
+  op, per_channel = OPS[name]
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=70, h=4, hk=2, gate_heads=2)
+  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
+  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
+    assert_rel_close(g, g_xla, F32_TOL, what)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_bf16_gradients_match_float64(rng, name):
+  op, per_channel = OPS[name]
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=64)
+  q, k, v = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, k, v))
+  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
+  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(
+      *(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), gate, s0)
+  with jax.enable_x64(True):
+    grads_ref = jax.grad(_loss(op, "reference", ct, proj), argnums=range(5))(
+        *(np.asarray(x, np.float64) for x in (q, k, v, gate, s0)))
+    grads_ref = [np.asarray(g) for g in grads_ref]
+  for what, g, g_ref in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_ref):
+    assert_rel_close(np.asarray(g, np.float32), g_ref, BF16_TOL, what)
+
+
+def test_chunked_prefill_continues_state(rng):
+  """Two prefills (initial_state = the first's final state) equal one."""
+  q, k, v, gate, s0 = make_inputs(rng, True, t=64)
+  o, s = gla(q, k, v, gate, initial_state=s0, output_final_state=True, impl="pallas")
+  o1, s1 = gla(q[:, :32], k[:, :32], v[:, :32], gate[:, :32], initial_state=s0,
+               output_final_state=True, impl="pallas")
+  o2, s2 = gla(q[:, 32:], k[:, 32:], v[:, 32:], gate[:, 32:], initial_state=s1,
+               output_final_state=True, impl="pallas")
+  assert_rel_close(jnp.concatenate([o1, o2], axis=1), o, F32_TOL, "o")
+  assert_rel_close(s2, s, F32_TOL, "final state")
+
+
+def test_jit_and_vmap(rng):
+  q, k, v, gate, s0 = make_inputs(rng, False, b=2, t=64)
+  def run(q, k, v, gate):
+    return simple_gla(q, k, v, gate, impl="pallas")[0]
+  expected = simple_gla(q, k, v, gate, impl="xla")[0]
+  assert_rel_close(jax.jit(run)(q, k, v, gate), expected, F32_TOL, "jit")
+  vmapped = jax.vmap(run)(*(x[:, None] for x in (q, k, v, gate)))
+  assert_rel_close(vmapped[:, 0], expected, F32_TOL, "vmap")
+
+
+def test_unsupported_calls_explain_and_auto_falls_back(rng):
+  q, k, v, gate, _ = make_inputs(rng, False, t=16, d=16)
+  with pytest.raises(NotImplementedError, match="head dims"):
+    simple_gla(q, k, v, gate, impl="pallas")
+  with pytest.raises(NotImplementedError, match="one dtype"):
+    simple_gla(q, jnp.asarray(k, jnp.bfloat16), v, gate, impl="pallas")
+  auto = simple_gla(q, k, v, gate, impl="auto")[0]
+  assert_rel_close(auto, simple_gla(q, k, v, gate, impl="xla")[0], F32_TOL, "auto")
+
+
+def test_bad_arguments_raise_before_the_kernel(rng):
+  q, k, v, gate, s0 = make_inputs(rng, True, t=32)
+  with pytest.raises(ValueError, match="initial_state must have shape"):
+    gla(q, k, v, gate, initial_state=s0[:, :, :32], impl="pallas")
+  with pytest.raises(ValueError, match="gk must have shape"):
+    gla(q, k, v, gate[..., :8], impl="pallas")
+  with pytest.raises(ValueError, match="log-decay"):
+    gla(q, k, v, -gate, impl="pallas")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OPS)
+def test_head_dim_128_and_batch(rng, name):
+  op, per_channel = OPS[name]
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, b=2, t=200, h=2, hk=1, gate_heads=1, d=128)
+  o, s = op(q, k, v, gate, initial_state=s0, output_final_state=True, impl="pallas")
+  o_ref, s_ref = oracle(q, k, v, gate, 128 ** -0.5, s0)
+  assert_rel_close(o, o_ref, F32_TOL, "o")
+  assert_rel_close(s, s_ref, F32_TOL, "final state")
+  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
+  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
+    assert_rel_close(g, g_xla, F32_TOL, what)
