@@ -1,0 +1,5 @@
+"""125M preset: every block global causal softmax attention."""
+
+from configs import sized_preset
+
+CONFIG = sized_preset("125m", ("attention",))

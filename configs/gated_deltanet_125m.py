@@ -1,0 +1,5 @@
+"""125M preset: every block Gated DeltaNet."""
+
+from configs import sized_preset
+
+CONFIG = sized_preset("125m", ("gated_delta_rule",))

@@ -1,0 +1,5 @@
+"""125M preset: every block GLA."""
+
+from configs import sized_preset
+
+CONFIG = sized_preset("125m", ("gla",))

@@ -1,0 +1,5 @@
+"""1.3B preset: every block RAT (chunk 16)."""
+
+from configs import sized_preset
+
+CONFIG = sized_preset("1b3", ("rat",))
