@@ -1,30 +1,7 @@
 #!/usr/bin/env bash
-# The test command: creates .venv (Python >= 3.12) on a fresh machine if it is missing, installs
-# jaxchunk with its test extras, and runs the CPU test-suite (slow tests excluded; pass `-m slow` or
-# any pytest arguments to change that).
+# The test command: sets up .venv on a fresh machine (launch/setup_env.sh) and runs the CPU
+# test-suite, slow tests excluded (pass `-m slow`, or any pytest arguments, to change that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-find_python() {
-  local candidate
-  for candidate in "${PYTHON:-}" python3.13 python3.12 python3; do
-    [ -n "$candidate" ] || continue
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c \
-        'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
-      command -v "$candidate"; return
-    fi
-  done
-  # pyenv keeps interpreters that are not on PATH.
-  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python; do
-    if [ -x "$candidate" ]; then echo "$candidate"; return; fi
-  done
-  echo "tests/run.sh: no Python >= 3.12 found (set PYTHON=/path/to/python3.12)" >&2
-  exit 1
-}
-
-if [ ! -x .venv/bin/python ]; then
-  "$(find_python)" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+bash launch/setup_env.sh test
 exec .venv/bin/python -m pytest -q -m "not slow" -n 2 "$@"
