@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import configs  # noqa: E402
-from jaxchunk.models.config import ModelConfig  # noqa: E402
+from jaxchunk.config import ModelConfig  # noqa: E402
 from jaxchunk.models.language_model import LanguageModel  # noqa: E402
 from jaxchunk.models.mor import MoRConfig, MoRLanguageModel, init_mor_cache  # noqa: E402
 from jaxchunk.models.mor import mor_flops_per_token  # noqa: E402

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 

@@ -15,7 +15,7 @@ import json
 import pkgutil
 import typing
 
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

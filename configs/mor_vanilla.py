@@ -9,7 +9,7 @@ them at equal training FLOPs.
 import dataclasses
 
 from configs import DataConfig, LoopConfig, MeshConfig, OptimConfig, RunConfig
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 STACK = ModelConfig(vocab_size=256, d_model=128, layer_pattern=("attention", "attention"),
                     num_heads=4, num_kv_heads=4, head_dim=32, mlp_hidden=384)

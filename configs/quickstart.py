@@ -5,7 +5,7 @@ as one stream (documents separated by byte 0) without segment_ids.
 """
 
 from configs import DataConfig, LoopConfig, MeshConfig, OptimConfig, RunConfig
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 CONFIG = RunConfig(
     model=ModelConfig(vocab_size=256, d_model=256, layer_pattern=("rat", "local") * 2,

@@ -14,7 +14,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig
 from jaxchunk.serving.hf import load_llama

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchunk.layers.rotary import apply_rotary
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.ops.attention import attention
 from jaxchunk.ops.paged_attention import chunked_prefill_attention, paged_write
 

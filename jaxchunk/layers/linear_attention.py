@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchunk.layers.conv import ShortConv, init_conv_cache
-from jaxchunk.models.config import LINEAR_KINDS, ModelConfig
+from jaxchunk.config import LINEAR_KINDS, ModelConfig
 from jaxchunk.ops.delta_rule import (delta_rule, delta_rule_step, gated_delta_rule,
                                      gated_delta_rule_step)
 from jaxchunk.ops.gla import gla, gla_step

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxchunk.layers.attention import check_mixer_input, project
 from jaxchunk.layers.rotary import apply_rotary
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
 
 

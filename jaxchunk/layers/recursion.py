@@ -52,7 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxchunk.models.config import ATTENTION_KINDS, ModelConfig
+from jaxchunk.config import ATTENTION_KINDS, ModelConfig
 from jaxchunk.models.language_model import Block, init_layer_cache
 
 ROUTERS = (None, "expert", "token")

@@ -22,7 +22,7 @@ from jaxchunk.layers.linear_attention import LinearAttention, init_linear_attent
 from jaxchunk.layers.mlp import SwiGLU
 from jaxchunk.layers.norm import RMSNorm
 from jaxchunk.layers.rat import RATLayer, init_rat_cache
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 
 def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:

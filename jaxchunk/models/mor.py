@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxchunk.layers.norm import RMSNorm
 from jaxchunk.layers.recursion import (ROUTERS, RecursiveBlock, default_capacities,
                                        init_recursive_cache)
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import Block, init_layer_cache
 
 SHARING = ("cycle", "middle_cycle")

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxchunk.layers.linear_attention import init_linear_attention_cache
 from jaxchunk.layers.rat import init_rat_cache
-from jaxchunk.models.config import ATTENTION_KINDS, ModelConfig
+from jaxchunk.config import ATTENTION_KINDS, ModelConfig
 from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables
 from jaxchunk.serving.sampling import SamplingParams, sample_tokens
 from jaxchunk.serving.scheduler import Request, Scheduler, Status

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import MeshConfig
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")

@@ -15,7 +15,7 @@ from jaxchunk.layers.mlp import SwiGLU
 from jaxchunk.layers.norm import RMSNorm
 from jaxchunk.layers.rat import RATLayer, init_rat_cache
 from jaxchunk.layers.rotary import apply_rotary
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from tests.utils import assert_rel_close, randn
 
 TOL = 1e-5

@@ -13,7 +13,7 @@ import pytest
 
 from jaxchunk.layers.conv import ShortConv, init_conv_cache
 from jaxchunk.layers.linear_attention import LinearAttention, init_linear_attention_cache
-from jaxchunk.models.config import LINEAR_KINDS, ModelConfig
+from jaxchunk.config import LINEAR_KINDS, ModelConfig
 from tests.utils import assert_rel_close, randn
 
 AXIS_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "conv", None}

@@ -8,7 +8,7 @@ import pytest
 
 from jaxchunk.layers.recursion import (RecursiveBlock, SharedStack, capacity_tokens,
                                        select_causal, select_top_k)
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from tests.utils import assert_rel_close, randn
 
 B, T, D = 2, 24, 32

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.models.config import LINEAR_KINDS, ModelConfig
+from jaxchunk.config import LINEAR_KINDS, ModelConfig
 from jaxchunk.models.language_model import LanguageModel, init_cache
 from tests.utils import assert_rel_close
 

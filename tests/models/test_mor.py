@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxchunk.layers.recursion import capacity_tokens
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.models.mor import MoRConfig, MoRLanguageModel, init_mor_cache
 from tests.utils import assert_rel_close, randn
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 from jaxchunk.serving.tokenizer import ByteTokenizer

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import DataConfig, LoopConfig, MeshConfig, OptimConfig, RunConfig
-from jaxchunk.models.config import ModelConfig
+from jaxchunk.config import ModelConfig
 
 
 @pytest.fixture(scope="module", autouse=True)

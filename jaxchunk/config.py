@@ -1,4 +1,7 @@
-"""The language-model configuration: one dataclass, a layer pattern mixing token mixers."""
+"""The language-model configuration: one dataclass, a layer pattern mixing token mixers.
+
+It sits at the top of the package because both `jaxchunk.layers` and `jaxchunk.models` read it.
+"""
 
 from __future__ import annotations
 
