@@ -166,7 +166,8 @@ def train_dataset(rows: PackedRows, *, batch_size: int, seed: int, process_index
 
 def validation_batches(rows: PackedRows, *, batch_size: int, num_batches: int,
                        process_index: int = 0, process_count: int = 1) -> list[dict]:
-  """The first `num_batches` global batches of validation rows (this host's share of each).
+  """`num_batches` global batches of validation rows spread evenly over the whole validation set
+  (so a few batches sample many documents, not just the first ones), this host's share of each.
 
   Fewer batches are returned when the validation set is small; at least one row is required.
   """
@@ -175,9 +176,11 @@ def validation_batches(rows: PackedRows, *, batch_size: int, num_batches: int,
   if available == 0:
     raise ValueError(f"the validation set has {len(rows)} rows, fewer than one global batch "
                      f"of {global_batch}; lower the batch size or raise data.validation_fraction")
+  num_batches = min(num_batches, available)
+  picks = np.linspace(0, len(rows) - 1, num_batches * global_batch).round().astype(int)
   batches = []
-  for b in range(min(num_batches, available)):
-    indices = range(b * global_batch + process_index, (b + 1) * global_batch, process_count)
+  for b in range(num_batches):
+    indices = picks[b * global_batch + process_index:(b + 1) * global_batch:process_count]
     items = [rows[i] for i in indices]
     batches.append({key: np.stack([item[key] for item in items]) for key in items[0]})
   return batches
