@@ -23,6 +23,19 @@ Paths (`impl=`):
                O(T * block). Key blocks that causality, the window or `kv_length` mask out entirely
                are skipped (the loop bounds are computed per query block, and vice versa in the
                backward pass).
+  "pallas"     the FlashAttention-2 Triton kernels of `pallas_kernels.gpu.flash_attention`
+               (forward and backward under a custom VJP; GQA through the kernels' index maps;
+               causal/window/segment masks, blocks outside them skipped; soft-cap). They cover
+               training-shaped calls: Tq == Tk, q_offset 0, no kv_length, head_dim == head_dim_v in
+               (64, 128, 256), q/k/v of one dtype among bfloat16, float16, float32. Other calls
+               (decode, chunked prefill) raise NotImplementedError under an explicit "pallas".
+               On CPU the kernels run in interpret mode (tests).
+
+"auto" on GPU: dense calls (no segment_ids, window or softcap; Tq == Tk, q_offset 0, no kv_length)
+in bfloat16/float16 with head_dim == head_dim_v in (64, 128) go to cuDNN
+(`jax.nn.dot_product_attention(..., implementation="cudnn")`), which needs no explicit mask there
+and is the fastest path; every other call the Pallas kernel covers goes to "pallas"; the rest to
+"xla". Off GPU, "auto" is "xla".
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxchunk.ops._common import check_rank, default_scale, is_traced, pad_seq, repeat_heads
-from jaxchunk.ops._common import resolve_impl
+from jaxchunk.ops._common import pallas_interpret, resolve_impl
+from pallas_kernels.gpu import flash_attention as flash_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -74,9 +89,9 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: int | N
   Returns:
     o [B, Tq, H, Dv] in q's dtype.
   """
-  path = resolve_impl(impl, "attention")
   b, tq, tk = _check_qkv(q, k, v)
   q_seg, kv_seg = _split_segment_ids(segment_ids, b, tq, tk)
+  pallas_unsupported = _pallas_unsupported(q, k, v, q_offset=q_offset, kv_length=kv_length)
   q_offset = _per_batch_int(q_offset, b, "q_offset")
   kv_limit = jnp.full((b,), tk, jnp.int32) if kv_length is None else \
       jnp.minimum(_per_batch_int(kv_length, b, "kv_length"), tk)
@@ -85,6 +100,15 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: int | N
   block_q = _check_block(block_q, "block_q")
   block_k = _check_block(block_k, "block_k")
   scale = default_scale(scale, q.shape[3])
+  dense = segment_ids is None and window is None and softcap is None
+  path = resolve_impl(impl, "attention", pallas_unsupported=pallas_unsupported)
+  if path == "pallas" and impl == "auto" and dense and _cudnn_supports(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=bool(causal),
+                                        implementation="cudnn")
+  if path == "pallas":
+    return flash_kernel.flash_attention(
+        q, k, v, None if q_seg is None else (q_seg, kv_seg), causal=bool(causal), window=window,
+        softcap=softcap, scale=scale, interpret=pallas_interpret())
 
   out_dtype = q.dtype
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
@@ -96,6 +120,32 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: int | N
   else:
     o = _attention_blockwise(q * scale, k, v, q_offset, kv_limit, q_seg, kv_seg, tiling)
   return o.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which calls the Pallas kernel and cuDNN cover.
+
+
+def _pallas_unsupported(q, k, v, *, q_offset, kv_length) -> str | None:
+  """None when the Pallas training kernel covers the call, else the reason it does not.
+
+  `q_offset` is the caller's argument (before validation); a traced one is not covered.
+  """
+  if q.shape[1] != k.shape[1]:
+    return f"Tq ({q.shape[1]}) != Tk ({k.shape[1]}) (decode / chunked prefill)"
+  if kv_length is not None:
+    return "kv_length is not supported (decode / chunked prefill)"
+  if is_traced(q_offset) or np.any(np.asarray(q_offset) != 0):
+    return "q_offset other than 0 is not supported (decode / chunked prefill)"
+  if not q.dtype == k.dtype == v.dtype:
+    return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+  return flash_kernel.unsupported_reason(q.shape[3], v.shape[3], q.dtype)
+
+
+def _cudnn_supports(q, k, v) -> bool:
+  """Whether cuDNN's fused attention runs this dense, training-shaped call without a mask."""
+  return (jnp.dtype(q.dtype).name in ("bfloat16", "float16") and q.shape[3] == v.shape[3]
+          and q.shape[3] in (64, 128))
 
 
 # ---------------------------------------------------------------------------------------------
