@@ -29,16 +29,16 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to the torch peers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timing import median_seconds
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
 LENGTHS = (2048, 8192, 32768)
@@ -68,25 +68,14 @@ def inputs(op: str, t: int, seed: int = 0):
   return q, k, v, g
 
 
-def median_ms(fn, *args, reps: int) -> float:
-  """Median wall time of `fn(*args)` in ms after two warm-up calls."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def timed_jax(fn, args, mode: str, reps: int) -> float:
   """Times `fn(q, k, v, *gates) -> o` forward, or forward + gradients w.r.t. every input."""
   if mode == "fwd":
-    return median_ms(jax.jit(fn), *args, reps=reps)
+    return 1e3 * median_seconds(jax.jit(fn), *args, repeats=reps, warmup=2)
   cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(args[0].shape), jnp.bfloat16)
   loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
-  return median_ms(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), *args, reps=reps)
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+  return 1e3 * median_seconds(grad, *args, repeats=reps, warmup=2)
 
 
 def jax_args(op: str, t: int):

@@ -41,6 +41,7 @@ from jaxchunk.models.mor import MoRConfig, MoRLanguageModel, init_mor_cache  # n
 from jaxchunk.models.mor import mor_flops_per_token  # noqa: E402
 from jaxchunk.training.optimizer import make_optimizer  # noqa: E402
 from jaxchunk.training.train_step import flops_per_token  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESETS = ("mor_vanilla", "mor_recursive", "mor_expert", "mor_token")
@@ -145,17 +146,6 @@ def cpu_comparison(flops_budget: float, evals: int) -> None:
   print("wrote", os.path.join(RESULTS, "mor_cpu.png"))
 
 
-def timed(fn, *args, repeats: int = 10) -> float:
-  """Median seconds of fn(*args) after a warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def gpu_timing(seq_len: int, batch: int, decode_tokens: int) -> None:
   model_cfg = ModelConfig(vocab_size=256, d_model=1024, layer_pattern=("attention",) * 4,
                           num_heads=16, num_kv_heads=16, head_dim=64, mlp_hidden=2816,
@@ -174,7 +164,7 @@ def gpu_timing(seq_len: int, batch: int, decode_tokens: int) -> None:
       logits, aux = model.apply({"params": p}, tokens)
       return nll(logits[:, :-1], tokens[:, 1:]) + aux["router_loss"]
     step = jax.jit(jax.grad(loss))
-    seconds = timed(step, params)
+    seconds = median_seconds(step, params)
     report["train_step"].append({"capacities": caps, "router": config.router,
                                  "train_flops_per_token": mor_flops_per_token(config, seq_len),
                                  "step_s": seconds})

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +31,7 @@ import numpy as np
 
 from jaxchunk.ops.attention import attention
 from jaxchunk.ops.rat import RATState, rat, rat_step
+from timing import median_seconds
 
 HEADS, HEAD_DIM, CHUNK = 16, 128, 16
 TRAIN_LENGTHS = (4096, 16384, 102400)
@@ -41,17 +40,7 @@ DECODE_CONTEXT, DECODE_BATCHES = 4096, (1, 64)
 
 def median_ms(fn, *args, reps: int = 10) -> float:
   """Median wall time of `fn(*args)` in ms after two warm-up calls (3 reps for calls over 2 s)."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  if time.perf_counter() - start > 2.0:
-    reps = min(reps, 3)
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * median_seconds(fn, *args, repeats=reps, warmup=2, slow_call_s=2.0)
 
 
 def train_inputs(t: int, key):

@@ -19,9 +19,7 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
-import time
 
 if "--smoke" in sys.argv:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -34,17 +32,7 @@ from jaxchunk.parallel import ring as ring_module
 from jaxchunk.parallel.linear_scan import sequence_parallel_linear
 from jaxchunk.parallel.mesh import sequence_mesh
 from jaxchunk.parallel.rat import sequence_parallel_rat
-
-
-def timed(fn, *args, repeats: int) -> float:
-  """Median wall seconds of `fn(*args)` (compiled and warmed up first)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_seconds
 
 
 def grad_step(loss):
@@ -98,9 +86,9 @@ def ring_overlap(args, counts):
       continue
     mesh = sequence_mesh(n)
     xs = inputs("attention", n * args.tokens_per_device, args.heads, args.dim, jax.random.key(0))
-    ring = timed(grad_step(layer_loss("attention", mesh, args)), *xs, repeats=args.repeats)
+    ring = median_seconds(grad_step(layer_loss("attention", mesh, args)), *xs, repeats=args.repeats)
     with without_communication():
-      compute = timed(grad_step(layer_loss("attention", mesh, args)), *xs, repeats=args.repeats)
+      compute = median_seconds(grad_step(layer_loss("attention", mesh, args)), *xs, repeats=args.repeats)
     rows.append({"bench": "ring_overlap", "devices": n, "tokens": n * args.tokens_per_device,
                  "ring_s": ring, "compute_only_s": compute, "ratio": ring / compute})
   return rows
@@ -113,7 +101,7 @@ def weak_scaling(args, counts):
     for n in counts:
       mesh = sequence_mesh(n)
       xs = inputs(op, n * args.tokens_per_device, args.heads, args.dim, jax.random.key(1))
-      seconds = timed(grad_step(layer_loss(op, mesh, args)), *xs, repeats=args.repeats)
+      seconds = median_seconds(grad_step(layer_loss(op, mesh, args)), *xs, repeats=args.repeats)
       base = seconds if base is None else base
       rows.append({"bench": "weak_scaling", "op": op, "devices": n,
                    "tokens": n * args.tokens_per_device, "step_s": seconds,

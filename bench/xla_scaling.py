@@ -18,8 +18,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ from tqdm import tqdm
 from jaxchunk.ops.attention import attention
 from jaxchunk.ops.rat import rat
 from jaxchunk.ops.simple_gla import simple_gla
+from timing import median_seconds
 
 BATCH, HEADS, HEAD_DIM = 1, 2, 64
 
@@ -61,17 +60,6 @@ def peak_bytes(fn, args) -> int:
           - stats.alias_size_in_bytes)
 
 
-def median_seconds(fn, args, repeats: int) -> float:
-  jitted = jax.jit(fn)
-  jax.block_until_ready(jitted(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(jitted(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def measure(op: str, t: int, repeats: int) -> dict:
   args = make_inputs(op, t, jax.random.key(t))
   fwd = forward(op)
@@ -79,7 +67,7 @@ def measure(op: str, t: int, repeats: int) -> dict:
   fwd_bwd = jax.grad(loss, argnums=tuple(range(len(args))))
   return {
       "op": op, "T": t,
-      "fwd_ms": 1e3 * median_seconds(fwd, args, repeats),
+      "fwd_ms": 1e3 * median_seconds(jax.jit(fwd), *args, repeats=repeats),
       "fwd_mib": peak_bytes(fwd, args) / 2**20,
       "fwd_bwd_mib": peak_bytes(fwd_bwd, args) / 2**20,
   }

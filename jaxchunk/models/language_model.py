@@ -57,6 +57,46 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
   return {"length": jnp.zeros((batch,), jnp.int32), "layers": layers}
 
 
+def token_positions(positions, batch: int, seq: int, cache=None) -> jax.Array:
+  """The positions [batch, seq] int32 of a model call's tokens.
+
+  `positions` as given (checked to be [batch, seq]), else arange(seq) offset by each row's cached
+  length cache["length"] [batch] (0 without a cache).
+  """
+  if positions is None:
+    start = jnp.zeros((batch,), jnp.int32) if cache is None else cache["length"]
+    return start[:, None] + jnp.arange(seq, dtype=jnp.int32)
+  if jnp.shape(positions) != (batch, seq):
+    raise ValueError(f"positions must have shape [batch, seq] = {(batch, seq)}, "
+                     f"got {jnp.shape(positions)}")
+  return positions
+
+
+def embedding(config: ModelConfig) -> nn.Embed:
+  """The token embedding [vocab, d_model] ("embed"), a submodule of the calling compact module."""
+  return nn.Embed(config.vocab_size, config.d_model, dtype=jnp.dtype(config.dtype),
+                  param_dtype=jnp.dtype(config.param_dtype),
+                  embedding_init=nn.with_logical_partitioning(nn.linear.default_embed_init,
+                                                              ("vocab", "embed")),
+                  name="embed")
+
+
+def output_logits(config: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
+  """x [B,T,d_model] -> logits [B,T,vocab] float32: RMSNorm ("final_norm"), then the LM head.
+
+  The head is `embed`'s transposed table when config.tie_embeddings, else its own projection
+  ("lm_head"); both are submodules of the calling compact module.
+  """
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  x = RMSNorm(config.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+  if config.tie_embeddings:
+    return jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embed.embedding.astype(jnp.float32))
+  return nn.Dense(config.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                           ("embed", "vocab")),
+                  name="lm_head")(x)
+
+
 class Block(nn.Module):
   """One pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
 
@@ -99,18 +139,8 @@ class LanguageModel(nn.Module):
     if cache is not None and len(cache["layers"]) != cfg.num_layers:
       raise ValueError(f"cache['layers'] must hold {cfg.num_layers} layer caches, "
                        f"got {len(cache['layers'])}")
-    if positions is None:
-      start = jnp.zeros((b,), jnp.int32) if cache is None else cache["length"]
-      positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-    elif jnp.shape(positions) != (b, t):
-      raise ValueError(f"positions must have shape [batch, seq] = {(b, t)}, "
-                       f"got {jnp.shape(positions)}")
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=nn.with_logical_partitioning(nn.linear.default_embed_init,
-                                                                 ("vocab", "embed")),
-                     name="embed")
+    positions = token_positions(positions, b, t, cache)
+    embed = embedding(cfg)
     x = embed(tokens)
     new_layers = []
     for i, kind in enumerate(cfg.layer_pattern):
@@ -118,14 +148,7 @@ class LanguageModel(nn.Module):
           x, positions=positions, segment_ids=segment_ids,
           cache=None if cache is None else cache["layers"][i])
       new_layers.append(layer_cache)
-    x = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embed.embedding.astype(jnp.float32))
-    else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                 ("embed", "vocab")),
-                        name="lm_head")(x)
+    logits = output_logits(cfg, x, embed)
     if cache is None:
       return logits, None
     return logits, {"length": cache["length"] + t, "layers": tuple(new_layers)}

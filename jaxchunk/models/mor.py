@@ -27,11 +27,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxchunk.layers.norm import RMSNorm
 from jaxchunk.layers.recursion import (ROUTERS, RecursiveBlock, default_capacities,
                                        init_recursive_cache)
 from jaxchunk.config import ModelConfig
-from jaxchunk.models.language_model import Block, init_layer_cache
+from jaxchunk.models.language_model import (Block, embedding, init_layer_cache, output_logits,
+                                            token_positions)
 
 SHARING = ("cycle", "middle_cycle")
 KV_STRATEGIES = ("recursion",)
@@ -179,17 +179,8 @@ class MoRLanguageModel(nn.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must have shape [batch, seq], got {tokens.shape}")
     b, t = tokens.shape
-    if positions is None:
-      start = jnp.zeros((b,), jnp.int32) if cache is None else cache["length"]
-      positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-    elif jnp.shape(positions) != (b, t):
-      raise ValueError(f"positions must have shape [batch, seq] = {(b, t)}, "
-                       f"got {jnp.shape(positions)}")
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=nn.with_logical_partitioning(nn.linear.default_embed_init,
-                                                                 ("vocab", "embed")),
-                     name="embed")
+    positions = token_positions(positions, b, t, cache)
+    embed = embedding(cfg)
     x = embed(tokens)
     ends = config.sharing == "middle_cycle"
     new_cache = None if cache is None else dict(cache)
@@ -210,14 +201,7 @@ class MoRLanguageModel(nn.Module):
             cache=None if cache is None else cache["recursion"], inference=inference)
     if ends:
       x = unshared(x, cfg.layer_pattern[-1], "last")
-    x = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embed.embedding.astype(jnp.float32))
-    else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                 ("embed", "vocab")),
-                        name="lm_head")(x)
+    logits = output_logits(cfg, x, embed)
     if cache is not None:
       new_cache["recursion"] = recursion_cache
       new_cache["length"] = cache["length"] + t

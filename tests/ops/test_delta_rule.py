@@ -1,4 +1,7 @@
-"""Tests of `delta_rule`, `gated_delta_rule` and decode steps against a float64 NumPy oracle."""
+"""Tests of `delta_rule`, `gated_delta_rule` and decode steps against the float64 NumPy oracle of
+linear_oracle.py."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,45 +10,16 @@ import pytest
 
 from jaxchunk.ops.delta_rule import (delta_rule, delta_rule_step, gated_delta_rule,
                                      gated_delta_rule_step)
+from tests.ops import linear_oracle
+from tests.ops.linear_oracle import assert_gradients_match, loss_fn, oracle
 from tests.utils import assert_rel_close, randn
 
 OPS = ("delta_rule", "gated_delta_rule")
 
 
-def oracle(q, k, v, g, beta, scale, initial_state=None):
-  """Token-by-token float64 recurrence; g None means no decay.
-
-  Returns (o [B,T,H,Dv], final state [B,H,Dk,Dv]).
-  """
-  q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
-  b, t, h, dk = q.shape
-  g = np.zeros(beta.shape) if g is None else np.asarray(g, np.float64)
-  k, v, g, beta = (np.repeat(x, h // x.shape[2], axis=2) for x in (k, v, g, beta))
-  state = np.zeros((b, h, dk, v.shape[-1])) if initial_state is None \
-      else np.asarray(initial_state, np.float64).copy()
-  eye = np.eye(dk)
-  o = np.zeros((b, t, h, v.shape[-1]))
-  for i in range(t):
-    kk = k[:, i, :, :, None] * k[:, i, :, None, :]                          # [B,H,Dk,Dk]
-    transition = np.exp(g[:, i])[..., None, None] * (eye - beta[:, i, :, None, None] * kk)
-    state = transition @ state + beta[:, i, :, None, None] * k[:, i, :, :, None] * v[:, i, :, None]
-    o[:, i] = scale * np.einsum("bhd,bhde->bhe", q[:, i], state)
-  return o, state
-
-
-def make_inputs(rng, b=2, t=37, h=4, hk=2, dk=8, dv=6, gate_heads=None):
-  """q, k (L2-normalised), v, g in [-1, -0.01), beta = sigmoid(normal), initial_state.
-
-  g and beta have `gate_heads` heads (default hk).
-  """
-  q = randn(rng, b, t, h, dk)
-  k = randn(rng, b, t, hk, dk)
-  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
-  v = randn(rng, b, t, hk, dv)
-  g = rng.uniform(-1.0, -0.01, size=(b, t, gate_heads or hk)).astype(np.float32)
-  beta = (1 / (1 + np.exp(-rng.standard_normal((b, t, gate_heads or hk))))).astype(np.float32)
-  s0 = randn(rng, b, h, dk, dv)
-  return q, k, v, g, beta, s0
+def make_inputs(rng, **kwargs):
+  """q, k (L2-normalised), v, g [B,T,G], beta [B,T,G], initial_state; see linear_oracle."""
+  return linear_oracle.make_inputs(rng, delta=True, **kwargs)
 
 
 def run(op, q, k, v, g, beta, **kwargs):
@@ -63,15 +37,6 @@ def run_step(op, q, k, v, g, beta, state, **kwargs):
 
 def oracle_for(op, q, k, v, g, beta, scale, initial_state=None):
   return oracle(q, k, v, None if op == "delta_rule" else g, beta, scale, initial_state)
-
-
-def loss_fn(op, impl, ct, proj, chunk_size=16):
-  """sum(o * ct) + sum(final_state * proj) as a function of every input."""
-  def loss(q, k, v, g, beta, s0):
-    o, s = run(op, q, k, v, g, beta, initial_state=s0, output_final_state=True,
-               chunk_size=chunk_size, impl=impl)
-    return jnp.sum(o * ct) + jnp.sum(s * proj)
-  return loss
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -109,7 +74,7 @@ def test_gated_strong_decay_is_stable(rng):
   o_ref, s_ref = oracle(q, k, v, g, beta, q.shape[-1] ** -0.5, s0)
   assert_rel_close(o, o_ref, 1e-5, "o")
   assert_rel_close(s, s_ref, 1e-5, "final state")
-  grads = jax.grad(loss_fn("gated_delta_rule", "xla", randn(rng, *o.shape), randn(rng, *s.shape)),
+  grads = jax.grad(loss_fn(gated_delta_rule, "xla", randn(rng, *o.shape), randn(rng, *s.shape)),
                    argnums=tuple(range(6)))(q, k, v, g, beta, s0)
   assert all(bool(jnp.all(jnp.isfinite(grad))) for grad in grads)
 
@@ -132,21 +97,9 @@ def test_gradients_xla_match_reference_and_float64(rng, op):
   q, k, v, g, beta, s0 = make_inputs(rng, gate_heads=4)
   ct = randn(rng, *q.shape[:3], v.shape[-1])
   proj = randn(rng, *s0.shape)
-  inputs = (q, k, v, g, beta, s0)
-  names = ("q", "k", "v", "g", "beta", "initial_state")
-  argnums = tuple(range(len(inputs)) if op == "gated_delta_rule" else (0, 1, 2, 4, 5))
-  grads_xla = jax.grad(loss_fn(op, "xla", ct, proj), argnums)(*inputs)
-  grads_ref = jax.grad(loss_fn(op, "reference", ct, proj), argnums)(*inputs)
-  with jax.enable_x64(True):
-    grads_64 = jax.grad(loss_fn(op, "reference", ct.astype(np.float64), proj.astype(np.float64)),
-                        argnums)(*(x.astype(np.float64) for x in inputs))
-    grads_64 = [np.asarray(grad) for grad in grads_64]
-  assert grads_64[0].dtype == np.float64
-  for i, g_xla, g_ref, g_64 in zip(argnums, grads_xla, grads_ref, grads_64):
-    assert g_xla.shape == g_64.shape == inputs[i].shape
-    assert_rel_close(g_xla, g_ref, 1e-5, f"d{names[i]} xla vs reference")
-    assert_rel_close(g_xla, g_64, 1e-5, f"d{names[i]} xla vs float64")
-    assert_rel_close(g_ref, g_64, 1e-5, f"d{names[i]} reference vs float64")
+  argnums = tuple(range(6)) if op == "gated_delta_rule" else (0, 1, 2, 4, 5)
+  assert_gradients_match(functools.partial(run, op), (q, k, v, g, beta, s0),
+                         ("q", "k", "v", "g", "beta", "initial_state"), ct, proj, argnums)
 
 
 @pytest.mark.parametrize("op", OPS)

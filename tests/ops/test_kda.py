@@ -1,4 +1,5 @@
-"""Tests of `kda` / `kda_step` (per-channel-decay delta rule) against a float64 NumPy oracle."""
+"""Tests of `kda` / `kda_step` (per-channel-decay delta rule) against the float64 NumPy oracle of
+linear_oracle.py."""
 
 import jax
 import jax.numpy as jnp
@@ -6,53 +7,14 @@ import numpy as np
 import pytest
 
 from jaxchunk.ops.kda import kda, kda_step
+from tests.ops import linear_oracle
+from tests.ops.linear_oracle import assert_gradients_match, loss_fn, oracle
 from tests.utils import assert_rel_close, randn
 
 
-def oracle(q, k, v, gk, beta, scale, initial_state=None):
-  """Token-by-token float64 recurrence S_t = (I - b k^T k) diag(exp(gk)) S_{t-1} + b k^T v.
-
-  Returns (o [B,T,H,Dv], final state [B,H,Dk,Dv]).
-  """
-  q, k, v, gk, beta = (np.asarray(x, np.float64) for x in (q, k, v, gk, beta))
-  b, t, h, dk = q.shape
-  k, v, gk, beta = (np.repeat(x, h // x.shape[2], axis=2) for x in (k, v, gk, beta))
-  state = np.zeros((b, h, dk, v.shape[-1])) if initial_state is None \
-      else np.asarray(initial_state, np.float64).copy()
-  eye = np.eye(dk)
-  o = np.zeros((b, t, h, v.shape[-1]))
-  for i in range(t):
-    kk = k[:, i, :, :, None] * k[:, i, :, None, :]                          # [B,H,Dk,Dk]
-    householder = eye - beta[:, i, :, None, None] * kk
-    decayed = np.exp(gk[:, i])[..., None] * state
-    write = beta[:, i, :, None, None] * k[:, i, :, :, None] * v[:, i, :, None]
-    state = householder @ decayed + write
-    o[:, i] = scale * np.einsum("bhd,bhde->bhe", q[:, i], state)
-  return o, state
-
-
-def make_inputs(rng, b=2, t=37, h=4, hk=2, dk=8, dv=6, gate_heads=None, decay=(-1.0, -0.01)):
-  """q, k (L2-normalised), v, gk uniform in `decay`, beta = sigmoid(normal), initial_state.
-
-  gk and beta have `gate_heads` heads (default hk).
-  """
-  q = randn(rng, b, t, h, dk)
-  k = randn(rng, b, t, hk, dk)
-  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
-  v = randn(rng, b, t, hk, dv)
-  gk = rng.uniform(*decay, size=(b, t, gate_heads or hk, dk)).astype(np.float32)
-  beta = (1 / (1 + np.exp(-rng.standard_normal((b, t, gate_heads or hk))))).astype(np.float32)
-  s0 = randn(rng, b, h, dk, dv)
-  return q, k, v, gk, beta, s0
-
-
-def loss_fn(impl, ct, proj, chunk_size=16):
-  """sum(o * ct) + sum(final_state * proj) as a function of every input."""
-  def loss(q, k, v, gk, beta, s0):
-    o, s = kda(q, k, v, gk, beta, initial_state=s0, output_final_state=True,
-               chunk_size=chunk_size, impl=impl)
-    return jnp.sum(o * ct) + jnp.sum(s * proj)
-  return loss
+def make_inputs(rng, **kwargs):
+  """q, k (L2-normalised), v, gk [B,T,G,Dk], beta [B,T,G], initial_state; see linear_oracle."""
+  return linear_oracle.make_inputs(rng, per_channel=True, delta=True, **kwargs)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
@@ -88,7 +50,7 @@ def test_strong_decay_is_stable(rng):
   o_ref, s_ref = oracle(q, k, v, gk, beta, q.shape[-1] ** -0.5, s0)
   assert_rel_close(o, o_ref, 1e-5, "o")
   assert_rel_close(s, s_ref, 1e-5, "final state")
-  grads = jax.grad(loss_fn("xla", randn(rng, *o.shape), randn(rng, *s.shape)),
+  grads = jax.grad(loss_fn(kda, "xla", randn(rng, *o.shape), randn(rng, *s.shape)),
                    argnums=tuple(range(6)))(q, k, v, gk, beta, s0)
   assert all(bool(jnp.all(jnp.isfinite(grad))) for grad in grads)
 
@@ -109,21 +71,8 @@ def test_gradients_xla_match_reference_and_float64(rng):
   q, k, v, gk, beta, s0 = make_inputs(rng, gate_heads=4)
   ct = randn(rng, *q.shape[:3], v.shape[-1])
   proj = randn(rng, *s0.shape)
-  inputs = (q, k, v, gk, beta, s0)
-  argnums = tuple(range(len(inputs)))
-  grads_xla = jax.grad(loss_fn("xla", ct, proj), argnums)(*inputs)
-  grads_ref = jax.grad(loss_fn("reference", ct, proj), argnums)(*inputs)
-  with jax.enable_x64(True):
-    grads_64 = jax.grad(loss_fn("reference", ct.astype(np.float64), proj.astype(np.float64)),
-                        argnums)(*(x.astype(np.float64) for x in inputs))
-    grads_64 = [np.asarray(grad) for grad in grads_64]
-  assert grads_64[0].dtype == np.float64
-  for name, x, g_xla, g_ref, g_64 in zip(("q", "k", "v", "gk", "beta", "initial_state"), inputs,
-                                         grads_xla, grads_ref, grads_64):
-    assert g_xla.shape == g_64.shape == x.shape
-    assert_rel_close(g_xla, g_ref, 1e-5, f"d{name} xla vs reference")
-    assert_rel_close(g_xla, g_64, 1e-5, f"d{name} xla vs float64")
-    assert_rel_close(g_ref, g_64, 1e-5, f"d{name} reference vs float64")
+  assert_gradients_match(kda, (q, k, v, gk, beta, s0),
+                         ("q", "k", "v", "gk", "beta", "initial_state"), ct, proj)
 
 
 def test_decode_continues_prefill(rng):

@@ -110,12 +110,15 @@ def test_bfloat16_inputs(rng, impl):
   assert_rel_close(o, oracle(q, k, v, f, 4)[0], 1e-2, f"{impl} bf16")
 
 
-def _loss(impl, chunk_size, cotangent, projections):
-  """sum(o * cotangent) + <final state, projections> as a function of every differentiable input."""
+def loss_fn(impl, chunk_size, cotangent, projections, *, length, block_size):
+  """sum(o * cotangent) + <final state, projections> as a function of every differentiable input.
+
+  The initial state holds `length` tokens; its arrays are the loss's last four arguments.
+  """
   def loss(q, k, v, f, k_chunks, v_chunks, k_run, v_run):
-    init = RATState(k_chunks, v_chunks, k_run, v_run, jnp.asarray(11, jnp.int32))
+    init = RATState(k_chunks, v_chunks, k_run, v_run, jnp.asarray(length, jnp.int32))
     o, state = rat(q, k, v, f, chunk_size=chunk_size, initial_state=init, output_final_state=True,
-                   block_size=8, impl=impl)
+                   block_size=block_size, impl=impl)
     total = jnp.sum(o * cotangent)
     for x, p in zip(state[:4], projections):
       total += jnp.sum(x * p)
@@ -133,11 +136,13 @@ def test_gradients(rng):
   projections = (randn(rng, 1, final_capacity, 2, 8), randn(rng, 1, final_capacity, 2, 8),
                  randn(rng, 1, 2, 8), randn(rng, 1, 2, 8))
   argnums = tuple(range(len(args)))
-  grads = {impl: jax.jit(jax.grad(_loss(impl, chunk_size, cotangent, projections), argnums))(*args)
+  grads = {impl: jax.jit(jax.grad(loss_fn(impl, chunk_size, cotangent, projections, length=11,
+                                          block_size=8), argnums))(*args)
            for impl in ("reference", "xla")}
   with jax.enable_x64(True):
     to64 = lambda x: jnp.asarray(x, jnp.float64)
-    loss64 = _loss("reference", chunk_size, to64(cotangent), tuple(map(to64, projections)))
+    loss64 = loss_fn("reference", chunk_size, to64(cotangent), tuple(map(to64, projections)),
+                     length=11, block_size=8)
     grads64 = jax.jit(jax.grad(loss64, argnums))(*map(to64, args))
   assert grads64[0].dtype == np.float64
   names = ("q", "k", "v", "f", "k_chunks", "v_chunks", "k_run", "v_run")

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.ops.rat import RATState, rat, rat_step
+from jaxchunk.ops.rat import rat, rat_step
 from pallas_kernels.gpu import rat as rat_kernel
-from tests.ops.test_rat import assert_state_close, inputs, oracle, random_state
+from tests.ops.test_rat import assert_state_close, inputs, loss_fn, oracle, random_state
 from tests.utils import assert_rel_close, randn
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -56,19 +56,6 @@ def test_initial_state_traced_length(rng, length):
   assert_state_close(state, ref_state, TOL32, "pallas")
 
 
-def _loss(impl, chunk_size, cotangent, projections, length):
-  """sum(o * cotangent) + <final state, projections> as a function of every differentiable input."""
-  def loss(q, k, v, f, k_chunks, v_chunks, k_run, v_run):
-    init = RATState(k_chunks, v_chunks, k_run, v_run, jnp.asarray(length, jnp.int32))
-    o, state = rat(q, k, v, f, chunk_size=chunk_size, initial_state=init, output_final_state=True,
-                   block_size=16, impl=impl)
-    total = jnp.sum(o * cotangent)
-    for x, p in zip(state[:4], projections):
-      total += jnp.sum(x * p)
-    return total
-  return loss
-
-
 def test_gradients(rng):
   """Gradients w.r.t. q, k, v, f and every initial-state array: pallas vs xla vs float64."""
   chunk_size, capacity, length = 8, 2, 11
@@ -80,12 +67,13 @@ def test_gradients(rng):
   projections = (randn(rng, 1, final_capacity, 2, D), randn(rng, 1, final_capacity, 2, D),
                  randn(rng, 1, 2, D), randn(rng, 1, 2, D))
   argnums = tuple(range(len(args)))
-  grads = {impl: jax.jit(jax.grad(_loss(impl, chunk_size, cotangent, projections, length),
-                                  argnums))(*args)
+  grads = {impl: jax.jit(jax.grad(loss_fn(impl, chunk_size, cotangent, projections, length=length,
+                                          block_size=16), argnums))(*args)
            for impl in ("pallas", "xla")}
   with jax.enable_x64(True):
     to64 = lambda x: jnp.asarray(x, jnp.float64)
-    loss64 = _loss("reference", chunk_size, to64(cotangent), tuple(map(to64, projections)), length)
+    loss64 = loss_fn("reference", chunk_size, to64(cotangent), tuple(map(to64, projections)),
+                     length=length, block_size=16)
     grads64 = jax.grad(loss64, argnums)(*map(to64, args))
     grads64 = [np.asarray(g) for g in grads64]
   names = ("q", "k", "v", "f", "k_chunks", "v_chunks", "k_run", "v_run")
