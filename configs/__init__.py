@@ -2,8 +2,9 @@
 
 A preset is a module of this package (one file each, e.g. `configs/quickstart.py`) that defines
 `CONFIG: RunConfig`. `load_config("quickstart", ["model.d_model=128", "run.steps=50"])` returns the
-preset with `--set`-style overrides applied (`apply_overrides`); `save_config` writes the resolved config as JSON beside a
-run and `config_from_json` reads it back.
+preset with `--set`-style overrides applied (`apply_overrides`); a Mixture-of-Recursions preset
+also defines `MOR` (`load_mor`). `save_config` writes the resolved config as JSON beside a run and
+`config_from_json` reads it back.
 """
 
 from __future__ import annotations
@@ -176,15 +177,27 @@ def apply_overrides(config: RunConfig, assignments: typing.Sequence[str]) -> Run
   return config_from_dict(tree)
 
 
-def load_config(preset: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
-  """The `CONFIG` of the preset module `configs.<preset>` with `overrides` applied in order."""
+def _preset_module(preset: str):
   try:
-    module = importlib.import_module(f"configs.{preset}")
+    return importlib.import_module(f"configs.{preset}")
   except ModuleNotFoundError as err:
     if err.name != f"configs.{preset}":
       raise
     raise ValueError(f"unknown config preset {preset!r}; presets are {list_presets()}") from None
-  return apply_overrides(module.CONFIG, overrides)
+
+
+def load_config(preset: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
+  """The `CONFIG` of the preset module `configs.<preset>` with `overrides` applied in order."""
+  return apply_overrides(_preset_module(preset).CONFIG, overrides)
+
+
+def load_mor(preset: str):
+  """The preset's `MOR` (a `jaxchunk.models.mor.MoRConfig`), or None if it defines none.
+
+  The trainer replaces its `model` (the shared stack) by the run config's `model`, so `--set
+  model.*` overrides apply to it.
+  """
+  return getattr(_preset_module(preset), "MOR", None)
 
 
 def list_presets() -> list[str]:

@@ -3,8 +3,9 @@
   python launch/compare.py --configs quickstart,rat_local_125m --set run.steps=100 --workdir runs/cmp
 
 Each preset trains in `<workdir>/<preset>` with the shared `--set` overrides (same data section,
-seed and step count, so every model sees the same batches); compare.png holds two panels:
-validation bits/byte against training tokens and against wall-clock seconds.
+seed and step count, so every model sees the same batches); Mixture-of-Recursions presets
+(`mor_*`, which define `MOR`) train their MoR model. compare.png holds two panels: validation
+bits/byte against training tokens and against wall-clock seconds.
 """
 
 from __future__ import annotations
@@ -50,25 +51,34 @@ def plot_comparison(curves: dict[str, list[dict]], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
-def main(argv) -> None:
-  del argv
+def compare(presets, overrides, workdir: str, *, devices=None) -> dict[str, dict]:
+  """Trains each preset (a Mixture-of-Recursions one around its stack) with `overrides` in
+  `<workdir>/<preset>` on `devices` (default all), plots compare.png; returns each preset's
+  trainer summary."""
   import jax
   from jaxchunk.training.trainer import Trainer
 
-  curves = {}
-  for name in CONFIGS.value:
-    workdir = os.path.join(WORKDIR.value, name)
-    trainer = Trainer(configs.load_config(name, SET.value), workdir)
-    summary = trainer.train()
+  summaries, curves = {}, {}
+  for name in presets:
+    run_dir = os.path.join(workdir, name)
+    trainer = Trainer(configs.load_config(name, overrides), run_dir, devices=devices,
+                      mor=configs.load_mor(name))
+    summaries[name] = trainer.train()
     trainer.close()
-    curves[name] = validation_curve(workdir)
+    curves[name] = validation_curve(run_dir)
     if jax.process_index() == 0:
-      print(f"{name}: {summary['num_params'] / 1e6:.2f}M params, validation "
-            f"{summary['val_bits_per_byte']:.3f} bits/byte", flush=True)
+      print(f"{name}: {summaries[name]['num_params'] / 1e6:.2f}M params, validation "
+            f"{summaries[name]['val_bits_per_byte']:.3f} bits/byte", flush=True)
   if jax.process_index() == 0:
-    path = os.path.join(WORKDIR.value, "compare.png")
+    path = os.path.join(workdir, "compare.png")
     plot_comparison(curves, path)
     print(f"wrote {path}", flush=True)
+  return summaries
+
+
+def main(argv) -> None:
+  del argv
+  compare(CONFIGS.value, SET.value, WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
   python launch/train.py --config quickstart --set model.d_model=128 --workdir runs/x
 
+A preset that defines `MOR` (configs/mor_*.py) trains a Mixture-of-Recursions model around its
+`model` stack.
+
 Runs on one CPU, one accelerator or a pod slice alike: on several hosts (TPU pod workers, SLURM
 tasks, or JAX_COORDINATOR_ADDRESS set) it first calls `jax.distributed.initialize()`. The mesh
 comes from the config's `mesh` section; a rerun with the same --workdir resumes from the newest
@@ -49,7 +52,7 @@ def main(argv) -> None:
   from jaxchunk.training.trainer import Trainer
 
   config = configs.load_config(CONFIG.value, SET.value)
-  trainer = Trainer(config, WORKDIR.value)
+  trainer = Trainer(config, WORKDIR.value, mor=configs.load_mor(CONFIG.value))
   main_process = jax.process_index() == 0
   if main_process:
     print(f"{CONFIG.value}: {trainer.num_params / 1e6:.2f}M params, {len(jax.devices())} "

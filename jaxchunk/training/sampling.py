@@ -1,4 +1,8 @@
-"""Sampling text from a trained byte-level model through its cache (prefill, then decode steps)."""
+"""Sampling text from a trained byte-level model through its cache (prefill, then decode steps).
+
+The model is a `LanguageModel` (returns (logits, cache)) or a `MoRLanguageModel` (returns
+(logits, aux) with the cache in aux["cache"]; decode steps exit early where routers decline).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchunk.models import init_cache
+from jaxchunk.models.mor import MoRLanguageModel, init_mor_cache
+
+
+def _apply_with_cache(model: nn.Module, params, tokens, cache):
+  """tokens [B, T] -> (logits [B, T, vocab], the new cache) for either model class."""
+  logits, out = model.apply({"params": params}, tokens, cache=cache)
+  return logits, out["cache"] if isinstance(model, MoRLanguageModel) else out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature"))
 def _generate(model: nn.Module, params, prompt, key, *, max_new_tokens: int, temperature: float):
   """prompt int32 [B, P] -> new tokens int32 [B, max_new_tokens]."""
   batch, prompt_len = prompt.shape
-  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-  logits, cache = model.apply({"params": params}, prompt, cache=cache)
+  new_cache = init_mor_cache if isinstance(model, MoRLanguageModel) else init_cache
+  cache = new_cache(model.config, batch, prompt_len + max_new_tokens)
+  logits, cache = _apply_with_cache(model, params, prompt, cache)
 
   def pick(logits, key):
     if temperature == 0.0:
@@ -27,7 +39,7 @@ def _generate(model: nn.Module, params, prompt, key, *, max_new_tokens: int, tem
   def decode(carry, key):
     last_logits, cache = carry
     token = pick(last_logits, key)
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    logits, cache = _apply_with_cache(model, params, token[:, None], cache)
     return (logits[:, -1], cache), token
 
   keys = jax.random.split(key, max_new_tokens)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import MeshConfig
 from jaxchunk.config import ModelConfig
+from jaxchunk.models.mor import MoRLanguageModel
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
@@ -125,15 +126,23 @@ def abstract_state(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def _token_nll_sums(model: nn.Module, params, batch, *, use_segment_ids: bool, remat: str):
-  """(sum of masked next-token NLL in nats, number of counted tokens) of one batch."""
+def _token_nll_sums(model: nn.Module, params, batch, *, use_segment_ids: bool, remat: str,
+                    inference: bool = False):
+  """(sum of masked next-token NLL in nats, number of counted tokens, router loss) of one batch.
+
+  The router loss is a `MoRLanguageModel`'s aux["router_loss"] (float32 [], 0 for a
+  `LanguageModel`); `inference` makes a MoR model route causally, as in decoding (evaluation).
+  """
+  is_mor = isinstance(model, MoRLanguageModel)
 
   def forward(params, batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                            segment_ids=batch["segment_ids"] if use_segment_ids else None)
+    logits, aux = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"] if use_segment_ids else None,
+                              **({"inference": inference} if is_mor else {}))
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+    router_loss = aux["router_loss"].astype(jnp.float32) if is_mor else jnp.zeros((), jnp.float32)
+    return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"]), router_loss
 
   if remat not in REMAT_POLICIES:
     raise ValueError(f"run.remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
@@ -147,15 +156,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
                     ) -> Callable:
   """The jitted step (state, batch) -> (state, metrics); the input state is donated.
 
-  The batch is split into `grad_accum_steps` micro-batches whose gradients of the summed token
-  NLL are added, then divided by the token count: the update equals one large-batch step.
-  metrics: "loss" (mean NLL, nats), "grad_norm", "tokens" (counted targets).
+  The training loss is the mean token NLL plus, for a `MoRLanguageModel`, its router loss. The
+  batch is split into `grad_accum_steps` micro-batches whose gradients of (summed token NLL +
+  token count * router loss) are added, then divided by the token count: the update equals one
+  large-batch step (router losses weighted by their micro-batch's tokens).
+  metrics: "loss" (mean NLL, nats), "router_loss" (0 without routers), "grad_norm", "tokens"
+  (counted targets).
   """
   if grad_accum_steps <= 0:
     raise ValueError(f"optim.grad_accum_steps must be positive, got {grad_accum_steps}")
-  grad_fn = jax.value_and_grad(
-      lambda p, b: _token_nll_sums(model, p, b, use_segment_ids=use_segment_ids, remat=remat),
-      has_aux=True)
+
+  def objective(params, batch):
+    nll, count, router_loss = _token_nll_sums(model, params, batch,
+                                              use_segment_ids=use_segment_ids, remat=remat)
+    return nll + count * router_loss, (nll, count, router_loss)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def step(state, batch):
     rows = batch["inputs"].shape[0]
@@ -168,18 +184,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
         batch)
 
     def accumulate(carry, micro_batch):
-      grads, nll, count = carry
-      (b_nll, b_count), g = grad_fn(state["params"], micro_batch)
-      return (jax.tree.map(jnp.add, grads, g), nll + b_nll, count + b_count), None
+      grads, nll, count, router = carry
+      (_, (b_nll, b_count, b_router)), g = grad_fn(state["params"], micro_batch)
+      return (jax.tree.map(jnp.add, grads, g), nll + b_nll, count + b_count,
+              router + b_count * b_router), None
 
-    init = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32))
-    (grads, nll, count), _ = jax.lax.scan(accumulate, init, micro)
+    zero = jnp.zeros((), jnp.float32)
+    init = (jax.tree.map(jnp.zeros_like, state["params"]), zero, zero, zero)
+    (grads, nll, count, router), _ = jax.lax.scan(accumulate, init, micro)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
+    metrics = {"loss": nll / count, "router_loss": router / count,
+               "grad_norm": optax.tree.norm(grads), "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   data_sh = batch_sharding(mesh)
@@ -189,10 +207,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
 
 
 def make_eval_step(model: nn.Module, state_shardings, mesh, *, use_segment_ids: bool) -> Callable:
-  """The jitted (params, batch) -> (sum of token NLL in nats, token count)."""
+  """The jitted (params, batch) -> (sum of token NLL in nats, token count).
+
+  A `MoRLanguageModel` routes as at inference (causally: no token sees later tokens' scores).
+  """
 
   def evaluate(params, batch):
-    return _token_nll_sums(model, params, batch, use_segment_ids=use_segment_ids, remat="none")
+    nll, count, _ = _token_nll_sums(model, params, batch, use_segment_ids=use_segment_ids,
+                                    remat="none", inference=True)
+    return nll, count
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(evaluate, in_shardings=(state_shardings["params"], batch_sharding(mesh)),

@@ -2,13 +2,17 @@
 
 `Trainer(config, workdir).train()` trains `LanguageModel(config.model)` on byte-level data for
 `config.run.steps` steps, resuming from the newest checkpoint under `workdir/checkpoints` if there
-is one. It writes into `workdir`: config.json (the resolved config), metrics.jsonl (one JSON record
-per log/eval point), tensorboard/ (event files), loss.png (train and validation loss in bits per
-byte against the unigram byte entropy) and checkpoints/.
+is one. With `mor=` (a `MoRConfig`, e.g. a preset's `MOR`: `configs.load_mor`) it trains
+`MoRLanguageModel` with `config.model` as the shared stack, adds the router loss to the training
+loss, logs it as "router_loss" and counts FLOPs with `mor_flops_per_token`. It writes into
+`workdir`: config.json (the resolved config), mor.json (the MoR config, if any), metrics.jsonl
+(one JSON record per log/eval point), tensorboard/ (event files), loss.png (train and validation
+loss in bits per byte against the unigram byte entropy) and checkpoints/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +24,7 @@ from matplotlib.figure import Figure
 
 from configs import RunConfig, save_config
 from jaxchunk.models import LanguageModel
+from jaxchunk.models.mor import MoRConfig, MoRLanguageModel, mor_flops_per_token
 from jaxchunk.training import data as data_lib
 from jaxchunk.training import train_step as step_lib
 from jaxchunk.training.checkpoint import Checkpointer, StopSignal
@@ -30,18 +35,28 @@ LN2 = math.log(2.0)
 
 
 class Trainer:
-  """Owns one run: see the module docstring. `devices` defaults to all devices."""
+  """Owns one run: see the module docstring. `devices` defaults to all devices.
 
-  def __init__(self, config: RunConfig, workdir: str, *, devices=None):
+  `mor`: a `MoRConfig` whose shared stack is replaced by `config.model` (so `--set model.*`
+  overrides reach it), or None for a `LanguageModel`.
+  """
+
+  def __init__(self, config: RunConfig, workdir: str, *, devices=None,
+               mor: MoRConfig | None = None):
     self.config = config
     self.workdir = workdir
+    self.mor = None if mor is None else dataclasses.replace(mor, model=config.model)
     self.is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if self.is_main:
       save_config(config, os.path.join(workdir, "config.json"))
+      if self.mor is not None:
+        with open(os.path.join(workdir, "mor.json"), "w") as f:
+          json.dump(dataclasses.asdict(self.mor), f, indent=2)
+          f.write("\n")
     self.mesh = step_lib.make_mesh(config.mesh, devices)
     self._init_data()
-    self.model = LanguageModel(config.model)
+    self.model = LanguageModel(config.model) if self.mor is None else MoRLanguageModel(self.mor)
     self.tx = make_optimizer(config.optim, config.run.steps)
     self.state, self.state_shardings = step_lib.init_train_state(
         self.model, self.tx, self.mesh, seed=config.run.seed, seq_len=config.data.seq_len)
@@ -144,8 +159,9 @@ class Trainer:
     run = self.config.run
     total = run.steps
     tokens_per_step = self.config.data.global_batch_size * self.config.data.seq_len
-    flops_per_token = step_lib.flops_per_token(self.config.model, self.num_params,
-                                               self.config.data.seq_len)
+    seq_len = self.config.data.seq_len
+    flops_per_token = (step_lib.flops_per_token(self.config.model, self.num_params, seq_len)
+                       if self.mor is None else mor_flops_per_token(self.mor, seq_len))
     peak = step_lib.peak_flops_per_device(jax.devices()[0], run.peak_flops_per_device)
     wall_offset = self._records[-1]["wall_s"] if self._records else 0.0
     start_time = time.perf_counter()
@@ -178,6 +194,8 @@ class Trainer:
                     "loss": float(metrics["loss"]), "bits_per_byte": float(metrics["loss"]) / LN2,
                     "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
                     "mfu": mfu}
+          if self.mor is not None:
+            record["router_loss"] = float(metrics["router_loss"])
           if evaluate_now:
             val_loss = self.evaluate()
             record.update(val_loss=val_loss, val_bits_per_byte=val_loss / LN2)

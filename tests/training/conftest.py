@@ -1,6 +1,9 @@
-"""Fixtures of the trainer tests: a compilation cache, a small corpus and a tiny run config."""
+"""Fixtures of the trainer tests: a compilation cache, a small corpus, a tiny run config and
+launch/compare.py as a module."""
 
 import dataclasses
+import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -22,6 +25,16 @@ def compilation_cache(tmp_path_factory):
   yield
   for name, value in saved.items():
     jax.config.update(name, value)
+
+
+@pytest.fixture(scope="session")
+def compare_module():
+  """launch/compare.py, loaded once per process: loading it again would redefine its absl flags."""
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "compare.py")
+  spec = importlib.util.spec_from_file_location("compare", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture(scope="module")

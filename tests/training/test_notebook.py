@@ -47,15 +47,9 @@ def close_figures():
   plt.close("all")
 
 
-def test_compare_plot_has_both_panels(tmp_path):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-      "compare", os.path.join(os.path.dirname(__file__), "..", "..", "launch", "compare.py"))
-  compare = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(compare)
+def test_compare_plot_has_both_panels(compare_module, tmp_path):
   curves = {name: [{"tokens": 100 * i, "wall_s": 2.0 * i + offset, "val_bits_per_byte": 5.0 / i}
                    for i in range(1, 4)] for name, offset in (("a", 0.0), ("b", 1.0))}
   path = str(tmp_path / "compare.png")
-  compare.plot_comparison(curves, path)
+  compare_module.plot_comparison(curves, path)
   assert os.path.getsize(path) > 1000
