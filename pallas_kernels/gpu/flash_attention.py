@@ -42,14 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-  """Tile sizes (powers of two, >= 16) and Triton launch parameters of one kernel."""
-  block_q: int
-  block_k: int
-  num_warps: int
-  num_stages: int
+from pallas_kernels.gpu.block_config import BlockConfig
 
 
 def _triple(fwd: BlockConfig, dq: BlockConfig, dkv: BlockConfig) -> dict[str, BlockConfig]:
