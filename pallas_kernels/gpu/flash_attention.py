@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.block_config import BlockConfig
+from pallas_kernels.gpu.flash_common import BlockConfig, dot, fit_block
 
 
 def _triple(fwd: BlockConfig, dq: BlockConfig, dkv: BlockConfig) -> dict[str, BlockConfig]:
@@ -91,21 +91,9 @@ def unsupported_reason(head_dim: int, head_dim_v: int, dtype) -> str | None:
   return None
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  """a @ b (operands optionally transposed) with float32 accumulation, IEEE for float32 operands."""
-  a = a.T if trans_a else a
-  b = b.T if trans_b else b
-  return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _fit(block: int, length: int) -> int:
-  """`block` shrunk for short inputs: the next power of two >= length, at least 16."""
-  return max(16, min(block, pl.next_power_of_2(length)))
-
-
 def _logits(q, k, masking: Masking):
   """Base-2 logits [BQ, BK] of q [BQ, D] and k [BK, D]; also tanh(.) when soft-capped, else None."""
-  s = _dot(q, k, trans_b=True)
+  s = dot(q, k, trans_b=True)
   if masking.softcap is None:
     return s * (masking.scale * _LOG2E), None
   tanh_s = jnp.tanh(s * (masking.scale / masking.softcap))
@@ -228,7 +216,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_blk_min_ref, kv_b
     p = jnp.exp2(s - shift[:, None])
     alpha = jnp.exp2(m - shift)
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
     return m_new, l, acc
 
   ranges = _key_ranges(r_first, block_q, block_k, k_ref.shape[0] // block_k, seg_range, masking)
@@ -274,8 +262,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_blk_min_ref, kv_bl
     kv_seg = None if q_seg is None else kv_seg_ref[cols]
     p, tanh_s = _probabilities(q, k, lse, rows, j * block_k + jnp.arange(block_k, dtype=jnp.int32),
                                q_seg, kv_seg, masking, masked)
-    ds = _dscores(p, _dot(do, v, trans_b=True), delta, tanh_s)
-    return dq + _dot(ds.astype(k.dtype), k)
+    ds = _dscores(p, dot(do, v, trans_b=True), delta, tanh_s)
+    return dq + dot(ds.astype(k.dtype), k)
 
   ranges = _key_ranges(r_first, block_q, block_k, k_ref.shape[0] // block_k, seg_range, masking)
   dq = _three_loops(body, ranges, jnp.zeros(q_ref.shape, jnp.float32))
@@ -300,9 +288,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_blk_min_ref, q_blk
     q_seg = None if kv_seg is None else q_seg_ref[rows]
     p, tanh_s = _probabilities(q, k, lse_ref[rows], i * block_q + jnp.arange(
         block_q, dtype=jnp.int32), cols, q_seg, kv_seg, masking, masked)
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    ds = _dscores(p, _dot(do, v, trans_b=True), delta_ref[rows], tanh_s)
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+    ds = _dscores(p, dot(do, v, trans_b=True), delta_ref[rows], tanh_s)
+    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   ranges = _query_ranges(c_first, block_k, block_q, q_ref.shape[0] // block_q, seg_range, masking)
@@ -334,8 +322,8 @@ def _configs(head_dim: int, dtype, length: int) -> tuple[BlockConfig, ...]:
   """The table's (fwd, dq, dkv) configs, blocks shrunk to short inputs."""
   width = "float32" if jnp.dtype(dtype) == jnp.float32 else "16bit"
   table = CONFIGS[(head_dim, width)]
-  return tuple(dataclasses.replace(table[name], block_q=_fit(table[name].block_q, length),
-                                   block_k=_fit(table[name].block_k, length))
+  return tuple(dataclasses.replace(table[name], block_q=fit_block(table[name].block_q, length),
+                                   block_k=fit_block(table[name].block_k, length))
                for name in ("fwd", "dq", "dkv"))
 
 

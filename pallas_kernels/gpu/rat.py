@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.block_config import BlockConfig
+from pallas_kernels.gpu.flash_common import BlockConfig, dot, fit_block
 
 
 # (head_dim, operand dtype name) -> configs of the forward, dq and d(summaries) kernels.
@@ -65,18 +65,6 @@ def unsupported_reason(head_dim: int, dtype) -> str | None:
   return None
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  """a @ b (operands optionally transposed) with float32 accumulation, IEEE for float32 operands."""
-  a = a.T if trans_a else a
-  b = b.T if trans_b else b
-  return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _fit(block: int, length: int) -> int:
-  """`block` shrunk for short inputs: the next power of two >= length, at least 16."""
-  return max(16, min(block, pl.next_power_of_2(length)))
-
-
 def _fwd_kernel(q_ref, k_run_ref, v_run_ref, k_sum_ref, v_sum_ref, q_chunk_ref, o_ref, lse_ref, *,
                 scale: float, block_k: int):
   """One (batch, head, query block): q [BQ, D], own terms [BQ, D], summaries [M, D], q_chunk [BQ].
@@ -96,7 +84,7 @@ def _fwd_kernel(q_ref, k_run_ref, v_run_ref, k_sum_ref, v_sum_ref, q_chunk_ref, 
     m, l, acc = carry
     ks = k_sum_ref[pl.ds(j * block_k, block_k), :]
     vs = v_sum_ref[pl.ds(j * block_k, block_k), :]
-    s = _dot(q, ks, trans_b=True) * qk_scale
+    s = dot(q, ks, trans_b=True) * qk_scale
     if masked:
       visible = j * block_k + jnp.arange(block_k)[None, :] < q_chunk[:, None]
       s = jnp.where(visible, s, -jnp.inf)
@@ -104,7 +92,7 @@ def _fwd_kernel(q_ref, k_run_ref, v_run_ref, k_sum_ref, v_sum_ref, q_chunk_ref, 
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(vs.dtype), vs)
+    acc = alpha[:, None] * acc + dot(p.astype(vs.dtype), vs)
     return m_new, l, acc
 
   first_masked = jnp.minimum(jnp.min(q_chunk) // block_k, num_blocks)
@@ -136,13 +124,13 @@ def _dq_kernel(q_ref, k_run_ref, v_run_ref, k_sum_ref, v_sum_ref, q_chunk_ref, d
   def body(j, dq, *, masked):
     ks = k_sum_ref[pl.ds(j * block_k, block_k), :]
     vs = v_sum_ref[pl.ds(j * block_k, block_k), :]
-    s = _dot(q, ks, trans_b=True) * qk_scale
+    s = dot(q, ks, trans_b=True) * qk_scale
     if masked:
       visible = j * block_k + jnp.arange(block_k)[None, :] < q_chunk[:, None]
       s = jnp.where(visible, s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
-    ds = p * (_dot(do, vs, trans_b=True) - delta[:, None])
-    return dq + _dot(ds.astype(ks.dtype), ks)
+    ds = p * (dot(do, vs, trans_b=True) - delta[:, None])
+    return dq + dot(ds.astype(ks.dtype), ks)
 
   first_masked = jnp.minimum(jnp.min(q_chunk) // block_k, num_blocks)
   end = jnp.minimum(pl.cdiv(jnp.max(q_chunk), block_k), num_blocks)
@@ -172,14 +160,14 @@ def _dkv_kernel(q_ref, k_sum_ref, v_sum_ref, q_chunk_ref, do_ref, lse_ref, delta
     rows = pl.ds(i * block_q, block_q)
     q = q_ref[rows, :]
     do = do_ref[rows, :]
-    s = _dot(q, ks, trans_b=True) * qk_scale
+    s = dot(q, ks, trans_b=True) * qk_scale
     if masked:
       visible = start + jnp.arange(block_k)[None, :] < q_chunk_ref[rows][:, None]
       s = jnp.where(visible, s, -jnp.inf)
     p = jnp.exp2(s - lse_ref[rows][:, None])
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    ds = p * (_dot(do, vs, trans_b=True) - delta_ref[rows][:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+    ds = p * (dot(do, vs, trans_b=True) - delta_ref[rows][:, None])
+    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   first_row = jnp.maximum((start + 1 - first_chunk) * chunk_size, 0)
@@ -203,8 +191,8 @@ def _pad_axis(x, multiple: int, axis: int):
 def _configs(head_dim: int, dtype, length: int, summaries: int) -> tuple[BlockConfig, ...]:
   """The table's (fwd, dq, dkv) configs, blocks shrunk to short inputs."""
   table = CONFIGS[(head_dim, jnp.dtype(dtype).name)]
-  return tuple(dataclasses.replace(table[name], block_q=_fit(table[name].block_q, length),
-                                   block_k=_fit(table[name].block_k, summaries))
+  return tuple(dataclasses.replace(table[name], block_q=fit_block(table[name].block_q, length),
+                                   block_k=fit_block(table[name].block_k, summaries))
                for name in ("fwd", "dq", "dkv"))
 
 
