@@ -69,6 +69,25 @@ def check_qkv(q, k, v, *, v_heads_match_k: bool = True):
   return b, t, h, hk, dk, v.shape[3]
 
 
+def check_step_qkv(q, k, v, op_name: str):
+  """Validates one decode token: q [B,H,Dk], k [B,Hk,Dk], v [B,Hk,Dv] with Hk dividing H.
+
+  Returns (B, H, Hk, Dk, Dv).
+  """
+  check_rank(q, 3, "q", "[batch, heads, head_dim]")
+  check_rank(k, 3, "k", "[batch, kv_heads, head_dim]")
+  check_rank(v, 3, "v", "[batch, kv_heads, head_dim_v]")
+  b, h, dk = q.shape
+  hk, dv = k.shape[1], v.shape[2]
+  if k.shape[0] != b or k.shape[2] != dk or h % hk:
+    raise ValueError(f"{op_name}: k must have shape [{b}, kv_heads dividing {h}, {dk}] to match "
+                     f"q {q.shape}, got {k.shape}")
+  if v.shape[:2] != (b, hk):
+    raise ValueError(f"{op_name}: v must have shape [{b}, {hk}, head_dim_v] to match k {k.shape}, "
+                     f"got {v.shape}")
+  return b, h, hk, dk, dv
+
+
 def check_gate(x, name: str, b: int, t: int, heads: tuple[int, ...], tail: tuple = ()) -> None:
   """Checks a gate shaped [B, T, heads, *tail] where heads may be any of `heads` (q or kv heads)."""
   layout = f"[{b}, {t}, {' or '.join(map(str, sorted(set(heads))))}{''.join(f', {d}' for d in tail)}]"

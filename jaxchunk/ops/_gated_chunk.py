@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_rank, check_shape,
+from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive, check_qkv, check_shape,
                                   compute_dtype, default_scale, pad_seq, pallas_interpret,
                                   repeat_heads, resolve_impl)
 from pallas_kernels.gpu import gated_linear_attention as gla_kernel
@@ -267,17 +267,7 @@ def gated_linear_attention_step(op_name: str, q, k, v, gate, gate_name: str, sta
   (`per_channel`); state [B,H,Dk,Dv] or None (zeros).
   Returns (o [B,H,Dv] in q's dtype, new_state [B,H,Dk,Dv]).
   """
-  check_rank(q, 3, "q", "[batch, heads, head_dim]")
-  check_rank(k, 3, "k", "[batch, kv_heads, head_dim]")
-  check_rank(v, 3, "v", "[batch, kv_heads, head_dim_v]")
-  b, h, dk = q.shape
-  hk, dv = k.shape[1], v.shape[2]
-  if k.shape[0] != b or k.shape[2] != dk or h % hk:
-    raise ValueError(f"{op_name}: k must have shape [{b}, kv_heads dividing {h}, {dk}] to match "
-                     f"q {q.shape}, got {k.shape}")
-  if v.shape[:2] != (b, hk):
-    raise ValueError(f"{op_name}: v must have shape [{b}, {hk}, head_dim_v] to match k {k.shape}, "
-                     f"got {v.shape}")
+  b, h, hk, dk, dv = check_step_qkv(q, k, v, op_name)
   tail = (dk,) if per_channel else ()
   if jnp.ndim(gate) != 2 + len(tail) or gate.shape[0] != b or gate.shape[1] not in (h, hk) \
       or tuple(gate.shape[2:]) != tail:

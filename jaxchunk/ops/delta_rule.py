@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_rank,
+from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive, check_qkv,
                                   compute_dtype, default_scale, pad_seq, repeat_heads, resolve_impl)
 from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,
                                        _scalar_decay_attention)
@@ -199,17 +199,7 @@ def _delta_family_step(op_name: str, q, k, v, beta, gate, gate_name: str, state,
   [B,H or Hk,Dk] (`per_channel`); state [B,H,Dk,Dv] or None (zeros).
   Returns (o [B,H,Dv] in q's dtype, new_state [B,H,Dk,Dv]).
   """
-  check_rank(q, 3, "q", "[batch, heads, head_dim]")
-  check_rank(k, 3, "k", "[batch, kv_heads, head_dim]")
-  check_rank(v, 3, "v", "[batch, kv_heads, head_dim_v]")
-  b, h, dk = q.shape
-  hk, dv = k.shape[1], v.shape[2]
-  if k.shape[0] != b or k.shape[2] != dk or h % hk:
-    raise ValueError(f"{op_name}: k must have shape [{b}, kv_heads dividing {h}, {dk}] to match "
-                     f"q {q.shape}, got {k.shape}")
-  if v.shape[:2] != (b, hk):
-    raise ValueError(f"{op_name}: v must have shape [{b}, {hk}, head_dim_v] to match k {k.shape}, "
-                     f"got {v.shape}")
+  b, h, hk, dk, dv = check_step_qkv(q, k, v, op_name)
   heads = " or ".join(map(str, sorted({h, hk})))
   if jnp.ndim(beta) != 2 or beta.shape[0] != b or beta.shape[1] not in (h, hk):
     raise ValueError(f"beta must have shape [{b}, {heads}], got {jnp.shape(beta)}")
