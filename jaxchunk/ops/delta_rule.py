@@ -33,6 +33,12 @@ Every exponent outside M and P is <= 0. M and P use the overflow-free decayed at
 `jaxchunk.ops._gated_chunk` (exponents masked before `exp` for a scalar decay, secondary chunking
 with in-between reference points for a per-channel decay).
 
+The "pallas" path (GPU, or interpret mode on CPU) computes the same chunk-local factors (W, U_v,
+Q * exp(b), K * exp(b_C - b), P) in XLA at the chunk size of the kernel's config table, and runs
+the state pass and the outputs in `pallas_kernels.gpu.delta_rule` (`chunk_size` sets the xla
+path's chunk only); the factors go to the kernel in q's dtype (bf16 or float32), head dims 64 and
+128. JAX differentiates the factors; the kernel has its own backward for the state pass.
+
 Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
 enabled), so the reference path can serve as a float64 oracle.
 """
@@ -48,9 +54,11 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive, check_qkv,
-                                  compute_dtype, default_scale, pad_seq, repeat_heads, resolve_impl)
+                                  compute_dtype, default_scale, pad_seq, pallas_interpret,
+                                  repeat_heads, resolve_impl)
 from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,
                                        _scalar_decay_attention)
+from pallas_kernels.gpu import delta_rule as delta_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -97,12 +105,13 @@ def _reference(q, k, v, beta, log_decay, state):
 # Chunked (WY / UT transform) form.
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
-def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
-  """Chunkwise-parallel form (module docstring). Shapes as `_reference`.
+def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int):
+  """The chunk-local factors of the chunked form (module docstring), for all chunks in parallel.
 
-  T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and log-decay 0, which leaves
-  the state unchanged.
+  Shapes as `_reference`. T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and
+  log-decay 0, which leaves the state unchanged. Returns, with N chunks of C tokens, arrays laid out
+  [B, N, H, C, *]: w [..,Dk], u_v [..,Dv], q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b)
+  [..,Dk], attention P [..,C] and the cumulative log-decay b [..,Dk or 1].
   """
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -127,11 +136,23 @@ def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
   system = jnp.eye(chunk_size, dtype=q.dtype) + jnp.where(strictly_lower, beta * gram, 0)
   solved = solve_triangular(system, beta * jnp.concatenate([v, k * jnp.exp(b)], axis=-1),
                             lower=True, unit_diagonal=True)
-  u_v, w = solved[..., :dv], solved[..., dv:]                                # [B,N,H,C,Dv / Dk]
+  u_v, w = solved[..., :dv], solved[..., dv:]
+  k_to_end = k * jnp.exp(b[..., -1:, :] - b)
+  return w, u_v, q * jnp.exp(b), k_to_end, attention, b
 
-  b_last = b[..., -1:, :]
-  k_to_end = k * jnp.exp(b_last - b)
-  chunk_decays = jnp.exp(b_last[..., 0, :])[..., None]                       # [B,N,H,Dk or 1,1]
+
+def _from_chunks(x):
+  """[B, N, H, C, D] chunks -> [B, N * C, H, D]."""
+  bsz, n, h, c, d = x.shape
+  return x.transpose(0, 1, 3, 2, 4).reshape(bsz, n * c, h, d)
+
+
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
+  """Chunkwise-parallel form (module docstring): the factors of `_chunk_factors`, then a
+  `lax.scan` over chunks for the state. Shapes as `_reference`."""
+  w, u_v, q_decayed, k_to_end, attention, b = _chunk_factors(q, k, v, beta, log_decay, chunk_size)
+  chunk_decays = jnp.exp(b[..., -1, :])[..., None]                           # [B,N,H,Dk or 1,1]
 
   def pass_chunk(s, xs):
     w_c, u_v_c, k_to_end_c, decay_c = xs
@@ -142,8 +163,32 @@ def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
   state, (chunk_states, u) = lax.scan(pass_chunk, state, xs)
   chunk_states, u = jnp.moveaxis(chunk_states, 0, 1), jnp.moveaxis(u, 0, 1)
   o = (_einsum("bnhij,bnhje->bnhie", attention, u)
-       + _einsum("bnhcd,bnhde->bnhce", q * jnp.exp(b), chunk_states))
-  o = o.transpose(0, 1, 3, 2, 4).reshape(bsz, n * chunk_size, h, dv)
+       + _einsum("bnhcd,bnhde->bnhce", q_decayed, chunk_states))
+  return _from_chunks(o)[:, :q.shape[1]], state
+
+
+def _pallas_unsupported(q, k, v) -> str | None:
+  """None when the Pallas kernel supports this call, else the reason."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
+    return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
+  return delta_kernel.unsupported_reason(q.shape[-1], v.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames="operand_dtype")
+def _chunked_pallas(q, k, v, beta, log_decay, state, *, operand_dtype):
+  """As `_chunked` with the state pass and outputs in the Pallas kernel
+  (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size. The factors are computed in
+  float32 and handed to the kernel in `operand_dtype` (q's dtype before casting); o comes back in
+  it."""
+  t = q.shape[1]
+  factors = _chunk_factors(q, k, v, beta, log_decay, delta_kernel.chunk_size(q.shape[-1]))
+  w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, factors)
+  if b.shape[-1] == 1:
+    b = b[..., 0]
+  o, state = delta_kernel.delta_rule_chunks(
+      *(x.astype(operand_dtype) for x in (w, u_v, q_decayed, k_to_end, attention)), b, state,
+      interpret=pallas_interpret())
   return o[:, :t], state
 
 
@@ -168,7 +213,7 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     _check_state(initial_state, (b, h, dk, dv), "initial_state")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
-  path = resolve_impl(impl, op_name)
+  path = resolve_impl(impl, op_name, pallas_unsupported=_pallas_unsupported(q, k, v))
   if gate is not None:
     check_nonpositive(gate, gate_name)
 
@@ -186,6 +231,8 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
            else jnp.asarray(initial_state, dtype))
   if path == "reference":
     o, state = _reference(q, k, v, beta, log_decay, state)
+  elif path == "pallas":
+    o, state = _chunked_pallas(q, k, v, beta, log_decay, state, operand_dtype=out_dtype)
   else:
     o, state = _chunked(q, k, v, beta, log_decay, state, chunk_size=chunk_size)
   return o.astype(out_dtype), (state if output_final_state else None)

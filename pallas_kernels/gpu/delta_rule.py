@@ -1,0 +1,282 @@
+"""Pallas (Triton) GPU kernels for the delta-rule family (DeltaNet, Gated DeltaNet, KDA): the
+sequential state pass and the outputs of the chunked WY / UT form, forward and backward, wired
+with `jax.custom_vjp`.
+
+The caller (`jaxchunk.ops.delta_rule`) computes every chunk-local, fully parallel factor in XLA, as
+FLA's chunk kernels split chunk_h from the rest. For a chunk of C tokens with the cumulative
+log-decay b from the chunk start (inclusive) and its last row b_C:
+
+  W   [C, Dk]  and  U_v [C, Dv]   from the per-chunk triangular solve (W holds its factor e^b),
+  Qd = q * e^b  [C, Dk],   Kd = k * e^(b_C - b)  [C, Dk],
+  P   [C, C]   the causal decayed scores, P_ij = sum_d q_id k_jd e^(b_id - b_jd) for j <= i,
+  g  = e^(b_C)  one scalar, or one factor per key channel (a state row).
+
+The kernel walks the chunks in order, per (batch, head, Dv block), with the [Dk, BV] float32 state
+slice S in registers (the state's columns are independent):
+
+  U = U_v - W S,    O = Qd S + P U,    S <- diag(g) S + Kd^T U.
+
+Backward: one kernel walks the chunks in reverse carrying dS (the gradient of the state after the
+chunk), reading each chunk's start state S saved by the forward ([Dk, Dv] float32 per chunk):
+
+  dU = P^T dO + Kd dS,  dP = mask(dO U^T),  dQd = dO S^T,  dKd = U dS^T,  dU_v = dU,
+  dW = -dU S^T,  db_C = g * rowsum(S * dS)  (summed over rows for a scalar g),
+  dS <- diag(g) dS + Qd^T dO - W^T dU.
+
+dP, dQd, dKd, dW and db_C are sums over Dv: each Dv block writes its part and the wrapper adds them.
+Everything upstream of the factors (solve, decays, beta, GQA) is differentiated by JAX through the
+caller's XLA code.
+
+Operands are stored in the input dtype (bf16 or float32); states and accumulation are float32.
+Float32 operands use full-precision (IEEE) dots; with bf16 the dots with the state, its gradient or
+the state update keep float32 operands (tf32 on the GPU) and the others (P U, P^T dO, dO U^T) use
+bf16, as in `gated_linear_attention`. This module never imports jaxchunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gpu.gated_linear_attention import _causal, _dot, _row
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  chunk: int         # tokens per chunk
+  block_v: int       # Dv columns per program
+  num_warps: int
+  num_stages: int
+
+
+# Block sizes per head_dim_k. `block_v` halves (down to 32) while the grid has fewer programs than
+# `_MIN_PROGRAMS` (about the SM count of an H100), so long sequences with a small batch still fill
+# the chip; with Dk = 128 a 32-column state slice keeps the state, W and Kd in registers.
+CONFIGS = {
+    64: Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
+    128: Config(chunk=64, block_v=32, num_warps=4, num_stages=2),
+}
+HEAD_DIMS = (64, 128)
+_MIN_PROGRAMS = 128
+
+
+def unsupported_reason(head_dim_k: int, head_dim_v: int) -> str | None:
+  """None when the kernels support these head dims, else why not."""
+  if head_dim_k not in HEAD_DIMS or head_dim_v not in HEAD_DIMS:
+    return (f"the Pallas kernel supports head dims {HEAD_DIMS}, got head_dim={head_dim_k}, "
+            f"head_dim_v={head_dim_v}")
+  return None
+
+
+def chunk_size(head_dim_k: int) -> int:
+  """Tokens per chunk of the kernels for this key head dim (the caller's factors use it)."""
+  return CONFIGS[head_dim_k].chunk
+
+
+def _config(batch: int, heads: int, dk: int, dv: int) -> Config:
+  config = CONFIGS[dk]
+  block_v = min(config.block_v, dv)
+  while block_v > 32 and batch * heads * (dv // block_v) < _MIN_PROGRAMS:
+    block_v //= 2
+  return dataclasses.replace(config, block_v=block_v)
+
+
+def _chunk_decay(b, per_channel: bool):
+  """e^(b_C) from a chunk's cumulative log-decay b ([C] or [C, Dk]): a scalar, or [Dk, 1] to scale
+  the state's rows. Also returns e^(b_C) unshaped (a scalar or [Dk])."""
+  decay = jnp.exp(_row(b, b.shape[0] - 1))
+  return (decay[:, None] if per_channel else decay), decay
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels. Refs are one (batch, head, Dv block): w, qd, kd [T, Dk]; u_v, o, do [T, BV]; p [T, C];
+# b [T] or [T, Dk]; states [Dk, BV]; chunk start states [N * Dk, BV].
+
+
+def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref, st_ref,
+                    *states_ref, chunk, num_chunks, per_channel, dtype):
+  dk = w_ref.shape[-1]
+
+  def body(c, state):
+    rows = pl.ds(c * chunk, chunk)
+    if states_ref:
+      states_ref[0][pl.ds(c * dk, dk), :] = state
+    decay, _ = _chunk_decay(b_ref[rows, ...], per_channel)
+    u = u_v_ref[rows, :].astype(jnp.float32) - _dot(w_ref[rows, :], state, dtype, wide=True)
+    o = _dot(qd_ref[rows, :], state, dtype, wide=True) + _dot(p_ref[rows, :], u, dtype)
+    o_ref[rows, :] = o.astype(o_ref.dtype)
+    return decay * state + _dot(kd_ref[rows, :], u, dtype, wide=True, trans_a=True)
+
+  st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+
+
+def _backward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, states_ref, do_ref, dst_ref,
+                     dw_ref, du_v_ref, dqd_ref, dkd_ref, dp_ref, db_ref, ds0_ref, *, chunk,
+                     num_chunks, per_channel, dtype):
+  dk = w_ref.shape[-1]
+  causal = _causal(chunk)
+  rows_shape = (chunk, dk) if per_channel else (chunk,)
+  last_row = lax.broadcasted_iota(jnp.int32, rows_shape, 0) == chunk - 1
+
+  def body(i, dstate):
+    c = num_chunks - 1 - i
+    rows = pl.ds(c * chunk, chunk)
+    state = states_ref[pl.ds(c * dk, dk), :]
+    w, qd, kd, p = w_ref[rows, :], qd_ref[rows, :], kd_ref[rows, :], p_ref[rows, :]
+    do = do_ref[rows, :]
+    decay, decay_flat = _chunk_decay(b_ref[rows, ...], per_channel)
+    u = u_v_ref[rows, :].astype(jnp.float32) - _dot(w, state, dtype, wide=True)
+    du = _dot(p, do, dtype, trans_a=True) + _dot(kd, dstate, dtype, wide=True)
+    dp_ref[rows, :] = jnp.where(causal, _dot(do, u, dtype, trans_b=True), 0.0)
+    dqd_ref[rows, :] = _dot(do, state, dtype, wide=True, trans_b=True)
+    dkd_ref[rows, :] = _dot(u, dstate, dtype, wide=True, trans_b=True)
+    dw_ref[rows, :] = -_dot(du, state, dtype, wide=True, trans_b=True)
+    du_v_ref[rows, :] = du.astype(du_v_ref.dtype)
+    if per_channel:
+      db_last = decay_flat * jnp.sum(state * dstate, axis=1)                # [Dk]
+      db_ref[rows, :] = jnp.where(last_row, db_last[None, :], 0.0)
+    else:
+      db_ref[rows] = jnp.where(last_row, decay_flat * jnp.sum(state * dstate), 0.0)
+    return (decay * dstate + _dot(qd, do, dtype, wide=True, trans_a=True)
+            - _dot(w, du, dtype, wide=True, trans_a=True))
+
+  ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call wrappers. Arrays: w, qd, kd [B,T,H,Dk]; u_v, o [B,T,H,Dv]; p [B,T,H,C]; b [B,T,H] or
+# [B,T,H,Dk] float32; states [B,H,Dk,Dv] float32; chunk start states [B,H,N*Dk,Dv] float32.
+# T is a multiple of the chunk C.
+
+
+def _specs(shapes: dict, names, block_v: int):
+  """BlockSpecs over the grid (batch, head, Dv block) for the named operands."""
+  t, dk, chunk = shapes["t"], shapes["dk"], shapes["chunk"]
+
+  def seq(last, v_blocked):
+    return pl.BlockSpec((None, t, None, last), lambda b, h, j: (b, 0, h, j if v_blocked else 0))
+
+  def partial(*last):                 # [Dv blocks, B, T, H, *last] float32 parts summed outside
+    return pl.BlockSpec((None, None, t, None, *last),
+                        lambda b, h, j: (j, b, 0, h) + (0,) * len(last))
+
+  per_channel = shapes["per_channel"]
+  table = {
+      "k": seq(dk, False),
+      "v": seq(block_v, True),
+      "p": seq(chunk, False),
+      "b": (pl.BlockSpec((None, t, None, dk), lambda b, h, j: (b, 0, h, 0)) if per_channel else
+            pl.BlockSpec((None, t, None), lambda b, h, j: (b, 0, h))),
+      "state": pl.BlockSpec((None, None, dk, block_v), lambda b, h, j: (b, h, 0, j)),
+      "states": pl.BlockSpec((None, None, (t // chunk) * dk, block_v),
+                             lambda b, h, j: (b, h, 0, j)),
+      "partial_k": partial(dk),
+      "partial_p": partial(chunk),
+      "partial_b": partial(dk) if per_channel else partial(),
+  }
+  return tuple(table[n] for n in names)
+
+
+def _call(kernel, in_names, out_names, out_shape, w, u_v, p, b, config, interpret, **kw):
+  batch, t, heads, dk = w.shape
+  dv = u_v.shape[-1]
+  per_channel = b.ndim == 4
+  shapes = dict(t=t, dk=dk, chunk=config.chunk, per_channel=per_channel)
+  return pl.pallas_call(
+      functools.partial(kernel, chunk=config.chunk, num_chunks=t // config.chunk,
+                        per_channel=per_channel, dtype=w.dtype, **kw),
+      grid=(batch, heads, dv // config.block_v),
+      in_specs=_specs(shapes, in_names, config.block_v),
+      out_specs=_specs(shapes, out_names, config.block_v),
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+  )
+
+
+_FACTORS = ("k", "v", "k", "k", "p", "b")        # w, u_v, qd, kd, p, b
+
+
+def _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, *, save_states: bool):
+  """Runs the forward kernel. Returns (o, final state, chunk start states or None)."""
+  batch, t, heads, dk = w.shape
+  dv = u_v.shape[-1]
+  out_names = ("v", "state") + (("states",) if save_states else ())
+  out_shape = (jax.ShapeDtypeStruct((batch, t, heads, dv), w.dtype),
+               jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32))
+  if save_states:
+    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), jnp.float32),)
+  outs = _call(_forward_kernel, _FACTORS + ("state",), out_names, out_shape, w, u_v, p, b, config,
+               interpret)(w, u_v, qd, kd, p, b, initial_state)
+  return outs if save_states else (*outs, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _state_pass(w, u_v, qd, kd, p, b, initial_state, config, interpret):
+  return _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, save_states=False)[:2]
+
+
+def _state_pass_forward(w, u_v, qd, kd, p, b, initial_state, config, interpret):
+  o, final_state, states = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
+                                    save_states=True)
+  return (o, final_state), (w, u_v, qd, kd, p, b, states)
+
+
+def _state_pass_backward(config, interpret, residuals, cotangents):
+  w, u_v, qd, kd, p, b, states = residuals
+  do, dfinal = cotangents
+  batch, t, heads, dk = w.shape
+  dv = u_v.shape[-1]
+  num_v = dv // config.block_v
+  partial = lambda *last: jax.ShapeDtypeStruct((num_v, batch, t, heads, *last), jnp.float32)
+  dw, du_v, dqd, dkd, dp, db, dinitial = _call(
+      _backward_kernel, _FACTORS + ("states", "v", "state"),
+      ("partial_k", "v", "partial_k", "partial_k", "partial_p", "partial_b", "state"),
+      (partial(dk), jax.ShapeDtypeStruct(u_v.shape, u_v.dtype), partial(dk), partial(dk),
+       partial(config.chunk), partial(*b.shape[3:]),
+       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
+      w, u_v, p, b, config, interpret)(w, u_v, qd, kd, p, b, states, do.astype(w.dtype), dfinal)
+  dw, dqd, dkd, dp = (x.sum(0).astype(w.dtype) for x in (dw, dqd, dkd, dp))
+  return dw, du_v, dqd, dkd, dp, db.sum(0), dinitial
+
+
+_state_pass.defvjp(_state_pass_forward, _state_pass_backward)
+
+
+def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, initial_state, *,
+                      interpret: bool = False):
+  """The state pass and outputs of the chunked delta rule (module docstring), differentiable in
+  every input.
+
+  Args:
+    w: [B, T, H, Dk] W of each chunk (already including e^b), in the operand dtype (bf16 or
+      float32; all of w, u_v, q_decayed, k_to_end, attention share it). Dk, Dv in `HEAD_DIMS`.
+    u_v: [B, T, H, Dv] U_v of each chunk.
+    q_decayed: [B, T, H, Dk] q * e^b (q already scaled).
+    k_to_end: [B, T, H, Dk] k * e^(b_C - b).
+    attention: [B, T, H, C] P: row i of a chunk holds P_ij for the chunk's tokens j (0 for j > i).
+    log_decay_cumsum: [B, T, H] (scalar decay per head) or [B, T, H, Dk] (per key channel) float32
+      chunk-local cumulative log-decay b; only each chunk's last row b_C is read.
+    initial_state: [B, H, Dk, Dv] float32.
+    interpret: run the kernels in Pallas interpret mode (CPU tests).
+  T must be a multiple of C = `chunk_size(Dk)`, chunks laid out consecutively along T.
+
+  Returns:
+    (o [B, T, H, Dv] in the operand dtype, final state [B, H, Dk, Dv] float32).
+  """
+  batch, t, heads, dk = w.shape
+  dv = u_v.shape[-1]
+  config = _config(batch, heads, dk, dv)
+  if attention.shape[-1] != config.chunk or t % config.chunk:
+    raise ValueError(f"delta_rule_chunks: attention must have shape [{batch}, T, {heads}, "
+                     f"{config.chunk}] with T a multiple of {config.chunk}, got {attention.shape}")
+  return _state_pass(w, u_v, q_decayed, k_to_end, attention,
+                     log_decay_cumsum.astype(jnp.float32), initial_state.astype(jnp.float32),
+                     config, interpret)
