@@ -207,6 +207,17 @@ def _combine(left, right):
   return a1 * a2, a2 * bk1 + bk2, a2 * bv1 + bv2
 
 
+@jax.checkpoint
+def _aggregate(gate, k, v):
+  """In-chunk running aggregates of k and v [B, N, C, Hk, D] under `gate` (same shape).
+
+  Rematerialised in the backward pass (elementwise work over the chunk axis), so only the inputs
+  stay alive between the passes, not the scan's log2(C) levels of intermediates.
+  """
+  _, k_agg, v_agg = lax.associative_scan(_combine, (gate, (1 - gate) * k, (1 - gate) * v), axis=2)
+  return k_agg, v_agg
+
+
 def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float):
   """Online-softmax attention of one query block over all summary blocks.
 
@@ -303,9 +314,8 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   gate = jnp.where((pos < offset)[None, :, None, None], 0, place(f, 1))
   k_in = jnp.where(inject, state.k_run[:, None], place(k, 0))
   v_in = jnp.where(inject, state.v_run[:, None], place(v, 0))
-  by_chunk = lambda x: x.reshape(b, nc, c, hk, d)
-  _, k_agg, v_agg = lax.associative_scan(
-      _combine, (by_chunk(gate), by_chunk((1 - gate) * k_in), by_chunk((1 - gate) * v_in)), axis=2)
+  k_agg, v_agg = _aggregate(gate.reshape(b, nc, c, hk, d), k_in.reshape(b, nc, c, hk, d),
+                            v_in.reshape(b, nc, c, hk, d))
   k_new, v_new = k_agg[:, :, -1], v_agg[:, :, -1]  # [B, nc, Hk, D] summaries of the buffer's chunks
   new_chunk = first_chunk + jnp.arange(nc)
 
