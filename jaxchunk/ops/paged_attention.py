@@ -8,10 +8,20 @@ at offset p % page_size. Entries past a sequence's length may name any page (the
 
 `paged_write` stores new keys/values, `chunked_prefill_attention` attends T new queries at
 positions q_offset[b] .. q_offset[b] + T - 1 to the keys before q_offset[b] + T, and
-`paged_decode_attention` is its T = 1 form. The "reference" and "xla" paths gather the pages of
-each row into a contiguous [B, pages_per_seq * page_size, Hk, D] view and run
-`jaxchunk.ops.attention.attention` (its dense reference or its blockwise FlashAttention-2 path) with
-per-row offsets and lengths; GQA as in that op.
+`paged_decode_attention` is its T = 1 form. With `q_length` [B] only the first q_length[b] query
+slots of row b are real (the rest output zeros), so one call can mix decode rows (q_length 1) and
+prefill chunks of different lengths (a ragged batch).
+
+Paths: "reference" and "xla" gather the pages of each row into a contiguous
+[B, pages_per_seq * page_size, Hk, D] view and run `jaxchunk.ops.attention.attention` (its dense
+reference or its blockwise FlashAttention-2 path) with per-row offsets and lengths; GQA as in that
+op. "pallas" runs the Triton kernel of `pallas_kernels.gpu.paged_attention`, which reads the pages
+in place through the page table (each page once per kv head and block of query rows, only the pages
+inside the row's causal / length / window range), folds each GQA group into the rows of one dot and
+splits long contexts over several programs (split-K, merged by log-sum-exp). It covers head_dim 64,
+128, 256, any page_size and q and pools in bfloat16, float16 or float32 (forward only: serving);
+window, softcap and q_length included. "auto" picks it on GPU for those calls, else "xla". On CPU "pallas" runs the
+kernel in interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -19,8 +29,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxchunk.ops._common import check_rank, check_shape, resolve_impl
-from jaxchunk.ops.attention import attention
+from jaxchunk.ops._common import check_rank, check_shape, default_scale, pallas_interpret
+from jaxchunk.ops._common import resolve_impl
+from jaxchunk.ops.attention import _check_softcap, _check_window, attention
+from pallas_kernels.gpu import paged_attention as paged_kernel
 
 
 def _check_pages(k_pages, v_pages, page_table, batch: int):
@@ -76,9 +88,10 @@ def paged_write(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Arr
   return write(k_pages, k), write(v_pages, v)
 
 
-def chunked_prefill_attention(q, k_pages, v_pages, page_table, q_offset, *, kv_length=None,
-                              window: int | None = None, softcap: float | None = None,
-                              scale: float | None = None, impl: str = "auto"):
+def chunked_prefill_attention(q, k_pages, v_pages, page_table, q_offset, *, q_length=None,
+                              kv_length=None, window: int | None = None,
+                              softcap: float | None = None, scale: float | None = None,
+                              num_splits: int | None = None, impl: str = "auto"):
   """Causal attention of T new queries per row to that row's paged keys.
 
   Args:
@@ -87,16 +100,20 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, q_offset, *, kv_l
       keys/values of the new tokens (see `paged_write`).
     page_table: int [B, pages_per_seq].
     q_offset: int or int [B], the position of each row's first query.
-    kv_length: int or int [B], keys at positions >= kv_length are masked; default q_offset + T.
+    q_length: None (all T), or int or int [B]: row b's queries i >= q_length[b] are padding and
+      output zeros (a ragged batch of decodes and prefill chunks).
+    kv_length: int or int [B], keys at positions >= kv_length are masked; default
+      q_offset + q_length.
     window: None, or a query sees only the keys less than `window` positions back.
     softcap: None, or logits become softcap * tanh(logits / softcap).
     scale: logit scale, default D ** -0.5.
-    impl: "auto" | "reference" | "xla" ("pallas" raises NotImplementedError: no kernel yet).
+    num_splits: "pallas" path only: the number of parts each row's key range is split into
+      (split-K); None picks enough to fill the GPU.
+    impl: "auto" | "reference" | "xla" | "pallas".
 
   Returns:
     o [B, T, H, D] in q's dtype.
   """
-  path = resolve_impl(impl, "chunked_prefill_attention")
   check_rank(q, 4, "q", "[batch, seq, heads, head_dim]")
   b, t, h, d = q.shape
   _, hk, dk = _check_pages(k_pages, v_pages, page_table, b)
@@ -104,16 +121,31 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, q_offset, *, kv_l
     raise ValueError(f"k_pages must have shape [num_pages, page_size, kv_heads, {d}] with kv_heads "
                      f"dividing {h} (the heads of q), got {k_pages.shape}")
   q_offset = _per_row(q_offset, b, "q_offset")
-  kv_length = q_offset + t if kv_length is None else _per_row(kv_length, b, "kv_length")
+  q_length = jnp.full((b,), t, jnp.int32) if q_length is None else \
+      jnp.clip(_per_row(q_length, b, "q_length"), 0, t)
+  kv_length = q_offset + q_length if kv_length is None else _per_row(kv_length, b, "kv_length")
+  window = _check_window(window)
+  softcap = _check_softcap(softcap)
+  if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+    raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+  path = resolve_impl(impl, "chunked_prefill_attention", pallas_unsupported=
+                      paged_kernel.unsupported_reason(d, q.dtype, k_pages.dtype))
+  if path == "pallas":
+    return paged_kernel.paged_attention(
+        q, k_pages, v_pages, page_table.astype(jnp.int32), q_offset, q_length, kv_length,
+        scale=default_scale(scale, d), window=window, softcap=softcap, num_splits=num_splits,
+        interpret=pallas_interpret())
   k = gather_pages(k_pages, page_table).astype(q.dtype)
   v = gather_pages(v_pages, page_table).astype(q.dtype)
-  return attention(q, k, v, causal=True, window=window, softcap=softcap, scale=scale,
-                   q_offset=q_offset, kv_length=kv_length, impl=path)
+  o = attention(q, k, v, causal=True, window=window, softcap=softcap, scale=scale,
+                q_offset=q_offset, kv_length=kv_length, impl=path)
+  valid = jnp.arange(t, dtype=jnp.int32)[None, :] < q_length[:, None]
+  return jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, window: int | None = None,
                            softcap: float | None = None, scale: float | None = None,
-                           impl: str = "auto"):
+                           num_splits: int | None = None, impl: str = "auto"):
   """One decode token per row: q [B, H, D] at position lengths[b] - 1 -> o [B, H, D].
 
   `lengths` [B] counts each row's valid keys including the new token (already written to the
@@ -123,5 +155,5 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, window: 
   lengths = _per_row(lengths, q.shape[0], "lengths")
   o = chunked_prefill_attention(q[:, None], k_pages, v_pages, page_table, lengths - 1,
                                 kv_length=lengths, window=window, softcap=softcap, scale=scale,
-                                impl=impl)
+                                num_splits=num_splits, impl=impl)
   return o[:, 0]
