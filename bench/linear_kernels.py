@@ -4,13 +4,15 @@
   python bench/linear_kernels.py --quick              # T = 8K only, 3 timed calls (a smoke run)
   python bench/linear_kernels.py --ops simple_gla gla --lengths 8192
 
-Ops: simple_gla, gla, gated_delta_rule, kda; bf16 q/k/v, float32 gates, H=16, D=128, B*T = 64K
-tokens, T in {2K, 8K, 32K}; fwd, and fwd+bwd (value and gradients of sum(o * cotangent) w.r.t.
-q, k, v and the gates). Columns:
+Ops: simple_gla, gla, gated_delta_rule, kda, mlstm; bf16 q/k/v, float32 gates, H=16, D=128,
+B*T = 64K tokens, T in {2K, 8K, 32K}; fwd, and fwd+bwd (value and gradients of sum(o * cotangent)
+w.r.t. q, k, v and the gates). Columns:
 
 - jaxchunk pallas (`impl="pallas"`; "n/a" while the op has no kernel) and jaxchunk xla;
-- FLA's Triton `chunk_*` ops (pip: flash-linear-attention, fla-core), each op in a subprocess with
-  a time limit, since FLA's autotuning can hang; timed with `triton.testing.do_bench` (median);
+- the PyTorch peer: FLA's Triton `chunk_*` ops (pip: flash-linear-attention, fla-core) and, for
+  mlstm, mlstm_kernels' chunkwise TFLA kernel `mlstm_chunkwise__xl_chunk` (pip: mlstm_kernels;
+  layout [B, H, T, D], bf16 kernels), each op in a subprocess with a time limit, since Triton
+  autotuning can hang; timed with `triton.testing.do_bench` (median);
 - jla's Mosaic GPU kernels (pip: jax-linear-attention; `jla.ops.linear_attention(kind, q, k, v,
   impl="mosaic_gpu", g=..., beta=...)`).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -42,24 +45,29 @@ from timing import median_seconds
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
 LENGTHS = (2048, 8192, 32768)
-OPS = ("simple_gla", "gla", "gated_delta_rule", "kda")
+OPS = ("simple_gla", "gla", "gated_delta_rule", "kda", "mlstm")
 MODES = ("fwd", "fwd+bwd")
 CHUNKS = {"simple_gla": 64, "gla": 32}          # the Pallas kernels' chunk (CONFIGS table)
 FLA_FUNCTIONS = {"simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
                  "gla": ("fla.ops.gla", "chunk_gla"),
                  "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
-                 "kda": ("fla.ops.kda", "chunk_kda")}
+                 "kda": ("fla.ops.kda", "chunk_kda"),
+                 "mlstm": ("mlstm_kernels.torch.chunkwise", "mlstm_chunkwise__xl_chunk")}
 JLA_KINDS = {"simple_gla": "simple_gla", "gla": "gla", "gated_delta_rule": "gated_deltanet",
              "kda": "kda"}
 
 
 def inputs(op: str, t: int, seed: int = 0):
   """NumPy inputs (q, k, v, gates...) for `op` at B = TOKENS // t: bf16-representable q, k, v
-  (keys L2-normalised for the delta rules), log-decays in [-0.5, -0.01], betas in (0, 1)."""
+  (keys L2-normalised for the delta rules), log-decays in [-0.5, -0.01], betas in (0, 1); for mlstm
+  input- and forget-gate pre-activations (i, f) [B, T, H]."""
   rng = np.random.default_rng(seed)
   b = TOKENS // t
   shape = (b, t, HEADS, HEAD_DIM)
   q, k, v = (rng.standard_normal(shape, np.float32) for _ in range(3))
+  if op == "mlstm":
+    return q, k, v, rng.normal(0.0, 1.0, shape[:3]).astype(np.float32), \
+        rng.normal(3.0, 1.0, shape[:3]).astype(np.float32)
   per_channel = op in ("gla", "kda")
   g = rng.uniform(-0.5, -0.01, shape if per_channel else shape[:3]).astype(np.float32)
   if op in ("gated_delta_rule", "kda"):
@@ -87,13 +95,17 @@ def jaxchunk_fn(op: str, impl: str):
   from jaxchunk.ops.delta_rule import gated_delta_rule
   from jaxchunk.ops.gla import gla
   from jaxchunk.ops.kda import kda
+  from jaxchunk.ops.mlstm import mlstm
   from jaxchunk.ops.simple_gla import simple_gla
-  fn = {"simple_gla": simple_gla, "gla": gla, "gated_delta_rule": gated_delta_rule, "kda": kda}[op]
+  fn = {"simple_gla": simple_gla, "gla": gla, "gated_delta_rule": gated_delta_rule, "kda": kda,
+        "mlstm": mlstm}[op]
   return lambda *a: fn(*a, impl=impl)[0]
 
 
 def jla_fn(op: str):
   from jla.ops import linear_attention
+  if op not in JLA_KINDS:
+    raise NotImplementedError(f"jla has no {op}")
   names = ("g", "beta")
   return lambda q, k, v, *gates: linear_attention(
       JLA_KINDS[op], q, k, v, impl="mosaic_gpu", **dict(zip(names, gates)))[0]
@@ -123,9 +135,14 @@ def fla_worker(op: str, lengths, reps: int) -> None:
   import torch
   import triton
   fn = getattr(importlib.import_module(FLA_FUNCTIONS[op][0]), FLA_FUNCTIONS[op][1])
+  if op == "mlstm":  # returns h alone; bf16 kernels, as our inputs are bf16
+    xl_chunk = functools.partial(fn, autocast_kernel_dtype=torch.bfloat16)
+    fn = lambda *a: (xl_chunk(*a),)
   results = {}
   for t in lengths:
     arrays = inputs(op, t)
+    if op == "mlstm":  # mlstm_kernels' layout is [B, H, T, D] (gates [B, H, T])
+      arrays = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in arrays]
     q, k, v = (torch.tensor(x, device="cuda", dtype=torch.bfloat16) for x in arrays[:3])
     gates = [torch.tensor(x, device="cuda") for x in arrays[3:]]
     tensors = [q, k, v, *gates]
@@ -156,8 +173,8 @@ def fla_worker(op: str, lengths, reps: int) -> None:
 
 def run_fla(op: str, lengths, reps: int, timeout_s: int) -> dict:
   try:
-    import fla  # noqa: F401
-    import torch  # noqa: F401
+    for module in ("torch", "mlstm_kernels" if op == "mlstm" else "fla"):
+      __import__(module)
   except ImportError:
     return {f"{t} {m}": "n/a (not installed)" for t in lengths for m in MODES}
   command = [sys.executable, __file__, "--fla_worker", op, "--lengths", *map(str, lengths),
@@ -205,6 +222,8 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--quick", action="store_true", help="T = 8K only, 3 timed calls")
   parser.add_argument("--peer_timeout", type=int, default=300, help="seconds per FLA op")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                    "results"), help="report folder")
   parser.add_argument("--fla_worker", choices=OPS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
@@ -236,7 +255,7 @@ def main() -> None:
         lines.append(line)
 
   versions = [f"jax {jax.__version__}"]
-  for name in ("torch", "triton", "fla", "jla"):
+  for name in ("torch", "triton", "fla", "jla", "mlstm_kernels"):
     try:
       module = __import__(name)
       versions.append(f"{name} {getattr(module, '__version__', '?')}")
@@ -251,8 +270,8 @@ def main() -> None:
       "jaxchunk gated kernels' FLOPs and minimal bytes (see bench/linear_kernels.py).", "",
       *lines, ""])
   print("\n" + report)
-  os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-  path = os.path.join(os.path.dirname(__file__), "results", f"linear_kernels-{date}.md")
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, f"linear_kernels-{date}{'-quick' if args.quick else ''}.md")
   with open(path, "w") as f:
     f.write(report)
   print(f"wrote {path}")
