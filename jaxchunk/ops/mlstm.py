@@ -24,16 +24,23 @@ every chunk boundary; within a chunk, outputs combine the inter-chunk part (q C_
 intra-chunk part (a causal gated score matrix) under their common max, which equals the recurrent
 m_t at every token. Both paths therefore compute the same function, eps term included. Memory is
 O(T): one state per chunk.
+
+The "pallas" path (GPU, or interpret mode on CPU) runs `pallas_kernels.gpu.mlstm`, the same chunked
+form with the chunk of its config table (`chunk_size` sets the xla path's chunk only); q, k, v stay
+in their (shared) dtype, bf16 or float32, head dims 64 and 128.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (compute_dtype, check_gate, check_qkv, check_rank, default_scale, repeat_heads,
-                                  resolve_impl)
+from jaxchunk.ops._common import (compute_dtype, check_gate, check_qkv, check_rank, default_scale,
+                                  pallas_interpret, repeat_heads, resolve_impl)
+from pallas_kernels.gpu import mlstm as mlstm_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -162,6 +169,27 @@ def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, *, scale: float, 
   return out[:, :t], final_state
 
 
+def _pallas_unsupported(q, k, v) -> str | None:
+  """None when the Pallas kernel supports this call, else the reason."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
+    return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
+  return mlstm_kernel.unsupported_reason(q.shape[-1], v.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "eps"))
+def _mlstm_pallas(q, k, v, i, f, initial_state: MLSTMState | None, *, scale: float, eps: float):
+  """The Pallas kernel on q [B,T,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv] (one dtype), gate
+  pre-activations i, f [B,T,H or Hk]. Returns (h [B,T,H,Dv] in q's dtype, final state)."""
+  b, _, h, dk = q.shape
+  k, v, i, f = (repeat_heads(x, h) for x in (k, v, i, f))
+  i, f = (jnp.asarray(x, jnp.float32) for x in (i, f))
+  state = (_zero_state(b, h, dk, v.shape[-1], jnp.float32) if initial_state is None
+           else tuple(jnp.asarray(x, jnp.float32) for x in initial_state))
+  return mlstm_kernel.mlstm(q, k, v, i, jax.nn.log_sigmoid(f), state, scale=scale, eps=eps,
+                            interpret=pallas_interpret())
+
+
 def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMState | None = None,
           output_final_state: bool = False, chunk_size: int = 64, eps: float = 1e-6,
           impl: str = "auto"):
@@ -178,12 +206,12 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
     output_final_state: also return the final state.
     chunk_size: chunk length of the `xla` path.
     eps: added to the normaliser's denominator.
-    impl: "auto" | "reference" | "xla" | "pallas".
+    impl: "auto" | "reference" | "xla" | "pallas" ("pallas": head dims 64 or 128, q, k, v of
+      one dtype; "auto" picks it on GPU when it applies).
 
   Returns:
     (h [B,T,H,Dv] in q's dtype, final state (C, n, m) in float32 or None).
   """
-  path = resolve_impl(impl, "mlstm")
   b, t, h, hk, dk, dv = check_qkv(q, k, v)
   check_gate(i, "i", b, t, (h, hk))
   check_gate(f, "f", b, t, (h, hk))
@@ -191,7 +219,12 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
     _check_state(initial_state, "initial_state", b, h, dk, dv)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  path = resolve_impl(impl, "mlstm", pallas_unsupported=_pallas_unsupported(q, k, v))
   scale = default_scale(scale, dk)
+  if path == "pallas":
+    out, final_state = _mlstm_pallas(q, k, v, i, f, initial_state, scale=float(scale),
+                                     eps=float(eps))
+    return out, (final_state if output_final_state else None)
   out_dtype = q.dtype
   dtype = compute_dtype(q, k, v, i, f)
   q, k, v, i, f = (jnp.asarray(x, dtype) for x in (q, k, v, i, f))
