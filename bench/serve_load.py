@@ -1,38 +1,69 @@
 """Load generator for the serving engine: Poisson arrivals, prompt/output length distributions.
 
 Reports TTFT (arrival -> first token), TBT (gap between consecutive tokens of a request) p50/p99,
-and output-token throughput, for the chunked-prefill scheduler and (--baseline) the prefill-first
-one run on the same trace. Runs the engine in-process (no HTTP), on a random-init model.
+and output-token throughput, for the chunked-prefill scheduler and (unless --no-baseline) the
+prefill-first one run on the same trace, against a steady state without arrivals. Runs the engine
+in-process (no HTTP), on a random-init model.
 
-  python bench/serve_load.py --smoke                      # tiny model on CPU, seconds
-  python bench/serve_load.py --pattern rat,local --d-model 1024 --layers 24 --rate 4 \
-      --prompt-mean 2048 --output-mean 128 --requests 64 --baseline --out bench/results/x.json
+  python bench/serve_load.py --out bench/results           # rat_local_350m, GPU
+  python bench/serve_load.py --smoke --out /tmp/bench       # tiny model on CPU, seconds
+  python bench/serve_load.py --preset attention_350m --rate 4 --prompt-mean 2048 --requests 64
+
+The model is a preset of configs/ (`--preset`, default rat_local_350m) with random weights, bf16
+parameters and compute (`serve_decode.preset_config`; in --smoke one tiny block per mixer kind).
+
+Steady state (issue 7: "TBT p99 while long prompts keep arriving <= 1.5x steady-state decode TBT
+with chunked prefill"): before the trace, the chunked engine gets `--slots` requests at once, each
+with a prompt of `--prompt-mean` tokens (the trace's typical context, at most max_len / 2); once
+all are prefilled and one step has decoded every slot, `--steady-steps` steps are timed, each
+decoding one token for every slot and nothing else (no arrivals, no prefill). Its TBT p50 is the
+steady-state decode TBT, the time per token of a full decode batch, and the base of the ratio
+column (a steady state has one step time, so p50 is its typical value; its p99 is in the table).
+TBT ratio = a run's TBT p99 / steady TBT p50.
+
+Both engines compile every step shape (`Engine.warmup`) before their run; a persistent
+compilation cache in a temporary folder lets the second engine reuse the first one's executables
+(unless JAX_COMPILATION_CACHE_DIR names another folder). Writes serve_load-<date>.md and
+serve_load-<date>.json (`-smoke` added in smoke mode) to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
+from serve_decode import RESULTS, preset_config, versions
+
+# Sizes that --smoke replaces (argument name -> smoke value).
+SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
+                  prompt_mean=24, output_mean=8, steady_steps=8)
 
 
-def make_trace(rng, args):
+def make_trace(rng, args, vocab: int):
   """(arrival offsets in s, prompt token lists, output lengths) of a Poisson trace."""
   gaps = rng.exponential(1.0 / args.rate, size=args.requests)
   prompt_lens = np.clip(rng.exponential(args.prompt_mean, size=args.requests).astype(int), 1,
                         args.max_len // 2)
   output_lens = np.clip(rng.exponential(args.output_mean, size=args.requests).astype(int), 1,
                         args.max_len // 2)
-  prompts = [list(rng.integers(0, args.vocab, size=n)) for n in prompt_lens]
+  prompts = [list(rng.integers(0, vocab, size=n)) for n in prompt_lens]
   return np.cumsum(gaps), prompts, output_lens
+
+
+def percentiles_ms(seconds) -> tuple[float, float]:
+  """(p50, p99) of `seconds`, in ms."""
+  return 1e3 * float(np.percentile(seconds, 50)), 1e3 * float(np.percentile(seconds, 99))
 
 
 def run(engine: Engine, trace) -> dict:
@@ -55,21 +86,97 @@ def run(engine: Engine, trace) -> dict:
   ttft = [o.first_token_time - o.arrival_time for o in outputs]
   tbt = np.concatenate([np.diff(o.token_times) for o in outputs if len(o.token_times) > 1] or [[0]])
   tokens = sum(len(o.tokens) for o in outputs)
+  (ttft_p50, ttft_p99), (tbt_p50, tbt_p99) = percentiles_ms(ttft), percentiles_ms(tbt)
   return {"requests": len(outputs), "output_tokens": tokens, "seconds": elapsed,
-          "throughput_tok_s": tokens / elapsed,
-          "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-          "tbt_p50_s": float(np.percentile(tbt, 50)), "tbt_p99_s": float(np.percentile(tbt, 99))}
+          "throughput_tok_s": tokens / elapsed, "ttft_p50_ms": ttft_p50, "ttft_p99_ms": ttft_p99,
+          "tbt_p50_ms": tbt_p50, "tbt_p99_ms": tbt_p99}
 
 
-def main() -> None:
+def full_step(engine: Engine) -> None:
+  """One engine step that must decode one token for every slot."""
+  slots = engine.config.num_slots
+  tokens = sum(e.token is not None for e in engine.step())
+  if tokens != slots:
+    raise RuntimeError(f"a steady-state step decoded {tokens} tokens, expected {slots} (a "
+                       "request finished early: raise --max-len or lower --steady-steps)")
+
+
+def steady_state(engine: Engine, rng, *, prompt_len: int, steps: int, vocab: int) -> dict:
+  """TBT of full decode batches: every slot decoding, no arrivals and no prefill."""
+  slots, max_len = engine.config.num_slots, engine.config.max_len
+  ids = [engine.submit(list(rng.integers(0, vocab, size=prompt_len)),
+                       SamplingParams(max_tokens=max_len - prompt_len)) for _ in range(slots)]
+  started = set()
+  while len(started) < slots:  # prefill (chunked, interleaved with the first decodes)
+    started.update(e.request_id for e in engine.step() if e.token is not None)
+  full_step(engine)  # untimed: the timed gaps start at its tokens
+  start = time.perf_counter()
+  for _ in range(steps):
+    full_step(engine)
+  elapsed = time.perf_counter() - start
+  outputs = []
+  for request_id in ids:
+    engine.cancel(request_id)
+    outputs.append(engine.pop_output(request_id))
+  tbt = np.concatenate([np.diff(o.token_times[-(steps + 1):]) for o in outputs])
+  tbt_p50, tbt_p99 = percentiles_ms(tbt)
+  return {"slots": slots, "prompt": prompt_len, "steps": steps, "tbt_p50_ms": tbt_p50,
+          "tbt_p99_ms": tbt_p99, "throughput_tok_s": slots * steps / elapsed}
+
+
+def measure(args) -> dict:
+  """Builds the model and the trace; runs the steady state and each scheduler on the trace."""
+  config = preset_config(args.preset, smoke=args.smoke)
+  model = LanguageModel(config)
+  variables = jax.jit(lambda: model.init(jax.random.key(args.seed), jnp.zeros((1, 1), jnp.int32)))()
+  rng = np.random.default_rng(args.seed)
+  trace = make_trace(rng, args, config.vocab_size)
+  results = {"args": vars(args), "date": datetime.date.today().isoformat(), "versions": versions(),
+             "layer_pattern": ",".join(config.layer_pattern)}
+  print(results["versions"], flush=True)
+  for name, prefill_first in [("chunked", False)] + [("prefill_first", True)] * args.baseline:
+    engine = Engine(model, variables, EngineConfig(
+        num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
+        chunk_size=args.chunk_size, prefill_first=prefill_first))
+    start = time.perf_counter()
+    engine.warmup()
+    print(f"{name}: warm-up (compilation) {time.perf_counter() - start:.1f} s", flush=True)
+    traces = engine.num_traces
+    if name == "chunked":
+      results["steady"] = steady_state(
+          engine, rng, prompt_len=min(int(args.prompt_mean), args.max_len // 2),
+          steps=args.steady_steps, vocab=config.vocab_size)
+      print("steady", json.dumps(results["steady"]), flush=True)
+    results[name] = run(engine, trace)
+    results[name]["traces_after_warmup"] = engine.num_traces - traces  # 0: nothing recompiled
+    print(name, json.dumps(results[name]), flush=True)
+  return results
+
+
+def render(results: dict) -> str:
+  """The markdown table: steady state, then each trace run; TBT p99 relative to steady TBT p50."""
+  steady = results["steady"]
+  base = steady["tbt_p50_ms"]
+  lines = ["| run | TTFT p50 ms | TTFT p99 ms | TBT p50 ms | TBT p99 ms | TBT p99 / steady p50 | "
+           "output tokens/s |", "|---|---:|---:|---:|---:|---:|---:|",
+           f"| steady decode ({steady['slots']} slots, {steady['prompt']}-token prompts) | | | "
+           f"{steady['tbt_p50_ms']:.2f} | {steady['tbt_p99_ms']:.2f} | "
+           f"{steady['tbt_p99_ms'] / base:.2f}x | {steady['throughput_tok_s']:,.0f} |"]
+  for name in ("chunked", "prefill_first"):
+    if name in results:
+      r = results[name]
+      lines.append(f"| {name.replace('_', '-')} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+                   f"{r['tbt_p50_ms']:.2f} | {r['tbt_p99_ms']:.2f} | {r['tbt_p99_ms'] / base:.2f}x | "
+                   f"{r['throughput_tok_s']:,.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+  """Runs the benchmark; returns the path of the written markdown report."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true", help="tiny model and trace (CPU)")
-  parser.add_argument("--pattern", default="rat,local")
-  parser.add_argument("--d-model", type=int, default=1024)
-  parser.add_argument("--layers", type=int, default=24, help="repeats of the pattern / its length")
-  parser.add_argument("--heads", type=int, default=16)
-  parser.add_argument("--vocab", type=int, default=256)
-  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--smoke", action="store_true",
+                      help=f"tiny model and trace (CPU); sets {', '.join(SMOKE_ARGS)}")
+  parser.add_argument("--preset", default="rat_local_350m", help="a model preset of configs/")
   parser.add_argument("--slots", type=int, default=16)
   parser.add_argument("--max-len", type=int, default=4096)
   parser.add_argument("--page-size", type=int, default=64)
@@ -78,35 +185,43 @@ def main() -> None:
   parser.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
   parser.add_argument("--prompt-mean", type=float, default=1024)
   parser.add_argument("--output-mean", type=float, default=128)
-  parser.add_argument("--baseline", action="store_true", help="also run prefill-first")
+  parser.add_argument("--steady-steps", type=int, default=128, help="timed steady-state steps")
+  parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                      help="also run the prefill-first scheduler on the same trace")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", help="write the results as JSON here")
-  args = parser.parse_args()
+  parser.add_argument("--out", default=RESULTS, help="folder of the report")
+  args = parser.parse_args(argv)
   if args.smoke:
-    args.d_model, args.layers, args.heads, args.dtype = 64, 2, 2, "float32"
-    args.slots, args.max_len, args.page_size, args.chunk_size = 4, 128, 8, 16
-    args.requests, args.rate, args.prompt_mean, args.output_mean = 16, 50.0, 24, 8
+    for name, value in SMOKE_ARGS.items():
+      setattr(args, name, value)
 
-  pattern = tuple(args.pattern.split(","))
-  pattern = pattern * max(1, args.layers // len(pattern))
-  config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, layer_pattern=pattern,
-                       num_heads=args.heads, num_kv_heads=args.heads,
-                       head_dim=args.d_model // args.heads, mlp_hidden=args.d_model * 8 // 3,
-                       dtype=args.dtype)
-  model = LanguageModel(config)
-  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))()
-  trace = make_trace(np.random.default_rng(args.seed), args)
-  results = {"args": vars(args), "device": str(jax.devices()[0])}
-  for name, prefill_first in [("chunked", False)] + [("prefill_first", True)] * args.baseline:
-    engine = Engine(model, variables, EngineConfig(
-        num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
-        chunk_size=args.chunk_size, prefill_first=prefill_first))
-    engine.warmup()
-    results[name] = run(engine, trace)
-    print(name, json.dumps(results[name]), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=2)
+  with tempfile.TemporaryDirectory() as cache_dir:
+    if jax.config.jax_compilation_cache_dir is None:  # must be set before the first compilation
+      jax.config.update("jax_compilation_cache_dir", cache_dir)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    results = measure(args)
+  base = results["steady"]["tbt_p50_ms"]
+  ratios = ", ".join(f"{name.replace('_', '-')} {results[name]['tbt_p99_ms'] / base:.2f}x"
+                     for name in ("chunked", "prefill_first") if name in results)
+  report = (f"# Serving under load{' (smoke: tiny model)' if args.smoke else ''}\n\n"
+            f"date {results['date']}; {results['versions']}\n\n"
+            f"`bench/serve_load.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
+            f"{args.preset} (layers {results['layer_pattern']}; bf16, random weights), "
+            f"{args.slots} slots, chunk {args.chunk_size}, page "
+            f"{args.page_size}; {args.requests} requests, Poisson {args.rate:g}/s, exponential "
+            f"prompt (mean {args.prompt_mean:g}) and output (mean {args.output_mean:g}) lengths. "
+            f"Steady decode: all slots decoding, no arrivals (its TBT p50 is the base of the "
+            f"ratio).\n\n{render(results)}\n\n"
+            f"TBT p99 under arrivals / steady TBT p50: {ratios} (target for chunked <= 1.5x).\n")
+  print("\n" + report, flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"serve_load-{results['date']}{'-smoke' if args.smoke else ''}")
+  with open(stem + ".md", "w") as f:
+    f.write(report)
+  with open(stem + ".json", "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {stem}.md and {stem}.json")
+  return stem + ".md"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""bench/serve_decode.py and bench/serve_load.py in smoke mode: tiny models on CPU, reports written
+as markdown and JSON with finite, positive numbers."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+
+
+def run_smoke(tmp_path, script: str) -> tuple[str, dict]:
+  """Runs bench/<script>.py --smoke --out tmp_path; returns its markdown report and JSON results."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, f"{script}.py"), "--smoke", "--out",
+                         str(tmp_path)], env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) == 2 and all(n.startswith(f"{script}-") for n in names), names
+  assert [n.rsplit("-", 1)[1] for n in names] == ["smoke.json", "smoke.md"]
+  with open(tmp_path / names[1]) as f:
+    report = f.read()
+  with open(tmp_path / names[0]) as f:
+    return report, json.load(f)
+
+
+def assert_positive(row: dict, *keys: str) -> None:
+  for key in keys:
+    assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+
+
+def test_serve_decode_smoke(tmp_path):
+  report, results = run_smoke(tmp_path, "serve_decode")
+  assert "device: 1 x cpu" in report and "## Decode at 64 tokens of context" in report
+  rows = results["presets"]
+  assert [(r["preset"], r["batch"]) for r in rows] == [("attention_350m", 2), ("rat_local_350m", 2)]
+  for row in rows:
+    assert_positive(row, "tokens_per_s", "step_ms_p50", "step_ms_p99", "fill_s", "cache_gb",
+                    "params_m", "vs_first")
+    assert row["step_ms_p50"] <= row["step_ms_p99"]
+    assert f"| {row['preset']} |" in report
+  assert rows[0]["vs_first"] == 1.0
+  assert math.isclose(rows[1]["vs_first"], rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+  llama = results["llama"]
+  if "skipped" in llama:  # no torch / transformers here (CPU CI)
+    assert llama["skipped"].startswith("skipped: ") and llama["skipped"] in report
+  else:
+    for engine in ("hf", "jaxchunk"):
+      assert_positive(llama[engine], "t_new_s", "t_one_s", "decode_tokens_per_s",
+                      "end_to_end_tokens_per_s")
+    assert_positive(llama, "decode_tokens_per_s_ratio", "end_to_end_tokens_per_s_ratio")
+    assert "| jaxchunk Engine |" in report and "| HF generate |" in report
+
+
+def test_serve_load_smoke(tmp_path):
+  report, results = run_smoke(tmp_path, "serve_load")
+  assert "device: 1 x cpu" in report and "TBT p99 under arrivals / steady TBT p50" in report
+  steady = results["steady"]
+  assert (steady["slots"], steady["prompt"], steady["steps"]) == (4, 24, 8)
+  assert_positive(steady, "tbt_p50_ms", "tbt_p99_ms", "throughput_tok_s")
+  for name in ("chunked", "prefill_first"):
+    run = results[name]
+    assert run["requests"] == 16 and run["output_tokens"] >= 16
+    assert run["traces_after_warmup"] == 0
+    assert_positive(run, "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
+                    "throughput_tok_s", "seconds")
+    assert run["ttft_p50_ms"] <= run["ttft_p99_ms"] and run["tbt_p50_ms"] <= run["tbt_p99_ms"]
+    assert f"| {name.replace('_', '-')} |" in report
+  # Both runs replay one trace: same requests, same greedy lengths.
+  assert results["chunked"]["output_tokens"] == results["prefill_first"]["output_tokens"]
