@@ -18,9 +18,12 @@ Paths:
   own-chunk running term seeding each query's softmax. The query-block body and the summary-block
   body are `jax.checkpoint`ed, so memory stays O(T) in the forward and backward pass; no [T, T / C]
   array is ever built.
-- "pallas": the same aggregation, then the attention by the flash-attention-style Pallas kernel of
-  `pallas_kernels.gpu.rat` (forward and backward kernels under a custom VJP; bf16 or float32
-  operands, head_dim 64 or 128). "auto" picks it on GPU; on CPU it runs in interpret mode.
+- "pallas": the aggregation by the Pallas kernels of `pallas_kernels.gpu.rat_aggregate` (one pass
+  over k, v, f in their own dtype, float32 arithmetic, aggregates written in the attention's operand
+  dtype and chunk summaries in float32), then the attention by the flash-attention-style Pallas
+  kernel of `pallas_kernels.gpu.rat` (bf16 or float32 operands, head_dim 64 or 128); both have
+  forward and backward kernels under a custom VJP. "auto" picks it on GPU; on CPU it runs in
+  interpret mode.
 
 Decode / continuation state: `RATState`, holding the summaries of completed chunks in a buffer of
 fixed capacity N (static shapes under jit), the running aggregate of the chunk in progress and the
@@ -59,6 +62,7 @@ from jax import lax
 from jaxchunk.ops._common import (compute_dtype, check_qkv, check_rank, check_shape, default_scale, is_traced,
                                   pallas_interpret, resolve_impl)
 from pallas_kernels.gpu import rat as rat_kernel
+from pallas_kernels.gpu import rat_aggregate
 
 _HIGHEST = lax.Precision.HIGHEST
 _NEVER = np.iinfo(np.int32).max  # chunk index of a summary slot no query may see
@@ -283,7 +287,8 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   """Chunk-parallel RAT.
 
   Args:
-    q: [B, T, Hk, G, D]; k, v, f: [B, T, Hk, D] in the compute dtype.
+    q: [B, T, Hk, G, D]; k, v, f: [B, T, Hk, D] in the compute dtype, or (with `kernel_dtype`) in
+      their input dtypes: the kernels read bf16 directly.
     state: `RATState` of the output capacity N; its first `old_chunks` slots are the given ones.
     scale: softmax scale.
     continued: whether `state` may be non-empty (else length is 0 and the summary buffer is unused).
@@ -301,7 +306,10 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   first_chunk = length // c  # chunk index of the buffer's first chunk
   nc = -(-(t + (c - 1 if continued else 0)) // c)  # chunks touched by the new tokens, at most
   chunks_per_block = max(1, min(block_size // c, nc))
-  nc = -(-nc // chunks_per_block) * chunks_per_block  # padded chunks are never read back
+  multiple = chunks_per_block
+  if kernel_dtype is not None:  # whole blocks of the aggregation kernels, so they need no padding
+    multiple = math.lcm(multiple, rat_aggregate.chunk_multiple(nc))
+  nc = -(-nc // multiple) * multiple  # padded chunks are never read back
   p = nc * c
 
   def place(x, fill):
@@ -310,20 +318,31 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
     return lax.dynamic_update_slice_in_dim(buf, x, offset, axis=1)
 
   pos = jnp.arange(p)
-  inject = (pos == offset - 1)[None, :, None, None]  # the slot re-creating the running aggregate
-  gate = jnp.where((pos < offset)[None, :, None, None], 0, place(f, 1))
-  k_in = jnp.where(inject, state.k_run[:, None], place(k, 0))
-  v_in = jnp.where(inject, state.v_run[:, None], place(v, 0))
-  k_agg, v_agg = _aggregate(gate.reshape(b, nc, c, hk, d), k_in.reshape(b, nc, c, hk, d),
-                            v_in.reshape(b, nc, c, hk, d))
-  k_new, v_new = k_agg[:, :, -1], v_agg[:, :, -1]  # [B, nc, Hk, D] summaries of the buffer's chunks
+  # Padding after the last token has gate 1 and input 0: it leaves the aggregate unchanged.
+  gate, k_in, v_in = place(f, 1), place(k, 0), place(v, 0)
+  if continued:
+    inject = (pos == offset - 1)[None, :, None, None]  # the slot re-creating the running aggregate
+    gate = jnp.where((pos < offset)[None, :, None, None], 0, gate)
+    k_in = jnp.where(inject, state.k_run[:, None], k_in)
+    v_in = jnp.where(inject, state.v_run[:, None], v_in)
   new_chunk = first_chunk + jnp.arange(nc)
 
   if kernel_dtype is not None:
-    o = _attend_pallas(place(q, 0), k_agg.reshape(b, p, hk, d), v_agg.reshape(b, p, hk, d), k_new,
-                       v_new, state, first_chunk, scale, old_chunks=old_chunks if continued else 0,
-                       chunk_size=c, dtype=kernel_dtype)
+    # Aggregates in the kernel dtype, summaries [B, nc, Hk, D] in float32. By the gate-1 padding the
+    # running aggregate at the last token is its chunk's summary, so the state stays float32.
+    k_agg, v_agg, k_new, v_new = rat_aggregate.chunk_aggregate(
+        gate, k_in, v_in, chunk_size=c, out_dtype=kernel_dtype, interpret=pallas_interpret())
+    o = _attend_pallas(place(q, 0), k_agg, v_agg, k_new, v_new, state, first_chunk, scale,
+                       old_chunks=old_chunks if continued else 0, chunk_size=c, dtype=kernel_dtype)
+    k_last, v_last = (lax.dynamic_index_in_dim(x, (offset + t - 1) // c, axis=1, keepdims=False)
+                      for x in (k_new, v_new))
   else:
+    k_agg, v_agg = _aggregate(gate.reshape(b, nc, c, hk, d), k_in.reshape(b, nc, c, hk, d),
+                              v_in.reshape(b, nc, c, hk, d))
+    k_new, v_new = k_agg[:, :, -1], v_agg[:, :, -1]  # [B, nc, Hk, D] summaries of the chunks
+    last = lambda x: lax.dynamic_index_in_dim(x.reshape(b, p, hk, d), offset + t - 1, axis=1,
+                                              keepdims=False)
+    k_last, v_last = last(k_agg), last(v_agg)
     if continued and old_chunks:
       k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks], k_new], axis=1)
       v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks], v_new], axis=1)
@@ -349,14 +368,12 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   o = lax.dynamic_slice_in_dim(o, offset, t, axis=1)
 
   end = length + t
-  last = lambda x: lax.dynamic_index_in_dim(x.reshape(b, p, hk, d), offset + t - 1, axis=1,
-                                            keepdims=False)
   slots = jnp.arange(state.k_chunks.shape[1])
   fresh = ((slots >= first_chunk) & (slots < end // c))[None, :, None, None]
   src = jnp.clip(slots - first_chunk, 0, nc - 1)
   merge = lambda old, new: jnp.where(fresh, jnp.take(new, src, axis=1), old)
-  final = RATState(merge(state.k_chunks, k_new), merge(state.v_chunks, v_new), last(k_agg),
-                   last(v_agg), end)
+  final = RATState(merge(state.k_chunks, k_new), merge(state.v_chunks, v_new), k_last, v_last,
+                   end)
   return o, final
 
 
@@ -416,8 +433,10 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
       else f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"))
   state = _cast_state(state, capacity, dtype)
   scale = default_scale(scale, d)
-  qg = jnp.asarray(q, dtype).reshape(b, t, hk, h // hk, d)
-  k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))
+  out_dtype = jnp.result_type(q)
+  # The pallas path's kernels read bf16 inputs directly; the other paths compute in `dtype`.
+  q, k, v, f = (jnp.asarray(x, None if impl == "pallas" else dtype) for x in (q, k, v, f))
+  qg = q.reshape(b, t, hk, h // hk, d)
   if t == 0:
     o, final = qg, state
   elif impl == "reference":
@@ -426,8 +445,8 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
     o, final = _rat_xla(qg, k, v, f, state, scale, chunk_size=c,
                         continued=initial_state is not None, old_chunks=old_chunks,
                         block_size=block_size,
-                        kernel_dtype=jnp.dtype(q.dtype).name if impl == "pallas" else None)
-  o = o.reshape(b, t, h, d).astype(q.dtype)
+                        kernel_dtype=out_dtype.name if impl == "pallas" else None)
+  o = o.reshape(b, t, h, d).astype(out_dtype)
   return o, (final if output_final_state else None)
 
 
