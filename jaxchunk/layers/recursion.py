@@ -27,23 +27,36 @@ Routers:
   exit early.
 Depths with capacity 1.0 keep every active token (no router decision, the gate still weighs them).
 
-Subsequences. The stack at recursion r sees the active tokens as one sequence in their order, with
-positions 0, 1, ... (their rank among the depth's active tokens). Every mixer therefore works
-unchanged over the gathered array (attention, sliding windows counted in active tokens, RAT chunks,
-linear recurrences, short convolutions), and each depth's cache holds only its active tokens
-("recursion-wise caching"). The paper's code keeps the tokens' original rotary positions instead;
-rank positions are what let the per-depth KV caches stay dense.
+KV strategies (`kv_strategy`, `KV_STRATEGIES`):
+- "recursion" (recursion-wise caching). The stack at recursion r sees the active tokens as one
+  sequence in their order, with positions 0, 1, ... (their rank among the depth's active tokens).
+  Every mixer therefore works unchanged over the gathered array (attention, sliding windows counted
+  in active tokens, RAT chunks, linear recurrences, short convolutions), and each depth's cache
+  holds only its active tokens. The paper's code keeps the tokens' original rotary positions
+  instead; rank positions are what let the per-depth KV caches stay dense.
+- "share_first" (recursive KV sharing). Recursion 1 runs on every token (capacities[0] must be 1)
+  and its attention layers keep their keys and values; at every later recursion, block i of the
+  stack computes queries only, for the gathered active tokens, and attends to block i's
+  first-recursion keys/values of all tokens (`SharedKVStack`). Queries and keys both use the
+  tokens' original positions (the positions passed in): rotary angles are those of the first
+  recursion's keys, a query sees the keys of the tokens at or before it in the sequence, and
+  sliding windows count original positions. Only attention mixers ("attention", "local") have
+  keys/values to share; other kinds raise. The cache holds the first recursion's keys/values only.
 
 Padding. At inference the number of active tokens varies, so recursion r gathers a buffer of T
 slots: the active tokens first, in order, then the others as padding (processed, then discarded;
 being after every active token, a causal mixer never lets them reach an active one).
+With "share_first", later recursions read only the first recursion's keys, so padding queries never
+reach an active token either.
 
 Parameters (logical axes): stack/blocks_<i>/... as `Block`; expert routers router_<r>/kernel
 [d_model, 1]: ("embed", None); token router router/kernel [d_model, num_recursions]:
 ("embed", None).
 
 The cache (`init_recursive_cache`) is a tuple over recursions of {"count": int32 [B], the tokens
-that recursion has processed per row, "layers": tuple of the stack's block caches}.
+that recursion has processed per row, "layers": tuple of the stack's block caches}. With
+"share_first" only recursion 1 has block caches (its KV caches, slot = position); the later
+recursions' "layers" are ().
 """
 
 from __future__ import annotations
@@ -53,9 +66,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxchunk.config import ATTENTION_KINDS, ModelConfig
+from jaxchunk.layers.attention import check_mixer_input, project
+from jaxchunk.layers.mlp import SwiGLU
+from jaxchunk.layers.norm import RMSNorm
+from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.models.language_model import Block, init_layer_cache
+from jaxchunk.ops.attention import attention
 
 ROUTERS = (None, "expert", "token")
+KV_STRATEGIES = ("recursion", "share_first")
 
 
 def capacity_tokens(capacity: float, seq_len: int) -> int:
@@ -124,16 +143,34 @@ def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
+def check_kv_strategy(kv_strategy: str, config: ModelConfig) -> None:
+  """Raises a ValueError unless `kv_strategy` is one of `KV_STRATEGIES` and fits the stack."""
+  if kv_strategy not in KV_STRATEGIES:
+    raise ValueError(f"kv_strategy must be one of {KV_STRATEGIES}, got {kv_strategy!r}")
+  if kv_strategy == "share_first":
+    for kind in config.layer_pattern:
+      if kind not in ATTENTION_KINDS:
+        raise ValueError(f"kv_strategy='share_first' shares attention keys/values, but the shared "
+                         f"stack has a {kind!r} layer (allowed: {ATTENTION_KINDS})")
+
+
 def init_recursive_cache(config: ModelConfig, num_recursions: int, batch: int, max_len: int,
-                         dtype) -> tuple:
+                         dtype, *, kv_strategy: str = "recursion") -> tuple:
   """The empty cache of a `RecursiveBlock`: per recursion {"count": zeros [B], "layers": caches}.
 
-  Each recursion caches at most max_len tokens of each row (its active ones).
+  "recursion": each recursion caches at most max_len tokens of each row (its active ones).
+  "share_first": recursion 1 caches every token's keys/values; later recursions' layers are ().
   """
-  return tuple({"count": jnp.zeros((batch,), jnp.int32),
-                "layers": tuple(init_layer_cache(config, kind, batch, max_len, dtype)
-                                for kind in config.layer_pattern)}
-               for _ in range(num_recursions))
+  check_kv_strategy(kv_strategy, config)
+
+  def layers(r):
+    if kv_strategy == "share_first" and r > 0:
+      return ()
+    return tuple(init_layer_cache(config, kind, batch, max_len, dtype)
+                 for kind in config.layer_pattern)
+
+  return tuple({"count": jnp.zeros((batch,), jnp.int32), "layers": layers(r)}
+               for r in range(num_recursions))
 
 
 def _with_fractions(aux: dict) -> dict:
@@ -159,8 +196,163 @@ class SharedStack(nn.Module):
     return x, None if caches is None else tuple(new_caches)
 
 
+def attend_by_slots(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *,
+                    window: int | None) -> jax.Array:
+  """Causal softmax attention of queries at given key slots: the gathered tokens of a recursion.
+
+  q [B,C,H,D] (unscaled: logits are scaled by D ** -0.5), the query of the token at key slot
+  slots[b, c] (int [B,C]); k [B,S,Hk,D], v [B,S,Hk,Dv] with Hk dividing H (query head h
+  reads kv head h // (H // Hk)). Query c attends to the keys j <= slots[b, c], and with a window
+  only to those with slots[b, c] - j < window; its own slot is always visible. Dense [C, S] logits
+  in float32; returns [B,C,H,Dv] in q's dtype.
+  """
+  b, c, h, d = q.shape
+  hk = k.shape[2]
+  hi = jax.lax.Precision.HIGHEST
+  qg = q.astype(jnp.float32).reshape(b, c, hk, h // hk, d) * d ** -0.5
+  logits = jnp.einsum("bckgd,bskd->bkgcs", qg, k.astype(jnp.float32), precision=hi)
+  key_slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+  visible = key_slots <= slots[:, :, None]                                     # [B,C,S]
+  if window is not None:
+    visible &= slots[:, :, None] - key_slots < window
+  logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+  o = jnp.einsum("bkgcs,bskd->bckgd", jax.nn.softmax(logits, axis=-1), v.astype(jnp.float32),
+                 precision=hi)
+  return o.reshape(b, c, h, v.shape[3]).astype(q.dtype)
+
+
+def _write_rows(cache: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+  """Writes update [B,T,...] into cache [B,L,...] at rows starts[b] .. starts[b] + T - 1."""
+  write = lambda row, new, start: jax.lax.dynamic_update_slice(
+      row, new, (start,) + (0,) * (row.ndim - 1))
+  return jax.vmap(write)(cache, update.astype(cache.dtype), starts)
+
+
+class SharedKVAttention(nn.Module):
+  """The `Attention` mixer (the same parameters and math) split for recursive KV sharing.
+
+  Without `shared` it is `Attention` on a dense KV cache or none, and also returns the keys and
+  values it attended to: shared = {"k", "v": [B,S,Hk,Dh] (rotated keys and values of the call's T
+  tokens, or the whole cache after writing them at slots positions[:, 0] onwards), "offset": None,
+  or int32 [B] the cache slot of the call's first token}.
+  With `shared` (from such a call of the same layer) it projects queries only, rotated by
+  `positions`, and attends to the shared keys/values: with `query_index` None the queries are that
+  call's T tokens (the same masks as the call: causal, window, segment_ids); with query_index
+  int [B,C] they are the tokens query_index[b, c] of that call (gathered, at their original
+  `positions` [B,C]), masked causally by key slot (`attend_by_slots`).
+
+  Attributes:
+    config: the model configuration (heads, head_dim, rope_theta, dtype, impl).
+    window: None for global attention, else the sliding window in positions.
+  """
+
+  config: ModelConfig
+  window: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
+               shared=None, query_index=None):
+    """x [B,T or C,d_model] -> (y [B,T or C,d_model], new cache or None, shared)."""
+    cfg = self.config
+    check_mixer_input(x, positions, cfg)
+    h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = x.astype(jnp.dtype(cfg.dtype))
+    q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
+    q = apply_rotary(q, positions, theta=cfg.rope_theta)
+    if shared is None:
+      if cache is not None and (segment_ids is not None or "k" not in cache):
+        raise ValueError("SharedKVAttention: a cache must be a dense {'k', 'v'} KV cache and "
+                         "excludes segment_ids")
+      k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
+      v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
+      k = apply_rotary(k, positions, theta=cfg.rope_theta)
+      if cache is None:
+        shared = {"k": k, "v": v, "offset": None}
+      else:
+        start = positions[:, 0].astype(jnp.int32)
+        cache = {"k": _write_rows(cache["k"], k, start), "v": _write_rows(cache["v"], v, start)}
+        shared = dict(cache, offset=start)
+    k, v = shared["k"].astype(q.dtype), shared["v"].astype(q.dtype)
+    offset = shared["offset"]
+    if query_index is not None:
+      slots = query_index if offset is None else offset[:, None] + query_index
+      o = attend_by_slots(q, k, v, slots, window=self.window)
+    elif offset is None:
+      o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=self.window,
+                    impl=cfg.impl)
+    else:
+      o = attention(q, k, v, causal=True, window=self.window, q_offset=offset,
+                    kv_length=offset + x.shape[1], impl=cfg.impl)
+    y = project(o, (cfg.d_model,), ("embed",), name="o_proj", config=cfg,
+                in_axes=("heads", "head_dim"))
+    return y, cache, shared
+
+
+class SharedKVBlock(nn.Module):
+  """A language-model `Block` of an attention kind (same parameters) over a `SharedKVAttention`.
+
+  x + mixer(norm(x)), then x + SwiGLU(norm(x)); the mixer arguments pass through.
+  """
+
+  config: ModelConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x, *, positions, segment_ids=None, cache=None, shared=None,
+               query_index=None):
+    """x [B,T,d_model] -> (x, new cache or None, shared keys/values); see `SharedKVAttention`."""
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    window = cfg.window if self.kind == "local" else None
+    h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mixer_norm")(x)
+    h, new_cache, shared = SharedKVAttention(cfg, window, name="mixer")(
+        h, positions=positions, segment_ids=segment_ids, cache=cache, shared=shared,
+        query_index=query_index)
+    x = x + h.astype(x.dtype)
+    h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlp_norm")(x)
+    x = x + SwiGLU(cfg.mlp_hidden, dtype=dtype, param_dtype=param_dtype, name="mlp")(h).astype(x.dtype)
+    return x, new_cache, shared
+
+
+class SharedKVStack(nn.Module):
+  """The attention blocks of `config.layer_pattern` as `SharedKVBlock`s (the parameters of
+  `SharedStack`), applied in order, for kv_strategy="share_first"."""
+
+  config: ModelConfig
+
+  def setup(self):
+    check_kv_strategy("share_first", self.config)
+    self.blocks = [SharedKVBlock(self.config, kind) for kind in self.config.layer_pattern]
+
+  def __call__(self, x, *, positions, segment_ids=None, caches=None, shared=None,
+               query_index=None):
+    """x [B,T,d_model] -> (x, tuple of new block caches or None, tuple of per-block shared KV).
+
+    `shared` None: the first recursion (computes and returns each block's keys/values); else the
+    tuple it returned, reused by the same blocks (`SharedKVAttention`).
+    """
+    new_caches, new_shared = [], []
+    for i, block in enumerate(self.blocks):
+      x, new_cache, block_shared = block(
+          x, positions=positions, segment_ids=segment_ids,
+          cache=None if caches is None else caches[i],
+          shared=None if shared is None else shared[i], query_index=query_index)
+      new_caches.append(new_cache)
+      new_shared.append(block_shared)
+    return x, None if caches is None else tuple(new_caches), tuple(new_shared)
+
+
 def _run_stack(module, x, positions, caches):
   return module.stack(x, positions=positions, caches=caches)
+
+
+def _run_shared_stack(module, x, positions, shared, query_index):
+  return module.stack(x, positions=positions, shared=shared, query_index=query_index)[0]
+
+
+def _skip_shared_stack(module, x, positions, shared, query_index):
+  del module, positions, shared, query_index
+  return x
 
 
 def _skip_stack(module, x, positions, caches):
@@ -185,17 +377,22 @@ class RecursiveBlock(nn.Module):
     router: None (every token, every recursion), "expert" or "token".
     capacities: per recursion, the fraction of the sequence gathered at training (non-increasing,
       in (0, 1]); () takes `default_capacities`.
+    kv_strategy: "recursion" (each recursion caches its own active tokens) or "share_first"
+      (later recursions reuse the first recursion's attention keys/values); see the module doc.
   """
 
   config: ModelConfig
   num_recursions: int
   router: str | None = None
   capacities: tuple[float, ...] = ()
+  kv_strategy: str = "recursion"
 
   def setup(self):
     if self.router not in ROUTERS:
       raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
-    self.stack = SharedStack(self.config)
+    check_kv_strategy(self.kv_strategy, self.config)
+    self.share_kv = self.kv_strategy == "share_first"
+    self.stack = SharedKVStack(self.config) if self.share_kv else SharedStack(self.config)
     if self.router == "expert":
       self.routers = [_router_dense(1, self.config, f"router_{r}")
                       for r in range(self.num_recursions)]
@@ -207,6 +404,9 @@ class RecursiveBlock(nn.Module):
     if len(caps) != self.num_recursions:
       raise ValueError(f"capacities must hold num_recursions = {self.num_recursions} fractions, "
                        f"got {caps}")
+    if self.share_kv and caps[0] < 1:
+      raise ValueError(f"kv_strategy='share_first' needs capacities[0] == 1 (the first recursion "
+                       f"computes every token's keys/values), got {caps}")
     return caps
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
@@ -218,7 +418,8 @@ class RecursiveBlock(nn.Module):
     [num_recursions, B, T], the tokens each recursion processed, "active_fraction":
     [num_recursions] their fraction}.
     Without a router, `positions` and `segment_ids` go to the stack unchanged at every recursion;
-    with one, each recursion uses rank positions (module docstring) and `segment_ids` is refused.
+    with one, `segment_ids` is refused and each recursion uses rank positions ("recursion") or the
+    tokens' `positions` ("share_first"; module docstring).
     `inference` (implied by a cache) routes causally: threshold instead of top-k, no drops.
     With a cache (from `init_recursive_cache`) the call continues it: T == 1 is a decode step.
     """
@@ -241,21 +442,27 @@ class RecursiveBlock(nn.Module):
       # Padding would advance recurrent states: continue token by token (exact).
       outputs, steps = [], []
       for i in range(x.shape[1]):
-        y, cache, aux = self._routed(x[:, i:i + 1], caps, cache, inference)
+        y, cache, aux = self._routed(x[:, i:i + 1], positions[:, i:i + 1], caps, cache,
+                                      inference)
         outputs.append(y)
         steps.append(aux)
       aux = jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1) if a[0].ndim == 3
                          else sum(a) / len(a), *steps)
       return jnp.concatenate(outputs, axis=1), cache, _with_fractions(aux)
-    x, new_cache, aux = self._routed(x, caps, cache, inference)
+    x, new_cache, aux = self._routed(x, positions, caps, cache, inference)
     return x, new_cache, _with_fractions(aux)
 
   def _fixed_depth(self, x, positions, segment_ids, cache):
     """Every token through every recursion."""
-    new_cache = []
+    new_cache, shared = [], None
     for r in range(self.num_recursions):
-      x, layers = self.stack(x, positions=positions, segment_ids=segment_ids,
-                             caches=None if cache is None else cache[r]["layers"])
+      caches = None if cache is None or (self.share_kv and r > 0) else cache[r]["layers"]
+      if self.share_kv:   # recursion 0 computes `shared`, the later ones pass it through
+        x, layers, shared = self.stack(x, positions=positions, segment_ids=segment_ids,
+                                       caches=caches, shared=shared)
+        layers = layers if r == 0 else ()
+      else:
+        x, layers = self.stack(x, positions=positions, segment_ids=segment_ids, caches=caches)
       if cache is not None:
         new_cache.append({"count": cache[r]["count"] + x.shape[1], "layers": layers})
     zero = jnp.zeros((), jnp.float32)
@@ -263,10 +470,11 @@ class RecursiveBlock(nn.Module):
            "active": jnp.ones((self.num_recursions,) + x.shape[:2], bool)}
     return x, None if cache is None else tuple(new_cache), _with_fractions(aux)
 
-  def _routed(self, x, caps, cache, inference):
+  def _routed(self, x, positions, caps, cache, inference):
     """Routed recursions over gathered active tokens; see __call__."""
     b, t, _ = x.shape
     rows_active = jnp.ones((b, t), bool)
+    shared = None
     bce, balance = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     actives, new_cache = [], []
     if self.router == "token":
@@ -294,8 +502,13 @@ class RecursiveBlock(nn.Module):
       else:
         index, valid = select_causal(rows_active & (depth >= r), size)
         weight = jnp.where(depth == r, gate, 1.0)
-      x, layers = self._recursion(x, index, valid, gather_tokens(weight, index),
-                                  None if cache is None else cache[r])
+      if self.share_kv:
+        x, layers, shared = self._shared_recursion(x, positions, index, valid,
+                                                   gather_tokens(weight, index),
+                                                   None if cache is None else cache[r], shared)
+      else:
+        x, layers = self._recursion(x, index, valid, gather_tokens(weight, index),
+                                    None if cache is None else cache[r])
       if cache is not None:
         new_cache.append({"count": cache[r]["count"] + jnp.sum(valid, axis=1, dtype=jnp.int32),
                           "layers": layers})
@@ -323,6 +536,30 @@ class RecursiveBlock(nn.Module):
     update = weight[..., None].astype(jnp.float32) * (out.astype(jnp.float32)
                                                       - selected.astype(jnp.float32))
     return scatter_add_tokens(x, index, update, valid), layers
+
+  def _shared_recursion(self, x, positions, index, valid, weight, cache, shared):
+    """One "share_first" recursion over the gathered tokens x[b, index[b]] (weight, valid [B,C]).
+
+    `shared` None: the first recursion (capacity 1, so index[b] = 0 .. T-1 in order); it runs the
+    stack on every token, caching and returning the keys/values. Otherwise the gathered tokens'
+    queries attend to `shared` at their original positions. Returns (x, block caches, shared).
+    """
+    selected = gather_tokens(x, index)
+    selected_positions = gather_tokens(positions, index)
+    if shared is None:
+      out, layers, shared = self.stack(selected, positions=selected_positions,
+                                       caches=None if cache is None else cache["layers"])
+    else:
+      layers = ()
+      if cache is not None and index.shape[1] == 1 and not self.is_initializing():
+        # Decode: early exit, the stack runs only if some row's token is still active.
+        out = nn.cond(jnp.any(valid), _run_shared_stack, _skip_shared_stack, self, selected,
+                      selected_positions, shared, index)
+      else:
+        out = _run_shared_stack(self, selected, selected_positions, shared, index)
+    update = weight[..., None].astype(jnp.float32) * (out.astype(jnp.float32)
+                                                      - selected.astype(jnp.float32))
+    return scatter_add_tokens(x, index, update, valid), layers, shared
 
   def _keep_inactive_states(self, new_layers, old_layers, active):
     """Recurrent caches of rows whose token skipped this recursion stay as they were.

@@ -27,14 +27,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxchunk.layers.recursion import (ROUTERS, RecursiveBlock, default_capacities,
-                                       init_recursive_cache)
+from jaxchunk.layers.recursion import (ROUTERS, RecursiveBlock, check_kv_strategy,
+                                       default_capacities, init_recursive_cache)
 from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import (Block, embedding, init_layer_cache, output_logits,
                                             token_positions)
 
 SHARING = ("cycle", "middle_cycle")
-KV_STRATEGIES = ("recursion",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +48,10 @@ class MoRConfig:
     capacities: per recursion, the fraction of tokens gathered in training; () is the default
       (expert: 1, (R-1)/R, ..., 1/R; token: all 1). Non-increasing, in (0, 1].
     kv_strategy: "recursion": each recursion caches the keys/values (or states) of its own active
-      tokens.
+      tokens (rank positions); "share_first" (recursive KV sharing): every recursion after the
+      first reuses the first recursion's attention keys/values of all tokens and computes only
+      its active tokens' queries, at their original positions; the cache holds the first
+      recursion's keys/values only. Needs an all-attention stack and capacities[0] == 1.
     router_loss_weight: weight of the expert-choice auxiliary BCE loss in aux["router_loss"].
     balance_loss_weight: weight of the token-choice balancing loss in aux["router_loss"].
   """
@@ -71,8 +73,7 @@ class MoRConfig:
       raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
     if self.router not in ROUTERS:
       raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
-    if self.kv_strategy not in KV_STRATEGIES:
-      raise ValueError(f"kv_strategy must be one of {KV_STRATEGIES}, got {self.kv_strategy!r}")
+    check_kv_strategy(self.kv_strategy, self.model)
     caps = self.resolved_capacities
     if len(caps) != self.num_recursions:
       raise ValueError(f"capacities must hold num_recursions = {self.num_recursions} fractions, "
@@ -81,6 +82,9 @@ class MoRConfig:
       raise ValueError(f"capacities must be non-increasing fractions in (0, 1], got {caps}")
     if self.router is None and any(c < 1 for c in caps):
       raise ValueError(f"capacities below 1 need a router, got {caps} with router=None")
+    if self.kv_strategy == "share_first" and caps[0] < 1:
+      raise ValueError(f"kv_strategy='share_first' needs capacities[0] == 1 (the first recursion "
+                       f"computes every token's keys/values), got {caps}")
 
   @property
   def resolved_capacities(self) -> tuple[float, ...]:
@@ -123,23 +127,28 @@ def mor_flops_per_token(config: MoRConfig, seq_len: int) -> float:
 
   6 per weight per token that passes through it, plus attention-like mixing 12 * heads * head_dim
   * c for c mean keys per query. A recursion of capacity f runs on f * seq_len tokens: its weights
-  cost f per token and its mixers see a sequence of f * seq_len tokens. Routers are included.
+  cost f per token and its mixers see a sequence of f * seq_len tokens. With "share_first" the
+  recursions after the first skip the key/value projections and their queries see the first
+  recursion's keys of the whole sequence. Routers are included.
   """
   cfg = config.model
   width = cfg.num_heads * cfg.head_dim
+  kv_weights = 2 * cfg.d_model * cfg.num_kv_heads * cfg.head_dim
 
-  def block(kind: str, fraction: float) -> float:
-    length = fraction * seq_len
+  def block(kind: str, fraction: float, shares_kv: bool = False) -> float:
+    length = seq_len if shares_kv else fraction * seq_len
     keys = {"attention": length / 2, "local": min(cfg.window, length / 2),
             "rat": length / (2 * cfg.rat_chunk_size)}.get(kind, cfg.linear_chunk_size / 2
                                                           + cfg.head_dim)
-    return fraction * (6.0 * block_params(cfg, kind) + 12.0 * width * keys)
+    weights = block_params(cfg, kind) - (kv_weights if shares_kv else 0)
+    return fraction * (6.0 * weights + 12.0 * width * keys)
 
   flops = 6.0 * cfg.vocab_size * cfg.d_model + 6.0 * cfg.d_model   # LM head, final norm
   if config.sharing == "middle_cycle":
     flops += block(cfg.layer_pattern[0], 1.0) + block(cfg.layer_pattern[-1], 1.0)
-  for fraction in config.resolved_capacities:
-    flops += sum(block(kind, fraction) for kind in cfg.layer_pattern)
+  for r, fraction in enumerate(config.resolved_capacities):
+    shares_kv = config.kv_strategy == "share_first" and r > 0
+    flops += sum(block(kind, fraction, shares_kv) for kind in cfg.layer_pattern)
   router_outputs = {"expert": config.num_recursions, "token": config.num_recursions}
   return flops + 6.0 * cfg.d_model * router_outputs.get(config.router, 0)
 
@@ -152,7 +161,8 @@ def init_mor_cache(config: MoRConfig, batch: int, max_len: int, dtype=None) -> d
   first = (init_layer_cache(cfg, cfg.layer_pattern[0], batch, max_len, dtype),) if ends else ()
   last = (init_layer_cache(cfg, cfg.layer_pattern[-1], batch, max_len, dtype),) if ends else ()
   return {"length": jnp.zeros((batch,), jnp.int32), "first": first, "last": last,
-          "recursion": init_recursive_cache(cfg, config.num_recursions, batch, max_len, dtype)}
+          "recursion": init_recursive_cache(cfg, config.num_recursions, batch, max_len, dtype,
+                                            kv_strategy=config.kv_strategy)}
 
 
 class MoRLanguageModel(nn.Module):
@@ -172,7 +182,8 @@ class MoRLanguageModel(nn.Module):
     `init_mor_cache`) implies it: the model continues each row from its cached length, T > 1 is a
     chunked prefill and T == 1 a decode step where a token stops at the first recursion its router
     declines (early exit). `positions` [B,T] defaults to arange(T) (+ the cached length); routed
-    recursions use rank positions (see `jaxchunk.layers.recursion`).
+    recursions use rank positions ("recursion") or these positions ("share_first"; see
+    `jaxchunk.layers.recursion`).
     """
     config = self.config
     cfg = config.model
@@ -196,7 +207,8 @@ class MoRLanguageModel(nn.Module):
     if ends:
       x = unshared(x, cfg.layer_pattern[0], "first")
     x, recursion_cache, aux = RecursiveBlock(
-        cfg, config.num_recursions, config.router, config.resolved_capacities, name="recursion")(
+        cfg, config.num_recursions, config.router, config.resolved_capacities,
+        config.kv_strategy, name="recursion")(
             x, positions=positions, segment_ids=segment_ids,
             cache=None if cache is None else cache["recursion"], inference=inference)
     if ends:

@@ -6,9 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.layers.recursion import (RecursiveBlock, SharedStack, capacity_tokens,
-                                       select_causal, select_top_k)
+from jaxchunk.layers.mlp import SwiGLU
+from jaxchunk.layers.norm import RMSNorm
+from jaxchunk.layers.recursion import (RecursiveBlock, SharedKVStack, SharedStack,
+                                       attend_by_slots, capacity_tokens, select_causal,
+                                       select_top_k)
+from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
+from jaxchunk.models.language_model import Block
+from jaxchunk.ops.attention import attention
 from tests.utils import assert_rel_close, randn
 
 B, T, D = 2, 24, 32
@@ -182,3 +188,138 @@ def test_bad_arguments(rng):
   with pytest.raises(ValueError, match=r"x must have shape \[batch, seq, 32\]"):
     RecursiveBlock(small_config("attention"), 2).init(jax.random.key(0), x[..., :16],
                                                       positions=positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recursive KV sharing (kv_strategy="share_first").
+
+
+def test_attend_by_slots_equals_causal_attention_on_every_token(rng):
+  q, k, v = (jnp.asarray(randn(rng, B, T, h, 16)) for h in (4, 2, 2))
+  slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  for window in (None, 5):
+    ref = attention(q, k, v, causal=True, window=window, impl="reference")
+    assert_rel_close(attend_by_slots(q, k, v, slots, window=window), ref, 1e-5, f"window={window}")
+  # A gathered subset of queries equals the same rows of the full computation.
+  index = jnp.asarray(np.sort(rng.choice(T, (B, 7), replace=True), axis=1), jnp.int32)
+  full = attention(q, k, v, causal=True, window=5, impl="reference")
+  subset = attend_by_slots(jnp.take_along_axis(q, index[..., None, None], axis=1), k, v, index,
+                           window=5)
+  assert_rel_close(subset, jnp.take_along_axis(full, index[..., None, None], axis=1), 1e-5, "subset")
+
+
+def test_shared_kv_stack_first_recursion_is_the_block_stack(rng):
+  config = small_config("attention", "local")
+  x = jnp.asarray(randn(rng, B, T, D))
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  params = nn.unbox(jax.jit(SharedStack(config).init)(jax.random.key(3), x, positions=positions))
+  shared_params = jax.eval_shape(SharedKVStack(config).init, jax.random.key(3), x,
+                                 positions=positions)
+  assert jax.tree.structure(params) == jax.tree.structure(nn.unbox(shared_params))
+  ref, _ = jax.jit(SharedStack(config).apply)(params, x, positions=positions)
+  out, _, shared = jax.jit(SharedKVStack(config).apply)(params, x, positions=positions)
+  assert_rel_close(out, ref, 1e-6, "first recursion vs language-model blocks")
+  assert len(shared) == 2 and shared[0]["k"].shape == (B, T, 1, 16)
+
+
+def _np_attention(q, k, v, window):
+  """Causal (windowed) softmax attention in float64 with an explicit mask; GQA by head groups."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(q.shape[-1])
+  i, j = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
+  allowed = (j <= i) & ((i - j < window) if window else True)
+  logits = np.where(allowed, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhij,bjhd->bihd", p / p.sum(-1, keepdims=True), v)
+
+
+def _share_first_reference(config, params, x, active, router):
+  """The dense masked share_first computation, written out from the parameters.
+
+  Recursion 0 runs the language-model `Block`s on every token and keeps each block's keys/values;
+  every later recursion computes the queries of every token at its position, attends (float64,
+  explicit causal / window mask) to recursion 0's keys/values of the same block, and updates only
+  the tokens `active` [R,B,T] there, weighted like the block.
+  """
+  stack = params["stack"]
+  x = jnp.asarray(x)
+  positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+  norm = lambda p, h: RMSNorm(config.norm_eps).apply({"params": p}, h)
+  rotate = lambda t: apply_rotary(t, positions, theta=config.rope_theta)
+  if router == "token":
+    probs = jax.nn.softmax(x @ params["router"]["kernel"], axis=-1)
+    depth, gate = jnp.argmax(probs, -1), jnp.max(probs, -1)
+  shared = []
+  for r in range(active.shape[0]):
+    if router == "expert":
+      weight = jax.nn.sigmoid((x @ params[f"router_{r}"]["kernel"])[..., 0])
+    elif router == "token":
+      weight = jnp.where(depth == r, gate, 1.0)
+    else:
+      weight = jnp.ones(x.shape[:2])
+    h = x
+    for i, kind in enumerate(config.layer_pattern):
+      p = stack[f"blocks_{i}"]
+      mixer = p["mixer"]
+      normed = norm(p["mixer_norm"], h)
+      if r == 0:
+        shared.append((rotate(jnp.einsum("btd,dhk->bthk", normed, mixer["k_proj"]["kernel"])),
+                       jnp.einsum("btd,dhk->bthk", normed, mixer["v_proj"]["kernel"])))
+        h, _ = Block(config, kind).apply({"params": p}, h, positions=positions)
+        continue
+      q = rotate(jnp.einsum("btd,dhk->bthk", normed, mixer["q_proj"]["kernel"]))
+      o = _np_attention(q, *shared[i], config.window if kind == "local" else None)
+      h = h + jnp.einsum("bthk,hkd->btd", jnp.asarray(o, jnp.float32), mixer["o_proj"]["kernel"])
+      h = h + SwiGLU(config.mlp_hidden).apply({"params": p["mlp"]}, norm(p["mlp_norm"], h))
+    x = x + jnp.where(jnp.asarray(active[r])[..., None], weight[..., None] * (h - x), 0)
+  return x
+
+
+@pytest.mark.parametrize("router", [pytest.param(None, marks=pytest.mark.slow), "expert",
+                                    pytest.param("token", marks=pytest.mark.slow)])
+def test_share_first_equals_dense_masked_reference(rng, router):
+  caps = (1.0, 2 / 3, 1 / 3) if router else ()
+  config = small_config("attention", "local")
+  block = RecursiveBlock(config, 3, router, caps, kv_strategy="share_first")
+  x = randn(rng, B, T, D)
+  params, (y, _, aux) = run_block(block, jnp.asarray(x))
+  active = np.asarray(aux["active"])
+  assert active[0].all()                                          # recursion 0 sees every token
+  if router:
+    assert (active[1:] <= active[:-1]).all() and (active[1:].sum(axis=2) < T).all()
+  ref = _share_first_reference(config, params, x, active, router)
+  assert_rel_close(y, ref, 1e-5, f"{router}: share_first gathered vs dense masked")
+
+
+def test_share_first_gradients_reach_every_parameter(rng):
+  block = RecursiveBlock(small_config("attention"), 2, "expert", (1.0, 0.5),
+                         kv_strategy="share_first")
+  x = jnp.asarray(randn(rng, B, T, D))
+  cotangent = jnp.asarray(randn(rng, B, T, D))
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  params = nn.unbox(block.init(jax.random.key(0), x, positions=positions))["params"]
+
+  def loss(params):
+    y, _, aux = block.apply({"params": params}, x, positions=positions)
+    return jnp.sum(y * cotangent) + aux["router_bce"]
+
+  grads = jax.jit(jax.grad(loss))(params)
+  flat = jax.tree_util.tree_leaves_with_path(grads)
+  assert len(flat) == len(jax.tree.leaves(params))
+  for path, g in flat:
+    assert np.isfinite(np.asarray(g)).all() and float(jnp.sum(g ** 2)) > 0, path
+
+
+def test_share_first_bad_arguments(rng):
+  x = jnp.asarray(randn(rng, 1, 8, D))
+  positions = jnp.arange(8, dtype=jnp.int32)[None]
+  init = lambda block: block.init(jax.random.key(0), x, positions=positions)
+  with pytest.raises(ValueError, match=r"kv_strategy='share_first' .* 'simple_gla' layer"):
+    init(RecursiveBlock(small_config("attention", "simple_gla"), 2, kv_strategy="share_first"))
+  with pytest.raises(ValueError, match=r"share_first' needs capacities\[0\] == 1"):
+    init(RecursiveBlock(small_config("attention"), 2, "expert", (0.5, 0.5),
+                        kv_strategy="share_first"))
+  with pytest.raises(ValueError, match="kv_strategy must be one of"):
+    init(RecursiveBlock(small_config("attention"), 2, kv_strategy="everything"))

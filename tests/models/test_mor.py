@@ -4,8 +4,11 @@
 expert choice by router threshold, no capacity drops) and the same tokens fed as a prefill then
 one-token decode steps give logits within 1e-5 relative error and identical routing decisions;
 each recursion's cache then holds exactly the tokens it processed. Training-mode expert choice
-(top-k over the whole sequence) looks at future tokens and is not expected to match.
+(top-k over the whole sequence) looks at future tokens and is not expected to match. Both KV
+strategies are covered: recursion-wise caching and recursive KV sharing ("share_first").
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -13,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs
 from jaxchunk.layers.recursion import capacity_tokens
 from jaxchunk.config import ModelConfig
-from jaxchunk.models.mor import MoRConfig, MoRLanguageModel, init_mor_cache
+from jaxchunk.models.mor import MoRConfig, MoRLanguageModel, init_mor_cache, mor_flops_per_token
 from tests.utils import assert_rel_close, randn
 
 B, T, T1, VOCAB = 2, 14, 9, 64
@@ -43,18 +47,24 @@ def spread_router_biases(params, rng):
 
 
 CASES = [
-    ("expert", "cycle", ("attention",)),
-    ("token", "middle_cycle", ("attention",)),
-    (None, "middle_cycle", ("attention",)),
-    pytest.param("expert", "middle_cycle", ("local", "simple_gla"), marks=pytest.mark.slow),
-    pytest.param("token", "cycle", ("gated_delta_rule",), marks=pytest.mark.slow),
-    pytest.param(None, "cycle", ("rat", "attention"), marks=pytest.mark.slow),
+    ("expert", "cycle", ("attention",), "recursion"),
+    ("token", "middle_cycle", ("attention",), "recursion"),
+    (None, "middle_cycle", ("attention",), "recursion"),
+    ("expert", "middle_cycle", ("local",), "share_first"),
+    ("token", "cycle", ("attention",), "share_first"),
+    pytest.param("expert", "cycle", ("attention", "local"), "share_first", marks=pytest.mark.slow),
+    pytest.param("token", "middle_cycle", ("local",), "share_first", marks=pytest.mark.slow),
+    pytest.param(None, "cycle", ("attention", "local"), "share_first", marks=pytest.mark.slow),
+    pytest.param("expert", "middle_cycle", ("local", "simple_gla"), "recursion",
+                 marks=pytest.mark.slow),
+    pytest.param("token", "cycle", ("gated_delta_rule",), "recursion", marks=pytest.mark.slow),
+    pytest.param(None, "cycle", ("rat", "attention"), "recursion", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("router,sharing,kinds", CASES)
-def test_prefill_decode_equals_full_forward(rng, router, sharing, kinds):
-  config = mor_config(router, sharing, kinds)
+@pytest.mark.parametrize("router,sharing,kinds,kv_strategy", CASES)
+def test_prefill_decode_equals_full_forward(rng, router, sharing, kinds, kv_strategy):
+  config = mor_config(router, sharing, kinds, kv_strategy=kv_strategy)
   model = MoRLanguageModel(config)
   tokens = jnp.asarray(rng.integers(0, VOCAB, (B, T)))
   params = spread_router_biases(init_params(model, tokens), rng)
@@ -72,12 +82,15 @@ def test_prefill_decode_equals_full_forward(rng, router, sharing, kinds):
   counts = np.stack([np.asarray(c["count"]) for c in cache["recursion"]])
   np.testing.assert_array_equal(counts, active.sum(axis=2))     # each depth cached its tokens
   np.testing.assert_array_equal(np.asarray(cache["length"]), [T, T])
+  if kv_strategy == "share_first":                                # only recursion 1 holds KV
+    assert all(c["layers"] == () for c in cache["recursion"][1:])
   if router is not None:
     assert 0 < active[1].sum() and active[-1].sum() < B * T     # some went deeper, some exited
 
 
-def test_chunked_prefill_in_two_pieces_equals_one(rng):
-  config = mor_config("expert", "cycle")
+@pytest.mark.parametrize("kv_strategy", ["recursion", "share_first"])
+def test_chunked_prefill_in_two_pieces_equals_one(rng, kv_strategy):
+  config = mor_config("expert", "cycle", kv_strategy=kv_strategy)
   model = MoRLanguageModel(config)
   tokens = jnp.asarray(rng.integers(0, VOCAB, (B, T)))
   params = spread_router_biases(init_params(model, tokens), rng)
@@ -89,15 +102,30 @@ def test_chunked_prefill_in_two_pieces_equals_one(rng):
   # Each depth's KV cache agrees on its valid slots (past them lie discarded padding keys).
   for two, one in zip(aux_two["cache"]["recursion"], aux_one["cache"]["recursion"]):
     np.testing.assert_array_equal(np.asarray(two["count"]), np.asarray(one["count"]))
+    assert len(one["layers"]) == len(two["layers"])
     for row, count in enumerate(np.asarray(one["count"])):
-      for name in ("k", "v"):
+      for name in ("k", "v") if one["layers"] else ():
         assert_rel_close(two["layers"][0][name][row, :count], one["layers"][0][name][row, :count],
                          1e-5, f"cache {name}")
 
 
-@pytest.mark.parametrize("router", ["expert", "token"])
-def test_training_loss_grad_and_capacity(rng, router):
-  config = mor_config(router, "middle_cycle", capacities=(1.0, 0.5, 0.25))
+def test_share_first_cache_is_smaller_than_recursion_wise():
+  def cache_bytes(kv_strategy):
+    config = mor_config("expert", "middle_cycle", ("attention", "local"), kv_strategy=kv_strategy)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(init_mor_cache(config, B, 64)))
+
+  kv_bytes = 2 * B * 64 * 1 * 16 * 4                 # one layer's k and v: [B, 64, Hk=1, 16] f32
+  shared, recursion = cache_bytes("share_first"), cache_bytes("recursion")
+  # middle_cycle: first + last + 2 shared layers x 3 recursions, against first + last + 2 x 1.
+  assert recursion - shared == (3 - 1) * 2 * kv_bytes
+  assert shared < 0.6 * recursion
+
+
+@pytest.mark.parametrize("router,kv_strategy", [
+    ("expert", "recursion"), ("token", "recursion"),
+    pytest.param("token", "share_first", marks=pytest.mark.slow)])
+def test_training_loss_grad_and_capacity(rng, router, kv_strategy):
+  config = mor_config(router, "middle_cycle", capacities=(1.0, 0.5, 0.25), kv_strategy=kv_strategy)
   model = MoRLanguageModel(config)
   tokens = jnp.asarray(rng.integers(0, VOCAB, (B, T)))
   params = init_params(model, tokens)
@@ -130,6 +158,22 @@ def test_config_shapes_and_baselines():
   assert mor_config(None, "cycle").block_passes_per_token() == 3
 
 
+def test_share_first_flops_and_preset():
+  seq_len = 96
+  recursion = mor_config("expert", "cycle", ("attention",))
+  shared = mor_config("expert", "cycle", ("attention",), kv_strategy="share_first")
+  cfg = recursion.model
+  width, kv_weights = cfg.num_heads * cfg.head_dim, 2 * cfg.d_model * cfg.num_kv_heads * cfg.head_dim
+  # Recursions 2 and 3 (capacities 2/3, 1/3) skip k/v projections; their queries see all keys.
+  expected = sum(f * (-6.0 * kv_weights + 12.0 * width * (seq_len / 2 - f * seq_len / 2))
+                 for f in (2 / 3, 1 / 3))
+  assert mor_flops_per_token(shared, seq_len) - mor_flops_per_token(recursion, seq_len) == \
+      pytest.approx(expected)
+  preset = configs.load_mor("mor_expert_share")
+  assert preset.kv_strategy == "share_first"
+  assert dataclasses.replace(preset, kv_strategy="recursion") == configs.load_mor("mor_expert")
+
+
 def test_bad_config_and_inputs():
   with pytest.raises(ValueError, match="sharing must be one of"):
     mor_config("expert", "ring")
@@ -139,6 +183,10 @@ def test_bad_config_and_inputs():
     mor_config(None, "cycle", capacities=(1.0, 0.5, 0.5))
   with pytest.raises(ValueError, match="kv_strategy must be one of"):
     mor_config("token", "cycle", kv_strategy="everything")
+  with pytest.raises(ValueError, match=r"kv_strategy='share_first' .* 'rat' layer"):
+    mor_config("token", "cycle", ("attention", "rat"), kv_strategy="share_first")
+  with pytest.raises(ValueError, match=r"needs capacities\[0\] == 1"):
+    mor_config("expert", "cycle", capacities=(0.5, 0.5, 0.25), kv_strategy="share_first")
   model = MoRLanguageModel(mor_config("token", "cycle"))
   with pytest.raises(ValueError, match=r"tokens must have shape \[batch, seq\]"):
     model.init(jax.random.key(0), jnp.zeros((2, 3, 4), jnp.int32))
