@@ -24,8 +24,9 @@ class DataConfig:
   """Where tokens come from and how they are packed into [batch, seq_len] rows.
 
   `source` is "stdlib" (the running interpreter's standard-library .py files: needs no download),
-  "text" (the files and folders in `paths`) or "array_record" (`paths` of ArrayRecord files holding
-  one document per record). Tokens are bytes (vocabulary 256); every document is followed by the
+  "text" (the files and folders in `paths`), "array_record" (`paths` of ArrayRecord files holding
+  one document per record) or "parquet" (`paths` of Parquet files, or folders of them: one document
+  per row, the string or binary column `column`). Tokens are bytes (vocabulary 256); every document is followed by the
   separator byte `eos_id`. With `model_segment_ids` the model gets `segment_ids` and per-document
   positions; without (for mixers that cannot mask packed documents, e.g. RAT) it sees each row as
   one stream with positions 0..seq_len-1.
@@ -33,6 +34,7 @@ class DataConfig:
 
   source: str = "stdlib"
   paths: tuple[str, ...] = ()
+  column: str = "text"             # the Parquet column holding the documents
   seq_len: int = 256
   global_batch_size: int = 16
   validation_fraction: float = 0.05

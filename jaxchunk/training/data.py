@@ -1,6 +1,8 @@
 """Byte-level data: corpora, packing documents into fixed-length rows, grain pipelines.
 
-Tokens are bytes (vocabulary 256). Documents are split into train/validation by a seeded
+Tokens are bytes (vocabulary 256). Documents come from a source (`load_documents`): the
+interpreter's standard library, text files, ArrayRecord records or a Parquet string/binary column.
+Documents are split into train/validation by a seeded
 permutation, each is followed by the separator byte `eos_id`, and the stream of documents is cut
 into rows of `seq_len` inputs (plus one target). A row is a dict of int32 [seq_len] arrays:
 "inputs", "targets", "positions", "segment_ids" and float32 "loss_mask".
@@ -38,18 +40,24 @@ def stdlib_documents() -> list[bytes]:
   return [_read(p) for p in sorted(paths)]
 
 
-def text_documents(paths: Sequence[str]) -> list[bytes]:
-  """Every file named in `paths`, and every file under the folders in `paths` (sorted), as bytes."""
+def _list_files(paths: Sequence[str], suffix: str = "") -> list[str]:
+  """The files named in `paths`, and the files under its folders ending in `suffix` (sorted)."""
   files = []
   for path in paths:
     if os.path.isdir(path):
-      found = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+      found = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+               if f.endswith(suffix)]
       files.extend(sorted(found))
     elif os.path.isfile(path):
       files.append(path)
     else:
       raise ValueError(f"data.paths: {path!r} is neither a file nor a folder")
-  return [_read(f) for f in files]
+  return files
+
+
+def text_documents(paths: Sequence[str]) -> list[bytes]:
+  """Every file named in `paths`, and every file under the folders in `paths` (sorted), as bytes."""
+  return [_read(f) for f in _list_files(paths)]
 
 
 def array_record_documents(paths: Sequence[str]) -> list[bytes]:
@@ -58,8 +66,40 @@ def array_record_documents(paths: Sequence[str]) -> list[bytes]:
   return [bytes(source[i]) for i in range(len(source))]
 
 
-def load_documents(source: str, paths: Sequence[str] = ()) -> list[bytes]:
-  """Documents of a `DataConfig.source`: "stdlib", "text" or "array_record"."""
+def parquet_documents(paths: Sequence[str], column: str = "text") -> list[bytes]:
+  """One document per row: the values of `column` in the Parquet files `paths`, in order.
+
+  Folders in `paths` contribute their files ending in ".parquet" (sorted). The column must hold
+  strings (encoded as UTF-8) or binary values; null values are skipped.
+  """
+  import pyarrow as pa          # lazy: only Parquet sources pay for the import
+  import pyarrow.parquet as pq
+
+  documents = []
+  for path in _list_files(paths, ".parquet"):
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    if column not in schema.names:
+      raise ValueError(f"data.column {column!r} is not a column of {path}; its columns are "
+                       f"{schema.names}")
+    kind = schema.field(column).type
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if not (text or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+      raise ValueError(f"data.column {column!r} of {path} must hold strings or binary values, "
+                       f"got {kind}")
+    for batch in parquet.iter_batches(columns=[column]):
+      values = batch.column(0).to_pylist()
+      documents.extend(v.encode("utf-8") if text else v for v in values if v is not None)
+  return documents
+
+
+SOURCES = ("stdlib", "text", "array_record", "parquet")
+
+
+def load_documents(source: str, paths: Sequence[str] = (), *, column: str = "text") -> list[bytes]:
+  """Documents of a `DataConfig.source` (one of `SOURCES`); `column` is the Parquet text column."""
+  if source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
   if source == "stdlib":
     return stdlib_documents()
   if not paths:
@@ -68,7 +108,7 @@ def load_documents(source: str, paths: Sequence[str] = ()) -> list[bytes]:
     return text_documents(paths)
   if source == "array_record":
     return array_record_documents(paths)
-  raise ValueError(f"data.source must be 'stdlib', 'text' or 'array_record', got {source!r}")
+  return parquet_documents(paths, column)
 
 
 def _read(path: str) -> bytes:

@@ -160,5 +160,38 @@ def test_text_and_array_record_sources(tmp_path, rng):
     data_lib.load_documents("text", [str(tmp_path / "missing")])
   with pytest.raises(ValueError, match="data.paths must name"):
     data_lib.load_documents("text", [])
-  with pytest.raises(ValueError, match="data.source"):
-    data_lib.load_documents("parquet", ["x"])
+  with pytest.raises(ValueError, match="data.source must be one of"):
+    data_lib.load_documents("csv", ["x"])
+
+
+def test_parquet_source_loads_and_packs_column(tmp_path, rng):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  documents = _documents(rng, 7)
+  texts = [d.decode("ascii") + "\u00e9" for d in documents]       # non-ASCII: UTF-8 encoded
+  folder = tmp_path / "shards"
+  folder.mkdir()
+  pq.write_table(pa.table({"id": list(range(4)), "text": texts[:4]}), folder / "b.parquet")
+  pq.write_table(pa.table({"id": [4, 5, 6], "text": [texts[4], None, texts[5]]}),
+                 folder / "a.parquet", row_group_size=1)
+  (folder / "notes.txt").write_text("not parquet")                   # ignored inside folders
+  binary = tmp_path / "binary.parquet"
+  pq.write_table(pa.table({"body": pa.array([documents[6]], pa.binary())}), binary)
+
+  loaded = data_lib.load_documents("parquet", [str(folder)])
+  expected = [t.encode("utf-8") for t in [texts[4], texts[5]] + texts[:4]]   # a.parquet first
+  assert loaded == expected                                         # the null row is skipped
+  assert data_lib.load_documents("parquet", [str(binary)], column="body") == [documents[6]]
+  rows = data_lib.pack_documents(loaded, seq_len=16, eos_id=0, segment_ids=True)
+  stream = b"".join(d + b"\0" for d in expected)
+  assert len(rows) == (len(stream) - 1) // 16
+  for r in range(len(rows)):
+    np.testing.assert_array_equal(rows[r]["inputs"],
+                                  np.frombuffer(stream[16 * r:16 * (r + 1)], np.uint8))
+  with pytest.raises(ValueError, match="data.column 'content' is not a column"):
+    data_lib.load_documents("parquet", [str(folder)], column="content")
+  with pytest.raises(ValueError, match="data.column 'id' .* must hold strings or binary"):
+    data_lib.load_documents("parquet", [str(folder)], column="id")
+  with pytest.raises(ValueError, match="data.paths must name"):
+    data_lib.load_documents("parquet", [])
