@@ -44,6 +44,11 @@ def llama_config(hf_config: dict, **overrides) -> ModelConfig:
   """The `ModelConfig` of a Llama config.json (a dict); `overrides` set e.g. dtype or impl."""
   if hf_config.get("rope_scaling"):
     raise ValueError(f"rope_scaling {hf_config['rope_scaling']} is not supported")
+  # transformers >= 5 writes {"rope_parameters": {"rope_theta": ..., "rope_type": ...}} instead.
+  rope = hf_config.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise ValueError(f"rope_parameters {rope} is not supported (only rope_type 'default')")
+  rope_theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 1e4)))
   if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
     raise ValueError("attention_bias / mlp_bias checkpoints are not supported")
   if hf_config.get("hidden_act", "silu") != "silu":
@@ -54,7 +59,7 @@ def llama_config(hf_config: dict, **overrides) -> ModelConfig:
       layer_pattern=("attention",) * hf_config["num_hidden_layers"], num_heads=heads,
       num_kv_heads=hf_config.get("num_key_value_heads", heads),
       head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-      mlp_hidden=hf_config["intermediate_size"], rope_theta=float(hf_config.get("rope_theta", 1e4)),
+      mlp_hidden=hf_config["intermediate_size"], rope_theta=rope_theta,
       norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
   fields.update(overrides)

@@ -124,3 +124,13 @@ def test_rejects_unsupported_llama_variants():
     llama_config({**HF_CONFIG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
   with pytest.raises(ValueError, match="hidden_act"):
     llama_config({**HF_CONFIG, "hidden_act": "gelu"})
+  with pytest.raises(ValueError, match="rope_parameters"):
+    llama_config({**HF_CONFIG, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
+
+
+def test_reads_rope_theta_of_transformers_5_configs():
+  """transformers >= 5 nests rope_theta under rope_parameters."""
+  nested = {k: v for k, v in HF_CONFIG.items() if k != "rope_theta"}
+  nested["rope_parameters"] = {"rope_theta": 123.0, "rope_type": "default"}
+  assert llama_config(nested).rope_theta == 123.0
+  assert llama_config(HF_CONFIG).rope_theta == HF_CONFIG["rope_theta"]
