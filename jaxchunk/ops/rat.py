@@ -66,6 +66,8 @@ from pallas_kernels.gpu import rat_aggregate
 
 _HIGHEST = lax.Precision.HIGHEST
 _NEVER = np.iinfo(np.int32).max  # chunk index of a summary slot no query may see
+_NARROW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # summary storage dtypes kept as is
+_SUMMARY_DTYPES = (jnp.dtype(jnp.float32),) + _NARROW
 
 
 class RATState(NamedTuple):
@@ -87,13 +89,22 @@ class RATState(NamedTuple):
   length: jax.Array
 
 
-def rat_init_state(batch: int, kv_heads: int, head_dim: int, max_chunks: int) -> RATState:
-  """An empty `RATState` (no tokens seen) with room for `max_chunks` chunk summaries."""
+def rat_init_state(batch: int, kv_heads: int, head_dim: int, max_chunks: int,
+                   dtype=jnp.float32) -> RATState:
+  """An empty `RATState` (no tokens seen) with room for `max_chunks` chunk summaries.
+
+  `dtype` is the storage dtype of the summaries (float32, or bfloat16 / float16 to halve the bytes a
+  decode step reads, as the Pallas training path already attends to bf16 summaries); the running
+  aggregates stay float32, and every op computes in float32 whatever the storage dtype.
+  """
   if max_chunks < 0:
     raise ValueError(f"max_chunks must be >= 0, got {max_chunks}")
-  chunks = jnp.zeros((batch, max_chunks, kv_heads, head_dim), jnp.float32)
+  if jnp.dtype(dtype) not in _SUMMARY_DTYPES:
+    raise ValueError(f"dtype must be one of {[d.name for d in _SUMMARY_DTYPES]}, got {dtype}")
+  chunks = jnp.zeros((batch, max_chunks, kv_heads, head_dim), dtype)
   run = jnp.zeros((batch, kv_heads, head_dim), jnp.float32)
   return RATState(chunks, chunks, run, run, jnp.zeros((), jnp.int32))
+
 
 
 def _einsum(spec, *operands):
@@ -149,8 +160,14 @@ def _check_capacity(length, new_tokens: int, chunk_size: int, capacity: int, nam
 
 
 def _cast_state(state: RATState, capacity: int, dtype) -> RATState:
-  """Casts `state` to `dtype` (length to int32) and zero-pads its summary buffer to `capacity`."""
-  k_chunks, v_chunks, k_run, v_run = (jnp.asarray(x, dtype) for x in state[:4])
+  """Casts `state` to `dtype` (length to int32) and zero-pads its summary buffer to `capacity`.
+
+  Summaries stored in bfloat16 / float16 keep that storage dtype (computations up-cast them).
+  """
+  k_run, v_run = (jnp.asarray(x, dtype) for x in state[2:4])
+  summary_dtype = jnp.result_type(state.k_chunks)
+  summary_dtype = summary_dtype if summary_dtype in _NARROW else dtype
+  k_chunks, v_chunks = (jnp.asarray(x, summary_dtype) for x in state[:2])
   pad = [(0, 0), (0, capacity - k_chunks.shape[1]), (0, 0), (0, 0)]
   return RATState(jnp.pad(k_chunks, pad), jnp.pad(v_chunks, pad), k_run, v_run,
                   jnp.asarray(state.length, jnp.int32))
@@ -177,17 +194,23 @@ def _step(state: RATState, token, *, chunk_size: int, scale: float):
   chunk = length // chunk_size
   n = k_chunks.shape[1]
   visible = jnp.arange(n) < chunk
-  s_chunks = jnp.where(visible, _einsum("bhgd,bnhd->bhgn", q, k_chunks) * scale, -jnp.inf)
-  s_run = _einsum("bhgd,bhd->bhg", q, k_run) * scale
-  p = jax.nn.softmax(jnp.concatenate([s_chunks, s_run[..., None]], axis=-1), axis=-1)
-  o = _einsum("bhgn,bnhd->bhgd", p[..., :n], v_chunks) + p[..., n:] * v_run[:, :, None]
+  # Products and sums in the compute dtype, written as fused multiply-reduces over the buffer in its
+  # [B, N, Hk, D] layout: a decode step reads each summary once (a batched dot would transpose it).
+  wide = lambda x: x.astype(q.dtype)
+  s_chunks = jnp.sum(q[:, None] * wide(k_chunks)[:, :, :, None], axis=-1)  # [B, N, Hk, G]
+  s_chunks = jnp.where(visible[:, None, None], s_chunks * scale, -jnp.inf)
+  s_run = jnp.sum(q * k_run[:, :, None], axis=-1) * scale                  # [B, Hk, G]
+  p = jax.nn.softmax(jnp.concatenate([s_chunks, s_run[:, None]], axis=1), axis=1)
+  o = (jnp.sum(p[:, :n, ..., None] * wide(v_chunks)[:, :, :, None], axis=1)
+       + p[:, n, ..., None] * v_run[:, :, None])
 
   if n:
     slot = jnp.minimum(chunk, n - 1)
     write = ((length + 1) % chunk_size == 0) & (chunk < n)
     def append(buf, run):
       old = lax.dynamic_index_in_dim(buf, slot, axis=1, keepdims=False)
-      return lax.dynamic_update_index_in_dim(buf, jnp.where(write, run, old), slot, axis=1)
+      new = jnp.where(write, run.astype(buf.dtype), old)
+      return lax.dynamic_update_index_in_dim(buf, new, slot, axis=1)
     k_chunks, v_chunks = append(k_chunks, k_run), append(v_chunks, v_run)
   return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
 
@@ -271,7 +294,7 @@ def _attend_pallas(q, k_agg, v_agg, k_new, v_new, state: RATState, first_chunk, 
   if old_chunks:
     widen = [(0, 0), (0, k_new.shape[1]), (0, 0), (0, 0)]
     put = lambda old, new: lax.dynamic_update_slice_in_dim(
-        jnp.pad(old[:, :old_chunks], widen), new, first_chunk, axis=1)
+        jnp.pad(old[:, :old_chunks], widen), new.astype(old.dtype), first_chunk, axis=1)
     k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
   cast = lambda x: x.astype(dtype)
   o = rat_kernel.rat_attention(cast((q * scale).reshape(b, p, hk * g, d)), cast(k_agg),
@@ -371,7 +394,7 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   slots = jnp.arange(state.k_chunks.shape[1])
   fresh = ((slots >= first_chunk) & (slots < end // c))[None, :, None, None]
   src = jnp.clip(slots - first_chunk, 0, nc - 1)
-  merge = lambda old, new: jnp.where(fresh, jnp.take(new, src, axis=1), old)
+  merge = lambda old, new: jnp.where(fresh, jnp.take(new, src, axis=1).astype(old.dtype), old)
   final = RATState(merge(state.k_chunks, k_new), merge(state.v_chunks, v_new), k_last, v_last,
                    end)
   return o, final

@@ -192,6 +192,28 @@ def test_decode_from_empty_state(rng):
   assert_rel_close(jnp.stack(outs, 1), ref, 1e-5, "steps from rat_init_state")
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_bfloat16_summary_storage(rng, impl):
+  """A state whose summaries are stored in bf16 keeps that dtype through prefill and decode, and
+  the outputs match the float32 oracle to bf16 rounding of the summaries."""
+  chunk_size, t1, t = 4, 6, 15
+  q, k, v, f = inputs(rng, 2, t, 4, 2, 64)  # head dim 64: the smallest the kernel takes
+  state = rat_init_state(2, 2, 64, t // chunk_size, dtype=jnp.bfloat16)
+  o1, state = rat(q[:, :t1], k[:, :t1], v[:, :t1], f[:, :t1], chunk_size=chunk_size,
+                  initial_state=state, output_final_state=True, impl=impl)
+  assert state.k_chunks.dtype == jnp.bfloat16 and state.k_run.dtype == jnp.float32
+  step = jax.jit(rat_step, static_argnames="chunk_size")
+  outs = [o1]
+  for i in range(t1, t):
+    o, state = step(q[:, i], k[:, i], v[:, i], f[:, i], state, chunk_size=chunk_size)
+    outs.append(o[:, None])
+  assert state.k_chunks.dtype == jnp.bfloat16 and state.v_chunks.dtype == jnp.bfloat16
+  assert_rel_close(jnp.concatenate(outs, 1), oracle(q, k, v, f, chunk_size)[0], 1e-2,
+                   f"{impl} with bf16 summaries")
+  with pytest.raises(ValueError, match="dtype"):
+    rat_init_state(1, 1, 8, 2, dtype=jnp.int32)
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_two_piece_prefill(rng, impl):
   chunk_size, split = 8, 13
