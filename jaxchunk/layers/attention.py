@@ -10,6 +10,10 @@ position written so far. A call with T tokens writes them at rows positions[:, 0
 batch row) and attends to the keys before positions[:, 0] + T. The sliding window masks older keys
 but the cache still holds max_len positions.
 
+Sequence-parallel (an active `SequenceParallel`, no cache): x and positions are in the layout order
+of the sequence axis and the layer runs `SequenceParallel.attention` (ring or Ulysses attention)
+with the same causal, window and segment_ids masks; rotary embeddings use the given positions.
+
 A paged cache (for the serving engine) is {"k_pages", "v_pages": [num_pages, page_size, Hk, Dh],
 "page_table": int32 [B, pages_per_seq]}: the keys of row b at position p live in page
 page_table[b, p // page_size] (see `jaxchunk.ops.paged_attention`); pages are shared by all rows.
@@ -25,6 +29,7 @@ from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
 from jaxchunk.ops.attention import attention
 from jaxchunk.ops.paged_attention import chunked_prefill_attention, paged_write
+from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
 def project(x: jax.Array, features: tuple[int, ...], axes: tuple, *, name: str, config: ModelConfig,
@@ -96,17 +101,20 @@ class Attention(nn.Module):
   window: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None):
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
+               sequence_parallel: SequenceParallel | None = None):
     """x [B,T,d_model], positions [B,T] int32 -> (y [B,T,d_model], new cache or None).
 
     Without a cache the T tokens attend causally among themselves (within their document when
-    `segment_ids` [B,T] is given). With a cache (from `init_attention_cache`) they are written at
+    `segment_ids` [B,T] is given); with an active `sequence_parallel` they are in its layout order
+    (positions too) and attend sequence-parallel. With a cache (from `init_attention_cache`) they are written at
     positions[:, 0] onwards and attend to everything cached before them: T > 1 is a chunked prefill,
     T == 1 a decode step. positions[:, 0] + T must not exceed the cache length. A paged cache
     (see the module docstring) works the same, writing to and reading from the row's pages.
     """
     cfg = self.config
     check_mixer_input(x, positions, cfg)
+    sp = active_sequence_parallel(sequence_parallel, cache, "Attention")
     h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if cache is not None:
       if segment_ids is not None:
@@ -119,7 +127,10 @@ class Attention(nn.Module):
     q = apply_rotary(q, positions, theta=cfg.rope_theta)
     k = apply_rotary(k, positions, theta=cfg.rope_theta)
 
-    if cache is None:
+    if sp is not None:
+      o = sp.attention(q, k, v, causal=True, segment_ids=segment_ids, window=self.window)
+      new_cache = None
+    elif cache is None:
       o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=self.window,
                     impl=cfg.impl)
       new_cache = None

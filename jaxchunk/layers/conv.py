@@ -1,5 +1,10 @@
 """Causal depthwise short convolution over time, with a cache for chunked prefill and decode.
 
+Sequence-parallel (a `SequenceParallel` whose sequence axis is > 1, rows in its layout order):
+every segment of the layout is convolved after its halo, the conv_size - 1 tokens before it in
+the natural order (`jaxchunk.parallel.halo`), so the result equals the convolution of the natural
+order.
+
 Parameters (logical axes): `kernel` [conv_size, features] -> ("conv", `channel_axis`).
 """
 
@@ -8,11 +13,31 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
 def init_conv_cache(batch: int, conv_size: int, features: int, dtype) -> jax.Array:
   """The empty cache of a `ShortConv`: the last conv_size-1 inputs, zeros [B, conv_size-1, C]."""
   return jnp.zeros((batch, conv_size - 1, features), dtype)
+
+
+def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array):
+  """Depthwise causal convolution along axis -2.
+
+  Args:
+    x: [..., T, C] inputs.
+    kernel: [K, C] taps, kernel[K - 1] on the current token.
+    history: [..., K - 1, C], the inputs before x.
+
+  Returns:
+    (y [..., T, C], padded [..., K - 1 + T, C] = history ++ x).
+  """
+  t = x.shape[-2]
+  padded = jnp.concatenate([history, x], axis=-2)
+  y = sum(kernel[j] * lax.slice_in_dim(padded, j, j + t, axis=-2) for j in range(kernel.shape[0]))
+  return y, padded
 
 
 class ShortConv(nn.Module):
@@ -34,16 +59,24 @@ class ShortConv(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, cache: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, cache: jax.Array | None = None,
+               sequence_parallel: SequenceParallel | None = None):
     """x [B,T,C]; cache [B,conv_size-1,C] (the inputs before x; None = zeros).
 
     Returns (y [B,T,C], new_cache [B,conv_size-1,C]), new_cache being the last conv_size-1 inputs
-    of cache ++ x, so the next call continues exactly.
+    of cache ++ x, so the next call continues exactly. With an active `sequence_parallel` (no
+    cache) x is in its layout order, y too, and new_cache is None.
     """
     if x.ndim != 3 or x.shape[2] != self.features:
       raise ValueError(f"x must have shape [batch, seq, {self.features}], got {x.shape}")
+    sp = active_sequence_parallel(sequence_parallel, cache, "ShortConv")
     b, t, c = x.shape
-    if cache is None:
+    if sp is not None:
+      if t % sp.num_segments or t // sp.num_segments < self.conv_size - 1:
+        raise ValueError(f"ShortConv: sequence-parallel x length {t} must split into "
+                         f"{sp.num_segments} equal segments of at least conv_size - 1 = "
+                         f"{self.conv_size - 1} tokens")
+    elif cache is None:
       cache = init_conv_cache(b, self.conv_size, c, self.dtype)
     elif cache.shape != (b, self.conv_size - 1, c):
       raise ValueError(f"cache must have shape [batch, conv_size-1, features] = "
@@ -55,8 +88,14 @@ class ShortConv(nn.Module):
         "kernel", nn.with_logical_partitioning(kernel_init, ("conv", self.channel_axis)),
         (self.conv_size, c), self.param_dtype)
     kernel = kernel.astype(self.dtype)
-    padded = jnp.concatenate([cache.astype(self.dtype), x.astype(self.dtype)], axis=1)
-    y = sum(kernel[j] * padded[:, j:j + t] for j in range(self.conv_size))
+    x = x.astype(self.dtype)
+    if sp is None:
+      y, padded = causal_conv(x, kernel, cache.astype(self.dtype))
+      new_cache = padded[:, t:]
+    else:
+      segments = x.reshape(b, sp.num_segments, t // sp.num_segments, c)
+      y, _ = causal_conv(segments, kernel, sp.halo(x, self.conv_size - 1))
+      y, new_cache = y.reshape(b, t, c), None
     if self.silu:
       y = nn.silu(y)
-    return y, padded[:, t:]
+    return y, new_cache

@@ -32,6 +32,10 @@ Parameters and their logical axes:
 
 The cache is {"state": the op's recurrent state (float32), "conv": {"q", "k", "v"} short-conv caches
 (empty for kinds without short convs)}; its size does not grow with the sequence.
+
+Sequence-parallel (an active `SequenceParallel`, no cache): x is in the layout order of the
+sequence axis; the op runs as `SequenceParallel.linear` (per-device chunks combined through their
+affine state summaries) and the short convolutions take their halos from the preceding segments.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from jaxchunk.ops.gla import gla, gla_step
 from jaxchunk.ops.kda import kda, kda_step
 from jaxchunk.ops.mlstm import mlstm, mlstm_step
 from jaxchunk.ops.simple_gla import simple_gla, simple_gla_step
+from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 GATE_LOGIT_NORMALIZER = 16.0  # GLA: log-decays are logsigmoid(logits) / 16, so near 0 at init.
 GLA_GATE_RANK = 16            # GLA: rank of the per-channel decay projection.
@@ -231,10 +236,12 @@ class LinearAttention(nn.Module):
   kind: str
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None):
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
+               sequence_parallel: SequenceParallel | None = None):
     """x [B,T,d_model] -> (y [B,T,d_model], new cache or None).
 
-    `positions` [B,T] is unused: the recurrence itself orders the tokens. With `cache` (from
+    `positions` [B,T] is unused: the recurrence itself orders the tokens (in the layout order of
+    an active `sequence_parallel`, see the module docstring). With `cache` (from
     `init_linear_attention_cache` or a previous call) the layer continues from it: T == 1 takes the
     `<op>_step` decode path, T > 1 a chunked prefill from the cached state.
     """
@@ -243,6 +250,7 @@ class LinearAttention(nn.Module):
     family = _family(self.kind)
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
       raise ValueError(f"x must have shape [batch, seq, {cfg.d_model}], got {x.shape}")
+    sp = active_sequence_parallel(sequence_parallel, cache, f"LinearAttention({self.kind!r})")
     if segment_ids is not None:
       raise ValueError(f"LinearAttention({self.kind!r}) cannot handle segment_ids (packed "
                        "documents) yet: the recurrent state is not reset at document boundaries")
@@ -260,14 +268,19 @@ class LinearAttention(nn.Module):
         conv = ShortConv(width, cfg.conv_size, channel_axis=axis, dtype=dtype,
                          param_dtype=jnp.dtype(cfg.param_dtype), name=f"{name}_conv")
         y, new_conv[name] = conv(qkv[name].reshape(b, t, width),
-                                 cache=None if cache is None else cache["conv"][name])
+                                 cache=None if cache is None else cache["conv"][name],
+                                 sequence_parallel=sp)
         qkv[name] = y.reshape(qkv[name].shape)
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if family.qk_l2norm:
       q, k = (_l2_normalize(z, cfg.norm_eps).astype(dtype) for z in (q, k))
     gates = family.gates(self, x)
 
-    if cache is None:
+    if sp is not None:
+      o, _ = sp.linear(self.kind, q, k, v, *gates, chunk_size=cfg.linear_chunk_size,
+                       impl=cfg.impl)
+      new_cache = None
+    elif cache is None:
       o, _ = family.op(q, k, v, *gates, chunk_size=cfg.linear_chunk_size, impl=cfg.impl)
       new_cache = None
     else:

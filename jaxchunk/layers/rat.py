@@ -22,6 +22,10 @@ Parameters (logical axes):
 The cache is the op's `RATState`: a fixed number of chunk summaries plus the running summary of the
 open chunk. Its `length` is a scalar (all rows at the same position, as `init_rat_cache` builds it)
 or int32 [B], one length per row (the serving engine's slots); the op then runs per row (vmap).
+
+Sequence-parallel (an active `SequenceParallel`, no cache): x and positions are in the layout order
+of the sequence axis and the op runs as `SequenceParallel.rat` (chunk summaries shared across
+devices); every segment of the layout must hold whole chunks.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from jaxchunk.layers.attention import check_mixer_input, project
 from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
 from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
+from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
 def forget_bias_init(chunk_size: int):
@@ -79,16 +84,18 @@ class RATLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None):
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
+               sequence_parallel: SequenceParallel | None = None):
     """x [B,T,d_model], positions [B,T] int32 -> (y [B,T,d_model], new `RATState` or None).
 
-    `positions` must be the token indices of the sequence (0 .. T-1 without a cache, the cached
-    length onwards with one): the op chunks tokens by index and the rotary angle is the chunk
-    index positions // rat_chunk_size. With a cache T == 1 is a decode step (`rat_step`), T > 1 a
+    `positions` must be the token indices of the sequence (0 .. T-1 without a cache, in the layout
+    order of an active `sequence_parallel`; the cached length onwards with a cache): the op chunks
+    tokens by index and the rotary angle is the chunk index positions // rat_chunk_size. With a cache T == 1 is a decode step (`rat_step`), T > 1 a
     chunked prefill continuing the cached state; the cache keeps its capacity of chunk summaries.
     """
     cfg = self.config
     check_mixer_input(x, positions, cfg)
+    sp = active_sequence_parallel(sequence_parallel, cache, "RATLayer")
     if segment_ids is not None:
       raise ValueError("RATLayer cannot handle segment_ids (packed documents) yet: the chunk "
                        "summaries are not reset at document boundaries")
@@ -107,7 +114,10 @@ class RATLayer(nn.Module):
     q = apply_rotary(q, chunk_index, theta=cfg.rope_theta)
     k = apply_rotary(k, chunk_index, theta=cfg.rope_theta)
 
-    if cache is None:
+    if sp is not None:
+      o = sp.rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
+      new_cache = None
+    elif cache is None:
       o, _ = rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
       new_cache = None
     elif x.shape[1] == 1:

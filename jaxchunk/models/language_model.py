@@ -9,6 +9,11 @@ and MLPs document their own (`jaxchunk.layers`).
 
 The cache is {"length": int32 [B], the tokens seen per row, "layers": tuple of per-layer mixer
 caches}; `init_cache` builds an empty one.
+
+Sequence parallelism: `model.apply(params, tokens, positions=..., sequence_parallel=sp)` with a
+`jaxchunk.parallel.SequenceParallel` whose sequence axis is > 1 takes rows in its layout order
+(`sp.layout_batch`) sharded over that axis; every mixer then runs its sequence-parallel form and the
+logits come back in the same order. Training and evaluation only (no cache).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from jaxchunk.layers.mlp import SwiGLU
 from jaxchunk.layers.norm import RMSNorm
 from jaxchunk.layers.rat import RATLayer, init_rat_cache
 from jaxchunk.config import ModelConfig
+from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
+from jaxchunk.parallel.mesh import layout_permutation
 
 
 def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:
@@ -104,12 +111,14 @@ class Block(nn.Module):
   kind: str
 
   @nn.compact
-  def __call__(self, x, *, positions, segment_ids=None, cache=None):
+  def __call__(self, x, *, positions, segment_ids=None, cache=None,
+               sequence_parallel: SequenceParallel | None = None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mixer_norm")(x)
     h, new_cache = make_mixer(cfg, self.kind, "mixer")(h, positions=positions,
-                                                       segment_ids=segment_ids, cache=cache)
+                                                       segment_ids=segment_ids, cache=cache,
+                                                       sequence_parallel=sequence_parallel)
     x = x + h.astype(x.dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlp_norm")(x)
     x = x + SwiGLU(cfg.mlp_hidden, dtype=dtype, param_dtype=param_dtype, name="mlp")(h).astype(x.dtype)
@@ -122,7 +131,8 @@ class LanguageModel(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, cache=None):
+  def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, cache=None,
+               sequence_parallel: SequenceParallel | None = None):
     """tokens [B,T] int -> (logits [B,T,vocab] float32, new cache or None).
 
     `segment_ids` [B,T] marks packed documents (pass `positions` restarting at each document);
@@ -131,6 +141,8 @@ class LanguageModel(nn.Module):
     With a cache (from `init_cache` or a previous call) the model continues each row from its
     cached length: T > 1 is a chunked prefill, T == 1 a decode step; the returned cache has
     length + T.
+    With an active `sequence_parallel` (no cache) tokens, segment_ids, positions and the logits
+    are in its layout order; positions default to the natural positions in that order.
     """
     cfg = self.config
     if tokens.ndim != 2:
@@ -139,6 +151,10 @@ class LanguageModel(nn.Module):
     if cache is not None and len(cache["layers"]) != cfg.num_layers:
       raise ValueError(f"cache['layers'] must hold {cfg.num_layers} layer caches, "
                        f"got {len(cache['layers'])}")
+    sp = active_sequence_parallel(sequence_parallel, cache, "LanguageModel")
+    if sp is not None and positions is None:
+      natural = layout_permutation(t, sp.num_devices, sp.layout).astype(jnp.int32)
+      positions = jnp.broadcast_to(natural, (b, t))
     positions = token_positions(positions, b, t, cache)
     embed = embedding(cfg)
     x = embed(tokens)
@@ -146,7 +162,7 @@ class LanguageModel(nn.Module):
     for i, kind in enumerate(cfg.layer_pattern):
       x, layer_cache = Block(cfg, kind, name=f"block_{i}")(
           x, positions=positions, segment_ids=segment_ids,
-          cache=None if cache is None else cache["layers"][i])
+          cache=None if cache is None else cache["layers"][i], sequence_parallel=sp)
       new_layers.append(layer_cache)
     logits = output_logits(cfg, x, embed)
     if cache is None:

@@ -7,14 +7,16 @@
 - `sequence_parallel_linear`: every linear op (simple_gla, gla, delta_rule, gated_delta_rule, kda,
   mlstm) from per-device affine state summaries.
 - `sequence_parallel_rat`: RAT with shared chunk summaries.
+- `sequence_parallel_halo`: the tokens before each segment, for short causal convolutions.
 - `SequenceParallel`: the bundle a trainer hands to its layers, with host-side batch layout.
 
 Each global function takes arrays [B, T, ...] in layout order (see `jaxchunk.parallel.mesh`) and has
 a per-device `*_shard` form for use inside an enclosing `shard_map`. See docs/parallel.md.
 """
 
-from jaxchunk.parallel.api import (SequenceParallel, choose_strategy,
+from jaxchunk.parallel.api import (SequenceParallel, active_sequence_parallel, choose_strategy,
                                    sequence_parallel_attention)
+from jaxchunk.parallel.halo import halo_shard, sequence_parallel_halo
 from jaxchunk.parallel.linear_scan import (SHARD_OPS, delta_rule_shard, gated_delta_rule_shard,
                                            gla_shard, kda_shard, mlstm_shard,
                                            sequence_parallel_linear, simple_gla_shard)
@@ -32,5 +34,6 @@ __all__ = [
     "SHARD_OPS", "sequence_parallel_linear", "simple_gla_shard", "gla_shard", "delta_rule_shard",
     "gated_delta_rule_shard", "kda_shard", "mlstm_shard",
     "rat_shard", "sequence_parallel_rat",
-    "SequenceParallel",
+    "halo_shard", "sequence_parallel_halo",
+    "SequenceParallel", "active_sequence_parallel",
 ]

@@ -7,8 +7,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jaxchunk.parallel.halo import sequence_parallel_halo
 from jaxchunk.parallel.linear_scan import sequence_parallel_linear
-from jaxchunk.parallel.mesh import layout_permutation
+from jaxchunk.parallel.mesh import check_layout, layout_permutation
 from jaxchunk.parallel.rat import sequence_parallel_rat
 from jaxchunk.parallel.ring import ring_attention
 from jaxchunk.parallel.ulysses import ulysses_attention
@@ -70,6 +71,11 @@ class SequenceParallel(NamedTuple):
   def active(self) -> bool:
     return self.num_devices > 1
 
+  @property
+  def num_segments(self) -> int:
+    """Contiguous segments of every row: num_devices (contiguous) or 2 * num_devices (zigzag)."""
+    return self.num_devices * check_layout(self.layout)
+
   def attention(self, q, k, v, **options):
     """`sequence_parallel_attention` on this mesh (options: segment_ids, causal, window, scale)."""
     return sequence_parallel_attention(q, k, v, mesh=self.mesh, axis_name=self.axis_name,
@@ -87,17 +93,35 @@ class SequenceParallel(NamedTuple):
     return sequence_parallel_rat(q, k, v, f, mesh=self.mesh, axis_name=self.axis_name,
                                  batch_axes=self.batch_axes, layout=self.layout, **options)
 
+  def halo(self, x, width: int):
+    """`sequence_parallel_halo` on this mesh: [B, num_segments, width, ...], the `width` tokens
+    before each segment of x [B, T, ...] in the natural order (zeros before the first)."""
+    return sequence_parallel_halo(x, width, mesh=self.mesh, axis_name=self.axis_name,
+                                  batch_axes=self.batch_axes, layout=self.layout)
+
   def layout_batch(self, batch: dict) -> dict:
-    """Host side: puts every [B, T] array of `batch` in layout order and adds "positions".
+    """Host side: puts every [B, T] array of `batch` in layout order, adding "positions".
 
     Each row is permuted on its own (no device ever holds a whole row once the batch is sharded
-    P(batch_axes, axis_name)); "positions" [B, T] int32 are the natural token positions in layout
-    order, for rotary embeddings and for undoing the order. The loss is a sum over tokens, so
-    inputs and targets permuted alike give the same loss.
+    P(batch_axes, axis_name)). A batch without "positions" gets the natural token positions in
+    layout order, int32 [B, T], for rotary embeddings; given positions (e.g. restarting at every
+    packed document) are permuted like the other arrays. The loss is a sum over tokens, so inputs
+    and targets permuted alike give the same loss.
     """
-    seq_len = next(iter(batch.values())).shape[1]
+    rows, seq_len = next(iter(batch.values())).shape[:2]
     perm = layout_permutation(seq_len, self.num_devices, self.layout)
-    out = {name: np.asarray(x)[:, perm] for name, x in batch.items()}
-    rows = next(iter(batch.values())).shape[0]
-    out["positions"] = np.broadcast_to(perm.astype(np.int32), (rows, seq_len)).copy()
-    return out
+    natural = {"positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))}
+    return {name: np.asarray(x)[:, perm] for name, x in {**natural, **batch}.items()}
+
+
+def active_sequence_parallel(sequence_parallel: SequenceParallel | None, cache,
+                             what: str) -> SequenceParallel | None:
+  """The `SequenceParallel` a layer should run with: None unless given and active (sequence axis
+  > 1). Raises a ValueError naming `what` when an active one comes with a cache: sequence
+  parallelism runs training and evaluation forwards, whose rows are in layout order."""
+  if sequence_parallel is None or not sequence_parallel.active:
+    return None
+  if cache is not None:
+    raise ValueError(f"{what}: sequence_parallel (a sequence axis of {sequence_parallel.num_devices}"
+                     " devices) cannot be combined with a cache")
+  return sequence_parallel

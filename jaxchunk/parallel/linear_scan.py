@@ -87,6 +87,18 @@ def _per_batch(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
+def _vary_like(x, *likes):
+  """Marks `x` as varying over every mesh axis some array of `likes` varies over.
+
+  Scan carries must keep their varying type: a state entering a scan over inputs sharded on the
+  sequence (and batch) axes must vary over those axes too.
+  """
+  varying = frozenset().union(*(jax.typeof(y).manual_axis_type.varying
+                                for y in jax.tree.leaves(likes)))
+  axes = tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying))
+  return lax.pcast(x, axes, to="varying") if axes else x
+
+
 def entering_states(summaries, initial_state, apply, *, axis_name: str, layout: str):
   """Folds every device's segment summaries in sequence order, starting from `initial_state`.
 
@@ -108,14 +120,10 @@ def entering_states(summaries, initial_state, apply, *, axis_name: str, layout: 
   def fold(state, summary):
     return apply(summary, state), state
 
+  initial_state = jax.tree.map(lambda x: _vary_like(x, in_order), initial_state)
   final, entering = lax.scan(fold, initial_state, in_order)
   mine = local_segments(axis_name, layout)
   return jax.tree.map(lambda x: x[mine], entering), final
-
-
-def _varying(x, axis_name: str):
-  """Marks `x` as varying over `axis_name` (the ops' scan carries start from the initial state)."""
-  return lax.pcast(x, (axis_name,), to="varying")
 
 
 def _check_local(t: int, segments: int, axis_name: str) -> None:
@@ -141,7 +149,7 @@ def _gated_shard(op, q, k, v, gate, *, per_channel: bool, axis_name: str, layout
   _check_initial_state(initial_state, (b, h, dk, dv))
   split = functools.partial(split_segments, segments=segments)
   dtype = compute_dtype(q, k, v, gate, initial_state)
-  zero = _varying(jnp.zeros((segments * b, h, dk, dv), dtype), axis_name)
+  zero = _vary_like(jnp.zeros((segments * b, h, dk, dv), dtype), q, k, v, gate)
   o_local, s_local = op(split(q), split(k), split(v), split(gate), scale=scale, initial_state=zero,
                         output_final_state=True, chunk_size=chunk_size, impl=impl)
   log_decay = repeat_heads(jnp.asarray(split(gate), dtype), h)
@@ -198,7 +206,7 @@ def _delta_shard(op, q, k, v, *gates, axis_name: str, layout: str, scale, initia
   identity = jnp.concatenate([jnp.zeros((sb, h, dk, dv), dtype),
                               jnp.broadcast_to(jnp.eye(dk, dtype=dtype), (sb, h, dk, dk))], axis=-1)
   o_wide, s_wide = op(split(q), split(k), split(widened), *map(split, gates), scale=scale,
-                      initial_state=_varying(identity, axis_name), output_final_state=True,
+                      initial_state=_vary_like(identity, q, k, v, gates), output_final_state=True,
                       chunk_size=chunk_size, impl=impl)
   o_local, q_maps = o_wide[..., :dv].astype(dtype), o_wide[..., dv:].astype(dtype)
 

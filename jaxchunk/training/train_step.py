@@ -4,6 +4,10 @@ The mesh has the axes ("data", "fsdp", "tensor", "sequence"). Parameters and opt
 sharded by the layers' logical axis names through `LOGICAL_AXIS_RULES` (a dimension whose size the
 mesh axes do not divide stays replicated); batches [B, T] are split over ("data", "fsdp") x
 "sequence". The train state is a dict {"step": int32 [], "params", "opt_state"}.
+
+When the "sequence" axis has more than one device (`sequence_parallel`), every row is in zig-zag
+layout order (`SequenceParallel.layout_batch`, host side) and the steps run the model's
+sequence-parallel mixers; the token-summed loss does not depend on the order of the tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import MeshConfig
 from jaxchunk.config import ModelConfig
 from jaxchunk.models.mor import MoRLanguageModel
+from jaxchunk.parallel.api import SequenceParallel
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
@@ -69,6 +74,21 @@ def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh(mesh_shape(config, len(devices)), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def sequence_parallel(mesh) -> SequenceParallel | None:
+  """The zig-zag `SequenceParallel` over the mesh's "sequence" axis (batch over BATCH_AXES), or
+  None when that axis has a single device."""
+  if mesh.shape["sequence"] == 1:
+    return None
+  return SequenceParallel(mesh, axis_name="sequence", batch_axes=BATCH_AXES, layout="zigzag")
+
+
+def check_sequence_parallel(model: nn.Module, sp: SequenceParallel | None) -> None:
+  """Raises a ValueError for a sequence-parallel `sp` with a model that cannot run it (MoR)."""
+  if sp is not None and isinstance(model, MoRLanguageModel):
+    raise ValueError(f"Mixture-of-Recursions models do not support sequence parallelism: set "
+                     f"mesh.sequence=1 (got a sequence axis of {sp.num_devices} devices)")
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -127,18 +147,20 @@ def abstract_state(state):
 
 
 def _token_nll_sums(model: nn.Module, params, batch, *, use_segment_ids: bool, remat: str,
-                    inference: bool = False):
+                    inference: bool = False, sp: SequenceParallel | None = None):
   """(sum of masked next-token NLL in nats, number of counted tokens, router loss) of one batch.
 
   The router loss is a `MoRLanguageModel`'s aux["router_loss"] (float32 [], 0 for a
   `LanguageModel`); `inference` makes a MoR model route causally, as in decoding (evaluation).
+  `sp`: the `SequenceParallel` of a batch in its layout order, or None.
   """
   is_mor = isinstance(model, MoRLanguageModel)
+  options = {"inference": inference} if is_mor else {"sequence_parallel": sp}
 
   def forward(params, batch):
     logits, aux = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"] if use_segment_ids else None,
-                              **({"inference": inference} if is_mor else {}))
+                              **options)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
     router_loss = aux["router_loss"].astype(jnp.float32) if is_mor else jnp.zeros((), jnp.float32)
@@ -152,9 +174,12 @@ def _token_nll_sums(model: nn.Module, params, batch, *, use_segment_ids: bool, r
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_shardings, mesh, *,
-                    use_segment_ids: bool, grad_accum_steps: int = 1, remat: str = "none"
-                    ) -> Callable:
+                    use_segment_ids: bool, grad_accum_steps: int = 1, remat: str = "none",
+                    sp: SequenceParallel | None = None) -> Callable:
   """The jitted step (state, batch) -> (state, metrics); the input state is donated.
+
+  With `sp` (see `sequence_parallel`; not for MoR models) the batch rows are in its layout order
+  and the model runs sequence-parallel.
 
   The training loss is the mean token NLL plus, for a `MoRLanguageModel`, its router loss. The
   batch is split into `grad_accum_steps` micro-batches whose gradients of (summed token NLL +
@@ -165,10 +190,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
   """
   if grad_accum_steps <= 0:
     raise ValueError(f"optim.grad_accum_steps must be positive, got {grad_accum_steps}")
+  check_sequence_parallel(model, sp)
 
   def objective(params, batch):
     nll, count, router_loss = _token_nll_sums(model, params, batch,
-                                              use_segment_ids=use_segment_ids, remat=remat)
+                                              use_segment_ids=use_segment_ids, remat=remat, sp=sp)
     return nll + count * router_loss, (nll, count, router_loss)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -206,15 +232,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module, state_shardings, mesh, *, use_segment_ids: bool) -> Callable:
+def make_eval_step(model: nn.Module, state_shardings, mesh, *, use_segment_ids: bool,
+                   sp: SequenceParallel | None = None) -> Callable:
   """The jitted (params, batch) -> (sum of token NLL in nats, token count).
 
   A `MoRLanguageModel` routes as at inference (causally: no token sees later tokens' scores).
+  With `sp` the batch rows are in its layout order, as in `make_train_step`.
   """
+  check_sequence_parallel(model, sp)
 
   def evaluate(params, batch):
     nll, count, _ = _token_nll_sums(model, params, batch, use_segment_ids=use_segment_ids,
-                                    remat="none", inference=True)
+                                    remat="none", inference=True, sp=sp)
     return nll, count
 
   replicated = NamedSharding(mesh, P())

@@ -8,6 +8,10 @@ loss, logs it as "router_loss" and counts FLOPs with `mor_flops_per_token`. It w
 `workdir`: config.json (the resolved config), mor.json (the MoR config, if any), metrics.jsonl
 (one JSON record per log/eval point), tensorboard/ (event files), loss.png (train and validation
 loss in bits per byte against the unigram byte entropy) and checkpoints/.
+
+With `mesh.sequence > 1` the run is sequence-parallel: each host lays its rows out in zig-zag order
+(`SequenceParallel.layout_batch`) before they are placed on the mesh, so every device receives only
+its own segments of each row, and the train and eval steps run the sequence-parallel mixers.
 """
 
 from __future__ import annotations
@@ -55,8 +59,10 @@ class Trainer:
           json.dump(dataclasses.asdict(self.mor), f, indent=2)
           f.write("\n")
     self.mesh = step_lib.make_mesh(config.mesh, devices)
-    self._init_data()
+    self.sequence_parallel = step_lib.sequence_parallel(self.mesh)
     self.model = LanguageModel(config.model) if self.mor is None else MoRLanguageModel(self.mor)
+    step_lib.check_sequence_parallel(self.model, self.sequence_parallel)
+    self._init_data()
     self.tx = make_optimizer(config.optim, config.run.steps)
     self.state, self.state_shardings = step_lib.init_train_state(
         self.model, self.tx, self.mesh, seed=config.run.seed, seq_len=config.data.seq_len)
@@ -64,9 +70,11 @@ class Trainer:
     use_segment_ids = config.data.model_segment_ids
     self._train_step = step_lib.make_train_step(
         self.model, self.tx, self.state_shardings, self.mesh, use_segment_ids=use_segment_ids,
-        grad_accum_steps=config.optim.grad_accum_steps, remat=config.run.remat)
+        grad_accum_steps=config.optim.grad_accum_steps, remat=config.run.remat,
+        sp=self.sequence_parallel)
     self._eval_step = step_lib.make_eval_step(self.model, self.state_shardings, self.mesh,
-                                              use_segment_ids=use_segment_ids)
+                                              use_segment_ids=use_segment_ids,
+                                              sp=self.sequence_parallel)
     self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.run.keep_checkpoints,
                                      async_save=config.run.async_checkpoints)
@@ -103,6 +111,10 @@ class Trainer:
         process_index=index, process_count=count)]
 
   def _to_global(self, local_batch: dict) -> dict:
+    """This host's rows [B_local, T] -> global arrays sharded over (data, fsdp) x sequence; in
+    zig-zag layout order (permuted per row on the host) when sequence-parallel."""
+    if self.sequence_parallel is not None:
+      local_batch = self.sequence_parallel.layout_batch(local_batch)
     return {key: jax.make_array_from_process_local_data(self._batch_sharding, value)
             for key, value in local_batch.items()}
 
