@@ -76,7 +76,7 @@ def train_preset(preset: str, flops_budget: float, evals: int) -> dict:
   """Trains one preset for `flops_budget` training FLOPs; returns its validation curve."""
   from jaxchunk.training import data as data_lib  # needs grain: CPU comparison only
   run, model, forward, flops_fn = build(preset)
-  docs = data_lib.load_documents(run.data.source, run.data.paths)
+  docs = data_lib.load_documents(run.data.source, run.data.paths, column=run.data.column)
   train_docs, val_docs = data_lib.split_documents(docs, run.data.validation_fraction, run.data.seed)
   train_rows = data_lib.pack_documents(train_docs, seq_len=run.data.seq_len, eos_id=run.data.eos_id,
                                        segment_ids=False)

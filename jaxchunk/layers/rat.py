@@ -56,11 +56,14 @@ def forget_bias_init(chunk_size: int):
 def init_rat_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> RATState:
   """The empty cache of a `RATLayer`: room for ceil(max_len / rat_chunk_size) chunk summaries.
 
-  `dtype` is accepted for the shared cache protocol; the state is float32.
+  The summaries are stored in `dtype` when it is bfloat16 / float16 (half the bytes a decode step
+  reads; the Pallas training path attends to bf16 summaries too), else in float32; the running
+  aggregates are float32.
   """
-  del dtype
+  narrow = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   max_chunks = -(-max_len // config.rat_chunk_size)
-  return rat_init_state(batch, config.num_kv_heads, config.head_dim, max_chunks)
+  return rat_init_state(batch, config.num_kv_heads, config.head_dim, max_chunks,
+                        dtype=dtype if narrow else jnp.float32)
 
 
 def _per_row(op, q, k, v, f, state: RATState):

@@ -96,7 +96,7 @@ class Trainer:
       raise ValueError(f"data.global_batch_size ({cfg.global_batch_size}) must be divisible by "
                        f"mesh data x fsdp = {batch_shards}")
     local_batch = cfg.global_batch_size // count
-    documents = data_lib.load_documents(cfg.source, cfg.paths)
+    documents = data_lib.load_documents(cfg.source, cfg.paths, column=cfg.column)
     train_docs, val_docs = data_lib.split_documents(documents, cfg.validation_fraction, cfg.seed)
     pack = dict(seq_len=cfg.seq_len, eos_id=cfg.eos_id, segment_ids=cfg.model_segment_ids)
     self.train_rows = data_lib.pack_documents(train_docs, **pack)
