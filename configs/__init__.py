@@ -80,7 +80,7 @@ class LoopConfig:
   keep_checkpoints: int = 2
   async_checkpoints: bool = True
   log_every: int = 10
-  remat: str = "none"               # "none" | "dots" (backward recomputes all but matmul outputs)
+  remat: str = "none"               # whole-forward policy "none" | "dots" (see also model.remat)
   peak_flops_per_device: float = 0.0  # for MFU; 0 looks the device kind up (unknown -> no MFU)
   sample_prompt: str = "def "
   sample_len: int = 200
@@ -109,7 +109,9 @@ SIZES = {
 def sized_preset(size: str, pattern_unit: tuple[str, ...], **model_fields) -> RunConfig:
   """A large preset: `SIZES[size]` with the layer pattern `pattern_unit` repeated to its depth.
 
-  Trains bf16 on T=4096 rows with FSDP over all devices; `model_fields` override model fields.
+  Trains bf16 on T=4096 rows with FSDP over all devices, each block rematerialised in the
+  backward except its matmul outputs (`model.remat="block_dots"`; 1.3B: `"block"`, only block
+  inputs kept); `model_fields` override model fields.
   """
   shape = dict(SIZES[size])
   num_layers = shape.pop("num_layers")
@@ -117,14 +119,15 @@ def sized_preset(size: str, pattern_unit: tuple[str, ...], **model_fields) -> Ru
     raise ValueError(f"{size}: {num_layers} layers is not a multiple of the pattern {pattern_unit}")
   model = ModelConfig(layer_pattern=pattern_unit * (num_layers // len(pattern_unit)),
                       num_kv_heads=shape["num_heads"], window=512, dtype="bfloat16",
-                      **shape, **model_fields)
+                      **{"remat": "block" if size == "1b3" else "block_dots", **shape,
+                         **model_fields})
   return RunConfig(
       model=model,
       data=DataConfig(seq_len=4096, global_batch_size=64),
       optim=OptimConfig(lr=3e-4 if size == "1b3" else 6e-4, warmup_steps=1000),
       mesh=MeshConfig(data=1, fsdp=-1),
       run=LoopConfig(steps=20000, eval_every=1000, eval_batches=16, checkpoint_every=1000,
-                     keep_checkpoints=3, remat="dots", log_every=50))
+                     keep_checkpoints=3, log_every=50))
 
 
 def _parse_value(text: str, current):

@@ -9,6 +9,7 @@ import dataclasses
 
 # Token mixers a layer pattern may name.
 ATTENTION_KINDS = ("attention", "local")
+REMAT_MODES = ("none", "block", "block_dots")
 LINEAR_KINDS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda", "mlstm")
 MIXER_KINDS = ATTENTION_KINDS + ("rat",) + LINEAR_KINDS
 
@@ -39,12 +40,16 @@ class ModelConfig:
   dtype: str = "float32"           # activation/compute dtype ("bfloat16" for speed)
   param_dtype: str = "float32"
   impl: str = "auto"               # op implementation for every mixer
+  remat: str = "none"              # per-block rematerialisation in training: "none" | "block"
+  #                                  (a block keeps only its input) | "block_dots" (and its matmuls)
 
   def __post_init__(self):
     object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
     for kind in self.layer_pattern:
       if kind not in MIXER_KINDS:
         raise ValueError(f"layer_pattern: unknown mixer {kind!r}; expected one of {MIXER_KINDS}")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
     if not self.layer_pattern:
       raise ValueError("layer_pattern must name at least one layer")
     if self.num_heads % self.num_kv_heads:

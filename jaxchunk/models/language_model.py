@@ -111,7 +111,7 @@ class Block(nn.Module):
   kind: str
 
   @nn.compact
-  def __call__(self, x, *, positions, segment_ids=None, cache=None,
+  def __call__(self, x, positions, segment_ids=None, cache=None,
                sequence_parallel: SequenceParallel | None = None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -123,6 +123,19 @@ class Block(nn.Module):
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlp_norm")(x)
     x = x + SwiGLU(cfg.mlp_hidden, dtype=dtype, param_dtype=param_dtype, name="mlp")(h).astype(x.dtype)
     return x, new_cache
+
+
+_REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
+                   "block_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_block(remat: str):
+  """`Block`, or `Block` under `nn.remat` with the policy of `ModelConfig.remat` (the backward
+  recomputes each block from its input; the parameter tree is unchanged)."""
+  if remat == "none":
+    return Block
+  # static_argnums count `self` as 0: argument 5 is the (hashable) SequenceParallel or None.
+  return nn.remat(Block, policy=_REMAT_POLICIES[remat], static_argnums=(5,))
 
 
 class LanguageModel(nn.Module):
@@ -158,11 +171,11 @@ class LanguageModel(nn.Module):
     positions = token_positions(positions, b, t, cache)
     embed = embedding(cfg)
     x = embed(tokens)
+    block = Block if cache is not None else remat_block(cfg.remat)
     new_layers = []
     for i, kind in enumerate(cfg.layer_pattern):
-      x, layer_cache = Block(cfg, kind, name=f"block_{i}")(
-          x, positions=positions, segment_ids=segment_ids,
-          cache=None if cache is None else cache["layers"][i], sequence_parallel=sp)
+      x, layer_cache = block(cfg, kind, name=f"block_{i}")(
+          x, positions, segment_ids, None if cache is None else cache["layers"][i], sp)
       new_layers.append(layer_cache)
     logits = output_logits(cfg, x, embed)
     if cache is None:

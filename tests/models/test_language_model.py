@@ -159,3 +159,22 @@ def test_rejects_bad_arguments(rng):
     model.apply(variables, tokens, segment_ids=jnp.zeros((1, 8), jnp.int32))
   with pytest.raises(ValueError, match="cache\\['layers'\\] must hold 2"):
     model.apply(variables, tokens, cache=init_cache(tiny_config(("rat",)), 1, 8))
+
+
+@pytest.mark.parametrize("remat", ["block", "block_dots"])
+def test_block_remat_keeps_loss_and_gradients(rng, remat):
+  """Per-block rematerialisation changes memory, not values: same params tree, loss, gradients."""
+  tokens = random_tokens(rng, 2, 24, tiny_config(("rat",)))
+  plain = LanguageModel(tiny_config(("rat", "attention")))
+  remat_model = LanguageModel(tiny_config(("rat", "attention"), remat=remat))
+  params = plain.init(jax.random.PRNGKey(0), tokens)
+  assert (jax.tree.structure(remat_model.init(jax.random.PRNGKey(0), tokens))
+          == jax.tree.structure(params))
+  loss = lambda model: lambda p: jnp.mean(jnp.tanh(model.apply(p, tokens)[0]))
+  value, grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
+  value_r, grads_r = jax.jit(jax.value_and_grad(loss(remat_model)))(params)
+  assert_rel_close(value_r, value, 1e-6, "loss")
+  for g_r, g in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads)):
+    assert_rel_close(g_r, g, 1e-5, "gradient")
+  with pytest.raises(ValueError, match="remat"):
+    tiny_config(("rat",), remat="everything")
