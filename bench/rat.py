@@ -8,13 +8,16 @@ w.r.t. every input), for RAT pallas, RAT xla and cuDNN causal attention
 (`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`).
 
 Decode: one new token with 4K tokens of context, batch 1 and 64, H=16, D=128: `rat_step` (jitted,
-state donated, so the summary append is in place) against one query over a bf16 4K KV cache via
-`jax.nn.dot_product_attention` (cudnn and xla) and jaxchunk's `attention` with `kv_length`.
+state donated, so the summary append is in place; summaries stored in bf16 as a bf16 model's cache
+holds them; impl "pallas" = the paged-decode kernel over the summaries, and "xla") against one
+query over a bf16 4K KV cache via `jax.nn.dot_product_attention` (cudnn and xla) and jaxchunk's
+`paged_decode_attention` kernel (pages of 64). The headline ratio is the fastest attention decode
+over the fastest RAT step.
 
 FLOPs counted (matmul FLOPs, 2 per multiply-add): attention over n key positions costs 4 * n * D per
 query and head forward, 2.5x that backward (5 matmuls instead of 2). RAT's query t sees t // C
 summaries + its own running aggregate; causal attention's query t sees t + 1 keys. Bytes for decode:
-the state / cache read once (RAT summaries are float32, the KV cache bf16).
+the state / cache read once (bf16 summaries and KV cache).
 Times: jitted, `jax.block_until_ready`, 2 warm-up calls, median of 10 timed calls (3 when one call
 exceeds 2 s).
 """
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.ops.attention import attention
+from jaxchunk.ops.paged_attention import paged_decode_attention
 from jaxchunk.ops.rat import RATState, rat, rat_step
 from timing import median_seconds
 
@@ -104,11 +107,12 @@ def bench_training(lengths, reps: int):
 
 
 def decode_state(batch: int, key) -> RATState:
-  """A RATState holding DECODE_CONTEXT tokens, room for 64 more chunks (float32)."""
+  """A RATState holding DECODE_CONTEXT tokens, room for 64 more chunks (bf16 summaries)."""
   n = DECODE_CONTEXT // CHUNK + 64
   k1, k2, k3, k4 = jax.random.split(key, 4)
   shape = (batch, n, HEADS, HEAD_DIM)
-  return RATState(jax.random.normal(k1, shape), jax.random.normal(k2, shape),
+  summaries = lambda key: jax.random.normal(key, shape, jnp.bfloat16)
+  return RATState(summaries(k1), summaries(k2),
                   jax.random.normal(k3, shape[:1] + shape[2:]),
                   jax.random.normal(k4, shape[:1] + shape[2:]),
                   jnp.asarray(DECODE_CONTEXT, jnp.int32))
@@ -122,45 +126,57 @@ def bench_decode(reps: int):
     tok = (batch, HEADS, HEAD_DIM)
     q, k, v = (jax.random.normal(x, tok, jnp.bfloat16) for x in (kq, kk, kv))
     f = jax.nn.sigmoid(jax.random.normal(kf, tok)).astype(jnp.bfloat16)
+    state_bytes = 2 * batch * (DECODE_CONTEXT // CHUNK) * HEADS * HEAD_DIM * 2
+    cache_bytes = 2 * batch * DECODE_CONTEXT * HEADS * HEAD_DIM * 2
 
-    step = jax.jit(lambda q, k, v, f, s: rat_step(q, k, v, f, s, chunk_size=CHUNK),
-                   donate_argnums=4)
-    holder = [decode_state(batch, ks)]
+    rat_times = {}
+    for impl in ("pallas", "xla"):
+      step = jax.jit(lambda q, k, v, f, s, impl=impl: rat_step(q, k, v, f, s, chunk_size=CHUNK,
+                                                               impl=impl), donate_argnums=4)
+      holder = [decode_state(batch, ks)]
 
-    def rat_call():
-      o, holder[0] = step(q, k, v, f, holder[0])
-      return o
+      def rat_call(step=step, holder=holder):
+        o, holder[0] = step(q, k, v, f, holder[0])
+        return o
+
+      rat_times[impl] = median_ms(rat_call, reps=max(reps, 10))
+      print(f"decode B={batch} rat_step {impl} {rat_times[impl]:.4f} ms "
+            f"({state_bytes / rat_times[impl] / 1e6:.0f} GB/s)", flush=True)
 
     cache_shape = (batch, DECODE_CONTEXT, HEADS, HEAD_DIM)
     k_cache, v_cache = (jax.random.normal(x, cache_shape, jnp.bfloat16)
                         for x in jax.random.split(kc))
-    q1 = q[:, None]
+    page = 64
+    pages = lambda x: x.reshape(batch * DECODE_CONTEXT // page, page, HEADS, HEAD_DIM)
+    table = jnp.arange(batch * DECODE_CONTEXT // page, dtype=jnp.int32).reshape(batch, -1)
+    lengths = jnp.full((batch,), DECODE_CONTEXT, jnp.int32)
     methods = {
         "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, implementation="cudnn")),
+            q[:, None], k, v, implementation="cudnn")),
         "xla": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, implementation="xla")),
-        "jaxchunk": jax.jit(lambda q, k, v: attention(
-            q, k, v, causal=False, kv_length=DECODE_CONTEXT, impl="xla")),
+            q[:, None], k, v, implementation="xla")),
+        "jaxchunk paged": jax.jit(lambda q, k, v: paged_decode_attention(
+            q, pages(k), pages(v), table, lengths, impl="pallas")),
     }
-    rat_ms = median_ms(rat_call, reps=max(reps, 10))
-    state_bytes = 2 * batch * (DECODE_CONTEXT // CHUNK) * HEADS * HEAD_DIM * 4
-    cache_bytes = 2 * batch * DECODE_CONTEXT * HEADS * HEAD_DIM * 2
-    print(f"decode B={batch} rat_step {rat_ms:.4f} ms ({state_bytes / rat_ms / 1e6:.0f} GB/s)",
-          flush=True)
+    attention_times = {}
     for name, fn in methods.items():
       try:
-        ms = median_ms(fn, q1, k_cache, v_cache, reps=max(reps, 10))
+        attention_times[name] = median_ms(fn, q, k_cache, v_cache, reps=max(reps, 10))
       except Exception as e:
         print(f"decode B={batch} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
-        ms = float("nan")
-      print(f"decode B={batch} attention-{name} {ms:.4f} ms "
-            f"({cache_bytes / ms / 1e6:.0f} GB/s)", flush=True)
-      rows.append((batch, name, rat_ms, ms, ms / rat_ms, state_bytes, cache_bytes))
-  header = ("| batch | attention decode | RAT step ms | attention ms | attention / RAT "
-            "| RAT state MB | KV cache MB |\n|---|---|---|---|---|---|---|")
-  lines = [f"| {b} | {n} | {r:.4f} | {a:.4f} | {x:.2f}x | {sb / 2**20:.0f} | {cb / 2**20:.0f} |"
-           for b, n, r, a, x, sb, cb in rows]
+        continue
+      print(f"decode B={batch} attention-{name} {attention_times[name]:.4f} ms "
+            f"({cache_bytes / attention_times[name] / 1e6:.0f} GB/s)", flush=True)
+    rows.append((batch, rat_times, attention_times, state_bytes, cache_bytes))
+  header = ("| batch | RAT step pallas ms | RAT step xla ms | attention cuDNN ms "
+            "| attention XLA ms | attention jaxchunk paged ms | best attention / best RAT "
+            "| RAT state MB | KV cache MB |"
+            "\n|---|---|---|---|---|---|---|---|---|")
+  cell = lambda times, name: f"{times[name]:.4f}" if name in times else "failed"
+  lines = [f"| {b} | {cell(r, 'pallas')} | {cell(r, 'xla')} | {cell(a, 'cudnn')} "
+           f"| {cell(a, 'xla')} | {cell(a, 'jaxchunk paged')} "
+           f"| {min(a.values()) / min(r.values()):.2f}x "
+           f"| {sb / 2**20:.0f} | {cb / 2**20:.0f} |" for b, r, a, sb, cb in rows]
   return "\n".join([header] + lines)
 
 

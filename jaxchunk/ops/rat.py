@@ -61,6 +61,7 @@ from jax import lax
 
 from jaxchunk.ops._common import (compute_dtype, check_qkv, check_rank, check_shape, default_scale, is_traced,
                                   pallas_interpret, resolve_impl)
+from pallas_kernels.gpu import paged_attention as paged_kernel
 from pallas_kernels.gpu import rat as rat_kernel
 from pallas_kernels.gpu import rat_aggregate
 
@@ -212,6 +213,45 @@ def _step(state: RATState, token, *, chunk_size: int, scale: float):
       new = jnp.where(write, run.astype(buf.dtype), old)
       return lax.dynamic_update_index_in_dim(buf, new, slot, axis=1)
     k_chunks, v_chunks = append(k_chunks, k_run), append(v_chunks, v_run)
+  return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
+
+
+def _step_pallas(state: RATState, token, *, chunk_size: int, scale: float):
+  """`_step` with the attention over the completed chunks' summaries in the paged-decode kernel.
+
+  The summary buffer [B, N, Hk, D] is the kernel's page pool (row b = page b of N slots, read in
+  its storage dtype, split over the SMs); the kernel's log-sum-exp merges its output with the
+  running-aggregate term. Same arguments and results as `_step`.
+  """
+  k_chunks, v_chunks, k_run, v_run, length = state
+  q, k, v, f = token
+  b, hk, g, d = q.shape
+  n = k_chunks.shape[1]
+  starts_chunk = length % chunk_size == 0
+  k_run = jnp.where(starts_chunk, 0, f * k_run) + (1 - f) * k
+  v_run = jnp.where(starts_chunk, 0, f * v_run) + (1 - f) * v
+  chunk = length // chunk_size
+  s_run = jnp.sum(q * k_run[:, :, None], axis=-1) * scale  # [B, Hk, G]
+  if n:
+    completed = jnp.full((b,), jnp.minimum(chunk, n), jnp.int32)
+    o_chunks, lse = paged_kernel.paged_attention(
+        q.reshape(b, 1, hk * g, d), k_chunks, v_chunks, jnp.arange(b, dtype=jnp.int32)[:, None],
+        completed, jnp.ones((b,), jnp.int32), completed, scale=scale, return_lse=True,
+        interpret=pallas_interpret())
+    o_chunks, lse = o_chunks.reshape(b, hk, g, d), lse.reshape(b, hk, g)
+    top = jnp.maximum(lse, s_run)
+    w_chunks, w_run = jnp.exp(lse - top), jnp.exp(s_run - top)
+    o = (w_chunks[..., None] * o_chunks + w_run[..., None] * v_run[:, :, None]) / (
+        w_chunks + w_run)[..., None]
+    slot = jnp.minimum(chunk, n - 1)
+    write = ((length + 1) % chunk_size == 0) & (chunk < n)
+    def append(buf, run):
+      old = lax.dynamic_index_in_dim(buf, slot, axis=1, keepdims=False)
+      new = jnp.where(write, run.astype(buf.dtype), old)
+      return lax.dynamic_update_index_in_dim(buf, new, slot, axis=1)
+    k_chunks, v_chunks = append(k_chunks, k_run), append(v_chunks, v_run)
+  else:
+    o = jnp.broadcast_to(v_run[:, :, None], q.shape)
   return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
 
 
@@ -473,7 +513,7 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
   return o, (final if output_final_state else None)
 
 
-def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None):
+def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None, impl="auto"):
   """One decode token of `rat`, continuing exactly from `state` (a prefill's final state).
 
   Appends the chunk summary when the token completes a chunk (a `dynamic_update_slice` into the
@@ -485,7 +525,10 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None):
       when its length is concrete; with a traced length a summary past the capacity is dropped), or
       None: no tokens seen, capacity 1 // chunk_size.
     chunk_size: tokens per chunk C, as in the prefill.
-    scale: softmax scale; defaults to D ** -0.5.
+    scale: softmax scale; defaults to D ** -0.5 (a Python number on the "pallas" path).
+    impl: "auto", "reference"/"xla" (the same plain-JAX step) or "pallas" (the attention over the
+      summaries by the paged-decode kernel, `pallas_kernels.gpu.paged_attention`; "auto" picks it
+      on GPU).
 
   Returns:
     (o [B, H, D] in q's dtype, new `RATState`).
@@ -507,8 +550,11 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None):
   _check_capacity(state.length, 1, chunk_size, capacity, "state")
 
   dtype = compute_dtype(q, k, v, f, *state[:4])
+  impl = resolve_impl(impl, "rat_step", pallas_unsupported=paged_kernel.unsupported_reason(
+      d, dtype, jnp.result_type(state.k_chunks)))
   state = _cast_state(state, capacity, dtype)
   qg = jnp.asarray(q, dtype).reshape(b, hk, h // hk, d)
   k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))
-  state, o = _step(state, (qg, k, v, f), chunk_size=chunk_size, scale=default_scale(scale, d))
+  step = _step_pallas if impl == "pallas" else _step
+  state, o = step(state, (qg, k, v, f), chunk_size=chunk_size, scale=default_scale(scale, d))
   return o.reshape(b, h, d).astype(q.dtype), state
