@@ -171,8 +171,8 @@ def main(argv=None) -> str:
   report = (f"# Train-step throughput{' (smoke: tiny configs)' if args.smoke else ''}\n\n"
             f"date {date}; {versions()}\n\n"
             f"`bench/train_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
-            f"the trainer's jitted train step (AdamW, {first.model.dtype} compute, remat "
-            f"{first.run.remat!r}, mesh {mesh}, impl={first.model.impl!r}), about {batch_tokens} "
+            f"the trainer's jitted train step (AdamW, {first.model.dtype} compute, model.remat "
+            f"{first.model.remat!r}, run.remat {first.run.remat!r}, mesh {mesh}, impl={first.model.impl!r}), about {batch_tokens} "
             f"random tokens per step, median of {repeats} steps after {warmup} warm-up.\n\n"
             f"{render(results, presets, lengths)}\n")
   print("\n" + report)

@@ -526,9 +526,9 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None, impl="auto"):
       None: no tokens seen, capacity 1 // chunk_size.
     chunk_size: tokens per chunk C, as in the prefill.
     scale: softmax scale; defaults to D ** -0.5 (a Python number on the "pallas" path).
-    impl: "auto", "reference"/"xla" (the same plain-JAX step) or "pallas" (the attention over the
-      summaries by the paged-decode kernel, `pallas_kernels.gpu.paged_attention`; "auto" picks it
-      on GPU).
+    impl: "auto" (= "xla"), "reference"/"xla" (the same plain-JAX step) or "pallas" (the
+      attention over the summaries by the paged-decode kernel, `pallas_kernels.gpu.paged_attention`;
+      measured slower than the plain step on an H100, so "auto" does not pick it).
 
   Returns:
     (o [B, H, D] in q's dtype, new `RATState`).
@@ -550,8 +550,11 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None, impl="auto"):
   _check_capacity(state.length, 1, chunk_size, capacity, "state")
 
   dtype = compute_dtype(q, k, v, f, *state[:4])
-  impl = resolve_impl(impl, "rat_step", pallas_unsupported=paged_kernel.unsupported_reason(
-      d, dtype, jnp.result_type(state.k_chunks)))
+  # "auto" takes the plain step: on an H100 (bench/results/rat-2026-11-24.md) the kernel path is
+  # slower (B=64: 2.41 ms vs 0.36 ms; B=1: 0.37 vs 0.12), its gather being tuned for paged KV.
+  impl = "xla" if impl == "auto" else resolve_impl(
+      impl, "rat_step", pallas_unsupported=paged_kernel.unsupported_reason(
+          d, dtype, jnp.result_type(state.k_chunks)))
   state = _cast_state(state, capacity, dtype)
   qg = jnp.asarray(q, dtype).reshape(b, hk, h // hk, d)
   k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))
