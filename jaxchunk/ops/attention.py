@@ -29,7 +29,12 @@ Paths (`impl=`):
                training-shaped calls: Tq == Tk, q_offset 0, no kv_length, head_dim == head_dim_v in
                (64, 128, 256), q/k/v of one dtype among bfloat16, float16, float32. Other calls
                (decode, chunked prefill) raise NotImplementedError under an explicit "pallas".
-               On CPU the kernels run in interpret mode (tests).
+               On CPU the kernels run in interpret mode (tests). Dense calls (no segment_ids,
+               window or softcap) on a Hopper GPU (compute capability 9.x) run the Mosaic GPU
+               kernels of `pallas_kernels.gpu.flash_attention_mgpu` instead (wgmma + TMA, warp
+               specialised) when they cover the call (bfloat16/float16, head_dim 64 or 128, T a
+               multiple of 128 when not causal); the env var JAXCHUNK_FLASH_KERNEL=mosaic|triton
+               forces one of the two (see `_use_mosaic_kernel`).
 
 "auto" on GPU: dense calls (no segment_ids, window or softcap; Tq == Tk, q_offset 0, no kv_length)
 in bfloat16/float16 with head_dim == head_dim_v in (64, 128) go to cuDNN
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 from typing import NamedTuple
 
 import jax
@@ -52,6 +58,7 @@ from jax import lax
 from jaxchunk.ops._common import check_rank, default_scale, is_traced, pad_seq, repeat_heads
 from jaxchunk.ops._common import pallas_interpret, resolve_impl
 from pallas_kernels.gpu import flash_attention as flash_kernel
+from pallas_kernels.gpu import flash_attention_mgpu as mgpu_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -105,6 +112,9 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: int | N
   if path == "pallas" and impl == "auto" and dense and _cudnn_supports(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=bool(causal),
                                         implementation="cudnn")
+  if path == "pallas" and dense and _use_mosaic_kernel(q, k, v, bool(causal)):
+    return mgpu_kernel.flash_attention(q, k, v, causal=bool(causal), scale=scale,
+                                       interpret=pallas_interpret())
   if path == "pallas":
     return flash_kernel.flash_attention(
         q, k, v, None if q_seg is None else (q_seg, kv_seg), causal=bool(causal), window=window,
@@ -140,6 +150,38 @@ def _pallas_unsupported(q, k, v, *, q_offset, kv_length) -> str | None:
   if not q.dtype == k.dtype == v.dtype:
     return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
   return flash_kernel.unsupported_reason(q.shape[3], v.shape[3], q.dtype)
+
+
+FLASH_KERNEL_ENV = "JAXCHUNK_FLASH_KERNEL"
+FLASH_KERNELS = ("auto", "mosaic", "triton")
+
+
+def _use_mosaic_kernel(q, k, v, causal: bool) -> bool:
+  """Whether a dense impl="pallas" call runs the Mosaic GPU (Hopper) kernel instead of Triton's.
+
+  The environment variable JAXCHUNK_FLASH_KERNEL picks: "auto" (default) the Mosaic kernel on GPUs
+  of compute capability 9.x when it covers the call; "mosaic" always (interpret mode off GPU),
+  raising NotImplementedError when it does not cover the call; "triton" never.
+  """
+  choice = os.environ.get(FLASH_KERNEL_ENV, "auto")
+  if choice not in FLASH_KERNELS:
+    raise ValueError(f"{FLASH_KERNEL_ENV} must be one of {FLASH_KERNELS}, got {choice!r}")
+  if choice == "triton":
+    return False
+  reason = mgpu_kernel.unsupported_reason(q.shape, k.shape, v.shape, q.dtype, causal=causal)
+  if choice == "mosaic":
+    if reason is not None:
+      raise NotImplementedError(f"attention: {FLASH_KERNEL_ENV}=mosaic but the Mosaic GPU kernel "
+                                f"does not cover this call: {reason}")
+    return True
+  return reason is None and _is_hopper()
+
+
+def _is_hopper() -> bool:
+  """Whether the default device is a GPU of compute capability 9.x."""
+  if jax.default_backend() != "gpu":
+    return False
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def _cudnn_supports(q, k, v) -> bool:

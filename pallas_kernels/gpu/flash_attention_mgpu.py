@@ -1,0 +1,619 @@
+"""Mosaic GPU (Hopper) flash attention, forward and backward, for dense causal / non-causal calls.
+
+Training-shaped attention: q [B, T, H, D], k and v [B, T, Hk, D] (Hk dividing H; query head h reads
+kv head h // (H // Hk)), query i and key j at positions i and j, causal (j <= i) or not. No segment
+ids, windows or soft-cap: the Triton kernels of `flash_attention` serve those.
+
+All three kernels are FlashAttention-3 style: each program (CTA) runs three warpgroups, two compute
+warpgroups that issue `wgmma` on 64-row tiles and one producer warpgroup that streams the operand
+blocks into a ring of shared-memory slots with TMA copies, signalled by barriers (a "loaded" barrier
+per slot and operand, a "consumed" barrier per slot that both compute warpgroups arrive at).
+
+- forward: grid (H, T / (2 * block_q), B). Each compute warpgroup owns block_q query rows, keeps
+  its Q tile in shared memory and loops over the key blocks it can see (online softmax in base 2,
+  the two warpgroups ping-ponging their softmax against each other's matmuls through a schedule
+  barrier). Causal programs stop at the diagonal; only the diagonal blocks are masked. Writes o and
+  the base-2 log-sum-exp.
+- dq: grid (H, T / (2 * block_q), B). Each compute warpgroup keeps Q, dO, lse and delta = rowsum(o *
+  dO) of its rows and loops over the visible key blocks: dq += (P * (dP - delta)) K.
+- dkv: grid (Hk, T / (2 * block_kv), B). Each compute warpgroup keeps its K, V block and loops over
+  the query heads of its GQA group and, per head, over the query blocks that see the block (causal:
+  from the diagonal on): dv += P^T dO, dk += dS^T Q, so dk and dv come out summed over the group.
+
+Operands are bfloat16 or float16, matmuls accumulate in float32. T must be a multiple of the block
+rows of every kernel (`seq_multiple`); `flash_attention` zero-pads a ragged causal T (padded keys
+sit after every real query, so causality masks them) and `unsupported_reason` rejects a ragged
+non-causal T. On CPU the kernels run in Mosaic GPU interpret mode (`interpret=True`; tests).
+
+This module does not import jaxchunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBlocks:
+  """Tile rows of one kernel: each compute warpgroup owns `rows` rows of its resident operand and
+  streams `cols`-row blocks of the other through `stages` shared-memory slots."""
+  rows: int
+  cols: int
+  stages: int
+
+
+# head_dim -> forward (query rows x key rows), dq (query x key rows), dkv (key x query rows).
+BLOCKS: dict[int, dict[str, MgpuBlocks]] = {
+    64: dict(fwd=MgpuBlocks(64, 128, 2), dq=MgpuBlocks(64, 64, 2), dkv=MgpuBlocks(64, 64, 2)),
+    128: dict(fwd=MgpuBlocks(64, 128, 2), dq=MgpuBlocks(64, 64, 2), dkv=MgpuBlocks(64, 64, 2)),
+}
+HEAD_DIMS = tuple(BLOCKS)
+DTYPES = ("bfloat16", "float16")
+
+_COMPUTE_WGS = 2  # compute warpgroups per program; warpgroup 2 is the TMA producer
+_COMPUTE_REGISTERS = 232
+_PRODUCER_REGISTERS = 40
+_LOG2E = math.log2(math.e)
+
+
+def seq_multiple(head_dim: int) -> int:
+  """The multiple of T that all three kernels need for this head dim."""
+  blocks = BLOCKS[head_dim]
+  return math.lcm(_COMPUTE_WGS * blocks["fwd"].rows, blocks["fwd"].cols,
+                  _COMPUTE_WGS * blocks["dq"].rows, blocks["dq"].cols,
+                  _COMPUTE_WGS * blocks["dkv"].rows, blocks["dkv"].cols)
+
+
+def unsupported_reason(q_shape, k_shape, v_shape, dtype, *, causal: bool) -> str | None:
+  """None when these kernels cover the call, else the reason why not.
+
+  q_shape [B, T, H, D], k_shape [B, T, Hk, D], v_shape [B, T, Hk, Dv].
+  """
+  t, h, d = q_shape[1], q_shape[2], q_shape[3]
+  if d not in HEAD_DIMS:
+    return f"head_dim {d} not in {HEAD_DIMS}"
+  if v_shape[3] != d:
+    return f"head_dim_v {v_shape[3]} != head_dim {d}"
+  if k_shape[1] != t:
+    return f"Tk ({k_shape[1]}) != Tq ({t})"
+  if h % k_shape[2]:
+    return f"kv heads ({k_shape[2]}) do not divide q heads ({h})"
+  if jnp.dtype(dtype).name not in DTYPES:
+    return f"dtype {jnp.dtype(dtype).name} not in {DTYPES}"
+  if not causal and t % seq_multiple(d):
+    return f"non-causal T ({t}) must be a multiple of {seq_multiple(d)} (no key-length mask)"
+  return None
+
+
+def _tile_transforms(dtype):
+  """Shared-memory layout of a [rows, head_dim] wgmma operand: 128-byte swizzled tiles."""
+  swizzle_elems = 128 // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
+
+
+def _interpret_params(interpret: bool):
+  # Hardware wgmma accumulators (`plgpu.ACC`) start at zero; interpret mode models that with
+  # zero-filled fresh buffers.
+  return plgpu.InterpretGPUParams(uninitialized_memory="zero") if interpret else None
+
+
+def _run_acc(shape, compute):
+  """Runs `compute(acc_ref)` on a fresh zero float32 wgmma accumulator of `shape`; returns it."""
+  def body(acc_ref):
+    compute(acc_ref)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _wgmma_update(updates, *, interpret: bool, while_running=None):
+  """acc + a @ b for each (acc, a, b) in `updates`: acc float32 [M, N] in wgmma layout, a [M, K] in
+  registers or a shared-memory view (`ref.at[...]`), b [K, N] a shared-memory view. Returns the new
+  accumulators, a tuple.
+
+  On GPU the wgmmas accumulate in place (`pl.run_state`), are issued together, and
+  `while_running()` (e.g. a barrier wait for the next block) runs before they are awaited. Interpret
+  mode supports neither `run_state` nor register operands, so there each update is a plain dot.
+  """
+  if not interpret:
+    def body(refs):
+      for ref, (_, a, b) in zip(refs, updates):
+        plgpu.wgmma(ref, a, b)
+      if while_running is not None:
+        while_running()
+    return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in updates))
+  if while_running is not None:
+    while_running()
+  return tuple(acc + jnp.dot(a[...] if hasattr(a, "transforms") else a, b[...],
+                             preferred_element_type=jnp.float32)
+               for acc, a, b in updates)
+
+
+def _zeros(shape):
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _causal_mask(shape, row_first, col_first, *, rows_are_queries: bool):
+  """Bool [rows, cols] (wgmma layout): True where key position <= query position."""
+  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_first
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_first
+  return rows >= cols if rows_are_queries else cols >= rows
+
+
+def _stream(num_steps, stages: int, consumed, load):
+  """Producer loop: issues `load(step, slot)` for steps [0, num_steps) into a ring of `stages`
+  slots, waiting on the `consumed(slot)` barriers before reusing a slot, and at the end until the
+  last blocks are consumed (so that every barrier phase is observed before the scope ends)."""
+  def wait_consumed(step):
+    for barrier in consumed(lax.rem(step, stages)):
+      plgpu.barrier_wait(barrier)
+
+  @pl.loop(0, num_steps)
+  def _(step):
+    pl.when(step >= stages)(lambda: wait_consumed(step - stages))
+    load(step, lax.rem(step, stages))
+
+  pl.loop(lax.max(num_steps - stages, 0), num_steps)(wait_consumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
+  """o [B, T, H, D] (q's dtype) and the base-2 log-sum-exp lse2 [B, H, T] (float32) of
+  softmax(scale * q k^T) v, for T a multiple of `seq_multiple(D)`."""
+  b, t, h, d = q.shape
+  group = h // k.shape[2]
+  blocks = BLOCKS[d]["fwd"]
+  block_q, block_kv = blocks.rows, blocks.cols
+  stages = min(blocks.stages, t // block_kv)
+  num_kv = t // block_kv
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, lse_smem2, k_smem, v_smem,
+             q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    program_first = lax.axis_index("q_seq") * (_COMPUTE_WGS * block_q)
+    if causal:
+      program_kv_steps = pl.cdiv(program_first + _COMPUTE_WGS * block_q, block_kv)
+    else:
+      program_kv_steps = num_kv
+
+    def schedule():
+      plgpu.barrier_arrive(schedule_barrier)
+      plgpu.barrier_wait(schedule_barrier)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+      qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+      q_first = program_first + wg * block_q
+      kv_steps = pl.cdiv(q_first + block_q, block_kv) if causal else num_kv
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_first, block_q), head], qo_smem,
+                              q_barriers.at[wg])
+      plgpu.barrier_wait(q_barriers.at[wg])
+      plgpu.barrier_wait(k_barriers.at[0])
+      pl.when(wg == 1)(schedule)
+
+      def kv_step(step, carry, *, masked: bool):
+        acc, row_max, row_sum = carry
+        slot = lax.rem(step, stages)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+          schedule()
+        s = _run_acc((block_q, block_kv), qk) * qk_scale
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        if masked:
+          mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True)
+          s = jnp.where(mask, s, -jnp.inf)
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        rescale = jnp.exp2(row_max - new_max)
+        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+        row_sum = row_sum * rescale + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
+        plgpu.barrier_arrive(schedule_barrier)
+        plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_wait(schedule_barrier)
+
+        def wait_next_k():
+          next_step = step + 1
+
+          @pl.when(next_step < kv_steps)
+          def _():
+            plgpu.barrier_wait(k_barriers.at[lax.rem(next_step, stages)])
+        acc, = _wgmma_update([(acc, p16, v_smem.at[slot])], interpret=interpret,
+                             while_running=wait_next_k)
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, new_max, row_sum
+
+      carry = (_zeros((block_q, d)),
+               plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                                 plgpu.Layout.WGMMA.reduce(1)),
+               plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+      if causal:
+        unmasked_steps = lax.div(q_first, block_kv)
+        carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), carry)
+        carry = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True),
+                              carry)
+
+        # Key blocks the producer loaded for the other warpgroup only: release them, and keep the
+        # schedule barrier in step with the other warpgroup.
+        @pl.loop(kv_steps, program_kv_steps)
+        def _(step):
+          slot = lax.rem(step, stages)
+          plgpu.barrier_wait(k_barriers.at[slot])
+          plgpu.barrier_wait(v_barriers.at[slot])
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          plgpu.barrier_arrive(v_consumed.at[slot])
+          schedule()
+          schedule()
+      else:
+        carry = lax.fori_loop(0, num_kv, functools.partial(kv_step, masked=False), carry)
+      pl.when(wg == 0)(schedule)
+      acc, row_max, row_sum = carry
+      qo_smem[...] = (acc / lax.broadcast_in_dim(row_sum, acc.shape, [0])).astype(dtype)
+      lse_smem[...] = row_max + jnp.log2(row_sum)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, pl.ds(q_first, block_q), head],
+                              commit_group=False)
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_first, block_q)],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _producer():
+      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+      kv_head = lax.div(head, group)
+
+      def load(step, slot):
+        rows = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot])
+
+      _stream(program_kv_steps, stages, lambda slot: (k_consumed.at[slot], v_consumed.at[slot]),
+              load)
+
+  transforms = _tile_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((_COMPUTE_WGS, block_q, d), dtype, transforms=transforms),
+      plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+  ]
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+      scratch_types=scratch,
+      grid=(h, t // (_COMPUTE_WGS * block_q), b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward.
+
+
+def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interpret: bool):
+  """dq [B, T, H, D] (q's dtype) from the saved base-2 lse2 [B, H, T] and delta [B, H, T]."""
+  b, t, h, d = q.shape
+  group = h // k.shape[2]
+  blocks = BLOCKS[d]["dq"]
+  block_q, block_kv = blocks.rows, blocks.cols
+  stages = min(blocks.stages, t // block_kv)
+  num_kv = t // block_kv
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2,
+             lse_smem2, delta_smem2, k_smem, v_smem, q_barriers, do_barriers, lse_barriers,
+             delta_barriers, k_barriers, v_barriers, consumed):
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    program_first = lax.axis_index("q_seq") * (_COMPUTE_WGS * block_q)
+    if causal:
+      kv_steps = pl.cdiv(program_first + _COMPUTE_WGS * block_q, block_kv)
+    else:
+      kv_steps = num_kv
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      q_first = program_first + wg * block_q
+      rows = (batch, pl.ds(q_first, block_q), head)
+      row_stats = (batch, head, pl.ds(q_first, block_q))
+      row_barriers = (q_barriers, do_barriers, lse_barriers, delta_barriers)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_barriers.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[row_stats], lse_smem2.at[wg], lse_barriers.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[row_stats], delta_smem2.at[wg], delta_barriers.at[wg])
+      for barriers in row_barriers:
+        plgpu.barrier_wait(barriers.at[wg])
+      lse = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+      delta = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def kv_step(step, dq, *, masked: bool):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        s = _run_acc((block_q, block_kv),
+                     lambda acc: plgpu.wgmma(acc, q_smem, k_smem.at[slot].transpose((1, 0))))
+        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+        if masked:
+          mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True)
+          p = jnp.where(mask, p, 0.0)
+        plgpu.barrier_wait(v_barriers.at[slot])
+        dp = _run_acc((block_q, block_kv),
+                      lambda acc: plgpu.wgmma(acc, do_smem, v_smem.at[slot].transpose((1, 0))))
+        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+
+        dq, = _wgmma_update([(dq, ds.astype(dtype), k_smem.at[slot])], interpret=interpret)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dq
+
+      dq = _zeros((block_q, d))
+      if causal:
+        unmasked_steps = lax.div(program_first, block_kv)
+        dq = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), dq)
+        dq = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True), dq)
+      else:
+        dq = lax.fori_loop(0, num_kv, functools.partial(kv_step, masked=False), dq)
+      q_smem[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _producer():
+      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+      kv_head = lax.div(head, group)
+
+      def load(step, slot):
+        rows = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot])
+
+      _stream(kv_steps, stages, lambda slot: (consumed.at[slot],), load)
+
+  transforms = _tile_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((_COMPUTE_WGS, block_q, d), dtype, transforms=transforms),
+      plgpu.SMEM((_COMPUTE_WGS, block_q, d), dtype, transforms=transforms),
+      plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+      *[plgpu.Barrier(num_barriers=_COMPUTE_WGS)] * 4,
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+  ]
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=scratch,
+      grid=(h, t // (_COMPUTE_WGS * block_q), b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(q, k, v, do, lse2, delta)
+
+
+def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interpret: bool):
+  """dk, dv [B, T, Hk, D] (k's dtype), summed over each kv head's group of query heads."""
+  b, t, h, d = q.shape
+  hk = k.shape[2]
+  group = h // hk
+  blocks = BLOCKS[d]["dkv"]
+  block_kv, block_q = blocks.rows, blocks.cols
+  num_q = t // block_q
+  stages = min(blocks.stages, num_q)
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2,
+             q_smem, do_smem, lse_smem, delta_smem, k_barriers, v_barriers, q_barriers,
+             do_barriers, lse_barriers, delta_barriers, consumed):
+    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    program_first = lax.axis_index("kv_seq") * (_COMPUTE_WGS * block_kv)
+    # Query blocks [q_lo, num_q) see this program's keys (causal: those before `masked_end` need a
+    # mask).
+    q_lo = lax.div(program_first, block_q) if causal else 0
+    q_steps = num_q - q_lo
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      kv_first = program_first + wg * block_kv
+      rows = (batch, pl.ds(kv_first, block_kv), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, k_barriers.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, v_barriers.at[wg])
+      plgpu.barrier_wait(k_barriers.at[wg])
+      plgpu.barrier_wait(v_barriers.at[wg])
+
+      def q_step(q_block, carry, *, step_base, masked: bool):
+        dk, dv = carry
+        slot = lax.rem(step_base + q_block - q_lo, stages)
+        plgpu.barrier_wait(q_barriers.at[slot])
+        s_t = _run_acc((block_kv, block_q),
+                       lambda acc: plgpu.wgmma(acc, k_smem, q_smem.at[slot].transpose((1, 0))))
+        plgpu.barrier_wait(lse_barriers.at[slot])
+        lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+        if masked:
+          mask = _causal_mask(s_t.shape, kv_first, q_block * block_q, rows_are_queries=False)
+          p_t = jnp.where(mask, p_t, 0.0)
+        plgpu.barrier_wait(do_barriers.at[slot])
+
+        dv, dp_t = _wgmma_update(
+            [(dv, p_t.astype(dtype), do_smem.at[slot]),
+             (_zeros((block_kv, block_q)), v_smem, do_smem.at[slot].transpose((1, 0)))],
+            interpret=interpret)
+        plgpu.barrier_wait(delta_barriers.at[slot])
+        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+
+        dk, = _wgmma_update([(dk, ds_t.astype(dtype), q_smem.at[slot])], interpret=interpret)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dk, dv
+
+      def head_loop(g, carry):
+        step_base = g * q_steps
+        if causal:
+          masked_end = lax.min(pl.cdiv(program_first + _COMPUTE_WGS * block_kv, block_q), num_q)
+          carry = lax.fori_loop(q_lo, masked_end, functools.partial(
+              q_step, step_base=step_base, masked=True), carry)
+          return lax.fori_loop(masked_end, num_q, functools.partial(
+              q_step, step_base=step_base, masked=False), carry)
+        return lax.fori_loop(0, num_q, functools.partial(
+            q_step, step_base=step_base, masked=False), carry)
+
+      dk, dv = lax.fori_loop(0, group, head_loop, (_zeros((block_kv, d)), _zeros((block_kv, d))))
+      k_smem[...] = (dk * scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _producer():
+      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+
+      def load(step, slot):
+        head = kv_head * group + lax.div(step, q_steps)
+        q_first = (q_lo + lax.rem(step, q_steps)) * block_q
+        rows = (batch, pl.ds(q_first, block_q), head)
+        row_stats = (batch, head, pl.ds(q_first, block_q))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[row_stats], lse_smem.at[slot], lse_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[row_stats], delta_smem.at[slot],
+                                delta_barriers.at[slot])
+
+      _stream(group * q_steps, stages, lambda slot: (consumed.at[slot],), load)
+
+  transforms = _tile_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((_COMPUTE_WGS, block_kv, d), dtype, transforms=transforms),
+      plgpu.SMEM((_COMPUTE_WGS, block_kv, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q), jnp.float32),
+      plgpu.SMEM((stages, block_q), jnp.float32),
+      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+      *[plgpu.Barrier(num_barriers=stages)] * 4,
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+  ]
+  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+      kernel,
+      out_type=(kv_type, kv_type),
+      scratch_types=scratch,
+      grid=(hk, t // (_COMPUTE_WGS * block_kv), b),
+      grid_names=("heads", "kv_seq", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(q, k, v, do, lse2, delta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom VJP and the public entry points.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, causal: bool, scale: float, interpret: bool):
+  return _forward(q, k, v, causal=causal, scale=scale, interpret=interpret)[0]
+
+
+def _attention_fwd(q, k, v, causal: bool, scale: float, interpret: bool):
+  o, lse2 = _forward(q, k, v, causal=causal, scale=scale, interpret=interpret)
+  return o, (q, k, v, o, lse2)
+
+
+def _attention_bwd(causal: bool, scale: float, interpret: bool, residuals, do):
+  q, k, v, o, lse2 = residuals
+  do = do.astype(q.dtype)
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  options = dict(causal=causal, scale=scale, interpret=interpret)
+  dq = _backward_dq(q, k, v, do, lse2, delta, **options)
+  dk, dv = _backward_dkv(q, k, v, do, lse2, delta, **options)
+  return dq, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, causal: bool):
+  reason = unsupported_reason(q.shape, k.shape, v.shape, q.dtype, causal=causal)
+  if reason is None and not q.dtype == k.dtype == v.dtype:
+    reason = f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+  if reason is not None:
+    raise ValueError(f"flash_attention_mgpu: {reason}")
+
+
+def flash_attention(q, k, v, *, causal: bool = True, scale: float | None = None,
+                    interpret: bool = False):
+  """softmax(scale * q k^T [+ causal mask]) v; differentiable (custom VJP).
+
+  Args:
+    q: [B, T, H, D] bfloat16 or float16, D in HEAD_DIMS.
+    k, v: [B, T, Hk, D] of q's dtype, Hk dividing H.
+    causal: mask keys after the query.
+    scale: logit scale; default D ** -0.5.
+    interpret: run the kernels in Mosaic GPU interpret mode (CPU tests).
+
+  Returns:
+    o [B, T, H, D] in q's dtype. A causal T that is not a multiple of `seq_multiple(D)` is
+    zero-padded inside; a non-causal one raises ValueError (see `unsupported_reason`).
+  """
+  _check(q, k, v, causal)
+  t, d = q.shape[1], q.shape[3]
+  scale = d ** -0.5 if scale is None else float(scale)
+  pad = (-t) % seq_multiple(d)
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  return _attention(q, k, v, bool(causal), scale, bool(interpret))[:, :t]
+
+
+def flash_attention_forward(q, k, v, *, causal: bool = True, scale: float | None = None,
+                            interpret: bool = False):
+  """The forward kernel alone: (o [B, T, H, D] in q's dtype, lse [B, H, T] float32), lse the natural
+  log-sum-exp of each query row's scaled logits. Arguments as `flash_attention`."""
+  _check(q, k, v, causal)
+  t, d = q.shape[1], q.shape[3]
+  scale = d ** -0.5 if scale is None else float(scale)
+  pad = (-t) % seq_multiple(d)
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  o, lse2 = _forward(q, k, v, causal=bool(causal), scale=scale, interpret=bool(interpret))
+  return o[:, :t], lse2[:, :, :t] * math.log(2.0)
