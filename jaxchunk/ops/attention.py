@@ -185,9 +185,13 @@ def _is_hopper() -> bool:
 
 
 def _cudnn_supports(q, k, v) -> bool:
-  """Whether cuDNN's fused attention runs this dense, training-shaped call without a mask."""
+  """Whether cuDNN's fused attention runs this dense, training-shaped call without a mask.
+
+  cuDNN refuses odd sequence lengths in training (jax's `check_is_flash_attention`: "Unsupported
+  sequence length"), e.g. the 1365 tokens a Mixture-of-Recursions depth gathers from 2048.
+  """
   return (jnp.dtype(q.dtype).name in ("bfloat16", "float16") and q.shape[3] == v.shape[3]
-          and q.shape[3] in (64, 128))
+          and q.shape[3] in (64, 128) and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
 # ---------------------------------------------------------------------------------------------
