@@ -184,3 +184,13 @@ def test_large_head_dims(rng, d, dtype, tol):
   for name, g, g_xla in zip(("dq", "dk", "dv"), grads,
                             _grads("xla", f32(q), f32(k), f32(v), cot, kwargs)):
     assert_rel_close(g, g_xla, tol, name)
+
+
+def test_cudnn_rule_skips_odd_lengths():
+  """auto's cuDNN branch takes only shapes cuDNN trains on: 16-bit, head dim 64/128, even T."""
+  from jaxchunk.ops.attention import _cudnn_supports
+  shape = lambda t, d=64, dtype=jnp.bfloat16: jnp.zeros((1, t, 2, d), dtype)
+  assert _cudnn_supports(shape(2048), shape(2048), shape(2048))
+  assert not _cudnn_supports(shape(1365), shape(1365), shape(1365))
+  assert not _cudnn_supports(shape(64, dtype=jnp.float32), shape(64), shape(64))
+  assert not _cudnn_supports(shape(64, 96), shape(64, 96), shape(64, 96))
