@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.gated_linear_attention import _causal, _dot, _row
+from pallas_kernels.gpu.chunk_common import causal_mask, dot, row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _config(batch: int, heads: int, dk: int, dv: int) -> Config:
 def _chunk_decay(b, per_channel: bool):
   """e^(b_C) from a chunk's cumulative log-decay b ([C] or [C, Dk]): a scalar, or [Dk, 1] to scale
   the state's rows. Also returns e^(b_C) unshaped (a scalar or [Dk])."""
-  decay = jnp.exp(_row(b, b.shape[0] - 1))
+  decay = jnp.exp(row(b, b.shape[0] - 1))
   return (decay[:, None] if per_channel else decay), decay
 
 
@@ -108,10 +108,10 @@ def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref,
     if states_ref:
       states_ref[0][pl.ds(c * dk, dk), :] = state
     decay, _ = _chunk_decay(b_ref[rows, ...], per_channel)
-    u = u_v_ref[rows, :].astype(jnp.float32) - _dot(w_ref[rows, :], state, dtype, wide=True)
-    o = _dot(qd_ref[rows, :], state, dtype, wide=True) + _dot(p_ref[rows, :], u, dtype)
+    u = u_v_ref[rows, :].astype(jnp.float32) - dot(w_ref[rows, :], state, dtype, wide=True)
+    o = dot(qd_ref[rows, :], state, dtype, wide=True) + dot(p_ref[rows, :], u, dtype)
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    return decay * state + _dot(kd_ref[rows, :], u, dtype, wide=True, trans_a=True)
+    return decay * state + dot(kd_ref[rows, :], u, dtype, wide=True, trans_a=True)
 
   st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
@@ -120,7 +120,7 @@ def _backward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, states_ref, d
                      dw_ref, du_v_ref, dqd_ref, dkd_ref, dp_ref, db_ref, ds0_ref, *, chunk,
                      num_chunks, per_channel, dtype):
   dk = w_ref.shape[-1]
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
   rows_shape = (chunk, dk) if per_channel else (chunk,)
   last_row = lax.broadcasted_iota(jnp.int32, rows_shape, 0) == chunk - 1
 
@@ -131,20 +131,20 @@ def _backward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, states_ref, d
     w, qd, kd, p = w_ref[rows, :], qd_ref[rows, :], kd_ref[rows, :], p_ref[rows, :]
     do = do_ref[rows, :]
     decay, decay_flat = _chunk_decay(b_ref[rows, ...], per_channel)
-    u = u_v_ref[rows, :].astype(jnp.float32) - _dot(w, state, dtype, wide=True)
-    du = _dot(p, do, dtype, trans_a=True) + _dot(kd, dstate, dtype, wide=True)
-    dp_ref[rows, :] = jnp.where(causal, _dot(do, u, dtype, trans_b=True), 0.0)
-    dqd_ref[rows, :] = _dot(do, state, dtype, wide=True, trans_b=True)
-    dkd_ref[rows, :] = _dot(u, dstate, dtype, wide=True, trans_b=True)
-    dw_ref[rows, :] = -_dot(du, state, dtype, wide=True, trans_b=True)
+    u = u_v_ref[rows, :].astype(jnp.float32) - dot(w, state, dtype, wide=True)
+    du = dot(p, do, dtype, trans_a=True) + dot(kd, dstate, dtype, wide=True)
+    dp_ref[rows, :] = jnp.where(causal, dot(do, u, dtype, trans_b=True), 0.0)
+    dqd_ref[rows, :] = dot(do, state, dtype, wide=True, trans_b=True)
+    dkd_ref[rows, :] = dot(u, dstate, dtype, wide=True, trans_b=True)
+    dw_ref[rows, :] = -dot(du, state, dtype, wide=True, trans_b=True)
     du_v_ref[rows, :] = du.astype(du_v_ref.dtype)
     if per_channel:
       db_last = decay_flat * jnp.sum(state * dstate, axis=1)                # [Dk]
       db_ref[rows, :] = jnp.where(last_row, db_last[None, :], 0.0)
     else:
       db_ref[rows] = jnp.where(last_row, decay_flat * jnp.sum(state * dstate), 0.0)
-    return (decay * dstate + _dot(qd, do, dtype, wide=True, trans_a=True)
-            - _dot(w, du, dtype, wide=True, trans_a=True))
+    return (decay * dstate + dot(qd, do, dtype, wide=True, trans_a=True)
+            - dot(w, du, dtype, wide=True, trans_a=True))
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 

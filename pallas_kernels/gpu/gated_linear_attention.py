@@ -37,7 +37,7 @@ summed over the key channels for a scalar decay. dq and dk are computed per Dv b
 
 Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision
 IEEE dots, not tf32), accumulation and states in float32; with bf16 inputs the dots with the state
-and those giving dq, dk keep float32 operands (tf32 on the GPU; see `_dot`). This module never
+and those giving dq, dk keep float32 operands (tf32 on the GPU; see `chunk_common.dot`). This module never
 imports jaxchunk.
 """
 
@@ -51,6 +51,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gpu.chunk_common import causal_mask, dot, row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,28 +96,6 @@ def _config(per_channel: bool, batch: int, heads: int, dk: int, dv: int) -> Conf
 # In-kernel helpers (values, not refs).
 
 
-def _dot(a, b, dtype, *, wide=False, trans_a=False, trans_b=False):
-  """a @ b (optionally transposed), accumulated in float32; `dtype` is the inputs' dtype.
-
-  Float32 inputs: float32 operands, full-precision (IEEE) dots. bf16 inputs: bf16 operands, except
-  where `wide` (the dots with the float32 state or its gradient, and those giving dq and dk), whose
-  operands stay float32 (tf32 on the GPU): the decay gradient q dq - k dk cancels, and bf16 there
-  puts it at 1.1-1.7e-2 from the float64 reference for GLA (1.2e-3 with float32 operands).
-  """
-  if dtype == jnp.float32:
-    precision = lax.Precision.HIGHEST
-  else:
-    dtype, precision = (jnp.float32 if wide else dtype), None
-  return plgpu.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
-                   precision=precision)
-
-
-def _row(x, index: int):
-  """Row `index` of x [C] or [C, Dk] (a scalar or [Dk]), by a masked sum (no value indexing)."""
-  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0)
-
-
 def _chunk_decays(b, causal, per_channel: bool):
   """Decay factors of one chunk from its cumulative log-decay b ([C] scalar, or [C, Dk]).
 
@@ -126,19 +106,13 @@ def _chunk_decays(b, causal, per_channel: bool):
     pair: [C, C] factor e^(b_i - b_j) masked to 0 above the diagonal (1.0 for per-channel).
   """
   chunk = b.shape[0]
-  b_last = _row(b, chunk - 1)
+  b_last = row(b, chunk - 1)
   if per_channel:
-    b_mid = _row(b, chunk // 2)[None, :]
+    b_mid = row(b, chunk // 2)[None, :]
     return (jnp.exp(b), jnp.exp(b_last[None, :] - b), jnp.exp(b_last)[:, None],
             jnp.exp(b - b_mid), jnp.exp(b_mid - b), 1.0)
   pair = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], -jnp.inf))
   return jnp.exp(b)[:, None], jnp.exp(b_last - b)[:, None], jnp.exp(b_last), 1.0, 1.0, pair
-
-
-def _causal(chunk: int):
-  rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-  return rows >= cols
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +122,7 @@ def _causal(chunk: int):
 
 def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, chunk, num_chunks, scale,
                     per_channel, dtype):
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
 
   def body(c, state):
     rows = pl.ds(c * chunk, chunk)
@@ -157,17 +131,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, chunk,
     v = v_ref[rows, :]
     q_out, k_state, s_decay, q_intra, k_intra, pair = _chunk_decays(
         b_ref[rows, ...].astype(jnp.float32), causal, per_channel)
-    a = jnp.where(causal, _dot(q * q_intra, k * k_intra, dtype, trans_b=True) * pair, 0.0)
-    o = _dot(a, v, dtype) + _dot(q * q_out, state, dtype, wide=True)
+    a = jnp.where(causal, dot(q * q_intra, k * k_intra, dtype, trans_b=True) * pair, 0.0)
+    o = dot(a, v, dtype) + dot(q * q_out, state, dtype, wide=True)
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    return s_decay * state + _dot(k * k_state, v, dtype, wide=True, trans_a=True)
+    return s_decay * state + dot(k * k_state, v, dtype, wide=True, trans_a=True)
 
   st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
 
 def _backward_dq_kernel(k_ref, v_ref, b_ref, do_ref, s0_ref, dq_ref, *, chunk, num_chunks, scale,
                         per_channel, dtype):
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
 
   def body(c, state):
     rows = pl.ds(c * chunk, chunk)
@@ -176,18 +150,18 @@ def _backward_dq_kernel(k_ref, v_ref, b_ref, do_ref, s0_ref, dq_ref, *, chunk, n
     do = do_ref[rows, :]
     q_out, k_state, s_decay, q_intra, k_intra, pair = _chunk_decays(
         b_ref[rows, ...].astype(jnp.float32), causal, per_channel)
-    da = jnp.where(causal, _dot(do, v, dtype, trans_b=True) * pair, 0.0)
-    dq = (_dot(da, k * k_intra, dtype, wide=True) * q_intra
-          + q_out * _dot(do, state, dtype, wide=True, trans_b=True))
+    da = jnp.where(causal, dot(do, v, dtype, trans_b=True) * pair, 0.0)
+    dq = (dot(da, k * k_intra, dtype, wide=True) * q_intra
+          + q_out * dot(do, state, dtype, wide=True, trans_b=True))
     dq_ref[rows, :] = dq * scale
-    return s_decay * state + _dot(k * k_state, v, dtype, wide=True, trans_a=True)
+    return s_decay * state + dot(k * k_state, v, dtype, wide=True, trans_a=True)
 
   lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
 
 def _backward_dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dst_ref, dk_ref, dv_ref, ds0_ref, *,
                          chunk, num_chunks, scale, per_channel, dtype):
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
 
   def body(i, dstate):
     rows = pl.ds((num_chunks - 1 - i) * chunk, chunk)
@@ -197,14 +171,14 @@ def _backward_dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dst_ref, dk_ref, dv
     do = do_ref[rows, :]
     q_out, k_state, s_decay, q_intra, k_intra, pair = _chunk_decays(
         b_ref[rows, ...].astype(jnp.float32), causal, per_channel)
-    a = jnp.where(causal, _dot(q * q_intra, k * k_intra, dtype, trans_b=True) * pair, 0.0)
-    da = jnp.where(causal, _dot(do, v, dtype, trans_b=True) * pair, 0.0)
-    dk = (_dot(da, q * q_intra, dtype, wide=True, trans_a=True) * k_intra
-          + k_state * _dot(v, dstate, dtype, wide=True, trans_b=True))
-    dv = _dot(a, do, dtype, trans_a=True) + _dot(k * k_state, dstate, dtype, wide=True)
+    a = jnp.where(causal, dot(q * q_intra, k * k_intra, dtype, trans_b=True) * pair, 0.0)
+    da = jnp.where(causal, dot(do, v, dtype, trans_b=True) * pair, 0.0)
+    dk = (dot(da, q * q_intra, dtype, wide=True, trans_a=True) * k_intra
+          + k_state * dot(v, dstate, dtype, wide=True, trans_b=True))
+    dv = dot(a, do, dtype, trans_a=True) + dot(k * k_state, dstate, dtype, wide=True)
     dk_ref[rows, :] = dk
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    return s_decay * dstate + _dot(q * q_out, do, dtype, wide=True, trans_a=True)
+    return s_decay * dstate + dot(q * q_out, do, dtype, wide=True, trans_a=True)
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 

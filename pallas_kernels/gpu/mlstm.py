@@ -61,6 +61,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gpu.chunk_common import causal_mask, dot, row
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -101,33 +103,6 @@ def _config(batch: int, heads: int, dk: int, dv: int) -> Config:
 # In-kernel helpers (values, not refs).
 
 
-def _dot(a, b, dtype, *, wide=False, trans_a=False, trans_b=False):
-  """a @ b (optionally transposed), accumulated in float32; `dtype` is the inputs' dtype.
-
-  Float32 inputs: float32 operands, full-precision (IEEE) dots. bf16 inputs: bf16 operands, except
-  where `wide` (the dots with the float32 state or its gradient, and those giving dq and dk),
-  whose operands stay float32 (tf32 on the GPU).
-  """
-  if dtype == jnp.float32:
-    precision = lax.Precision.HIGHEST
-  else:
-    dtype, precision = (jnp.float32 if wide else dtype), None
-  return plgpu.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
-                   precision=precision)
-
-
-def _last(x):
-  """The last entry of x [L], by a masked sum (no value indexing)."""
-  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.sum(jnp.where(rows == x.shape[0] - 1, x, 0.0))
-
-
-def _causal(chunk: int):
-  rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-  return rows >= cols
-
-
 def _chunk_weights(r, big_m, m0, causal):
   """Weights of one chunk from r, M, m_0 [L] (module docstring).
 
@@ -135,7 +110,7 @@ def _chunk_weights(r, big_m, m0, causal):
   """
   w = jnp.exp(jnp.where(causal, r[None, :] - big_m[:, None], -jnp.inf))
   g = jnp.exp(m0 - big_m)
-  return w, g, jnp.exp(r - _last(big_m)), _last(g)
+  return w, g, jnp.exp(r - row(big_m, big_m.shape[0] - 1)), row(g, g.shape[0] - 1)
 
 
 def _load(refs, rows):
@@ -152,7 +127,7 @@ def _load(refs, rows):
 
 def _forward_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, m_ref, c0_ref, n0_ref, h_ref,
                     qn_ref, c_ref, n_ref, *, chunk, num_chunks, scale, eps, dtype):
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
   refs = (q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref)
 
   def body(c, carry):
@@ -161,14 +136,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, m_ref, c0_ref
     q, k, v, r, big_m, m0 = _load(refs, rows)
     q = q * scale
     w, g, u, gamma = _chunk_weights(r, big_m, m0, causal)
-    p = _dot(q, k, dtype, trans_b=True) * w
-    num = _dot(p, v, dtype) + g[:, None] * _dot(q, state, dtype, wide=True)
+    p = dot(q, k, dtype, trans_b=True) * w
+    num = dot(p, v, dtype) + g[:, None] * dot(q, state, dtype, wide=True)
     qn = jnp.sum(p, axis=1) + g * jnp.sum(q * norm[None, :], axis=1)
     den = jnp.maximum(jnp.abs(qn), jnp.exp(-m_ref[rows])) + eps
     h_ref[rows, :] = (num / den[:, None]).astype(h_ref.dtype)
     qn_ref[rows] = qn
     k_u = k * u[:, None]
-    return (gamma * state + _dot(k_u, v, dtype, wide=True, trans_a=True),
+    return (gamma * state + dot(k_u, v, dtype, wide=True, trans_a=True),
             gamma * norm + jnp.sum(k_u, axis=0))
 
   state, norm = lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...]))
@@ -178,7 +153,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, m_ref, c0_ref
 
 def _backward_dq_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, inv_den_ref, dqn_ref,
                         c0_ref, n0_ref, dq_ref, a_ref, *, chunk, num_chunks, scale, dtype):
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
   first = (pl.program_id(2) == 0).astype(jnp.float32)
   refs = (q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref)
 
@@ -190,12 +165,12 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, i
     dnum = dh_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
     dqn = first * dqn_ref[rows]
     w, g, u, gamma = _chunk_weights(r, big_m, m0, causal)
-    dp = _dot(dnum, v, dtype, trans_b=True) + dqn[:, None]
-    dq_inter = _dot(dnum, state, dtype, wide=True, trans_b=True) + dqn[:, None] * norm[None, :]
-    dq_ref[rows, :] = (_dot(dp * w, k, dtype, wide=True) + g[:, None] * dq_inter) * scale
+    dp = dot(dnum, v, dtype, trans_b=True) + dqn[:, None]
+    dq_inter = dot(dnum, state, dtype, wide=True, trans_b=True) + dqn[:, None] * norm[None, :]
+    dq_ref[rows, :] = (dot(dp * w, k, dtype, wide=True) + g[:, None] * dq_inter) * scale
     a_ref[rows] = g * jnp.sum(q * dq_inter, axis=1)
     k_u = k * u[:, None]
-    return (gamma * state + _dot(k_u, v, dtype, wide=True, trans_a=True),
+    return (gamma * state + dot(k_u, v, dtype, wide=True, trans_a=True),
             gamma * norm + jnp.sum(k_u, axis=0))
 
   lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...]))
@@ -204,7 +179,7 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, i
 def _backward_dkv_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, inv_den_ref,
                          dqn_ref, dc_ref, dn_ref, dk_ref, dv_ref, dr_ref, b_ref, pull_ref, dc0_ref,
                          dn0_ref, *, chunk, num_chunks, scale, dtype):
-  causal = _causal(chunk)
+  causal = causal_mask(chunk)
   first = (pl.program_id(2) == 0).astype(jnp.float32)
   refs = (q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref)
 
@@ -216,12 +191,12 @@ def _backward_dkv_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, 
     dnum = dh_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
     dqn = dqn_ref[rows]
     w, g, u, gamma = _chunk_weights(r, big_m, m0, causal)
-    p = _dot(q, k, dtype, trans_b=True) * w
-    dp = _dot(dnum, v, dtype, trans_b=True) + first * dqn[:, None]
-    dk_state = _dot(v, dstate, dtype, wide=True, trans_b=True) + first * dnorm[None, :]
-    dk_ref[rows, :] = _dot(dp * w, q, dtype, wide=True, trans_a=True) + u[:, None] * dk_state
+    p = dot(q, k, dtype, trans_b=True) * w
+    dp = dot(dnum, v, dtype, trans_b=True) + first * dqn[:, None]
+    dk_state = dot(v, dstate, dtype, wide=True, trans_b=True) + first * dnorm[None, :]
+    dk_ref[rows, :] = dot(dp * w, q, dtype, wide=True, trans_a=True) + u[:, None] * dk_state
     k_u = k * u[:, None]
-    dv = _dot(p, dnum, dtype, trans_a=True) + _dot(k_u, dstate, dtype, wide=True)
+    dv = dot(p, dnum, dtype, trans_a=True) + dot(k_u, dstate, dtype, wide=True)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     state_term = jnp.sum(k_u * dk_state, axis=1)
     dp_p = dp * p
@@ -229,7 +204,7 @@ def _backward_dkv_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, 
     b_ref[rows] = state_term
     pull_ref[rows] = jnp.sum(dp_p, axis=1)
     q_g = q * g[:, None]
-    return (gamma * dstate + _dot(q_g, dnum, dtype, wide=True, trans_a=True),
+    return (gamma * dstate + dot(q_g, dnum, dtype, wide=True, trans_a=True),
             gamma * dnorm + jnp.sum(q_g * dqn[:, None], axis=0))
 
   dstate, dnorm = lax.fori_loop(0, num_chunks, body, (dc_ref[...], dn_ref[...]))

@@ -1,0 +1,39 @@
+"""Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
+mLSTM): their dot precision rule, the in-chunk causal mask and row extraction without value
+indexing. This module never imports jaxchunk.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+
+def dot(a, b, dtype, *, wide=False, trans_a=False, trans_b=False):
+  """a @ b (optionally transposed), accumulated in float32; `dtype` is the inputs' dtype.
+
+  Float32 inputs: float32 operands, full-precision (IEEE) dots. bf16 inputs: bf16 operands, except
+  where `wide` (the dots with the float32 state or its gradient, and those giving dq and dk), whose
+  operands stay float32 (tf32 on the GPU): the decay gradient q dq - k dk cancels, and bf16 there
+  puts it at 1.1-1.7e-2 from the float64 reference for GLA (1.2e-3 with float32 operands).
+  """
+  if dtype == jnp.float32:
+    precision = lax.Precision.HIGHEST
+  else:
+    dtype, precision = (jnp.float32 if wide else dtype), None
+  return plgpu.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
+                   precision=precision)
+
+
+def row(x, index: int):
+  """Row `index` of x [C] or [C, Dk] (a scalar or [Dk]), by a masked sum (no value indexing)."""
+  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0)
+
+
+def causal_mask(chunk: int):
+  """[chunk, chunk] boolean, True on and below the diagonal."""
+  rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  return rows >= cols
