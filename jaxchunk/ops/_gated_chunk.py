@@ -47,6 +47,7 @@ from jax import lax
 from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive, check_qkv, check_shape,
                                   compute_dtype, default_scale, pad_seq, pallas_interpret,
                                   repeat_heads, resolve_impl)
+from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import gated_linear_attention as gla_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -205,7 +206,7 @@ def _pallas_unsupported(q, k, v) -> str | None:
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
-  return gla_kernel.unsupported_reason(q.shape[-1], v.shape[-1])
+  return chunk_common.unsupported_reason(q.shape[-1], v.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames="scale")

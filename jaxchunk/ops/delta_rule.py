@@ -58,6 +58,7 @@ from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive,
                                   repeat_heads, resolve_impl)
 from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,
                                        _scalar_decay_attention)
+from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import delta_rule as delta_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -172,7 +173,7 @@ def _pallas_unsupported(q, k, v) -> str | None:
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
-  return delta_kernel.unsupported_reason(q.shape[-1], v.shape[-1])
+  return chunk_common.unsupported_reason(q.shape[-1], v.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames="operand_dtype")

@@ -40,6 +40,7 @@ from jax import lax
 
 from jaxchunk.ops._common import (compute_dtype, check_gate, check_qkv, check_rank, default_scale,
                                   pallas_interpret, repeat_heads, resolve_impl)
+from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import mlstm as mlstm_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -174,7 +175,7 @@ def _pallas_unsupported(q, k, v) -> str | None:
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
-  return mlstm_kernel.unsupported_reason(q.shape[-1], v.shape[-1])
+  return chunk_common.unsupported_reason(q.shape[-1], v.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "eps"))

@@ -1,13 +1,44 @@
 """Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
-mLSTM): their dot precision rule, the in-chunk causal mask and row extraction without value
-indexing. This module never imports jaxchunk.
+mLSTM): their block config and head-dim support, the dot precision rule, the in-chunk causal mask
+and row extraction without value indexing. This module never imports jaxchunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  chunk: int         # tokens per chunk
+  block_v: int       # Dv columns per program
+  num_warps: int
+  num_stages: int
+
+
+HEAD_DIMS = (64, 128)
+MIN_PROGRAMS = 128  # about the SM count of an H100
+
+
+def unsupported_reason(head_dim_k: int, head_dim_v: int) -> str | None:
+  """None when the kernels support these head dims, else why not."""
+  if head_dim_k not in HEAD_DIMS or head_dim_v not in HEAD_DIMS:
+    return (f"the Pallas kernel supports head dims {HEAD_DIMS}, got head_dim={head_dim_k}, "
+            f"head_dim_v={head_dim_v}")
+  return None
+
+
+def fit_block_v(config: Config, batch: int, heads: int, dv: int) -> Config:
+  """`config` with `block_v` halved (down to 32) while the grid (batch, heads, Dv blocks) has fewer
+  than MIN_PROGRAMS programs, so long sequences with a small batch still fill the chip."""
+  block_v = min(config.block_v, dv)
+  while block_v > 32 and batch * heads * (dv // block_v) < MIN_PROGRAMS:
+    block_v //= 2
+  return dataclasses.replace(config, block_v=block_v)
 
 
 def dot(a, b, dtype, *, wide=False, trans_a=False, trans_b=False):

@@ -35,7 +35,6 @@ bf16, as in `gated_linear_attention`. This module never imports jaxchunk.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -44,47 +43,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import causal_mask, dot, row
+from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  chunk: int         # tokens per chunk
-  block_v: int       # Dv columns per program
-  num_warps: int
-  num_stages: int
-
-
-# Block sizes per head_dim_k. `block_v` halves (down to 32) while the grid has fewer programs than
-# `_MIN_PROGRAMS` (about the SM count of an H100), so long sequences with a small batch still fill
-# the chip; with Dk = 128 a 32-column state slice keeps the state, W and Kd in registers.
+# Block sizes per head_dim_k (`fit_block_v` narrows block_v for small grids); with Dk = 128 a
+# 32-column state slice keeps the state, W and Kd in registers.
 CONFIGS = {
     64: Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
     128: Config(chunk=64, block_v=32, num_warps=4, num_stages=2),
 }
-HEAD_DIMS = (64, 128)
-_MIN_PROGRAMS = 128
-
-
-def unsupported_reason(head_dim_k: int, head_dim_v: int) -> str | None:
-  """None when the kernels support these head dims, else why not."""
-  if head_dim_k not in HEAD_DIMS or head_dim_v not in HEAD_DIMS:
-    return (f"the Pallas kernel supports head dims {HEAD_DIMS}, got head_dim={head_dim_k}, "
-            f"head_dim_v={head_dim_v}")
-  return None
-
-
 def chunk_size(head_dim_k: int) -> int:
   """Tokens per chunk of the kernels for this key head dim (the caller's factors use it)."""
   return CONFIGS[head_dim_k].chunk
 
 
 def _config(batch: int, heads: int, dk: int, dv: int) -> Config:
-  config = CONFIGS[dk]
-  block_v = min(config.block_v, dv)
-  while block_v > 32 and batch * heads * (dv // block_v) < _MIN_PROGRAMS:
-    block_v //= 2
-  return dataclasses.replace(config, block_v=block_v)
+  return fit_block_v(CONFIGS[dk], batch, heads, dv)
 
 
 def _chunk_decay(b, per_channel: bool):
@@ -257,7 +231,7 @@ def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, 
 
   Args:
     w: [B, T, H, Dk] W of each chunk (already including e^b), in the operand dtype (bf16 or
-      float32; all of w, u_v, q_decayed, k_to_end, attention share it). Dk, Dv in `HEAD_DIMS`.
+      float32; all of w, u_v, q_decayed, k_to_end, attention share it). Dk, Dv in `chunk_common.HEAD_DIMS`.
     u_v: [B, T, H, Dv] U_v of each chunk.
     q_decayed: [B, T, H, Dk] q * e^b (q already scaled).
     k_to_end: [B, T, H, Dk] k * e^(b_C - b).

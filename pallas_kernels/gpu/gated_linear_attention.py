@@ -43,7 +43,6 @@ imports jaxchunk.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -52,44 +51,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import causal_mask, dot, row
+from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  chunk: int         # tokens per chunk
-  block_v: int       # Dv columns per program
-  num_warps: int
-  num_stages: int
-
-
-# Block sizes per (per-channel decay, head_dim_k). `block_v` halves (down to 32) while the grid has
-# fewer programs than `_MIN_PROGRAMS` (about the SM count of an H100), so long sequences with a
-# small batch still fill the chip.
+# Block sizes per (per-channel decay, head_dim_k) (`fit_block_v` narrows block_v for small grids).
 CONFIGS = {
     (False, 64): Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
     (False, 128): Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
     (True, 64): Config(chunk=32, block_v=64, num_warps=4, num_stages=2),
     (True, 128): Config(chunk=32, block_v=64, num_warps=4, num_stages=2),
 }
-HEAD_DIMS = (64, 128)
-_MIN_PROGRAMS = 128
-
-
-def unsupported_reason(head_dim_k: int, head_dim_v: int) -> str | None:
-  """None when the kernels support these head dims, else why not."""
-  if head_dim_k not in HEAD_DIMS or head_dim_v not in HEAD_DIMS:
-    return (f"the Pallas kernel supports head dims {HEAD_DIMS}, got head_dim={head_dim_k}, "
-            f"head_dim_v={head_dim_v}")
-  return None
-
-
 def _config(per_channel: bool, batch: int, heads: int, dk: int, dv: int) -> Config:
-  config = CONFIGS[(per_channel, dk)]
-  block_v = min(config.block_v, dv)
-  while block_v > 32 and batch * heads * (dv // block_v) < _MIN_PROGRAMS:
-    block_v //= 2
-  return dataclasses.replace(config, block_v=block_v)
+  return fit_block_v(CONFIGS[(per_channel, dk)], batch, heads, dv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,7 +257,7 @@ def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,
 
   Args:
     q, k: [B, T, H, Dk] (k already broadcast to q's heads); v: [B, T, H, Dv]; bf16 or float32,
-      one dtype. Dk, Dv in `HEAD_DIMS`.
+      one dtype. Dk, Dv in `chunk_common.HEAD_DIMS`.
     log_decay: [B, T, H] (scalar decay per head) or [B, T, H, Dk] (per key channel), <= 0.
     initial_state: [B, H, Dk, Dv] float32.
     scale: multiplies q.
