@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchunk.ops.attention import attention
+from report import versions, write_report
 from timing import median_seconds
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
@@ -178,21 +179,6 @@ def table(rows) -> str:
   return "\n".join([header] + lines)
 
 
-def versions() -> str:
-  try:
-    import torch
-    torch_version = torch.__version__
-  except ImportError:
-    torch_version = "n/a (not installed)"
-  try:
-    import tokamax
-    tokamax_version = getattr(tokamax, "__version__", "installed")
-  except ImportError:
-    tokamax_version = "n/a (not installed)"
-  return (f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-          f"jaxlib {jax.lib.__version__}; torch {torch_version}; tokamax {tokamax_version}")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="dense T=2K only, 3 repeats")
@@ -206,16 +192,12 @@ def main():
     times, flops = bench_case(case, t, reps)
     rows.extend((case, t, mode, times, flops) for mode in ("fwd", "fwd+bwd"))
   report = (f"# Attention training kernels, H={HEADS} D={HEAD_DIM} bf16, B*T={TOKENS}\n\n"
-            f"{date}; {versions()}\n\n{table(rows)}\n\n"
+            f"{date}; {versions('jax', 'jaxlib', 'torch', 'tokamax')}\n\n{table(rows)}\n\n"
             f"packed: {DOCS_PER_ROW} documents per row; window: causal, {WINDOW} keys. "
             "cuDNN/XLA get an explicit mask for packed and window.\n")
   print("\n" + report)
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"attention-{date}{'-quick' if args.quick else ''}.md")
-  with open(path, "w") as fh:
-    fh.write(report)
-  print(f"wrote {path}")
+  write_report(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+               f"attention-{date}{'-quick' if args.quick else ''}", report)
 
 
 if __name__ == "__main__":

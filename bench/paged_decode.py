@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchunk.ops.paged_attention import paged_decode_attention
+from report import versions, write_report
 from timing import median_seconds
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 64
@@ -116,14 +117,10 @@ def main():
     lines.append(line)
   date = datetime.date.today().isoformat()
   report = (f"# Paged decode attention, H={HEADS} Hk={KV_HEADS} D={HEAD_DIM} bf16, pages of {PAGE}"
-            f"\n\n{date}; device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+            f"\n\n{date}; {versions('jax', 'jaxlib')}; "
             f"measured copy rate {peak / 1e12:.2f} TB/s\n\n" + "\n".join([header] + lines) + "\n")
   print("\n" + report)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"paged_decode-{date}{'-quick' if args.quick else ''}.md")
-  with open(path, "w") as fh:
-    fh.write(report)
-  print(f"wrote {path}")
+  write_report(args.out, f"paged_decode-{date}{'-quick' if args.quick else ''}", report)
 
 
 if __name__ == "__main__":

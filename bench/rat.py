@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxchunk.ops.paged_attention import paged_decode_attention
 from jaxchunk.ops.rat import RATState, rat, rat_step
+from report import versions, write_report
 from timing import median_seconds
 
 HEADS, HEAD_DIM, CHUNK = 16, 128, 16
@@ -180,16 +181,6 @@ def bench_decode(reps: int):
   return "\n".join([header] + lines)
 
 
-def versions() -> str:
-  try:
-    import torch
-    torch_version = torch.__version__
-  except ImportError:
-    torch_version = "n/a (not installed)"
-  return (f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-          f"jaxlib {jax.lib.__version__}; torch {torch_version}")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="T = 4K only, 3 repeats")
@@ -200,15 +191,11 @@ def main():
   train = bench_training(lengths, reps)
   decode = bench_decode(reps)
   report = (f"# RAT (chunk {CHUNK}) vs causal attention, B=1 H={HEADS} D={HEAD_DIM} bf16\n\n"
-            f"{date}; {versions()}\n\n## Training (B=1)\n\n{train}\n\n"
+            f"{date}; {versions('jax', 'jaxlib', 'torch')}\n\n## Training (B=1)\n\n{train}\n\n"
             f"## Decode, {DECODE_CONTEXT} tokens of context\n\n{decode}\n")
   print("\n" + report)
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"rat-{date}{'-quick' if args.quick else ''}.md")
-  with open(path, "w") as fh:
-    fh.write(report)
-  print(f"wrote {path}")
+  write_report(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+               f"rat-{date}{'-quick' if args.quick else ''}", report)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,12 @@ import configs  # noqa: E402
 from jaxchunk.models import LanguageModel  # noqa: E402
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
 from jaxchunk.serving.hf import load_llama  # noqa: E402
+from report import versions, write_report  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 PRESETS = ("attention_350m", "rat_local_350m")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers")  # packages named in the reports
 # Smoke mode: each preset's mixers (one block of each kind) at a tiny width.
 SMOKE_OVERRIDES = ("model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2",
                    "model.head_dim=16", "model.mlp_hidden=64", "model.window=16")
@@ -280,17 +282,6 @@ def render_llama(result: dict) -> str:
   return "\n".join(lines)
 
 
-def versions() -> str:
-  device = jax.devices()[0]
-  found = []
-  for package in ("jax", "jaxlib", "flax", "torch", "transformers"):
-    try:
-      found.append(f"{package} {importlib.metadata.version(package)}")
-    except importlib.metadata.PackageNotFoundError:
-      found.append(f"{package} absent")
-  return f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); " + ", ".join(found)
-
-
 def main(argv=None) -> str:
   """Runs the benchmark; returns the path of the written markdown report."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -318,7 +309,8 @@ def main(argv=None) -> str:
   if not parts or parts - {"presets", "llama"}:
     parser.error(f"--parts must name presets and/or llama, got {args.parts!r}")
 
-  results = {"args": vars(args), "date": datetime.date.today().isoformat(), "versions": versions()}
+  results = {"args": vars(args), "date": datetime.date.today().isoformat(),
+             "versions": versions(*VERSIONED)}
   print(results["versions"], flush=True)
   sections = []
   if "presets" in parts:
@@ -344,14 +336,8 @@ def main(argv=None) -> str:
             f"`bench/serve_decode.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
             + "\n\n".join(sections) + "\n")
   print("\n" + report, flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"serve_decode-{results['date']}{'-smoke' if args.smoke else ''}")
-  with open(stem + ".md", "w") as f:
-    f.write(report)
-  with open(stem + ".json", "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {stem}.md and {stem}.json")
-  return stem + ".md"
+  return write_report(args.out, f"serve_decode-{results['date']}{'-smoke' if args.smoke else ''}",
+                      report, results)
 
 
 if __name__ == "__main__":

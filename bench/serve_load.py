@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import tempfile
 import time
@@ -43,7 +42,8 @@ import numpy as np
 
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
-from serve_decode import RESULTS, preset_config, versions
+from report import versions, write_report
+from serve_decode import RESULTS, VERSIONED, preset_config
 
 # Sizes that --smoke replaces (argument name -> smoke value).
 SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
@@ -131,8 +131,8 @@ def measure(args) -> dict:
   variables = jax.jit(lambda: model.init(jax.random.key(args.seed), jnp.zeros((1, 1), jnp.int32)))()
   rng = np.random.default_rng(args.seed)
   trace = make_trace(rng, args, config.vocab_size)
-  results = {"args": vars(args), "date": datetime.date.today().isoformat(), "versions": versions(),
-             "layer_pattern": ",".join(config.layer_pattern)}
+  results = {"args": vars(args), "date": datetime.date.today().isoformat(),
+             "versions": versions(*VERSIONED), "layer_pattern": ",".join(config.layer_pattern)}
   print(results["versions"], flush=True)
   for name, prefill_first in [("chunked", False)] + [("prefill_first", True)] * args.baseline:
     engine = Engine(model, variables, EngineConfig(
@@ -214,14 +214,8 @@ def main(argv=None) -> str:
             f"ratio).\n\n{render(results)}\n\n"
             f"TBT p99 under arrivals / steady TBT p50: {ratios} (target for chunked <= 1.5x).\n")
   print("\n" + report, flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"serve_load-{results['date']}{'-smoke' if args.smoke else ''}")
-  with open(stem + ".md", "w") as f:
-    f.write(report)
-  with open(stem + ".json", "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {stem}.md and {stem}.json")
-  return stem + ".md"
+  return write_report(args.out, f"serve_load-{results['date']}{'-smoke' if args.smoke else ''}",
+                      report, results)
 
 
 if __name__ == "__main__":
