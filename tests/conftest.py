@@ -15,3 +15,15 @@ def rng(request) -> np.random.Generator:
   """A NumPy generator seeded from the test's name: fresh inputs per test, reproducible runs."""
   seed = zlib.crc32(request.node.nodeid.encode())
   return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+  """A folder of small random-ish text documents (fresh bytes, fixed seed), for trainer tests."""
+  folder = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = [b"def", b"return", b"self", b"x", b"=", b"(", b")", b":", b"\n", b"    ", b"import"]
+  for i in range(40):
+    picks = rng.integers(0, len(words), size=int(rng.integers(20, 80)))
+    (folder / f"doc{i}.py").write_bytes(b" ".join(words[j] for j in picks))
+  return str(folder)

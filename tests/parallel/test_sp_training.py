@@ -164,18 +164,6 @@ def test_model_sequence_parallel_errors(rng):
 # The trainer.
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A folder of small text documents (fixed seed)."""
-  folder = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = [b"def", b"return", b"self", b"x", b"=", b"(", b")", b":", b"\n", b"    ", b"import"]
-  for i in range(40):
-    picks = rng.integers(0, len(words), size=int(rng.integers(20, 80)))
-    (folder / f"doc{i}.py").write_bytes(b" ".join(words[j] for j in picks))
-  return str(folder)
-
-
 def _run_config(corpus, pattern, mesh, segment_ids):
   return RunConfig(
       model=_model_config(pattern),

@@ -6,7 +6,6 @@ import importlib.util
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from configs import DataConfig, LoopConfig, MeshConfig, OptimConfig, RunConfig
@@ -35,18 +34,6 @@ def compare_module():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A folder of small random-ish text documents (fresh bytes, fixed seed)."""
-  folder = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = [b"def", b"return", b"self", b"x", b"=", b"(", b")", b":", b"\n", b"    ", b"import"]
-  for i in range(40):
-    picks = rng.integers(0, len(words), size=int(rng.integers(20, 80)))
-    (folder / f"doc{i}.py").write_bytes(b" ".join(words[j] for j in picks))
-  return str(folder)
 
 
 @pytest.fixture
