@@ -21,7 +21,8 @@ Parameters (logical axes):
 
 The cache is the op's `RATState`: a fixed number of chunk summaries plus the running summary of the
 open chunk. Its `length` is a scalar (all rows at the same position, as `init_rat_cache` builds it)
-or int32 [B], one length per row (the serving engine's slots); the op then runs per row (vmap).
+or int32 [B], one length per row (the serving engine's slots): decode steps take it as is, a
+prefill runs the op per row (vmap).
 
 Sequence-parallel (an active `SequenceParallel`, no cache): x and positions are in the layout order
 of the sequence axis and the op runs as `SequenceParallel.rat` (chunk summaries shared across
@@ -123,9 +124,9 @@ class RATLayer(nn.Module):
     elif cache is None:
       o, _ = rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
       new_cache = None
-    elif x.shape[1] == 1:
-      step = lambda q, k, v, f, state: rat_step(q, k, v, f, state, chunk_size=chunk)
-      o, new_cache = _per_row(step, q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache)
+    elif x.shape[1] == 1:  # rat_step takes one length per row itself
+      o, new_cache = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache, chunk_size=chunk,
+                              impl=cfg.impl)
       o = o[:, None]
     else:
       prefill = lambda q, k, v, f, state: rat(

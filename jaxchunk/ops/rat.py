@@ -61,9 +61,9 @@ from jax import lax
 
 from jaxchunk.ops._common import (compute_dtype, check_qkv, check_rank, check_shape, default_scale, is_traced,
                                   pallas_interpret, resolve_impl)
-from pallas_kernels.gpu import paged_attention as paged_kernel
 from pallas_kernels.gpu import rat as rat_kernel
 from pallas_kernels.gpu import rat_aggregate
+from pallas_kernels.gpu import rat_decode as rat_decode_kernel
 
 _HIGHEST = lax.Precision.HIGHEST
 _NEVER = np.iinfo(np.int32).max  # chunk index of a summary slot no query may see
@@ -127,8 +127,9 @@ def _check_gate_range(f) -> None:
                      f"[{float(f.min())}, {float(f.max())}]")
 
 
-def _check_state(state, b: int, hk: int, d: int, name: str) -> int:
-  """Validates a `RATState` for batch b, Hk kv heads and head_dim d. Returns its capacity N."""
+def _check_state(state, b: int, hk: int, d: int, name: str, per_row: bool = False) -> int:
+  """Validates a `RATState` for batch b, Hk kv heads and head_dim d (with `per_row`, its length may
+  also be int32 [b], one per row). Returns its capacity N."""
   if not isinstance(state, tuple) or len(state) != len(RATState._fields):
     raise ValueError(f"{name} must be a RATState(k_chunks, v_chunks, k_run, v_run, length), "
                      f"got {type(state).__name__}")
@@ -140,9 +141,11 @@ def _check_state(state, b: int, hk: int, d: int, name: str) -> int:
   check_shape(v_chunks, (b, n, hk, d), f"{name}.v_chunks", layout)
   check_shape(k_run, (b, hk, d), f"{name}.k_run", "[batch, kv_heads, head_dim]")
   check_shape(v_run, (b, hk, d), f"{name}.v_run", "[batch, kv_heads, head_dim]")
-  if jnp.ndim(length) != 0 or not jnp.issubdtype(jnp.result_type(length), jnp.integer):
-    raise ValueError(f"{name}.length must be an integer scalar array [], got shape "
-                     f"{jnp.shape(length)} dtype {jnp.result_type(length)}")
+  shapes = [()] + ([(b,)] if per_row else [])
+  if jnp.shape(length) not in shapes or not jnp.issubdtype(jnp.result_type(length), jnp.integer):
+    raise ValueError(f"{name}.length must be an integer array of shape "
+                     f"{' or '.join(map(str, shapes))}, got shape {jnp.shape(length)} dtype "
+                     f"{jnp.result_type(length)}")
   return n
 
 
@@ -150,7 +153,12 @@ def _check_capacity(length, new_tokens: int, chunk_size: int, capacity: int, nam
   """When `length` is concrete, raises unless `capacity` summaries fit length + new_tokens tokens."""
   if is_traced(length):
     return
-  length = int(length)
+  lengths = np.asarray(length).reshape(-1)
+  if not lengths.size:
+    return
+  if lengths.min() < 0:
+    raise ValueError(f"{name}.length must be >= 0, got {lengths.min()}")
+  length = int(lengths.max())
   if length < 0 or length // chunk_size > capacity:
     raise ValueError(f"{name}.length = {length} is invalid for a state holding {capacity} chunk "
                      f"summaries of chunk_size {chunk_size}")
@@ -174,11 +182,30 @@ def _cast_state(state: RATState, capacity: int, dtype) -> RATState:
                   jnp.asarray(state.length, jnp.int32))
 
 
+def _run_update(k_run, v_run, k, v, f, lengths, chunk_size: int):
+  """The running aggregates [B, Hk, D] after one token per row, at lengths [B] tokens seen."""
+  starts_chunk = (lengths % chunk_size == 0)[:, None, None]
+  return (jnp.where(starts_chunk, 0, f * k_run) + (1 - f) * k,
+          jnp.where(starts_chunk, 0, f * v_run) + (1 - f) * v)
+
+
+def _append(buf, run, lengths, chunk_size: int):
+  """Writes run [B, Hk, D] into slot lengths[b] // C of buf [B, N, Hk, D] in the rows whose token
+  completes a chunk (a scatter: in place under jit when buf is donated); summaries past the
+  capacity are dropped."""
+  n = buf.shape[1]
+  chunk = lengths // chunk_size
+  write = ((lengths + 1) % chunk_size == 0) & (chunk < n)
+  slot = jnp.where(write, chunk, n)  # out of bounds: dropped
+  rows = jnp.arange(buf.shape[0])
+  return buf.at[rows, slot].set(run.astype(buf.dtype), mode="drop")
+
+
 def _step(state: RATState, token, *, chunk_size: int, scale: float):
   """One token of RAT: the definition that the reference path scans.
 
   Args:
-    state: `RATState` in the compute dtype, capacity N.
+    state: `RATState` in the compute dtype, capacity N; its length a scalar or one per row [B].
     token: (q [B, Hk, G, D], k [B, Hk, D], v [B, Hk, D], f [B, Hk, D]).
     chunk_size: tokens per chunk.
     scale: softmax scale.
@@ -188,68 +215,45 @@ def _step(state: RATState, token, *, chunk_size: int, scale: float):
   """
   k_chunks, v_chunks, k_run, v_run, length = state
   q, k, v, f = token
-  starts_chunk = length % chunk_size == 0
-  k_run = jnp.where(starts_chunk, 0, f * k_run) + (1 - f) * k
-  v_run = jnp.where(starts_chunk, 0, f * v_run) + (1 - f) * v
+  lengths = jnp.broadcast_to(length, q.shape[:1])
+  k_run, v_run = _run_update(k_run, v_run, k, v, f, lengths, chunk_size)
 
-  chunk = length // chunk_size
   n = k_chunks.shape[1]
-  visible = jnp.arange(n) < chunk
+  visible = jnp.arange(n)[None, :] < (lengths // chunk_size)[:, None]  # [B, N]
   # Products and sums in the compute dtype, written as fused multiply-reduces over the buffer in its
   # [B, N, Hk, D] layout: a decode step reads each summary once (a batched dot would transpose it).
   wide = lambda x: x.astype(q.dtype)
   s_chunks = jnp.sum(q[:, None] * wide(k_chunks)[:, :, :, None], axis=-1)  # [B, N, Hk, G]
-  s_chunks = jnp.where(visible[:, None, None], s_chunks * scale, -jnp.inf)
+  s_chunks = jnp.where(visible[:, :, None, None], s_chunks * scale, -jnp.inf)
   s_run = jnp.sum(q * k_run[:, :, None], axis=-1) * scale                  # [B, Hk, G]
   p = jax.nn.softmax(jnp.concatenate([s_chunks, s_run[:, None]], axis=1), axis=1)
   o = (jnp.sum(p[:, :n, ..., None] * wide(v_chunks)[:, :, :, None], axis=1)
        + p[:, n, ..., None] * v_run[:, :, None])
-
   if n:
-    slot = jnp.minimum(chunk, n - 1)
-    write = ((length + 1) % chunk_size == 0) & (chunk < n)
-    def append(buf, run):
-      old = lax.dynamic_index_in_dim(buf, slot, axis=1, keepdims=False)
-      new = jnp.where(write, run.astype(buf.dtype), old)
-      return lax.dynamic_update_index_in_dim(buf, new, slot, axis=1)
-    k_chunks, v_chunks = append(k_chunks, k_run), append(v_chunks, v_run)
+    k_chunks = _append(k_chunks, k_run, lengths, chunk_size)
+    v_chunks = _append(v_chunks, v_run, lengths, chunk_size)
   return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
 
 
 def _step_pallas(state: RATState, token, *, chunk_size: int, scale: float):
-  """`_step` with the attention over the completed chunks' summaries in the paged-decode kernel.
+  """`_step` with the attention in the decode kernel of `pallas_kernels.gpu.rat_decode`.
 
-  The summary buffer [B, N, Hk, D] is the kernel's page pool (row b = page b of N slots, read in
-  its storage dtype, split over the SMs); the kernel's log-sum-exp merges its output with the
-  running-aggregate term. Same arguments and results as `_step`.
+  The kernel reads only the visible summaries (in their storage dtype) and merges the running
+  aggregate into its softmax; the aggregate update and the summary append stay in XLA. Same
+  arguments and results as `_step`.
   """
   k_chunks, v_chunks, k_run, v_run, length = state
   q, k, v, f = token
   b, hk, g, d = q.shape
   n = k_chunks.shape[1]
-  starts_chunk = length % chunk_size == 0
-  k_run = jnp.where(starts_chunk, 0, f * k_run) + (1 - f) * k
-  v_run = jnp.where(starts_chunk, 0, f * v_run) + (1 - f) * v
-  chunk = length // chunk_size
-  s_run = jnp.sum(q * k_run[:, :, None], axis=-1) * scale  # [B, Hk, G]
+  lengths = jnp.broadcast_to(length, (b,))
+  k_run, v_run = _run_update(k_run, v_run, k, v, f, lengths, chunk_size)
   if n:
-    completed = jnp.full((b,), jnp.minimum(chunk, n), jnp.int32)
-    o_chunks, lse = paged_kernel.paged_attention(
-        q.reshape(b, 1, hk * g, d), k_chunks, v_chunks, jnp.arange(b, dtype=jnp.int32)[:, None],
-        completed, jnp.ones((b,), jnp.int32), completed, scale=scale, return_lse=True,
-        interpret=pallas_interpret())
-    o_chunks, lse = o_chunks.reshape(b, hk, g, d), lse.reshape(b, hk, g)
-    top = jnp.maximum(lse, s_run)
-    w_chunks, w_run = jnp.exp(lse - top), jnp.exp(s_run - top)
-    o = (w_chunks[..., None] * o_chunks + w_run[..., None] * v_run[:, :, None]) / (
-        w_chunks + w_run)[..., None]
-    slot = jnp.minimum(chunk, n - 1)
-    write = ((length + 1) % chunk_size == 0) & (chunk < n)
-    def append(buf, run):
-      old = lax.dynamic_index_in_dim(buf, slot, axis=1, keepdims=False)
-      new = jnp.where(write, run.astype(buf.dtype), old)
-      return lax.dynamic_update_index_in_dim(buf, new, slot, axis=1)
-    k_chunks, v_chunks = append(k_chunks, k_run), append(v_chunks, v_run)
+    o = rat_decode_kernel.rat_decode_attention(
+        q.reshape(b, hk * g, d), k_run, v_run, k_chunks, v_chunks, lengths // chunk_size,
+        scale=scale, interpret=pallas_interpret()).reshape(q.shape)
+    k_chunks = _append(k_chunks, k_run, lengths, chunk_size)
+    v_chunks = _append(v_chunks, v_run, lengths, chunk_size)
   else:
     o = jnp.broadcast_to(v_run[:, :, None], q.shape)
   return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
@@ -523,12 +527,13 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None, impl="auto"):
     q: [B, H, D]; k, v, f: [B, Hk, D] with Hk dividing H; f in (0, 1).
     state: a `RATState` with room for the summary this token may complete (a ValueError says so
       when its length is concrete; with a traced length a summary past the capacity is dropped), or
-      None: no tokens seen, capacity 1 // chunk_size.
+      None: no tokens seen, capacity 1 // chunk_size. Its length may be a scalar or int32 [B], one
+      per row (rows at different positions, as the serving engine's slots are).
     chunk_size: tokens per chunk C, as in the prefill.
     scale: softmax scale; defaults to D ** -0.5 (a Python number on the "pallas" path).
-    impl: "auto" (= "xla"), "reference"/"xla" (the same plain-JAX step) or "pallas" (the
-      attention over the summaries by the paged-decode kernel, `pallas_kernels.gpu.paged_attention`;
-      measured slower than the plain step on an H100, so "auto" does not pick it).
+    impl: "auto", "reference"/"xla" (the same plain-JAX step) or "pallas" (the attention over
+      the visible summaries by the decode kernel of `pallas_kernels.gpu.rat_decode`; "auto" picks
+      it on GPU).
 
   Returns:
     (o [B, H, D] in q's dtype, new `RATState`).
@@ -546,15 +551,14 @@ def rat_step(q, k, v, f, state, *, chunk_size=16, scale=None, impl="auto"):
   _check_gate_range(f)
   if state is None:
     state = rat_init_state(b, hk, d, 1 // chunk_size)
-  capacity = _check_state(state, b, hk, d, "state")
+  capacity = _check_state(state, b, hk, d, "state", per_row=True)
   _check_capacity(state.length, 1, chunk_size, capacity, "state")
 
   dtype = compute_dtype(q, k, v, f, *state[:4])
-  # "auto" takes the plain step: on an H100 (bench/results/rat-2026-11-24.md) the kernel path is
-  # slower (B=64: 2.41 ms vs 0.36 ms; B=1: 0.37 vs 0.12), its gather being tuned for paged KV.
-  impl = "xla" if impl == "auto" else resolve_impl(
-      impl, "rat_step", pallas_unsupported=paged_kernel.unsupported_reason(
-          d, dtype, jnp.result_type(state.k_chunks)))
+  impl = resolve_impl(impl, "rat_step", pallas_unsupported=(
+      rat_decode_kernel.unsupported_reason(d, q.dtype, jnp.result_type(state.k_chunks))
+      if dtype == jnp.float32 else
+      f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"))
   state = _cast_state(state, capacity, dtype)
   qg = jnp.asarray(q, dtype).reshape(b, hk, h // hk, d)
   k, v, f = (jnp.asarray(x, dtype) for x in (k, v, f))

@@ -38,6 +38,12 @@ from jaxchunk.serving.sampling import SamplingParams, sample_tokens
 from jaxchunk.serving.scheduler import Request, Scheduler, Status
 
 _POOL_KEYS = ("k_pages", "v_pages")
+# RAT's chunk-summary buffers. A decode step writes a row's buffer only at the slot of the chunk in
+# progress (length // chunk_size, when the token completes it). For a slot that is not decoding
+# (mid-prefill, or free) that slot is never read before its prefill completes the chunk and writes
+# the true summary there (free slots are reset before reuse), so a decode step need not restore
+# inactive rows of these buffers: copying them back would move the whole buffers every step.
+_SUMMARY_FIELDS = ("k_chunks", "v_chunks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +164,10 @@ def _put_row(cache, row, slot):
 
 
 def _select_rows(active, new, old):
-  """Per-slot leaves from `new` where active [S] else from `old`; pools from `new`."""
+  """Per-slot leaves from `new` where active [S] else from `old`; pools and RAT summary buffers
+  (see `_SUMMARY_FIELDS`) from `new`."""
   def select(path, n, o):
-    if _is_pool(path):
+    if _is_pool(path) or any(getattr(e, "name", None) in _SUMMARY_FIELDS for e in path):
       return n
     return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
   return jax.tree_util.tree_map_with_path(select, new, old)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
+from jaxchunk.ops._common import pallas_interpret
+from pallas_kernels.gpu import rat_decode as rat_decode_kernel
 from tests.utils import assert_rel_close, randn
 
 
@@ -216,8 +218,8 @@ def test_bfloat16_summary_storage(rng, impl):
 
 @pytest.mark.parametrize("summary_dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_decode_steps_match_xla(rng, summary_dtype):
-  """rat_step(impl="pallas") (the paged-decode kernel over the summaries, merged with the running
-  aggregate by log-sum-exp) equals the plain step from an empty state on, with GQA."""
+  """rat_step(impl="pallas") (the decode kernel over the visible summaries, its softmax seeded
+  with the running aggregate) equals the plain step from an empty state on, with GQA."""
   chunk_size, t = 4, 11
   q, k, v, f = inputs(rng, 2, t, 4, 2, 64)
   states = {impl: rat_init_state(2, 2, 64, 3, dtype=summary_dtype) for impl in ("xla", "pallas")}
@@ -231,6 +233,55 @@ def test_pallas_decode_steps_match_xla(rng, summary_dtype):
   for a, b in zip(states["pallas"], states["xla"]):
     assert a.dtype == b.dtype
     assert_rel_close(a, b, 1e-6, "state")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_with_per_row_lengths(rng, impl):
+  """A state with one length per row (rows at different positions, some completing a chunk during
+  the steps) decodes each row as the oracle continues that row alone."""
+  chunk_size, steps, capacity = 4, 3, 6
+  lengths = [0, 3, 7, 13, 21]  # empty, chunk completions at steps 1 and 2, the last chunk
+  b, h, hk, d = len(lengths), 4, 2, 64
+  q, k, v, f = inputs(rng, b, steps, h, hk, d)
+  init = random_state(rng, b, hk, d, capacity, lengths)
+  state, outs = init, []
+  step = jax.jit(rat_step, static_argnames=("chunk_size", "impl"))
+  for i in range(steps):
+    o, state = step(q[:, i], k[:, i], v[:, i], f[:, i], state, chunk_size=chunk_size, impl=impl)
+    outs.append(o)
+  outs = jnp.stack(outs, 1)
+  np.testing.assert_array_equal(state.length, np.asarray(lengths) + steps)
+  for row, length in enumerate(lengths):
+    one = lambda x: np.asarray(x)[row:row + 1]
+    ref_o, ref_state = oracle(*(one(x) for x in (q, k, v, f)), chunk_size,
+                              state=tuple(one(x) for x in init[:4]) + (length,))
+    assert_rel_close(outs[row:row + 1], ref_o, 1e-5, f"{impl} row {row} outputs")
+    row_state = RATState(*(one(x) for x in state[:4]), state.length[row])
+    assert_state_close(row_state, ref_state, 1e-6, f"{impl} row {row} state")
+
+
+def test_decode_kernel_splits(rng):
+  """The decode kernel's split-K (several programs per head, merged by log-sum-exp) and small
+  summary blocks give the plain step's outputs, for rows with 0 .. N visible summaries."""
+  b, h, hk, d, n = 4, 4, 2, 64, 37
+  q = randn(rng, b, h, d)
+  k_run, v_run = randn(rng, b, hk, d), randn(rng, b, hk, d)
+  k_chunks, v_chunks = randn(rng, b, n, hk, d), randn(rng, b, n, hk, d)
+  num_chunks = jnp.asarray([0, 5, 36, 40], jnp.int32)  # 40 > N: clipped to all 37
+  ref = []
+  for row in range(b):
+    m = min(int(num_chunks[row]), n)
+    keys = np.concatenate([np.asarray(k_chunks[row, :m]), np.asarray(k_run[row])[None]], 0)
+    values = np.concatenate([np.asarray(v_chunks[row, :m]), np.asarray(v_run[row])[None]], 0)
+    keys, values = (np.repeat(x, h // hk, axis=1).astype(np.float64) for x in (keys, values))
+    s = np.einsum("hd,nhd->hn", np.asarray(q[row], np.float64), keys) / 8.0
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref.append(np.einsum("hn,nhd->hd", p / p.sum(-1, keepdims=True), values))
+  for num_splits, block_n in ((1, 16), (3, 16), (8, 16), (2, 64)):
+    o = rat_decode_kernel.rat_decode_attention(q, k_run, v_run, k_chunks, v_chunks, num_chunks,
+                                               scale=1 / 8.0, num_splits=num_splits,
+                                               block_n=block_n, interpret=pallas_interpret())
+    assert_rel_close(o, np.stack(ref), 1e-5, f"splits {num_splits} block {block_n}")
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
