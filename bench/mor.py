@@ -12,7 +12,7 @@ GPU timing (`--mode gpu`, e.g. on the H100 machine): for 3 recursions with capac
 (1, f, f/2), f the fraction routed deeper, the analytic forward FLOPs and measured train-step time
 vs the full-depth recursive model; then decode throughput (tokens/s, batch 1) of an expert-choice
 model with early exit (untrained routers: the tokens each recursion processed are reported) vs the
-fixed-depth recursive model. Writes bench/results/mor_gpu.json.
+fixed-depth recursive model. Writes bench/results/mor_gpu-T<seq_len>.json.
 
   python bench/mor.py --mode gpu
 """
@@ -192,7 +192,7 @@ def gpu_timing(seq_len: int, batch: int, decode_tokens: int) -> None:
                                      "tokens_per_recursion": counts}
     print(router, report["decode"][str(router)], flush=True)
   os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "mor_gpu.json"), "w") as f:
+  with open(os.path.join(RESULTS, f"mor_gpu-T{seq_len}.json"), "w") as f:
     json.dump(report, f, indent=1)
 
 
