@@ -60,12 +60,13 @@ def _kernel(num_chunks_ref, q_ref, k_run_ref, v_run_ref, k_ref, v_ref, o_ref, ls
   capacity = k_ref.shape[0]
   n = jnp.minimum(num_chunks_ref[()], capacity)
   q = q_ref[...].astype(jnp.float32) * (scale * _LOG2E)
-  first = pl.program_id(2) == 0
   # Split 0 starts from the running-aggregate term (one key with logit s_run), the others empty.
+  # (The 0/1 weight comes from an integer: Triton lowers a bool-to-float cast as i1.)
+  first = jnp.maximum(1 - pl.program_id(2), 0).astype(jnp.float32)
   s_run = jnp.sum(q * k_run_ref[...].astype(jnp.float32))
-  m = jnp.where(first, s_run, -jnp.inf)
-  l = jnp.where(first, 1.0, 0.0).astype(jnp.float32)
-  acc = jnp.where(first, v_run_ref[...].astype(jnp.float32), 0.0)
+  m = jnp.where(pl.program_id(2) == 0, s_run, -jnp.inf)
+  l = first
+  acc = first * v_run_ref[...].astype(jnp.float32)
 
   blocks = pl.cdiv(n, block_n)
   per_split = pl.cdiv(blocks, num_splits)

@@ -8,6 +8,7 @@ import pytest
 from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
 from jaxchunk.ops._common import pallas_interpret
 from pallas_kernels.gpu import rat_decode as rat_decode_kernel
+from tests.ops.triton_lowering import lower_for_gpu
 from tests.utils import assert_rel_close, randn
 
 
@@ -369,3 +370,17 @@ def test_bad_arguments(rng):
     rat_step(q[:, 0], k[:, 0, :, :4], v[:, 0], f[:, 0], None)
   with pytest.raises(NotImplementedError):
     rat(q, k, v, f, impl="pallas")
+
+
+@pytest.mark.parametrize("d,q_dtype,summary_dtype,num_splits", [
+    (64, jnp.float32, jnp.bfloat16, 1), (128, jnp.bfloat16, jnp.float32, 3),
+    (256, jnp.float16, jnp.float16, 2)])
+def test_decode_kernel_lowers_for_gpu(d, q_dtype, summary_dtype, num_splits):
+  """The decode kernel lowers through Triton for an H100 (run on CPU: IR generation only)."""
+  q = jnp.zeros((2, 4, d), q_dtype)
+  run = jnp.zeros((2, 2, d), jnp.float32)
+  chunks = jnp.zeros((2, 37, 2, d), summary_dtype)
+  text = lower_for_gpu(lambda *xs: rat_decode_kernel.rat_decode_attention(
+      *xs, scale=0.1, num_splits=num_splits), q, run, run, chunks, chunks,
+      jnp.zeros((2,), jnp.int32))
+  assert "rat_decode_attention" in text
