@@ -100,8 +100,38 @@ def step_tokens(engine: Engine) -> int:
   return sum(event.token is not None for event in engine.step())
 
 
+def profile_kernels(decode, engine: Engine, steps: int, top: int = 25) -> dict[str, float]:
+  """GPU time per step (ms) of the `top` costliest kernels (by name) over `steps` calls of
+  `decode`, from a JAX profiler trace (perfetto JSON: device events of GPU processes)."""
+  import glob
+  import gzip
+  folder = tempfile.mkdtemp(prefix="serve_decode_trace_")
+  jax.block_until_ready(engine.cache)
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
+    for _ in range(steps):
+      decode()
+    jax.block_until_ready(engine.cache)
+  [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+         and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  totals: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu:
+      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / 1e3 / steps
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+  print(f"GPU kernel time per step: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
+        flush=True)
+  for name, ms in ranked[:top]:
+    print(f"  {ms:8.4f} ms  {name[:110]}", flush=True)
+  return dict(ranked[:top])
+
+
 def decode_throughput(model: LanguageModel, variables, *, batch: int, context: int, steps: int,
-                      warmup_steps: int, chunk_size: int, page_size: int, seed: int) -> dict:
+                      warmup_steps: int, chunk_size: int, page_size: int, seed: int,
+                      profile: bool = False) -> dict:
   """Fills `batch` slots with prefilled `context`-token prompts, then times `steps` decode steps."""
   max_tokens = 1 + warmup_steps + steps + 1  # the prefill's token, the steps, one to spare
   engine = Engine(model, variables, EngineConfig(
@@ -136,6 +166,7 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
     engine._run_decode(running)
   jax.block_until_ready(engine.cache)
   device_ms = 1e3 * (time.perf_counter() - start) / steps
+  kernels = profile_kernels(lambda: engine._run_decode(running), engine, steps) if profile else None
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
   for request_id in ids:
     engine.cancel(request_id)
@@ -145,7 +176,8 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
   return {"batch": batch, "context": context, "steps": steps, "fill_s": fill_s,
           "step_ms_p50": 1e3 * float(np.percentile(times, 50)),
           "step_ms_p99": 1e3 * float(np.percentile(times, 99)), "device_step_ms": device_ms,
-          "tokens_per_s": batch * steps / sum(times), "cache_gb": cache_bytes / 1e9}
+          "tokens_per_s": batch * steps / sum(times), "cache_gb": cache_bytes / 1e9,
+          **({"kernels_ms_per_step": kernels} if kernels else {})}
 
 
 def bench_presets(args) -> list[dict]:
@@ -161,7 +193,7 @@ def bench_presets(args) -> list[dict]:
       row.update(decode_throughput(model, variables, batch=batch, context=args.context,
                                    steps=args.steps, warmup_steps=args.warmup_steps,
                                    chunk_size=args.chunk_size, page_size=args.page_size,
-                                   seed=args.seed))
+                                   seed=args.seed, profile=args.profile))
       base = next(r for r in rows + [row] if r["batch"] == batch)
       row["vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
       rows.append(row)
@@ -312,6 +344,8 @@ def main(argv=None) -> str:
   parser.add_argument("--llama-new", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3, help="timed generate calls (median)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--profile", action="store_true",
+                      help="print the costliest GPU kernels of the jitted decode (profiler trace)")
   parser.add_argument("--out", default=RESULTS, help="folder of the report")
   args = parser.parse_args(argv)
   if args.smoke:
