@@ -249,11 +249,14 @@ def _step_pallas(state: RATState, token, *, chunk_size: int, scale: float):
   lengths = jnp.broadcast_to(length, (b,))
   k_run, v_run = _run_update(k_run, v_run, k, v, f, lengths, chunk_size)
   if n:
+    # Append first: the kernel reads slots < lengths // C only, and the append writes slot
+    # lengths // C, so reading the appended buffers is the same; in this order XLA updates the
+    # (donated) buffers in place, where a read by the kernel before the write makes it copy them.
+    k_chunks = _append(k_chunks, k_run, lengths, chunk_size)
+    v_chunks = _append(v_chunks, v_run, lengths, chunk_size)
     o = rat_decode_kernel.rat_decode_attention(
         q.reshape(b, hk * g, d), k_run, v_run, k_chunks, v_chunks, lengths // chunk_size,
         scale=scale, interpret=pallas_interpret()).reshape(q.shape)
-    k_chunks = _append(k_chunks, k_run, lengths, chunk_size)
-    v_chunks = _append(v_chunks, v_run, lengths, chunk_size)
   else:
     o = jnp.broadcast_to(v_run[:, :, None], q.shape)
   return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
