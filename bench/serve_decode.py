@@ -11,12 +11,13 @@ Presets (issue 7: RAT+local decode throughput at 4K context >= 5x attention's at
 each preset of `--presets` (random weights, bf16 parameters and compute, impl "auto") and each
 batch of `--batches`, an `Engine` with `num_slots` = batch gets `batch` requests of `--context`
 random prompt tokens. They are prefilled together (`prefill_first`; untimed, compilation included),
-then `--warmup-steps` decode steps run untimed and `--steps` are timed. Each timed `engine.step()`
-must decode one token for every slot (else the run stops with an error). tokens/s = batch * steps /
-their wall time: whole engine steps (host scheduling, the jitted decode over paged KV / RAT states,
+then `--warmup-steps` engine steps run untimed and `--steps` are timed. Each timed `engine.step()`
+must decode `--decode-steps` tokens for every slot (`EngineConfig.decode_steps`: that many decode
+steps in one jitted call; else the run stops with an error). tokens/s = batch * decode_steps *
+steps / their wall time: whole engine steps (host scheduling, the jitted decode over paged KV / RAT states,
 on-device greedy sampling, fetching the tokens). The ratio column divides by the first preset's
 tokens/s at the same batch. "jitted decode ms" is the device's share: the same decode step
-dispatched `--steps` times back to back without fetching tokens, divided by `--steps`.
+dispatched `--steps` times back to back without fetching tokens, per decode token.
 
 Llama (issue 7: the engine serving a Llama checkpoint decodes >= 5x faster than transformers'
 `generate` on the same weights and batch). A random-init `transformers.LlamaForCausalLM` in bf16
@@ -74,7 +75,7 @@ LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hid
 SMOKE_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 # Sizes that --smoke replaces (argument name -> smoke value).
-SMOKE_ARGS = dict(batches="2", context=64, steps=4, warmup_steps=1, chunk_size=32, page_size=16,
+SMOKE_ARGS = dict(batches="2", context=64, steps=4, warmup_steps=1, decode_steps=2, chunk_size=32, page_size=16,
                   llama_batch=2, llama_prompt=8, llama_new=6, repeats=1)
 
 
@@ -131,12 +132,14 @@ def profile_kernels(decode, engine: Engine, steps: int, top: int = 25) -> dict[s
 
 def decode_throughput(model: LanguageModel, variables, *, batch: int, context: int, steps: int,
                       warmup_steps: int, chunk_size: int, page_size: int, seed: int,
-                      profile: bool = False) -> dict:
-  """Fills `batch` slots with prefilled `context`-token prompts, then times `steps` decode steps."""
-  max_tokens = 1 + warmup_steps + steps + 1  # the prefill's token, the steps, one to spare
+                      decode_steps: int = 1, profile: bool = False) -> dict:
+  """Fills `batch` slots with prefilled `context`-token prompts, then times `steps` engine steps
+  of `decode_steps` decode tokens each."""
+  # the prefill's token, the steps, a burst to spare
+  max_tokens = 1 + (warmup_steps + steps + 1) * decode_steps
   engine = Engine(model, variables, EngineConfig(
       num_slots=batch, max_len=round_up(context + max_tokens, page_size), page_size=page_size,
-      chunk_size=chunk_size, prefill_first=True))
+      chunk_size=chunk_size, prefill_first=True, decode_steps=decode_steps))
   rng = np.random.default_rng(seed)
   vocab = model.config.vocab_size
   ids = [engine.submit(list(rng.integers(0, vocab, size=context)),
@@ -153,8 +156,9 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
     start = time.perf_counter()
     tokens = step_tokens(engine)
     times.append(time.perf_counter() - start)
-    if tokens != batch:
-      raise RuntimeError(f"a timed step decoded {tokens} tokens, expected one per slot ({batch})")
+    if tokens != batch * decode_steps:
+      raise RuntimeError(f"a timed step decoded {tokens} tokens, expected {decode_steps} per slot "
+                         f"({batch} slots)")
   if engine.num_traces != traces:
     raise RuntimeError("the engine compiled during the timed steps")
   # The jitted decode alone: the same step dispatched `steps` times without fetching its tokens
@@ -162,21 +166,25 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
   running = [r for r in engine._requests.values() if r.status is Status.DECODE]
   jax.block_until_ready(engine.cache)
   start = time.perf_counter()
+  many = decode_steps > 1
   for _ in range(steps):
-    engine._run_decode(running)
+    engine._run_decode(running, many)
   jax.block_until_ready(engine.cache)
-  device_ms = 1e3 * (time.perf_counter() - start) / steps
-  kernels = profile_kernels(lambda: engine._run_decode(running), engine, steps) if profile else None
+  device_ms = 1e3 * (time.perf_counter() - start) / (steps * decode_steps)
+  kernels = (profile_kernels(lambda: engine._run_decode(running, many), engine,
+                             steps * decode_steps) if profile else None)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
   for request_id in ids:
     engine.cancel(request_id)
     engine.pop_output(request_id)
   del engine
   gc.collect()  # the engine's jitted methods hold it in a cycle: free its cache now
-  return {"batch": batch, "context": context, "steps": steps, "fill_s": fill_s,
+  return {"batch": batch, "context": context, "steps": steps, "decode_steps": decode_steps,
+          "fill_s": fill_s,
           "step_ms_p50": 1e3 * float(np.percentile(times, 50)),
           "step_ms_p99": 1e3 * float(np.percentile(times, 99)), "device_step_ms": device_ms,
-          "tokens_per_s": batch * steps / sum(times), "cache_gb": cache_bytes / 1e9,
+          "tokens_per_s": batch * decode_steps * steps / sum(times),
+          "cache_gb": cache_bytes / 1e9,
           **({"kernels_ms_per_step": kernels} if kernels else {})}
 
 
@@ -193,7 +201,8 @@ def bench_presets(args) -> list[dict]:
       row.update(decode_throughput(model, variables, batch=batch, context=args.context,
                                    steps=args.steps, warmup_steps=args.warmup_steps,
                                    chunk_size=args.chunk_size, page_size=args.page_size,
-                                   seed=args.seed, profile=args.profile))
+                                   seed=args.seed, decode_steps=args.decode_steps,
+                                   profile=args.profile))
       base = next(r for r in rows + [row] if r["batch"] == batch)
       row["vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
       rows.append(row)
@@ -260,13 +269,13 @@ def hf_rates(hf_model, prompts: np.ndarray, *, new: int, repeats: int) -> dict:
 
 
 def engine_rates(folder: str, prompts: np.ndarray, *, new: int, repeats: int, page_size: int,
-                 chunk_size: int) -> dict:
+                 chunk_size: int, decode_steps: int) -> dict:
   """`generate_rates` of `Engine.generate` (prefill-first, one slot per prompt) on the checkpoint."""
   config, variables = load_llama(folder, dtype="bfloat16", param_dtype="bfloat16")
   batch, prompt_len = prompts.shape
   engine = Engine(LanguageModel(config), jax.device_put(variables), EngineConfig(
       num_slots=batch, max_len=round_up(prompt_len + new, page_size), page_size=page_size,
-      chunk_size=chunk_size, prefill_first=True))
+      chunk_size=chunk_size, prefill_first=True, decode_steps=decode_steps))
   prompt_lists = [list(p) for p in prompts]
 
   def engine_generate(n: int) -> None:
@@ -302,7 +311,8 @@ def bench_llama(args) -> dict:
     if device == "cuda":
       torch.cuda.empty_cache()
     result["jaxchunk"] = engine_rates(folder, prompts, new=new, repeats=args.repeats,
-                                      page_size=args.page_size, chunk_size=args.chunk_size)
+                                      page_size=args.page_size, chunk_size=args.chunk_size,
+                                      decode_steps=args.decode_steps)
   print(f"jaxchunk Engine: {json.dumps(result['jaxchunk'])}", flush=True)
   gc.collect()  # free the engine's cache (its jitted methods hold it in a cycle)
   for rate in ("decode_tokens_per_s", "end_to_end_tokens_per_s"):
@@ -335,7 +345,9 @@ def main(argv=None) -> str:
   parser.add_argument("--presets", default=",".join(PRESETS), help="first one is the baseline")
   parser.add_argument("--batches", default="16,64")
   parser.add_argument("--context", type=int, default=4096, help="prompt tokens before decoding")
-  parser.add_argument("--steps", type=int, default=128, help="timed decode steps")
+  parser.add_argument("--steps", type=int, default=128, help="timed engine steps")
+  parser.add_argument("--decode-steps", type=int, default=8,
+                      help="decode tokens per slot per engine step (EngineConfig.decode_steps)")
   parser.add_argument("--warmup-steps", type=int, default=2)
   parser.add_argument("--chunk-size", type=int, default=1024, help="largest prefill piece")
   parser.add_argument("--page-size", type=int, default=64)
@@ -365,7 +377,8 @@ def main(argv=None) -> str:
     sections.append(
         f"## Decode at {args.context} tokens of context\n\n"
         f"Each slot holds a prefilled {args.context}-token prompt; {args.steps} timed engine steps "
-        f"after {args.warmup_steps} untimed ones, each decoding one token per slot (page size "
+        f"after {args.warmup_steps} untimed ones, each decoding {args.decode_steps} tokens per slot "
+        f"in one jitted call (`decode_steps`; page size "
         f"{args.page_size}; bf16 parameters, compute and caches; random weights). fill s = "
         f"prefill of all slots incl. compilation (not in tokens/s).\n\n"
         f"{render_presets(rows, args)}")

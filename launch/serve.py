@@ -32,6 +32,8 @@ def main() -> None:
   parser.add_argument("--max-len", type=int, default=1024)
   parser.add_argument("--page-size", type=int, default=16)
   parser.add_argument("--chunk-size", type=int, default=64)
+  parser.add_argument("--decode-steps", type=int, default=1,
+                      help="decode tokens per slot per jitted call while nothing waits")
   parser.add_argument("--dtype", default="float32")
   args = parser.parse_args()
 
@@ -44,7 +46,8 @@ def main() -> None:
     variables = LanguageModel(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   engine = Engine(LanguageModel(config), variables,
                   EngineConfig(num_slots=args.slots, max_len=args.max_len,
-                               page_size=args.page_size, chunk_size=args.chunk_size),
+                               page_size=args.page_size, chunk_size=args.chunk_size,
+                               decode_steps=args.decode_steps),
                   tokenizer=ByteTokenizer())
   engine.warmup()
   server, loop = make_server(engine, ByteTokenizer(), host=args.host, port=args.port)

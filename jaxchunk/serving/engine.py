@@ -3,11 +3,13 @@
 The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`): attention layers
 keep their keys/values in a shared page pool (`jaxchunk.serving.pages`), RAT layers a `RATState`
 with one length per slot, linear layers their per-slot recurrent state and short-conv history.
-Two jitted functions update it:
+Jitted functions update it:
 
 - decode: one token for every slot ([num_slots, 1] tokens at per-slot positions); idle slots and
   slots still in prefill are masked (their rows of the cache are kept, their page-table rows point at
   the scratch page) so they are never disturbed;
+- decode_many (with `EngineConfig.decode_steps` > 1): that many decode steps in one call, each
+  step's sampled tokens feeding the next on device, for steps that only decode;
 - prefill: `length` tokens of one slot (its row of the cache is sliced out, continued and written
   back); lengths are powers of two up to `chunk_size`, one compilation each.
 
@@ -60,6 +62,12 @@ class EngineConfig:
     token_budget: tokens per step (decodes + prefill); default num_slots + chunk_size.
     prefill_first: the baseline scheduler (prefill whole prompts before any decode).
     cache_dtype: dtype of the KV pages and conv histories; default the model's dtype.
+    decode_steps: decode tokens per slot that one step may run in a single jitted call (a
+      `lax.scan` of decode steps, each sampled token fed to the next on device), when the step
+      has only decodes and nothing waits (see `Scheduler.extend_decodes`). Values > 1 pay the
+      host's per-step work (scheduling, dispatch, fetching tokens) once per that many tokens;
+      tokens then stream in bursts of that many, and a request that stops early discards the rest
+      of its burst. Outputs are the same as with 1 (sampling keys count the generated tokens).
   """
 
   num_slots: int = 8
@@ -70,9 +78,10 @@ class EngineConfig:
   token_budget: int | None = None
   prefill_first: bool = False
   cache_dtype: str | None = None
+  decode_steps: int = 1
 
   def __post_init__(self):
-    for name in ("num_slots", "max_len", "page_size", "chunk_size"):
+    for name in ("num_slots", "max_len", "page_size", "chunk_size", "decode_steps"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
     if self.max_len % self.page_size:
@@ -201,7 +210,9 @@ class Engine:
     self._empty_row = init_engine_cache(self.model_config,
                                         dataclasses.replace(config, num_slots=1, num_pages=None))
     self.num_traces = 0
+    self.num_multi_step_decodes = 0  # steps that ran `decode_steps` decode tokens in one call
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
+    self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=1)
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
     self._reset = jax.jit(self._reset_fn, donate_argnums=0)
     self._requests: dict[int, Request] = {}
@@ -236,6 +247,19 @@ class Engine:
     new_cache = _select_rows(active, self._detach_tables(new["layers"]), cache)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
     return new_cache, next_tokens, logprobs
+
+  def _decode_many_fn(self, variables, cache, tokens, positions, table, active, temperature,
+                      top_k, top_p, seeds, counters):
+    """`decode_steps` decode steps (a scan of `_decode_fn`), each feeding its sampled tokens to
+    the next; returns (cache, tokens [steps, S], logprobs [steps, S])."""
+    def one(carry, _):
+      cache, tokens, positions, counters = carry
+      cache, tokens, logprobs = self._decode_fn(variables, cache, tokens, positions, table, active,
+                                                temperature, top_k, top_p, seeds, counters)
+      return (cache, tokens, positions + 1, counters + 1), (tokens, logprobs)
+    (cache, *_), (tokens, logprobs) = jax.lax.scan(
+        one, (cache, tokens, positions, counters), None, length=self.config.decode_steps)
+    return cache, tokens, logprobs
 
   def _prefill_fn(self, variables, cache, slot, tokens, start, table_row, temperature, top_k,
                   top_p, seeds, counters):
@@ -272,6 +296,10 @@ class Engine:
       self.cache, tokens, _ = self._decode(
           self.variables, self.cache, zeros, zeros, self._table(), np.ones((slots,), bool),
           *self._sampling_arrays([None] * slots))
+      if self.config.decode_steps > 1:
+        self.cache, tokens, _ = self._decode_many(
+            self.variables, self.cache, zeros, zeros, self._table(), np.ones((slots,), bool),
+            *self._sampling_arrays([None] * slots))
       length = self.config.chunk_size
       while length >= 1:
         self.cache, tokens, _ = self._prefill(
@@ -316,9 +344,12 @@ class Engine:
       schedule = self.scheduler.schedule()
       for slot in schedule.resets:
         self.cache = self._reset(self.cache, np.int32(slot))
-      results = []  # (request, row, tokens, logprobs): the request's token is tokens[row]
+      results = []  # (request, row, tokens, logprobs): the request's tokens are tokens[..., row]
       if schedule.decodes:
-        tokens, logprobs = self._run_decode(schedule.decodes)
+        many = self.scheduler.extend_decodes(schedule, self.config.decode_steps,
+                                             self.config.max_len)
+        self.num_multi_step_decodes += many
+        tokens, logprobs = self._run_decode(schedule.decodes, many)
         results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
       for piece in schedule.prefills:
         request = piece.request
@@ -335,8 +366,9 @@ class Engine:
           fetched[id(tokens)] = np.asarray(tokens), np.asarray(logprobs)
         tokens, logprobs = fetched[id(tokens)]
         if row is not None:
-          tokens, logprobs = tokens[row], logprobs[row]
-        self._append(request, int(tokens), float(logprobs), now)
+          tokens, logprobs = tokens[..., row], logprobs[..., row]
+        for token, logprob in zip(np.atleast_1d(tokens), np.atleast_1d(logprobs)):
+          self._append(request, int(token), float(logprob), now)  # ignored once it finished
       events = [event for events in self._events.values() for event in events]
       for request_id in self._events:
         self._events[request_id] = []
@@ -424,7 +456,9 @@ class Engine:
         counters[i] = len(request.generated)
     return temperature, top_k, top_p, seeds, counters
 
-  def _run_decode(self, requests: list[Request]):
+  def _run_decode(self, requests: list[Request], many: bool = False):
+    """Decodes one token (`many`: `decode_steps` tokens) for each request; returns the device
+    arrays (tokens, logprobs), [S] or [decode_steps, S]."""
     slots = self.config.num_slots
     tokens = np.zeros((slots,), np.int32)
     positions = np.zeros((slots,), np.int32)
@@ -435,7 +469,8 @@ class Engine:
       positions[request.slot] = len(request.tokens) - 1
       active[request.slot] = True
       rows[request.slot] = request
-    self.cache, next_tokens, logprobs = self._decode(
+    decode = self._decode_many if many else self._decode
+    self.cache, next_tokens, logprobs = decode(
         self.variables, self.cache, tokens, positions, self._table(), active,
         *self._sampling_arrays(rows))
     return next_tokens, logprobs

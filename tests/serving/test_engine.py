@@ -102,6 +102,26 @@ def test_greedy_matches_full_recompute(rng, pattern):
       engine, pattern, rng, num_prompts=6, max_tokens=8))))) > 1
 
 
+@pytest.mark.parametrize("pattern", [("attention",), ("rat", "local")], ids=lambda p: "-".join(p))
+def test_multi_step_decode_matches_single_steps(rng, pattern):
+  """decode_steps=4 (bursts of decode steps in one jitted call while nothing waits) gives the
+  single-step engine's tokens and log-probs: greedy against the full recompute, and sampled with
+  stop tokens against decode_steps=1; no compilation after warm-up, no page leaked."""
+  engine = warm_engine(pattern, decode_steps=4)
+  check_matches_reference(engine, pattern, rng, num_prompts=5, max_tokens=11)
+  assert engine.num_multi_step_decodes > 0
+  prompts = [list(rng.integers(0, 64, size=n)) for n in (3, 9, 5, 14)]
+  params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, stop_tokens=(3, 5),
+                          logprobs=True)
+  single = run_staggered(warm_engine(pattern), prompts, [0, 0, 1, 6], params)
+  multi = run_staggered(engine, prompts, [0, 0, 1, 6], params)
+  for a, b in zip(single, multi):
+    assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+  if engine.pool is not None:
+    assert engine.pool.num_free == engine.pool.capacity, "pages leaked"
+
+
 def test_preemption_under_page_pressure(rng):
   # 3 slots of up to 8 pages each share 11 pages: requests are preempted and recomputed.
   engine = warm_engine(("attention",), num_pages=12)
