@@ -101,15 +101,16 @@ def step_tokens(engine: Engine) -> int:
   return sum(event.token is not None for event in engine.step())
 
 
-def profile_kernels(decode, engine: Engine, steps: int, top: int = 25) -> dict[str, float]:
-  """GPU time per step (ms) of the `top` costliest kernels (by name) over `steps` calls of
+def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,
+                    top: int = 25) -> dict[str, float]:
+  """GPU time per decode token (ms) of the `top` costliest kernels (by name) over `calls` calls of
   `decode`, from a JAX profiler trace (perfetto JSON: device events of GPU processes)."""
   import glob
   import gzip
   folder = tempfile.mkdtemp(prefix="serve_decode_trace_")
   jax.block_until_ready(engine.cache)
   with jax.profiler.trace(folder, create_perfetto_trace=True):
-    for _ in range(steps):
+    for _ in range(calls):
       decode()
     jax.block_until_ready(engine.cache)
   [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
@@ -121,9 +122,10 @@ def profile_kernels(decode, engine: Engine, steps: int, top: int = 25) -> dict[s
   totals: dict[str, float] = {}
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in gpu:
-      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / 1e3 / steps
+      totals[e["name"]] = (totals.get(e["name"], 0.0)
+                           + e.get("dur", 0.0) / 1e3 / (calls * tokens_per_call))
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-  print(f"GPU kernel time per step: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
+  print(f"GPU kernel time per decode token: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
         flush=True)
   for name, ms in ranked[:top]:
     print(f"  {ms:8.4f} ms  {name[:110]}", flush=True)
@@ -171,8 +173,8 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
     engine._run_decode(running, many)
   jax.block_until_ready(engine.cache)
   device_ms = 1e3 * (time.perf_counter() - start) / (steps * decode_steps)
-  kernels = (profile_kernels(lambda: engine._run_decode(running, many), engine,
-                             steps * decode_steps) if profile else None)
+  kernels = (profile_kernels(lambda: engine._run_decode(running, many), engine, steps,
+                             decode_steps) if profile else None)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
   for request_id in ids:
     engine.cancel(request_id)
@@ -185,7 +187,7 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
           "step_ms_p99": 1e3 * float(np.percentile(times, 99)), "device_step_ms": device_ms,
           "tokens_per_s": batch * decode_steps * steps / sum(times),
           "cache_gb": cache_bytes / 1e9,
-          **({"kernels_ms_per_step": kernels} if kernels else {})}
+          **({"kernels_ms_per_token": kernels} if kernels else {})}
 
 
 def bench_presets(args) -> list[dict]:

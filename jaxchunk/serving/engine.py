@@ -210,7 +210,9 @@ class Engine:
     self._empty_row = init_engine_cache(self.model_config,
                                         dataclasses.replace(config, num_slots=1, num_pages=None))
     self.num_traces = 0
-    self.num_multi_step_decodes = 0  # steps that ran `decode_steps` decode tokens in one call
+    self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
+    # A dispatched multi-step decode whose tokens are not fetched yet: (requests, tokens, logprobs).
+    self._in_flight: tuple[list[tuple[Request, int]], jax.Array, jax.Array] | None = None
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
     self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=1)
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
@@ -336,21 +338,30 @@ class Engine:
 
   def has_work(self) -> bool:
     with self._lock:
-      return self.scheduler.has_work()
+      return self.scheduler.has_work() or self._in_flight is not None
 
   def step(self) -> list[StreamEvent]:
-    """Runs one scheduled step; returns the events (new tokens, ends) it produced."""
+    """Runs one scheduled step; returns the events (new tokens, ends) it produced.
+
+    With `decode_steps` > 1, a step that starts a multi-step decode returns without its tokens;
+    the next step dispatches the following multi-step decode (when it can still run) before it
+    fetches and processes them, so that host work overlaps the device.
+    """
     with self._lock:
+      if self._in_flight is not None:
+        return self._continue_decoding()
       schedule = self.scheduler.schedule()
       for slot in schedule.resets:
         self.cache = self._reset(self.cache, np.int32(slot))
       results = []  # (request, row, tokens, logprobs): the request's tokens are tokens[..., row]
       if schedule.decodes:
-        many = self.scheduler.extend_decodes(schedule, self.config.decode_steps,
-                                             self.config.max_len)
-        self.num_multi_step_decodes += many
+        many = not schedule.prefills and self.scheduler.extend_decodes(
+            schedule.decodes, self.config.decode_steps - 1, self.config.max_len)
         tokens, logprobs = self._run_decode(schedule.decodes, many)
-        results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
+        if many:
+          self._in_flight = ([(r, r.slot) for r in schedule.decodes], tokens, logprobs)
+        else:
+          results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
       for piece in schedule.prefills:
         request = piece.request
         tokens = np.asarray([request.tokens[piece.start:piece.start + piece.length]], np.int32)
@@ -359,24 +370,43 @@ class Engine:
             self._table()[request.slot:request.slot + 1], *self._sampling_arrays([request]))
         if piece.completes:
           results.append((request, None, token, logprob))
-      fetched = {}
-      now = self.clock()
-      for request, row, tokens, logprobs in results:
-        if id(tokens) not in fetched:  # one device-to-host copy per step output
-          fetched[id(tokens)] = np.asarray(tokens), np.asarray(logprobs)
-        tokens, logprobs = fetched[id(tokens)]
-        if row is not None:
-          tokens, logprobs = tokens[..., row], logprobs[..., row]
-        for token, logprob in zip(np.atleast_1d(tokens), np.atleast_1d(logprobs)):
-          self._append(request, int(token), float(logprob), now)  # ignored once it finished
-      events = [event for events in self._events.values() for event in events]
-      for request_id in self._events:
-        self._events[request_id] = []
-      for event in events:
-        if event.finished:
-          self._events.pop(event.request_id, None)
-          self._text_sent.pop(event.request_id, None)
-      return events
+      return self._process(results)
+
+  def _continue_decoding(self) -> list[StreamEvent]:
+    """Dispatches the next multi-step decode of the in-flight one's requests when it can run
+    now (its first tokens are the in-flight call's last, still on device; a request that stops
+    in the in-flight call discards its share), then fetches and processes the in-flight tokens."""
+    rows, tokens, logprobs = self._in_flight  # rows: (request, its slot at dispatch)
+    self._in_flight = None
+    requests = [request for request, _ in rows]
+    ahead = self.config.decode_steps
+    if (all(r.status is Status.DECODE for r in requests)
+        and self.scheduler.extend_decodes(requests, ahead, self.config.max_len)):
+      next_tokens, next_logprobs = self._run_decode(requests, True, ahead=ahead,
+                                                    tokens=tokens[-1])
+      self._in_flight = (rows, next_tokens, next_logprobs)
+    return self._process([(request, slot, tokens, logprobs) for request, slot in rows])
+
+  def _process(self, results) -> list[StreamEvent]:
+    """Fetches the step's tokens, records them per request; returns the events produced."""
+    fetched = {}
+    now = self.clock()
+    for request, row, tokens, logprobs in results:
+      if id(tokens) not in fetched:  # one device-to-host copy per step output
+        fetched[id(tokens)] = np.asarray(tokens), np.asarray(logprobs)
+      tokens, logprobs = fetched[id(tokens)]
+      if row is not None:
+        tokens, logprobs = tokens[..., row], logprobs[..., row]
+      for token, logprob in zip(np.atleast_1d(tokens), np.atleast_1d(logprobs)):
+        self._append(request, int(token), float(logprob), now)  # ignored once it finished
+    events = [event for events in self._events.values() for event in events]
+    for request_id in self._events:
+      self._events[request_id] = []
+    for event in events:
+      if event.finished:
+        self._events.pop(event.request_id, None)
+        self._text_sent.pop(event.request_id, None)
+    return events
 
   def generate(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
@@ -440,8 +470,9 @@ class Engine:
       return np.zeros((self.config.num_slots, self.config.pages_per_seq), np.int32)
     return self.scheduler.tables.table.copy()
 
-  def _sampling_arrays(self, requests: list[Request | None]):
-    """(temperature, top_k, top_p, seeds, counters) arrays of the rows' requests (None: greedy)."""
+  def _sampling_arrays(self, requests: list[Request | None], ahead: int = 0):
+    """(temperature, top_k, top_p, seeds, counters) arrays of the rows' requests (None: greedy);
+    `ahead` tokens not yet recorded count as generated."""
     temperature = np.zeros((len(requests),), np.float32)
     top_k = np.zeros((len(requests),), np.int32)
     top_p = np.ones((len(requests),), np.float32)
@@ -453,26 +484,29 @@ class Engine:
         top_k[i] = request.params.top_k
         top_p[i] = request.params.top_p
         seeds[i] = request.seed
-        counters[i] = len(request.generated)
+        counters[i] = len(request.generated) + ahead
     return temperature, top_k, top_p, seeds, counters
 
-  def _run_decode(self, requests: list[Request], many: bool = False):
+  def _run_decode(self, requests: list[Request], many: bool = False, *, ahead: int = 0,
+                  tokens: jax.Array | None = None):
     """Decodes one token (`many`: `decode_steps` tokens) for each request; returns the device
-    arrays (tokens, logprobs), [S] or [decode_steps, S]."""
+    arrays (tokens, logprobs), [S] or [decode_steps, S]. `ahead` tokens per request are decoded
+    but not recorded yet, the last of them in `tokens` [S] (on device)."""
     slots = self.config.num_slots
-    tokens = np.zeros((slots,), np.int32)
+    last = np.zeros((slots,), np.int32)
     positions = np.zeros((slots,), np.int32)
     active = np.zeros((slots,), bool)
     rows: list[Request | None] = [None] * slots
     for request in requests:
-      tokens[request.slot] = request.tokens[-1]
-      positions[request.slot] = len(request.tokens) - 1
+      last[request.slot] = request.tokens[-1]
+      positions[request.slot] = len(request.tokens) - 1 + ahead
       active[request.slot] = True
       rows[request.slot] = request
     decode = self._decode_many if many else self._decode
+    self.num_multi_step_decodes += many
     self.cache, next_tokens, logprobs = decode(
-        self.variables, self.cache, tokens, positions, self._table(), active,
-        *self._sampling_arrays(rows))
+        self.variables, self.cache, last if tokens is None else tokens, positions, self._table(),
+        active, *self._sampling_arrays(rows, ahead))
     return next_tokens, logprobs
 
   def _append(self, request: Request, token: int, logprob: float, now: float) -> None:

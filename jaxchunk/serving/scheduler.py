@@ -161,25 +161,25 @@ class Scheduler:
       piece.request.num_computed += piece.length
     return Schedule(resets, decodes, prefills)
 
-  def extend_decodes(self, schedule: Schedule, steps: int, max_len: int) -> bool:
-    """Turns `schedule`'s decodes into `steps` decode tokens each, when that can run now.
+  def extend_decodes(self, decodes: list[Request], extra: int, max_len: int) -> bool:
+    """Reserves `extra` more decode tokens for each of `decodes` when that can run now.
 
-    Only a schedule of decodes alone qualifies, with nothing waiting (a multi-token step would
-    delay an admission or a prefill), every request keeping its positions below `max_len`, and
-    pages for the extra tokens free without preempting anyone. On success each request's
-    `num_computed` counts the extra tokens; returns whether it succeeded.
+    Only the decodes of a step without prefills qualify (the caller checks that), with nothing
+    waiting and nothing in prefill (more decode tokens would delay an admission or a prefill),
+    every request keeping its positions below `max_len`, and pages for the extra tokens free
+    without preempting anyone. On success each request's `num_computed` counts the extra tokens;
+    returns whether it succeeded.
     """
-    if steps <= 1 or schedule.prefills or not schedule.decodes or self.waiting:
+    if extra < 1 or not decodes or self.waiting:
       return False
     if any(r.status is Status.PREFILL for r in self.active):
       return False
-    extra = steps - 1
-    if any(r.num_computed + extra > max_len for r in schedule.decodes):
+    if any(r.num_computed + extra > max_len for r in decodes):
       return False
     if self.tables is not None and not all(
-        self.tables.ensure(r.slot, r.num_computed + extra) for r in schedule.decodes):
+        self.tables.ensure(r.slot, r.num_computed + extra) for r in decodes):
       return False  # pages that did fit stay reserved for the coming steps
-    for request in schedule.decodes:
+    for request in decodes:
       request.num_computed += extra
     return True
 
