@@ -3,8 +3,10 @@
 `lower_for_gpu(fn, *args)` runs the Pallas Triton lowering of every `pallas_call` in
 `jax.jit(fn)` for an sm_90 GPU while the backend is the CPU, so that lowering errors (unsupported
 ops, dtype mismatches in the Triton IR) show up in CPU tests instead of on the GPU machine. Nothing
-is compiled or run. It patches private JAX modules of the pinned jax version (0.11.2) for the
-duration of the call.
+is compiled or run. For the duration of the call it patches private JAX modules of the pinned jax
+version (0.11.2) and makes `jax.default_backend()` say "gpu", so that jaxchunk's ops pick their
+Pallas paths with interpret mode off (`JAXCHUNK_FLASH_KERNEL=triton` keeps dense attention on the
+Triton kernel: Mosaic GPU kernels do not lower here).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _H100 = types.SimpleNamespace(get_gpu_info=lambda: types.SimpleNamespace(compute
 def _triton_lowering_on_cpu():
   lower_module = registration.lowering.lower_jaxpr_to_triton_module
   gpu_info = registration.gpu_info_lib
+  default_backend = jax.default_backend
+  jax.default_backend = lambda: "gpu"
   registration.gpu_info_lib = _H100
   registration.lowering.lower_jaxpr_to_triton_module = (
       lambda jaxpr, grid_mapping, platform, capability, mlir_ctx: lower_module(
@@ -33,6 +37,7 @@ def _triton_lowering_on_cpu():
   try:
     yield
   finally:
+    jax.default_backend = default_backend
     registration.gpu_info_lib = gpu_info
     registration.lowering.lower_jaxpr_to_triton_module = lower_module
     mlir.register_lowering(pallas_call_module.pallas_call_p,
