@@ -214,7 +214,7 @@ def _merge_splits(o, lse):
 def paged_attention(q, k_pages, v_pages, page_table, q_offset, q_length, kv_length, *,
                     scale: float, window: int | None = None, softcap: float | None = None,
                     num_splits: int | None = None, config: BlockConfig | None = None,
-                    return_lse: bool = False, interpret: bool = False):
+                    interpret: bool = False):
   """Causal attention of q's new tokens to their rows' paged keys (forward only).
 
   Args:
@@ -228,12 +228,10 @@ def paged_attention(q, k_pages, v_pages, page_table, q_offset, q_length, kv_leng
     window, softcap: optional sliding window and logit soft-cap (module docstring).
     num_splits: key splits per (row, kv head, row block); None fills the SMs (default_num_splits).
     config: BlockConfig overriding the table (tests use small blocks).
-    return_lse: also return the natural-log log-sum-exp of each query's logits (-inf without a
-      visible key), for merging with more keys outside (RAT's decode adds its running aggregate).
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
-    o [B, T, H, D] in q's dtype, and with `return_lse` lse [B, T, H] float32.
+    o [B, T, H, D] in q's dtype.
   """
   b, t, h, d = q.shape
   num_pages, page_size, hk, _ = k_pages.shape
@@ -268,12 +266,7 @@ def paged_attention(q, k_pages, v_pages, page_table, q_offset, q_length, kv_leng
       name="paged_attention",
   )(q_offset, q_length, kv_length, page_table, qg,
     k_pages.reshape(num_pages * page_size, hk, d), v_pages.reshape(num_pages * page_size, hk, d))
-  o, lse = (o[:, :, 0], lse[:, :, 0]) if num_splits == 1 else _merge_splits(o, lse)
-  by_token = lambda x: x[:, :, :rows].reshape((b, hk, t, group) + x.shape[3:]).swapaxes(1, 2)
-  o = by_token(o).reshape(b, t, h, d)
+  o = o[:, :, 0] if num_splits == 1 else _merge_splits(o, lse)[0]
+  o = o[:, :, :rows].reshape(b, hk, t, group, d).swapaxes(1, 2).reshape(b, t, h, d)
   valid = jnp.arange(t, dtype=jnp.int32)[None, :] < q_length[:, None]
-  o = jnp.where(valid[:, :, None, None], o, 0.0).astype(q.dtype)
-  if not return_lse:
-    return o
-  lse = jnp.where(valid[:, :, None], by_token(lse).reshape(b, t, h) / _LOG2E, -jnp.inf)
-  return o, lse
+  return jnp.where(valid[:, :, None, None], o, 0.0).astype(q.dtype)
