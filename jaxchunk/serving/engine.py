@@ -211,7 +211,8 @@ class Engine:
                                         dataclasses.replace(config, num_slots=1, num_pages=None))
     self.num_traces = 0
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
-    # A dispatched multi-step decode whose tokens are not fetched yet: (requests, tokens, logprobs).
+    # A dispatched multi-step decode whose tokens are not fetched yet: ((request, its slot) pairs,
+    # tokens [decode_steps, S], logprobs [decode_steps, S]).
     self._in_flight: tuple[list[tuple[Request, int]], jax.Array, jax.Array] | None = None
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
     self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=1)
