@@ -156,12 +156,10 @@ def _check_capacity(length, new_tokens: int, chunk_size: int, capacity: int, nam
   lengths = np.asarray(length).reshape(-1)
   if not lengths.size:
     return
-  if lengths.min() < 0:
-    raise ValueError(f"{name}.length must be >= 0, got {lengths.min()}")
-  length = int(lengths.max())
-  if length < 0 or length // chunk_size > capacity:
-    raise ValueError(f"{name}.length = {length} is invalid for a state holding {capacity} chunk "
-                     f"summaries of chunk_size {chunk_size}")
+  low, length = int(lengths.min()), int(lengths.max())
+  if low < 0 or length // chunk_size > capacity:
+    raise ValueError(f"{name}.length = {low if low < 0 else length} is invalid for a state "
+                     f"holding {capacity} chunk summaries of chunk_size {chunk_size}")
   needed = (length + new_tokens) // chunk_size
   if needed > capacity:
     raise ValueError(f"{name} has room for {capacity} chunk summaries but {length} + {new_tokens} "
