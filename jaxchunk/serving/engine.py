@@ -11,12 +11,15 @@ Jitted functions update it:
 - decode_many (with `EngineConfig.decode_steps` > 1): that many decode steps in one call, each
   step's sampled tokens feeding the next on device, for steps that only decode;
 - prefill: `length` tokens of one slot (its row of the cache is sliced out, continued and written
-  back); lengths are powers of two up to `chunk_size`, one compilation each.
+  back); lengths are powers of two up to `chunk_size`, one compilation each;
+- mixed: a decode and one prefill piece in one call (one compilation per piece length), for the
+  steps that have both: such a step costs one dispatch, and its device time is the decode's plus
+  the piece's with nothing in between.
 
-Both sample the next token on device (`sampling.sample_tokens`). A step dispatches the decode and
-then the prefill pieces without waiting (JAX dispatch is asynchronous) and only then fetches the
-sampled tokens, so host-side work of the step overlaps the device. After `warmup()` no call
-compiles again; `num_traces` counts the traces of the step functions.
+All sample the next token on device (`sampling.sample_tokens`). A step dispatches its calls
+without waiting (JAX dispatch is asynchronous) and only then fetches the sampled tokens, so
+host-side work of the step overlaps the device. After `warmup()` no call compiles again;
+`num_traces` counts the traces of the step functions.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from jaxchunk.layers.rat import init_rat_cache
 from jaxchunk.config import ATTENTION_KINDS, ModelConfig
 from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables
 from jaxchunk.serving.sampling import SamplingParams, sample_tokens
-from jaxchunk.serving.scheduler import Request, Scheduler, Status
+from jaxchunk.serving.scheduler import PrefillPiece, Request, Scheduler, Status
 
 _POOL_KEYS = ("k_pages", "v_pages")
 # RAT's chunk-summary buffers. A decode step writes a row's buffer only at the slot of the chunk in
@@ -211,12 +214,14 @@ class Engine:
                                         dataclasses.replace(config, num_slots=1, num_pages=None))
     self.num_traces = 0
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
+    self.num_mixed_steps = 0  # jitted calls that ran a decode and a prefill piece together
     # A dispatched multi-step decode whose tokens are not fetched yet: ((request, its slot) pairs,
     # tokens [decode_steps, S], logprobs [decode_steps, S]).
     self._in_flight: tuple[list[tuple[Request, int]], jax.Array, jax.Array] | None = None
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
     self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=1)
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
+    self._mixed = jax.jit(self._mixed_fn, donate_argnums=1)
     self._reset = jax.jit(self._reset_fn, donate_argnums=0)
     self._requests: dict[int, Request] = {}
     self._outputs: dict[int, RequestOutput] = {}
@@ -276,6 +281,13 @@ class Engine:
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
     return cache, next_tokens[0], logprobs[0]
 
+  def _mixed_fn(self, variables, cache, decode_args, prefill_args):
+    """`_decode_fn` then `_prefill_fn` (their arguments after the cache, as tuples) in one call;
+    returns (cache, decode tokens [S], decode logprobs [S], prefill token [], prefill logprob [])."""
+    cache, tokens, logprobs = self._decode_fn(variables, cache, *decode_args)
+    cache, token, logprob = self._prefill_fn(variables, cache, *prefill_args)
+    return cache, tokens, logprobs, token, logprob
+
   def _reset_fn(self, cache, slot):
     """Clears slot `slot` (its pages are cleared by being rewritten before they are read)."""
     self.num_traces += 1
@@ -287,7 +299,8 @@ class Engine:
   # Host side.
 
   def warmup(self) -> None:
-    """Compiles every step shape (decode, each prefill piece length, reset) on slot 0.
+    """Compiles every step shape (decode, each prefill piece length alone and with a decode,
+    reset) on slot 0.
 
     Runs on the scratch page only and clears slot 0 afterwards; call it while the engine is idle.
     """
@@ -303,11 +316,14 @@ class Engine:
         self.cache, tokens, _ = self._decode_many(
             self.variables, self.cache, zeros, zeros, self._table(), np.ones((slots,), bool),
             *self._sampling_arrays([None] * slots))
+      inactive = np.zeros((slots,), bool)
       length = self.config.chunk_size
       while length >= 1:
-        self.cache, tokens, _ = self._prefill(
-            self.variables, self.cache, np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
-            self._table()[:1] * 0, *self._sampling_arrays([None]))
+        prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
+                        self._table()[:1] * 0, *self._sampling_arrays([None]))
+        self.cache, tokens, _ = self._prefill(self.variables, self.cache, *prefill_args)
+        decode_args = (zeros, zeros, self._table(), inactive, *self._sampling_arrays([None] * slots))
+        self.cache, tokens, *_ = self._mixed(self.variables, self.cache, decode_args, prefill_args)
         length //= 2
       self.cache = self._reset(self.cache, np.int32(0))
       jax.block_until_ready(tokens)
@@ -355,22 +371,30 @@ class Engine:
       for slot in schedule.resets:
         self.cache = self._reset(self.cache, np.int32(slot))
       results = []  # (request, row, tokens, logprobs): the request's tokens are tokens[..., row]
-      if schedule.decodes:
-        many = not schedule.prefills and self.scheduler.extend_decodes(
+      pieces = schedule.prefills
+      if schedule.decodes and pieces:  # one piece (the scheduler's rule): one call for both
+        (piece,) = pieces
+        pieces = []
+        self.num_mixed_steps += 1
+        self.cache, tokens, logprobs, token, logprob = self._mixed(
+            self.variables, self.cache, self._decode_args(schedule.decodes),
+            self._prefill_args(piece))
+        results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
+        if piece.completes:
+          results.append((piece.request, None, token, logprob))
+      elif schedule.decodes:
+        many = self.scheduler.extend_decodes(
             schedule.decodes, self.config.decode_steps - 1, self.config.max_len)
         tokens, logprobs = self._run_decode(schedule.decodes, many)
         if many:
           self._in_flight = ([(r, r.slot) for r in schedule.decodes], tokens, logprobs)
         else:
           results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
-      for piece in schedule.prefills:
-        request = piece.request
-        tokens = np.asarray([request.tokens[piece.start:piece.start + piece.length]], np.int32)
-        self.cache, token, logprob = self._prefill(
-            self.variables, self.cache, np.int32(request.slot), tokens, np.int32(piece.start),
-            self._table()[request.slot:request.slot + 1], *self._sampling_arrays([request]))
+      for piece in pieces:
+        self.cache, token, logprob = self._prefill(self.variables, self.cache,
+                                                   *self._prefill_args(piece))
         if piece.completes:
-          results.append((request, None, token, logprob))
+          results.append((piece.request, None, token, logprob))
       return self._process(results)
 
   def _continue_decoding(self) -> list[StreamEvent]:
@@ -488,11 +512,11 @@ class Engine:
         counters[i] = len(request.generated) + ahead
     return temperature, top_k, top_p, seeds, counters
 
-  def _run_decode(self, requests: list[Request], many: bool = False, *, ahead: int = 0,
-                  tokens: jax.Array | None = None):
-    """Decodes one token (`many`: `decode_steps` tokens) for each request; returns the device
-    arrays (tokens, logprobs), [S] or [decode_steps, S]. `ahead` tokens per request are decoded
-    but not recorded yet, the last of them in `tokens` [S] (on device)."""
+  def _decode_args(self, requests: list[Request], *, ahead: int = 0,
+                   tokens: jax.Array | None = None) -> tuple:
+    """The arguments of `_decode_fn` after the cache for one token of each request. `ahead`
+    tokens per request are decoded but not recorded yet, the last of them in `tokens` [S] (on
+    device)."""
     slots = self.config.num_slots
     last = np.zeros((slots,), np.int32)
     positions = np.zeros((slots,), np.int32)
@@ -503,11 +527,24 @@ class Engine:
       positions[request.slot] = len(request.tokens) - 1 + ahead
       active[request.slot] = True
       rows[request.slot] = request
+    return (last if tokens is None else tokens, positions, self._table(), active,
+            *self._sampling_arrays(rows, ahead))
+
+  def _prefill_args(self, piece: PrefillPiece) -> tuple:
+    """The arguments of `_prefill_fn` after the cache for one prefill piece."""
+    request = piece.request
+    tokens = np.asarray([request.tokens[piece.start:piece.start + piece.length]], np.int32)
+    return (np.int32(request.slot), tokens, np.int32(piece.start),
+            self._table()[request.slot:request.slot + 1], *self._sampling_arrays([request]))
+
+  def _run_decode(self, requests: list[Request], many: bool = False, *, ahead: int = 0,
+                  tokens: jax.Array | None = None):
+    """Decodes one token (`many`: `decode_steps` tokens) for each request; returns the device
+    arrays (tokens, logprobs), [S] or [decode_steps, S]. `ahead` and `tokens` as `_decode_args`."""
     decode = self._decode_many if many else self._decode
     self.num_multi_step_decodes += many
     self.cache, next_tokens, logprobs = decode(
-        self.variables, self.cache, last if tokens is None else tokens, positions, self._table(),
-        active, *self._sampling_arrays(rows, ahead))
+        self.variables, self.cache, *self._decode_args(requests, ahead=ahead, tokens=tokens))
     return next_tokens, logprobs
 
   def _append(self, request: Request, token: int, logprob: float, now: float) -> None:

@@ -2,9 +2,12 @@
 
 Every step the scheduler (1) admits waiting requests into free slots, (2) schedules one decode
 token for every running request, oldest first, and (3) fills what is left of `token_budget` with
-prefill chunks of the admitted requests, oldest first, each chunk split into power-of-two pieces of
-at most `chunk_size` tokens (so the engine compiles one prefill shape per power of two and no
-padding token ever enters a recurrent state). A long prompt therefore never stalls the decodes.
+prefill pieces of the admitted requests, oldest first. A piece has a power-of-two length of at most
+`chunk_size` tokens (so the engine compiles one prefill shape per power of two and no padding token
+ever enters a recurrent state). A step that decodes takes one piece, the largest that fits (the
+engine runs the decodes and that piece in one jitted call, so the step's time is one decode plus at
+most one `chunk_size` piece); a step without decodes fills the budget with as many pieces as fit.
+A long prompt therefore never stalls the decodes for more than one piece per token.
 
 Pages: before a request computes tokens it must own pages for them. When the pool is short, the
 request preempts the most recently admitted request not yet scheduled in this step (its pages are
@@ -80,7 +83,7 @@ class Schedule:
 
   resets: list[int]                 # slots to clear before anything runs (new admissions)
   decodes: list[Request]
-  prefills: list[PrefillPiece]
+  prefills: list[PrefillPiece]      # at most one when there are decodes
 
   @property
   def empty(self) -> bool:
@@ -146,15 +149,21 @@ class Scheduler:
         continue
       remaining = len(request.tokens) - request.num_computed
       n = remaining if budget is None else min(remaining, budget)
+      lengths = power_of_two_pieces(n, self.chunk_size)
+      if decodes:
+        lengths = lengths[:1]  # the largest piece that fits
+      n = sum(lengths)
       if not self._reserve(request, request.num_computed + n, scheduled):
         continue
       scheduled.add(request.request_id)
       start = request.num_computed
-      for length in power_of_two_pieces(n, self.chunk_size):
+      for length in lengths:
         prefills.append(PrefillPiece(request, start, length))
         start += length
       if budget is not None:
         budget -= n
+      if decodes:
+        break
     for request in decodes:
       request.num_computed += 1
     for piece in prefills:

@@ -98,8 +98,10 @@ def check_matches_reference(engine, pattern, rng, num_prompts, max_tokens):
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: "-".join(p))
 def test_greedy_matches_full_recompute(rng, pattern):
   engine = warm_engine(pattern)
+  mixed = engine.num_mixed_steps
   assert len(set(map(tuple, (o.tokens for o in check_matches_reference(
       engine, pattern, rng, num_prompts=6, max_tokens=8))))) > 1
+  assert engine.num_mixed_steps > mixed, "no step ran decodes and a prefill piece in one call"
 
 
 @pytest.mark.parametrize("pattern", [("attention",), ("rat", "local")], ids=lambda p: "-".join(p))

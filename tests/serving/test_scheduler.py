@@ -34,7 +34,7 @@ def test_page_pool_alloc_free():
   assert pool.num_free == 4 and (tables.table == 0).all()
 
 
-def test_budget_puts_decodes_first_then_prefill_chunks():
+def test_budget_puts_decodes_first_then_one_prefill_piece():
   scheduler = Scheduler(2, chunk_size=8, token_budget=7, tables=None)
   params = SamplingParams(max_tokens=4)
   running = Request(0, [1, 2], params, 0, 0.0, tokens=[1, 2])
@@ -46,7 +46,12 @@ def test_budget_puts_decodes_first_then_prefill_chunks():
   scheduler.add(Request(1, list(range(20)), params, 0, 0.0, tokens=list(range(20))))
   second = scheduler.schedule()
   assert second.decodes == [running]
-  assert [p.length for p in second.prefills] == [4, 2]  # 7 - 1 decode = 6 prompt tokens
+  # 7 - 1 decode = 6 prompt tokens fit; a step that decodes takes the largest piece only.
+  assert [p.length for p in second.prefills] == [4]
+  scheduler.finish(running, "stop")
+  third = scheduler.schedule()  # nothing decodes: as many pieces as the budget holds
+  assert not third.decodes and [(p.start, p.length) for p in third.prefills] == [(4, 4), (8, 2),
+                                                                                  (10, 1)]
 
 
 def test_sampler_filters():
