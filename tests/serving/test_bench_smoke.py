@@ -68,5 +68,7 @@ def test_serve_load_smoke(tmp_path):
                     "throughput_tok_s", "seconds")
     assert run["ttft_p50_ms"] <= run["ttft_p99_ms"] and run["tbt_p50_ms"] <= run["tbt_p99_ms"]
     assert f"| {name.replace('_', '-')} |" in report
+  assert results["chunked"]["mixed_steps"] > 0 and results["prefill_first"]["mixed_steps"] == 0
+  assert_positive(results["chunked"], "mixed_step_p50_ms", "mixed_step_p99_ms")
   # Both runs replay one trace: same requests, same greedy lengths.
   assert results["chunked"]["output_tokens"] == results["prefill_first"]["output_tokens"]
