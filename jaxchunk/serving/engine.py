@@ -285,6 +285,10 @@ class Engine:
     """`_decode_fn` then `_prefill_fn` (their arguments after the cache, as tuples) in one call;
     returns (cache, decode tokens [S], decode logprobs [S], prefill token [], prefill logprob [])."""
     cache, tokens, logprobs = self._decode_fn(variables, cache, *decode_args)
+    # The prefill writes the pools and states the decode read; without an order between those
+    # reads and writes (the barrier makes the decode's results precede anything after it) XLA
+    # copies the pools instead of updating them in place.
+    cache, tokens, logprobs = jax.lax.optimization_barrier((cache, tokens, logprobs))
     cache, token, logprob = self._prefill_fn(variables, cache, *prefill_args)
     return cache, tokens, logprobs, token, logprob
 
