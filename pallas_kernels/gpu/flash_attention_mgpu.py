@@ -1,8 +1,11 @@
-"""Mosaic GPU (Hopper) flash attention, forward and backward, for dense causal / non-causal calls.
+"""Mosaic GPU (Hopper) flash attention, forward and backward: dense causal / non-causal calls and
+causal sliding windows.
 
 Training-shaped attention: q [B, T, H, D], k and v [B, T, Hk, D] (Hk dividing H; query head h reads
-kv head h // (H // Hk)), query i and key j at positions i and j, causal (j <= i) or not. No segment
-ids, windows or soft-cap: the Triton kernels of `flash_attention` serve those.
+kv head h // (H // Hk)), query i and key j at positions i and j, causal (j <= i) or not; a causal
+call may take a sliding window W: i - W < j <= i (W keys, the query's own included, as
+`jaxchunk.ops.attention`'s window). No segment ids, non-causal windows or soft-cap: the Triton
+kernels of `flash_attention` serve those.
 
 All three kernels are FlashAttention-3 style: each program (CTA) runs three warpgroups, two compute
 warpgroups that issue `wgmma` on 64-row tiles and one producer warpgroup that streams the operand
@@ -12,13 +15,19 @@ per slot and operand, a "consumed" barrier per slot that both compute warpgroups
 - forward: grid (H, T / (2 * block_q), B). Each compute warpgroup owns block_q query rows, keeps
   its Q tile in shared memory and loops over the key blocks it can see (online softmax in base 2,
   the two warpgroups ping-ponging their softmax against each other's matmuls through a schedule
-  barrier). Causal programs stop at the diagonal; only the diagonal blocks are masked. Writes o and
-  the base-2 log-sum-exp.
+  barrier). Causal programs stop at the diagonal, windowed ones start at the first key block a row
+  of the program sees (the producer streams exactly the program's blocks); each warpgroup reads
+  the blocks its own rows see and releases the others unread (keeping the schedule barrier in
+  step). Only the diagonal blocks and the blocks at the window's lower edge are masked. Writes o
+  and the base-2 log-sum-exp.
 - dq: grid (H, T / (2 * block_q), B). Each compute warpgroup keeps Q, dO, lse and delta = rowsum(o *
-  dO) of its rows and loops over the visible key blocks: dq += (P * (dP - delta)) K.
+  dO) of its rows and loops over the key blocks the program sees (masked as in the forward):
+  dq += (P * (dP - delta)) K.
 - dkv: grid (Hk, T / (2 * block_kv), B). Each compute warpgroup keeps its K, V block and loops over
-  the query heads of its GQA group and, per head, over the query blocks that see the block (causal:
-  from the diagonal on): dv += P^T dO, dk += dS^T Q, so dk and dv come out summed over the group.
+  the query heads of its GQA group and, per head, over the query blocks that see the program's
+  keys (causal: from the diagonal on; with a window up to the last query whose window reaches
+  them), masking the diagonal and window-edge blocks: dv += P^T dO, dk += dS^T Q, so dk and dv come
+  out summed over the group.
 
 Operands are bfloat16 or float16, matmuls accumulate in float32. T must be a multiple of the block
 rows of every kernel (`seq_multiple`); `flash_attention` zero-pads a ragged causal T (padded keys
@@ -33,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +72,7 @@ _COMPUTE_WGS = 2  # compute warpgroups per program; warpgroup 2 is the TMA produ
 _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _LOG2E = math.log2(math.e)
+_MASK_VALUE = -1e30  # masked logits (base 2) under a window: exp2(_MASK_VALUE - finite) == 0
 
 
 def seq_multiple(head_dim: int) -> int:
@@ -72,12 +83,19 @@ def seq_multiple(head_dim: int) -> int:
                   _COMPUTE_WGS * blocks["dkv"].rows, blocks["dkv"].cols)
 
 
-def unsupported_reason(q_shape, k_shape, v_shape, dtype, *, causal: bool) -> str | None:
+def unsupported_reason(q_shape, k_shape, v_shape, dtype, *, causal: bool,
+                       window: int | None = None) -> str | None:
   """None when these kernels cover the call, else the reason why not.
 
-  q_shape [B, T, H, D], k_shape [B, T, Hk, D], v_shape [B, T, Hk, Dv].
+  q_shape [B, T, H, D], k_shape [B, T, Hk, D], v_shape [B, T, Hk, Dv]; window None or an int >= 1
+  (causal calls only).
   """
   t, h, d = q_shape[1], q_shape[2], q_shape[3]
+  if window is not None:
+    if _as_window(window) is None:
+      return f"window must be an int >= 1 or None, got {window!r}"
+    if not causal:
+      return "window needs causal=True (no non-causal sliding window)"
   if d not in HEAD_DIMS:
     return f"head_dim {d} not in {HEAD_DIMS}"
   if v_shape[3] != d:
@@ -91,6 +109,17 @@ def unsupported_reason(q_shape, k_shape, v_shape, dtype, *, causal: bool) -> str
   if not causal and t % seq_multiple(d):
     return f"non-causal T ({t}) must be a multiple of {seq_multiple(d)} (no key-length mask)"
   return None
+
+
+def _as_window(window) -> int | None:
+  """window as a Python int when it is an integer >= 1, else None."""
+  if isinstance(window, bool):
+    return None
+  try:
+    window = operator.index(window)
+  except TypeError:
+    return None
+  return window if window >= 1 else None
 
 
 def _tile_transforms(dtype):
@@ -140,11 +169,61 @@ def _zeros(shape):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _causal_mask(shape, row_first, col_first, *, rows_are_queries: bool):
-  """Bool [rows, cols] (wgmma layout): True where key position <= query position."""
+def _causal_mask(shape, row_first, col_first, *, rows_are_queries: bool, window: int | None):
+  """Bool [rows, cols] (wgmma layout): True where key position <= query position and, with a
+  window, query position - key position < window."""
   rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_first
   cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_first
-  return rows >= cols if rows_are_queries else cols >= rows
+  if window is None:
+    return rows >= cols if rows_are_queries else cols >= rows
+  back = rows - cols if rows_are_queries else cols - rows  # query position - key position
+  return (back >= 0) & (back < window)
+
+
+def _key_blocks(q_first, rows: int, block_kv: int, window: int | None):
+  """Causal: the key blocks [lo, hi) that query rows q_first .. q_first + rows - 1 see, and the
+  ones [full_lo, full_hi) inside that every row sees whole (lo <= full_lo <= full_hi <= hi): the
+  blocks before full_lo (the window's lower edge) and from full_hi on (the diagonal) need the mask.
+  q_first is a multiple of 64 and block_kv of 64."""
+  hi = pl.cdiv(q_first + rows, block_kv)
+  full_hi = lax.div(q_first, block_kv)
+  if window is None:
+    return 0, 0, full_hi, hi
+  lo = lax.div(lax.max(q_first - (window - 1), 0), block_kv)
+  full_lo = lax.min(lax.div(lax.max(q_first + (rows - 1 - window), -1) + block_kv, block_kv), hi)
+  return lo, full_lo, lax.max(full_hi, full_lo), hi
+
+
+def _query_blocks(kv_first, rows: int, block_q: int, num_q: int, window: int | None):
+  """Causal: the query blocks [lo, hi) that see any of the keys kv_first .. kv_first + rows - 1,
+  and the ones [full_lo, full_hi) that see every one of them (lo <= full_lo <= full_hi <= hi): the
+  blocks before full_lo (the diagonal) and from full_hi on (the window's upper edge) need the mask.
+  """
+  lo = lax.div(kv_first, block_q)
+  full_lo = lax.min(pl.cdiv(kv_first + rows, block_q), num_q)
+  if window is None:
+    return lo, full_lo, num_q, num_q
+  hi = lax.min(lax.div(kv_first + (rows - 1 + window - 1), block_q) + 1, num_q)
+  full_lo = lax.min(full_lo, hi)
+  full_hi = lax.max(lax.min(lax.div(kv_first + window, block_q), hi), full_lo)
+  return lo, full_lo, full_hi, hi
+
+
+def _masked_loops(body, blocks, carry, *, mask_first: bool):
+  """Runs body(j, carry, masked=...) over the blocks (lo, full_lo, full_hi, hi): [lo, full_lo)
+  masked (left out when not `mask_first`: the caller knows it is empty), [full_lo, full_hi)
+  unmasked, [full_hi, hi) masked. Statically empty ranges emit no loop."""
+  lo, full_lo, full_hi, hi = blocks
+
+  def loop(first, end, masked: bool, carry):
+    if isinstance(first, int) and isinstance(end, int) and first >= end:
+      return carry  # statically empty
+    return lax.fori_loop(first, end, functools.partial(body, masked=masked), carry)
+
+  if mask_first:
+    carry = loop(lo, full_lo, True, carry)
+  carry = loop(full_lo, full_hi, False, carry)
+  return loop(full_hi, hi, True, carry)
 
 
 def _stream(num_steps, stages: int, consumed, load):
@@ -167,7 +246,7 @@ def _stream(num_steps, stages: int, consumed, load):
 # Forward.
 
 
-def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
+def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpret: bool):
   """o [B, T, H, D] (q's dtype) and the base-2 log-sum-exp lse2 [B, H, T] (float32) of
   softmax(scale * q k^T) v, for T a multiple of `seq_multiple(D)`."""
   b, t, h, d = q.shape
@@ -183,10 +262,17 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
              q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     program_first = lax.axis_index("q_seq") * (_COMPUTE_WGS * block_q)
+    # The producer streams key blocks [program_lo, program_hi), block j into slot
+    # (j - program_lo) % stages; each compute warpgroup reads the part [lo, hi) its rows see and
+    # releases the rest unread.
     if causal:
-      program_kv_steps = pl.cdiv(program_first + _COMPUTE_WGS * block_q, block_kv)
+      program_lo, _, _, program_hi = _key_blocks(program_first, _COMPUTE_WGS * block_q, block_kv,
+                                                 window)
     else:
-      program_kv_steps = num_kv
+      program_lo, program_hi = 0, num_kv
+
+    def slot_of(step):
+      return lax.rem(step - program_lo, stages)
 
     def schedule():
       plgpu.barrier_arrive(schedule_barrier)
@@ -197,16 +283,40 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
       plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
       q_first = program_first + wg * block_q
-      kv_steps = pl.cdiv(q_first + block_q, block_kv) if causal else num_kv
+      if causal:
+        kv_blocks = _key_blocks(q_first, block_q, block_kv, window)
+      else:
+        kv_blocks = (0, 0, num_kv, num_kv)
+      kv_lo, kv_hi = kv_blocks[0], kv_blocks[3]
+
+      def release(first, end):
+        # Key blocks the producer loaded for the other warpgroup only: release them, and keep the
+        # schedule barrier in step with the other warpgroup (two arrivals per block).
+        @pl.loop(first, end)
+        def _(step):
+          slot = slot_of(step)
+          plgpu.barrier_wait(k_barriers.at[slot])
+          plgpu.barrier_wait(v_barriers.at[slot])
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          plgpu.barrier_arrive(v_consumed.at[slot])
+          schedule()
+          schedule()
+
       plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_first, block_q), head], qo_smem,
                               q_barriers.at[wg])
       plgpu.barrier_wait(q_barriers.at[wg])
-      plgpu.barrier_wait(k_barriers.at[0])
-      pl.when(wg == 1)(schedule)
+      if window is None:
+        plgpu.barrier_wait(k_barriers.at[0])
+        pl.when(wg == 1)(schedule)
+      else:
+        # The second warpgroup's rows see fewer blocks at the window's lower edge.
+        pl.when(wg == 1)(schedule)
+        release(program_lo, kv_lo)
+        plgpu.barrier_wait(k_barriers.at[slot_of(kv_lo)])
 
       def kv_step(step, carry, *, masked: bool):
         acc, row_max, row_sum = carry
-        slot = lax.rem(step, stages)
+        slot = slot_of(step)
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -214,8 +324,12 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
         s = _run_acc((block_q, block_kv), qk) * qk_scale
         plgpu.barrier_arrive(k_consumed.at[slot])
         if masked:
-          mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True)
-          s = jnp.where(mask, s, -jnp.inf)
+          mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True,
+                              window=window)
+          # With a window, a row can see no key of its first blocks; a finite mask value keeps
+          # its running max finite (no inf - inf), and the rescale by exp2(-1e30 - max) = 0 at
+          # its first visible key wipes what those blocks summed.
+          s = jnp.where(mask, s, -jnp.inf if window is None else _MASK_VALUE)
         new_max = jnp.maximum(row_max, s.max(axis=1))
         rescale = jnp.exp2(row_max - new_max)
         p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
@@ -230,9 +344,9 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
         def wait_next_k():
           next_step = step + 1
 
-          @pl.when(next_step < kv_steps)
+          @pl.when(next_step < kv_hi)
           def _():
-            plgpu.barrier_wait(k_barriers.at[lax.rem(next_step, stages)])
+            plgpu.barrier_wait(k_barriers.at[slot_of(next_step)])
         acc, = _wgmma_update([(acc, p16, v_smem.at[slot])], interpret=interpret,
                              while_running=wait_next_k)
         plgpu.barrier_arrive(v_consumed.at[slot])
@@ -243,22 +357,8 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
                                  plgpu.Layout.WGMMA.reduce(1)),
                plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
       if causal:
-        unmasked_steps = lax.div(q_first, block_kv)
-        carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), carry)
-        carry = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True),
-                              carry)
-
-        # Key blocks the producer loaded for the other warpgroup only: release them, and keep the
-        # schedule barrier in step with the other warpgroup.
-        @pl.loop(kv_steps, program_kv_steps)
-        def _(step):
-          slot = lax.rem(step, stages)
-          plgpu.barrier_wait(k_barriers.at[slot])
-          plgpu.barrier_wait(v_barriers.at[slot])
-          plgpu.barrier_arrive(k_consumed.at[slot])
-          plgpu.barrier_arrive(v_consumed.at[slot])
-          schedule()
-          schedule()
+        carry = _masked_loops(kv_step, kv_blocks, carry, mask_first=window is not None)
+        release(kv_hi, program_hi)  # the first warpgroup's rows end before the second's
       else:
         carry = lax.fori_loop(0, num_kv, functools.partial(kv_step, masked=False), carry)
       pl.when(wg == 0)(schedule)
@@ -279,12 +379,12 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
       kv_head = lax.div(head, group)
 
       def load(step, slot):
-        rows = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+        rows = (batch, pl.ds((program_lo + step) * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot])
 
-      _stream(program_kv_steps, stages, lambda slot: (k_consumed.at[slot], v_consumed.at[slot]),
-              load)
+      _stream(program_hi - program_lo, stages,
+              lambda slot: (k_consumed.at[slot], v_consumed.at[slot]), load)
 
   transforms = _tile_transforms(dtype)
   scratch = [
@@ -317,7 +417,8 @@ def _forward(q, k, v, *, causal: bool, scale: float, interpret: bool):
 # Backward.
 
 
-def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interpret: bool):
+def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scale: float,
+                 interpret: bool):
   """dq [B, T, H, D] (q's dtype) from the saved base-2 lse2 [B, H, T] and delta [B, H, T]."""
   b, t, h, d = q.shape
   group = h // k.shape[2]
@@ -333,10 +434,13 @@ def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interp
              delta_barriers, k_barriers, v_barriers, consumed):
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     program_first = lax.axis_index("q_seq") * (_COMPUTE_WGS * block_q)
+    # Both compute warpgroups walk the key blocks [kv_lo, kv_hi) that any row of the program sees
+    # (block j in slot (j - kv_lo) % stages), masking those that not every row sees whole.
     if causal:
-      kv_steps = pl.cdiv(program_first + _COMPUTE_WGS * block_q, block_kv)
+      kv_blocks = _key_blocks(program_first, _COMPUTE_WGS * block_q, block_kv, window)
     else:
-      kv_steps = num_kv
+      kv_blocks = (0, 0, num_kv, num_kv)
+    kv_lo, kv_hi = kv_blocks[0], kv_blocks[3]
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -356,13 +460,14 @@ def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interp
       delta = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
       def kv_step(step, dq, *, masked: bool):
-        slot = lax.rem(step, stages)
+        slot = lax.rem(step - kv_lo, stages)
         plgpu.barrier_wait(k_barriers.at[slot])
         s = _run_acc((block_q, block_kv),
                      lambda acc: plgpu.wgmma(acc, q_smem, k_smem.at[slot].transpose((1, 0))))
         p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
         if masked:
-          mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True)
+          mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True,
+                              window=window)
           p = jnp.where(mask, p, 0.0)
         plgpu.barrier_wait(v_barriers.at[slot])
         dp = _run_acc((block_q, block_kv),
@@ -375,9 +480,7 @@ def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interp
 
       dq = _zeros((block_q, d))
       if causal:
-        unmasked_steps = lax.div(program_first, block_kv)
-        dq = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), dq)
-        dq = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True), dq)
+        dq = _masked_loops(kv_step, kv_blocks, dq, mask_first=window is not None)
       else:
         dq = lax.fori_loop(0, num_kv, functools.partial(kv_step, masked=False), dq)
       q_smem[...] = (dq * scale).astype(dtype)
@@ -391,11 +494,11 @@ def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interp
       kv_head = lax.div(head, group)
 
       def load(step, slot):
-        rows = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+        rows = (batch, pl.ds((kv_lo + step) * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot])
 
-      _stream(kv_steps, stages, lambda slot: (consumed.at[slot],), load)
+      _stream(kv_hi - kv_lo, stages, lambda slot: (consumed.at[slot],), load)
 
   transforms = _tile_transforms(dtype)
   scratch = [
@@ -423,7 +526,8 @@ def _backward_dq(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interp
   )(q, k, v, do, lse2, delta)
 
 
-def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, scale: float, interpret: bool):
+def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scale: float,
+                  interpret: bool):
   """dk, dv [B, T, Hk, D] (k's dtype), summed over each kv head's group of query heads."""
   b, t, h, d = q.shape
   hk = k.shape[2]
@@ -440,10 +544,16 @@ def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, scale: float, inter
              do_barriers, lse_barriers, delta_barriers, consumed):
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     program_first = lax.axis_index("kv_seq") * (_COMPUTE_WGS * block_kv)
-    # Query blocks [q_lo, num_q) see this program's keys (causal: those before `masked_end` need a
-    # mask).
-    q_lo = lax.div(program_first, block_q) if causal else 0
-    q_steps = num_q - q_lo
+    # Both compute warpgroups walk, per query head of the group, the query blocks [q_lo, q_hi)
+    # that see any of this program's keys (causal: from the diagonal on; with a window up to the
+    # last query whose window reaches the program's last key), masking those that do not see all
+    # of them. The producer streams them head after head, q_steps per head.
+    if causal:
+      q_blocks = _query_blocks(program_first, _COMPUTE_WGS * block_kv, block_q, num_q, window)
+    else:
+      q_blocks = (0, 0, num_q, num_q)
+    q_lo, q_hi = q_blocks[0], q_blocks[3]
+    q_steps = q_hi - q_lo
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -466,7 +576,8 @@ def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, scale: float, inter
         lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
         if masked:
-          mask = _causal_mask(s_t.shape, kv_first, q_block * block_q, rows_are_queries=False)
+          mask = _causal_mask(s_t.shape, kv_first, q_block * block_q, rows_are_queries=False,
+                              window=window)
           p_t = jnp.where(mask, p_t, 0.0)
         plgpu.barrier_wait(do_barriers.at[slot])
 
@@ -483,15 +594,10 @@ def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, scale: float, inter
         return dk, dv
 
       def head_loop(g, carry):
-        step_base = g * q_steps
+        step = functools.partial(q_step, step_base=g * q_steps)
         if causal:
-          masked_end = lax.min(pl.cdiv(program_first + _COMPUTE_WGS * block_kv, block_q), num_q)
-          carry = lax.fori_loop(q_lo, masked_end, functools.partial(
-              q_step, step_base=step_base, masked=True), carry)
-          return lax.fori_loop(masked_end, num_q, functools.partial(
-              q_step, step_base=step_base, masked=False), carry)
-        return lax.fori_loop(0, num_q, functools.partial(
-            q_step, step_base=step_base, masked=False), carry)
+          return _masked_loops(step, q_blocks, carry, mask_first=True)
+        return lax.fori_loop(0, num_q, functools.partial(step, masked=False), carry)
 
       dk, dv = lax.fori_loop(0, group, head_loop, (_zeros((block_kv, d)), _zeros((block_kv, d))))
       k_smem[...] = (dk * scale).astype(dtype)
@@ -550,21 +656,22 @@ def _backward_dkv(q, k, v, do, lse2, delta, *, causal: bool, scale: float, inter
 # Custom VJP and the public entry points.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, causal: bool, scale: float, interpret: bool):
-  return _forward(q, k, v, causal=causal, scale=scale, interpret=interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, causal: bool, window: int | None, scale: float, interpret: bool):
+  return _forward(q, k, v, causal=causal, window=window, scale=scale, interpret=interpret)[0]
 
 
-def _attention_fwd(q, k, v, causal: bool, scale: float, interpret: bool):
-  o, lse2 = _forward(q, k, v, causal=causal, scale=scale, interpret=interpret)
+def _attention_fwd(q, k, v, causal: bool, window: int | None, scale: float, interpret: bool):
+  o, lse2 = _forward(q, k, v, causal=causal, window=window, scale=scale, interpret=interpret)
   return o, (q, k, v, o, lse2)
 
 
-def _attention_bwd(causal: bool, scale: float, interpret: bool, residuals, do):
+def _attention_bwd(causal: bool, window: int | None, scale: float, interpret: bool, residuals,
+                   do):
   q, k, v, o, lse2 = residuals
   do = do.astype(q.dtype)
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  options = dict(causal=causal, scale=scale, interpret=interpret)
+  options = dict(causal=causal, window=window, scale=scale, interpret=interpret)
   dq = _backward_dq(q, k, v, do, lse2, delta, **options)
   dk, dv = _backward_dkv(q, k, v, do, lse2, delta, **options)
   return dq, dk, dv
@@ -573,22 +680,34 @@ def _attention_bwd(causal: bool, scale: float, interpret: bool, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check(q, k, v, causal: bool):
-  reason = unsupported_reason(q.shape, k.shape, v.shape, q.dtype, causal=causal)
+def _prepare(q, k, v, causal: bool, window: int | None):
+  """Checks the call; returns (q, k, v) zero-padded to a multiple of `seq_multiple(D)` and the
+  window the kernels take (None when it reaches back over the whole sequence)."""
+  reason = unsupported_reason(q.shape, k.shape, v.shape, q.dtype, causal=causal, window=window)
   if reason is None and not q.dtype == k.dtype == v.dtype:
     reason = f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
   if reason is not None:
     raise ValueError(f"flash_attention_mgpu: {reason}")
+  t, d = q.shape[1], q.shape[3]
+  window = None if window is None else _as_window(window)
+  if window is not None and window >= t:
+    window = None  # every real query sees all its causal keys; padded queries do not matter
+  pad = (-t) % seq_multiple(d)
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  return q, k, v, window
 
 
-def flash_attention(q, k, v, *, causal: bool = True, scale: float | None = None,
-                    interpret: bool = False):
-  """softmax(scale * q k^T [+ causal mask]) v; differentiable (custom VJP).
+def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
+                    scale: float | None = None, interpret: bool = False):
+  """softmax(scale * q k^T [+ causal / sliding-window mask]) v; differentiable (custom VJP).
 
   Args:
     q: [B, T, H, D] bfloat16 or float16, D in HEAD_DIMS.
     k, v: [B, T, Hk, D] of q's dtype, Hk dividing H.
     causal: mask keys after the query.
+    window: None, or (causal only) an int >= 1: query i sees keys j with i - window < j <= i
+      (`window` keys, itself included), as `jaxchunk.ops.attention`'s window.
     scale: logit scale; default D ** -0.5.
     interpret: run the kernels in Mosaic GPU interpret mode (CPU tests).
 
@@ -596,24 +715,19 @@ def flash_attention(q, k, v, *, causal: bool = True, scale: float | None = None,
     o [B, T, H, D] in q's dtype. A causal T that is not a multiple of `seq_multiple(D)` is
     zero-padded inside; a non-causal one raises ValueError (see `unsupported_reason`).
   """
-  _check(q, k, v, causal)
   t, d = q.shape[1], q.shape[3]
+  q, k, v, window = _prepare(q, k, v, causal, window)
   scale = d ** -0.5 if scale is None else float(scale)
-  pad = (-t) % seq_multiple(d)
-  if pad:
-    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  return _attention(q, k, v, bool(causal), scale, bool(interpret))[:, :t]
+  return _attention(q, k, v, bool(causal), window, scale, bool(interpret))[:, :t]
 
 
-def flash_attention_forward(q, k, v, *, causal: bool = True, scale: float | None = None,
-                            interpret: bool = False):
+def flash_attention_forward(q, k, v, *, causal: bool = True, window: int | None = None,
+                            scale: float | None = None, interpret: bool = False):
   """The forward kernel alone: (o [B, T, H, D] in q's dtype, lse [B, H, T] float32), lse the natural
   log-sum-exp of each query row's scaled logits. Arguments as `flash_attention`."""
-  _check(q, k, v, causal)
   t, d = q.shape[1], q.shape[3]
+  q, k, v, window = _prepare(q, k, v, causal, window)
   scale = d ** -0.5 if scale is None else float(scale)
-  pad = (-t) % seq_multiple(d)
-  if pad:
-    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  o, lse2 = _forward(q, k, v, causal=bool(causal), scale=scale, interpret=bool(interpret))
+  o, lse2 = _forward(q, k, v, causal=bool(causal), window=window, scale=scale,
+                     interpret=bool(interpret))
   return o[:, :t], lse2[:, :, :t] * math.log(2.0)
