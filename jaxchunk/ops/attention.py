@@ -29,12 +29,13 @@ Paths (`impl=`):
                training-shaped calls: Tq == Tk, q_offset 0, no kv_length, head_dim == head_dim_v in
                (64, 128, 256), q/k/v of one dtype among bfloat16, float16, float32. Other calls
                (decode, chunked prefill) raise NotImplementedError under an explicit "pallas".
-               On CPU the kernels run in interpret mode (tests). Dense calls (no segment_ids,
-               window or softcap) on a Hopper GPU (compute capability 9.x) run the Mosaic GPU
-               kernels of `pallas_kernels.gpu.flash_attention_mgpu` instead (wgmma + TMA, warp
-               specialised) when they cover the call (bfloat16/float16, head_dim 64 or 128, T a
-               multiple of 128 when not causal); the env var JAXCHUNK_FLASH_KERNEL=mosaic|triton
-               forces one of the two (see `_use_mosaic_kernel`).
+               On CPU the kernels run in interpret mode (tests). Calls without segment_ids or
+               softcap, dense or with a causal window, on a Hopper GPU (compute capability 9.x)
+               run the Mosaic GPU kernels of `pallas_kernels.gpu.flash_attention_mgpu` instead
+               (wgmma + TMA, warp specialised) when they cover the call (bfloat16/float16,
+               head_dim 64 or 128, T a multiple of 128 when not causal); the env var
+               JAXCHUNK_FLASH_KERNEL=mosaic|triton forces one of the two (see
+               `_use_mosaic_kernel`).
 
 "auto" on GPU: dense calls (no segment_ids, window or softcap; Tq == Tk, q_offset 0, no kv_length)
 in bfloat16/float16 with head_dim == head_dim_v in (64, 128) go to cuDNN
@@ -108,12 +109,14 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: int | N
   block_k = _check_block(block_k, "block_k")
   scale = default_scale(scale, q.shape[3])
   dense = segment_ids is None and window is None and softcap is None
+  # The Mosaic GPU kernels' calls: dense ones and causal sliding windows.
+  mosaic_masks = segment_ids is None and softcap is None and (window is None or bool(causal))
   path = resolve_impl(impl, "attention", pallas_unsupported=pallas_unsupported)
   if path == "pallas" and impl == "auto" and dense and _cudnn_supports(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=bool(causal),
                                         implementation="cudnn")
-  if path == "pallas" and dense and _use_mosaic_kernel(q, k, v, bool(causal)):
-    return mgpu_kernel.flash_attention(q, k, v, causal=bool(causal), scale=scale,
+  if path == "pallas" and mosaic_masks and _use_mosaic_kernel(q, k, v, bool(causal), window):
+    return mgpu_kernel.flash_attention(q, k, v, causal=bool(causal), window=window, scale=scale,
                                        interpret=pallas_interpret())
   if path == "pallas":
     return flash_kernel.flash_attention(
@@ -156,8 +159,9 @@ FLASH_KERNEL_ENV = "JAXCHUNK_FLASH_KERNEL"
 FLASH_KERNELS = ("auto", "mosaic", "triton")
 
 
-def _use_mosaic_kernel(q, k, v, causal: bool) -> bool:
-  """Whether a dense impl="pallas" call runs the Mosaic GPU (Hopper) kernel instead of Triton's.
+def _use_mosaic_kernel(q, k, v, causal: bool, window: int | None = None) -> bool:
+  """Whether an impl="pallas" call without segment ids or soft-cap (dense, or a causal sliding
+  window) runs the Mosaic GPU (Hopper) kernel instead of Triton's.
 
   The environment variable JAXCHUNK_FLASH_KERNEL picks: "auto" (default) the Mosaic kernel on GPUs
   of compute capability 9.x when it covers the call; "mosaic" always (interpret mode off GPU),
@@ -168,7 +172,8 @@ def _use_mosaic_kernel(q, k, v, causal: bool) -> bool:
     raise ValueError(f"{FLASH_KERNEL_ENV} must be one of {FLASH_KERNELS}, got {choice!r}")
   if choice == "triton":
     return False
-  reason = mgpu_kernel.unsupported_reason(q.shape, k.shape, v.shape, q.dtype, causal=causal)
+  reason = mgpu_kernel.unsupported_reason(q.shape, k.shape, v.shape, q.dtype, causal=causal,
+                                         window=window)
   if choice == "mosaic":
     if reason is not None:
       raise NotImplementedError(f"attention: {FLASH_KERNEL_ENV}=mosaic but the Mosaic GPU kernel "
