@@ -21,6 +21,10 @@ steady-state decode TBT, the time per token of a full decode batch, and the base
 column (a steady state has one step time, so p50 is its typical value; its p99 is in the table).
 TBT ratio = a run's TBT p99 / steady TBT p50.
 
+Python's cyclic garbage collector is off while a run or the steady state is timed (collected and
+frozen before): its pauses land on random steps, as in any serving process that does not tune it,
+and would show in the p99 of both schedulers alike.
+
 Both engines compile every step shape (`Engine.warmup`) before their run; a persistent
 compilation cache in a temporary folder lets the second engine reuse the first one's executables
 (unless JAX_COMPILATION_CACHE_DIR names another folder). Writes serve_load-<date>.md and
@@ -30,7 +34,9 @@ serve_load-<date>.json (`-smoke` added in smoke mode) to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import sys
 import tempfile
@@ -64,6 +70,19 @@ def make_trace(rng, args, vocab: int):
 def percentiles_ms(seconds) -> tuple[float, float]:
   """(p50, p99) of `seconds`, in ms."""
   return 1e3 * float(np.percentile(seconds, 50)), 1e3 * float(np.percentile(seconds, 99))
+
+
+@contextlib.contextmanager
+def gc_paused():
+  """Collects, freezes and disables Python's cyclic GC for the block (see the module docstring)."""
+  gc.collect()
+  gc.freeze()
+  gc.disable()
+  try:
+    yield
+  finally:
+    gc.enable()
+    gc.unfreeze()
 
 
 def run(engine: Engine, trace) -> dict:
@@ -150,11 +169,13 @@ def measure(args) -> dict:
     print(f"{name}: warm-up (compilation) {time.perf_counter() - start:.1f} s", flush=True)
     traces = engine.num_traces
     if name == "chunked":
-      results["steady"] = steady_state(
-          engine, rng, prompt_len=min(int(args.prompt_mean), args.max_len // 2),
-          steps=args.steady_steps, vocab=config.vocab_size)
+      with gc_paused():
+        results["steady"] = steady_state(
+            engine, rng, prompt_len=min(int(args.prompt_mean), args.max_len // 2),
+            steps=args.steady_steps, vocab=config.vocab_size)
       print("steady", json.dumps(results["steady"]), flush=True)
-    results[name] = run(engine, trace)
+    with gc_paused():
+      results[name] = run(engine, trace)
     results[name]["traces_after_warmup"] = engine.num_traces - traces  # 0: nothing recompiled
     print(name, json.dumps(results[name]), flush=True)
   return results
