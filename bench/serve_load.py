@@ -211,7 +211,7 @@ def main(argv=None) -> str:
   parser.add_argument("--slots", type=int, default=16)
   parser.add_argument("--max-len", type=int, default=4096)
   parser.add_argument("--page-size", type=int, default=64)
-  parser.add_argument("--chunk-size", type=int, default=256)
+  parser.add_argument("--chunk-size", type=int, default=128)
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
   parser.add_argument("--prompt-mean", type=float, default=1024)
