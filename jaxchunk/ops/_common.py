@@ -135,3 +135,50 @@ def check_nonpositive(gate, name: str) -> None:
 
 def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed documents (`segment_ids`) of the linear-RNN ops.
+
+SEGMENT_IDS_UNSUPPORTED = "segment_ids (packed documents) are not supported by the kernel"
+
+
+def check_segment_ids(segment_ids, b: int, t: int) -> None:
+  """Raises a ValueError unless `segment_ids` is None or an integer array [B, T]."""
+  if segment_ids is None:
+    return
+  check_shape(segment_ids, (b, t), "segment_ids", "[batch, seq]")
+  if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+    raise ValueError(f"segment_ids must be an integer array, got dtype "
+                     f"{jnp.result_type(segment_ids)}")
+
+
+def document_starts(segment_ids):
+  """segment_ids [B, T] int -> starts [B, T] bool, True at each t > 0 whose id differs from that of
+  t - 1: a new document begins there and the recurrent state is reset to zero before token t.
+
+  t = 0 is never a start: the row's first document continues from the initial state. Only changes
+  between neighbours count, so equal ids in two separate runs are two documents.
+  """
+  changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.pad(changed, ((0, 0), (1, 0)))
+
+
+def reset_state(state, start):
+  """`state` [B, ...] with the rows where `start` [B] (bool) is set replaced by zeros."""
+  return jnp.where(start.reshape(start.shape + (1,) * (state.ndim - 1)), 0, state)
+
+
+def chunk_documents(starts, chunk_size: int):
+  """starts [B, T] bool -> doc [B, N, C] int32, each token's document within its chunk of C tokens:
+  0 for the document that continues from the state carried into the chunk, then 1, 2, ... after
+  each start. T is padded to N * C with no starts, so padding joins the last document.
+  """
+  starts = pad_seq(starts, chunk_size, value=False)[0]
+  b, t = starts.shape
+  return jnp.cumsum(starts.reshape(b, t // chunk_size, chunk_size), axis=-1, dtype=jnp.int32)
+
+
+def same_document(doc):
+  """doc [..., C] -> [..., C, C] bool: whether tokens i and j of a chunk are in one document."""
+  return doc[..., :, None] == doc[..., None, :]

@@ -27,6 +27,13 @@ for i >= j. Numerical safety of that matrix:
 The inter-chunk state pass is a `lax.scan` over chunks carrying S; the per-chunk contributions
 sum_j (k_j exp(b_C - b_j))^T v_j are computed for all chunks in parallel beforehand.
 
+Packed documents (`segment_ids`): the state is reset to zero where a document starts. Inside a chunk
+this is exact masking, with no change to the decays (a decay inside one document never crosses a
+start): the attention matrix keeps only pairs (i, j) of one document, the carried-in S_0 reaches
+only the queries of the chunk's first document (the one that continues it), and S_C keeps
+diag(exp(b_C)) S_0 only when no document starts inside the chunk and sums only the keys of the
+chunk's last document (`_document_masks`).
+
 The "pallas" path (GPU, or interpret mode on CPU) runs `pallas_kernels.gpu.gated_linear_attention`
 with the chunk of its config table (`chunk_size` sets the xla path's chunk only); q, k, v stay in
 their dtype (bf16 or float32), head dims 64 and 128.
@@ -44,9 +51,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive, check_qkv, check_shape,
-                                  compute_dtype, default_scale, pad_seq, pallas_interpret,
-                                  repeat_heads, resolve_impl)
+from jaxchunk.ops._common import (SEGMENT_IDS_UNSUPPORTED, check_step_qkv, check_gate,
+                                  check_nonpositive, check_qkv, check_segment_ids, check_shape,
+                                  chunk_documents, compute_dtype, default_scale, document_starts,
+                                  pad_seq, pallas_interpret, repeat_heads, reset_state,
+                                  resolve_impl, same_document)
 from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import gated_linear_attention as gla_kernel
 
@@ -76,16 +85,18 @@ def _recurrent_step(state, q, k, v, log_decay):
   return _einsum("bhd,bhde->bhe", q, state), state
 
 
-def _reference(q, k, v, log_decay, state):
-  """Token-by-token `lax.scan`. q,k [B,T,H,Dk]; v [B,T,H,Dv]; log_decay [B,T,H,Dk or 1].
+def _reference(q, k, v, log_decay, state, starts):
+  """Token-by-token `lax.scan`. q,k [B,T,H,Dk]; v [B,T,H,Dv]; log_decay [B,T,H,Dk or 1];
+  starts [B,T] bool, where the state is reset to zero before the token (`document_starts`).
 
   Returns (o [B,T,H,Dv], final_state [B,H,Dk,Dv]).
   """
   def step(s, xs):
-    o, s = _recurrent_step(s, *xs)
+    *token, start = xs
+    o, s = _recurrent_step(reset_state(s, start), *token)
     return s, o
 
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_decay))
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_decay, starts))
   state, o = lax.scan(step, state, xs)
   return jnp.moveaxis(o, 0, 1), state
 
@@ -131,10 +142,22 @@ def _channel_decay_attention(q, k, b, sub_chunk: int):
   return a.reshape(*lead, c, c)
 
 
-def _chunked(q, k, v, log_decay, state, *, chunk_size: int):
-  """Chunkwise-parallel form. Shapes as `_reference`; T is padded to a multiple of `chunk_size`.
+def _document_masks(starts, chunk_size: int):
+  """The masks of packed documents (module docstring) for chunks laid out [B, N, H, C, *].
 
-  Padding uses k = v = 0 and log-decay 0, which leaves the state unchanged.
+  starts [B,T] bool (`document_starts`). Returns (same [B,N,1,C,C]: pairs in one document,
+  first [B,N,1,C,1]: tokens of the document carried into the chunk, last [B,N,1,C,1]: tokens of
+  the chunk's last document, carry [B,N,1,1,1]: no document starts inside the chunk).
+  """
+  doc = chunk_documents(starts, chunk_size)[:, :, None, :, None]             # [B,N,1,C,1]
+  return same_document(doc[..., 0]), doc == 0, doc == doc[..., -1:, :], doc[..., -1:, :] == 0
+
+
+def _chunked(q, k, v, log_decay, state, starts, *, chunk_size: int):
+  """Chunkwise-parallel form. Shapes as `_reference`, starts [B,T] bool or None (one document);
+  T is padded to a multiple of `chunk_size`.
+
+  Padding uses k = v = 0, log-decay 0 and no document start, which leaves the state unchanged.
   """
   b_, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -153,8 +176,16 @@ def _chunked(q, k, v, log_decay, state, *, chunk_size: int):
     a = _scalar_decay_attention(q, k, b)
 
   b_last = b[..., -1:, :]
-  chunk_updates = _einsum("bnhcd,bnhce->bnhde", k * jnp.exp(b_last - b), v)
+  q_decayed = q * jnp.exp(b)
+  k_to_end = k * jnp.exp(b_last - b)
   chunk_decays = jnp.exp(b_last[..., 0, :])[..., None]                       # [B,N,H,Dk or 1,1]
+  if starts is not None:
+    same, first, last, carry = _document_masks(starts, chunk_size)
+    a = jnp.where(same, a, 0)
+    q_decayed = jnp.where(first, q_decayed, 0)
+    k_to_end = jnp.where(last, k_to_end, 0)
+    chunk_decays = jnp.where(carry, chunk_decays, 0)
+  chunk_updates = _einsum("bnhcd,bnhce->bnhde", k_to_end, v)
 
   def pass_chunk(s, xs):
     decay, update = xs
@@ -164,7 +195,7 @@ def _chunked(q, k, v, log_decay, state, *, chunk_size: int):
   state, chunk_states = lax.scan(pass_chunk, state, xs)
   chunk_states = jnp.moveaxis(chunk_states, 0, 1)                            # [B,N,H,Dk,Dv]
   o = (_einsum("bnhij,bnhje->bnhie", a, v)
-       + _einsum("bnhcd,bnhde->bnhce", q * jnp.exp(b), chunk_states))
+       + _einsum("bnhcd,bnhde->bnhce", q_decayed, chunk_states))
   o = o.transpose(0, 1, 3, 2, 4).reshape(b_, n * chunk_size, h, dv)
   return o[:, :t], state
 
@@ -189,20 +220,26 @@ def _prepare(q, k, v, log_decay, state, scale, dtype, head_axis):
 
 
 @functools.partial(jax.jit, static_argnames=("path", "chunk_size", "dtype"))
-def _forward(q, k, v, log_decay, state, scale, *, path: str, chunk_size: int, dtype):
+def _forward(q, k, v, log_decay, state, segment_ids, scale, *, path: str, chunk_size: int, dtype):
   """q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; log_decay [B,T,H or Hk(,Dk)];
-  state [B,H,Dk,Dv] or None. Returns (o [B,T,H,Dv] in q's dtype, final state [B,H,Dk,Dv])."""
+  state [B,H,Dk,Dv] or None; segment_ids [B,T] int or None.
+  Returns (o [B,T,H,Dv] in q's dtype, final state [B,H,Dk,Dv])."""
   out_dtype = q.dtype
   q, k, v, log_decay, state = _prepare(q, k, v, log_decay, state, scale, dtype, head_axis=2)
+  starts = None if segment_ids is None else document_starts(segment_ids)
   if path == "reference":
-    o, state = _reference(q, k, v, log_decay, state)
+    if starts is None:
+      starts = jnp.zeros(q.shape[:2], bool)
+    o, state = _reference(q, k, v, log_decay, state, starts)
   else:
-    o, state = _chunked(q, k, v, log_decay, state, chunk_size=chunk_size)
+    o, state = _chunked(q, k, v, log_decay, state, starts, chunk_size=chunk_size)
   return o.astype(out_dtype), state
 
 
-def _pallas_unsupported(q, k, v) -> str | None:
+def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
   """None when the Pallas kernel supports this call, else the reason."""
+  if segment_ids is not None:
+    return SEGMENT_IDS_UNSUPPORTED
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -235,28 +272,32 @@ def _step(q, k, v, log_decay, state, scale, *, dtype):
 
 
 def gated_linear_attention(op_name: str, q, k, v, gate, gate_name: str, *, per_channel: bool,
-                           scale, initial_state, output_final_state: bool, chunk_size: int,
-                           impl: str):
+                           scale, initial_state, output_final_state: bool, segment_ids,
+                           chunk_size: int, impl: str):
   """Full-sequence op: validates, dispatches to the reference or chunked path.
 
   q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; gate [B,T,H or Hk] (scalar decay) or
-  [B,T,H or Hk,Dk] (`per_channel`); initial_state [B,H,Dk,Dv] or None.
+  [B,T,H or Hk,Dk] (`per_channel`); initial_state [B,H,Dk,Dv] or None; segment_ids [B,T] int
+  or None (packed documents, `jaxchunk.ops._common.document_starts`).
   Returns (o [B,T,H,Dv] in q's dtype, final_state [B,H,Dk,Dv] or None).
   """
   b, t, h, hk, dk, dv = check_qkv(q, k, v)
   check_gate(gate, gate_name, b, t, (h, hk), (dk,) if per_channel else ())
   if initial_state is not None:
     _check_state(initial_state, (b, h, dk, dv), "initial_state")
+  check_segment_ids(segment_ids, b, t)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
-  path = resolve_impl(impl, op_name, pallas_unsupported=_pallas_unsupported(q, k, v))
+  path = resolve_impl(impl, op_name,
+                      pallas_unsupported=_pallas_unsupported(q, k, v, segment_ids))
   check_nonpositive(gate, gate_name)
 
   if path == "pallas":
     o, state = _forward_pallas(q, k, v, gate, initial_state, default_scale(scale, dk))
   else:
-    o, state = _forward(q, k, v, gate, initial_state, default_scale(scale, dk), path=path,
-                        chunk_size=chunk_size, dtype=compute_dtype(q, k, v, gate, initial_state))
+    o, state = _forward(q, k, v, gate, initial_state, segment_ids, default_scale(scale, dk),
+                        path=path, chunk_size=chunk_size,
+                        dtype=compute_dtype(q, k, v, gate, initial_state))
   return o, (state if output_final_state else None)
 
 

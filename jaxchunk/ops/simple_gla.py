@@ -14,7 +14,7 @@ from jaxchunk.ops._gated_chunk import gated_linear_attention, gated_linear_atten
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, impl="auto"):
+               segment_ids=None, chunk_size=64, impl="auto"):
   """Gated linear attention with a scalar decay per head.
 
   Args:
@@ -25,6 +25,10 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     scale: multiplies q; defaults to Dk ** -0.5.
     initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
     output_final_state: whether to return the state after the last token.
+    segment_ids: [B, T] int packed-document ids, or None (one document per row). A change of id
+      between tokens t - 1 and t starts a document at t: the state is reset to zero before t, so
+      initial_state applies to the row's first document only and the final state is that of the
+      last document. impl="pallas" does not support it ("auto" picks "xla").
     chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
 
@@ -33,7 +37,8 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
   """
   return gated_linear_attention(
       "simple_gla", q, k, v, g, "g", per_channel=False, scale=scale, initial_state=initial_state,
-      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl)
+      output_final_state=output_final_state, segment_ids=segment_ids, chunk_size=chunk_size,
+      impl=impl)
 
 
 def simple_gla_step(q, k, v, g, state, *, scale=None):
