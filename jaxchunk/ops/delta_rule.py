@@ -33,6 +33,13 @@ Every exponent outside M and P is <= 0. M and P use the overflow-free decayed at
 `jaxchunk.ops._gated_chunk` (exponents masked before `exp` for a scalar decay, secondary chunking
 with in-between reference points for a per-channel decay).
 
+Packed documents (`segment_ids`, the state reset to zero where a document starts): a token's
+S_{i-1} then unrolls only over the keys of its own document, plus S_0 for the chunk's first
+document. Everything is linear in S_0, so masking is exact: M and P keep only pairs of one
+document, the S_0 terms of W (K * exp(b)) and of O (Q * exp(b)) only the rows of the first
+document, and S_C keeps diag(exp(b_C)) S_0 only without a start inside the chunk and sums
+K * exp(b_C - b) over the chunk's last document only (`_gated_chunk._document_masks`).
+
 The "pallas" path (GPU, or interpret mode on CPU) computes the same chunk-local factors (W, U_v,
 Q * exp(b), K * exp(b_C - b), P) in XLA at the chunk size of the kernel's config table, and runs
 the state pass and the outputs in `pallas_kernels.gpu.delta_rule` (`chunk_size` sets the xla
@@ -53,11 +60,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from jaxchunk.ops._common import (check_step_qkv, check_gate, check_nonpositive, check_qkv,
-                                  compute_dtype, default_scale, pad_seq, pallas_interpret,
-                                  repeat_heads, resolve_impl)
+from jaxchunk.ops._common import (SEGMENT_IDS_UNSUPPORTED, check_step_qkv, check_gate,
+                                  check_nonpositive, check_qkv, check_segment_ids, compute_dtype,
+                                  default_scale, document_starts, pad_seq, pallas_interpret,
+                                  repeat_heads, reset_state, resolve_impl)
 from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,
-                                       _scalar_decay_attention)
+                                       _document_masks, _scalar_decay_attention)
 from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import delta_rule as delta_kernel
 
@@ -87,17 +95,19 @@ def _recurrent_step(state, q, k, v, beta, log_decay):
 
 
 @jax.jit
-def _reference(q, k, v, beta, log_decay, state):
+def _reference(q, k, v, beta, log_decay, state, starts):
   """Token-by-token `lax.scan`. q, k [B,T,H,Dk]; v [B,T,H,Dv]; beta [B,T,H];
-  log_decay [B,T,H,Dk or 1]; state [B,H,Dk,Dv].
+  log_decay [B,T,H,Dk or 1]; state [B,H,Dk,Dv]; starts [B,T] bool, where the state is reset to
+  zero before the token (`document_starts`).
 
   Returns (o [B,T,H,Dv], final_state [B,H,Dk,Dv]).
   """
   def step(s, xs):
-    o, s = _recurrent_step(s, *xs)
+    *token, start = xs
+    o, s = _recurrent_step(reset_state(s, start), *token)
     return s, o
 
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, log_decay))
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, log_decay, starts))
   state, o = lax.scan(step, state, xs)
   return jnp.moveaxis(o, 0, 1), state
 
@@ -106,10 +116,11 @@ def _reference(q, k, v, beta, log_decay, state):
 # Chunked (WY / UT transform) form.
 
 
-def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int):
+def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):
   """The chunk-local factors of the chunked form (module docstring), for all chunks in parallel.
 
-  Shapes as `_reference`. T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and
+  Shapes as `_reference`; masks None (one document) or the packed-document masks of
+  `_document_masks`. T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and
   log-decay 0, which leaves the state unchanged. Returns, with N chunks of C tokens, arrays laid out
   [B, N, H, C, *]: w [..,Dk], u_v [..,Dv], q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b)
   [..,Dk], attention P [..,C] and the cumulative log-decay b [..,Dk or 1].
@@ -133,13 +144,18 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int):
     gram = _scalar_decay_attention(k, k, b)
     attention = _scalar_decay_attention(q, k, b)
 
+  q_decayed, k_decayed, k_to_end = q * jnp.exp(b), k * jnp.exp(b), k * jnp.exp(b[..., -1:, :] - b)
   strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), bool), -1)
+  if masks is not None:
+    same, first, last, _ = masks
+    strictly_lower, attention = strictly_lower & same, jnp.where(same, attention, 0)
+    q_decayed, k_decayed = jnp.where(first, q_decayed, 0), jnp.where(first, k_decayed, 0)
+    k_to_end = jnp.where(last, k_to_end, 0)
   system = jnp.eye(chunk_size, dtype=q.dtype) + jnp.where(strictly_lower, beta * gram, 0)
-  solved = solve_triangular(system, beta * jnp.concatenate([v, k * jnp.exp(b)], axis=-1),
+  solved = solve_triangular(system, beta * jnp.concatenate([v, k_decayed], axis=-1),
                             lower=True, unit_diagonal=True)
   u_v, w = solved[..., :dv], solved[..., dv:]
-  k_to_end = k * jnp.exp(b[..., -1:, :] - b)
-  return w, u_v, q * jnp.exp(b), k_to_end, attention, b
+  return w, u_v, q_decayed, k_to_end, attention, b
 
 
 def _from_chunks(x):
@@ -149,11 +165,16 @@ def _from_chunks(x):
 
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
-def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
+def _chunked(q, k, v, beta, log_decay, state, starts, *, chunk_size: int):
   """Chunkwise-parallel form (module docstring): the factors of `_chunk_factors`, then a
-  `lax.scan` over chunks for the state. Shapes as `_reference`."""
-  w, u_v, q_decayed, k_to_end, attention, b = _chunk_factors(q, k, v, beta, log_decay, chunk_size)
+  `lax.scan` over chunks for the state. Shapes as `_reference`, starts [B,T] bool or None (one
+  document)."""
+  masks = None if starts is None else _document_masks(starts, chunk_size)
+  w, u_v, q_decayed, k_to_end, attention, b = _chunk_factors(q, k, v, beta, log_decay, chunk_size,
+                                                             masks)
   chunk_decays = jnp.exp(b[..., -1, :])[..., None]                           # [B,N,H,Dk or 1,1]
+  if masks is not None:
+    chunk_decays = jnp.where(masks[3], chunk_decays, 0)
 
   def pass_chunk(s, xs):
     w_c, u_v_c, k_to_end_c, decay_c = xs
@@ -168,8 +189,10 @@ def _chunked(q, k, v, beta, log_decay, state, *, chunk_size: int):
   return _from_chunks(o)[:, :q.shape[1]], state
 
 
-def _pallas_unsupported(q, k, v) -> str | None:
+def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
   """None when the Pallas kernel supports this call, else the reason."""
+  if segment_ids is not None:
+    return SEGMENT_IDS_UNSUPPORTED
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -198,12 +221,14 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, *, operand_dtype):
 
 
 def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_channel: bool, scale,
-                  initial_state, output_final_state: bool, chunk_size: int, impl: str):
+                  initial_state, output_final_state: bool, segment_ids, chunk_size: int,
+                  impl: str):
   """Full-sequence op: validates, dispatches to the reference or chunked path.
 
   q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; beta [B,T,H or Hk]; gate None (no decay),
   [B,T,H or Hk] (scalar decay) or [B,T,H or Hk,Dk] (`per_channel`);
-  initial_state [B,H,Dk,Dv] or None.
+  initial_state [B,H,Dk,Dv] or None; segment_ids [B,T] int or None (packed documents,
+  `jaxchunk.ops._common.document_starts`).
   Returns (o [B,T,H,Dv] in q's dtype, final_state [B,H,Dk,Dv] or None).
   """
   b, t, h, hk, dk, dv = check_qkv(q, k, v)
@@ -212,9 +237,11 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     check_gate(gate, gate_name, b, t, (h, hk), (dk,) if per_channel else ())
   if initial_state is not None:
     _check_state(initial_state, (b, h, dk, dv), "initial_state")
+  check_segment_ids(segment_ids, b, t)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
-  path = resolve_impl(impl, op_name, pallas_unsupported=_pallas_unsupported(q, k, v))
+  path = resolve_impl(impl, op_name,
+                      pallas_unsupported=_pallas_unsupported(q, k, v, segment_ids))
   if gate is not None:
     check_nonpositive(gate, gate_name)
 
@@ -230,12 +257,15 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     log_decay = gate if per_channel else gate[..., None]
   state = (jnp.zeros((b, h, dk, dv), dtype) if initial_state is None
            else jnp.asarray(initial_state, dtype))
+  starts = None if segment_ids is None else document_starts(jnp.asarray(segment_ids))
   if path == "reference":
-    o, state = _reference(q, k, v, beta, log_decay, state)
+    if starts is None:
+      starts = jnp.zeros((b, t), bool)
+    o, state = _reference(q, k, v, beta, log_decay, state, starts)
   elif path == "pallas":
     o, state = _chunked_pallas(q, k, v, beta, log_decay, state, operand_dtype=out_dtype)
   else:
-    o, state = _chunked(q, k, v, beta, log_decay, state, chunk_size=chunk_size)
+    o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size)
   return o.astype(out_dtype), (state if output_final_state else None)
 
 
@@ -282,7 +312,7 @@ def _delta_family_step(op_name: str, q, k, v, beta, gate, gate_name: str, state,
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, impl="auto"):
+               segment_ids=None, chunk_size=64, impl="auto"):
   """DeltaNet: S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, o_t = scale * q_t S_t.
 
   Args:
@@ -293,6 +323,10 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     scale: multiplies q; defaults to Dk ** -0.5.
     initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
     output_final_state: whether to return the state after the last token.
+    segment_ids: [B, T] int packed-document ids, or None (one document per row). A change of id
+      between tokens t - 1 and t starts a document at t: the state is reset to zero before t, so
+      initial_state applies to the row's first document only and the final state is that of the
+      last document. impl="pallas" does not support it ("auto" picks "xla").
     chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
 
@@ -301,7 +335,7 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
   """
   return _delta_family("delta_rule", q, k, v, beta, None, "", per_channel=False, scale=scale,
                        initial_state=initial_state, output_final_state=output_final_state,
-                       chunk_size=chunk_size, impl=impl)
+                       segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
 
 
 def delta_rule_step(q, k, v, beta, state, *, scale=None):
@@ -320,7 +354,7 @@ def delta_rule_step(q, k, v, beta, state, *, scale=None):
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     chunk_size=64, impl="auto"):
+                     segment_ids=None, chunk_size=64, impl="auto"):
   """Gated DeltaNet: S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t.
 
   Outputs o_t = scale * q_t S_t.
@@ -334,6 +368,10 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     scale: multiplies q; defaults to Dk ** -0.5.
     initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
     output_final_state: whether to return the state after the last token.
+    segment_ids: [B, T] int packed-document ids, or None (one document per row). A change of id
+      between tokens t - 1 and t starts a document at t: the state is reset to zero before t, so
+      initial_state applies to the row's first document only and the final state is that of the
+      last document. impl="pallas" does not support it ("auto" picks "xla").
     chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
 
@@ -342,7 +380,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
   """
   return _delta_family("gated_delta_rule", q, k, v, beta, g, "g", per_channel=False, scale=scale,
                        initial_state=initial_state, output_final_state=output_final_state,
-                       chunk_size=chunk_size, impl=impl)
+                       segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None):

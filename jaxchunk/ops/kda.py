@@ -14,7 +14,7 @@ from jaxchunk.ops.delta_rule import _delta_family, _delta_family_step
 
 
 def kda(q, k, v, gk, beta, *, scale=None, initial_state=None, output_final_state=False,
-        chunk_size=64, impl="auto"):
+        segment_ids=None, chunk_size=64, impl="auto"):
   """Kimi Delta Attention over a whole sequence.
 
   Args:
@@ -26,6 +26,10 @@ def kda(q, k, v, gk, beta, *, scale=None, initial_state=None, output_final_state
     scale: multiplies q; defaults to Dk ** -0.5.
     initial_state: [B, H, Dk, Dv] float32 state before the first token, or None (zeros).
     output_final_state: whether to return the state after the last token.
+    segment_ids: [B, T] int packed-document ids, or None (one document per row). A change of id
+      between tokens t - 1 and t starts a document at t: the state is reset to zero before t, so
+      initial_state applies to the row's first document only and the final state is that of the
+      last document. impl="pallas" does not support it ("auto" picks "xla").
     chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
 
@@ -34,7 +38,7 @@ def kda(q, k, v, gk, beta, *, scale=None, initial_state=None, output_final_state
   """
   return _delta_family("kda", q, k, v, beta, gk, "gk", per_channel=True, scale=scale,
                        initial_state=initial_state, output_final_state=output_final_state,
-                       chunk_size=chunk_size, impl=impl)
+                       segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
 
 
 def kda_step(q, k, v, gk, beta, state, *, scale=None):
