@@ -25,6 +25,14 @@ intra-chunk part (a causal gated score matrix) under their common max, which equ
 m_t at every token. Both paths therefore compute the same function, eps term included. Memory is
 O(T): one state per chunk.
 
+Packed documents (`segment_ids`): where a document starts the whole state is reset to its empty
+value (C = 0, n = 0, m = 0, as without `initial_state`) before the token, so the start token's
+log f still enters the stabiliser (m = max(log f + 0, log i)). In the chunked form a token of a
+document that starts inside the chunk sees no carried-in (C, n) and, in place of m_{k-1} + cum f,
+the empty state's log weight: log f summed from its document's start (`_document_cumsum`); the
+score matrix keeps only pairs of one document; the end-of-chunk state sums only the chunk's last
+document and, when a document starts inside the chunk, starts from the empty state.
+
 The "pallas" path (GPU, or interpret mode on CPU) runs `pallas_kernels.gpu.mlstm`, the same chunked
 form with the chunk of its config table (`chunk_size` sets the xla path's chunk only); q, k, v stay
 in their (shared) dtype, bf16 or float32, head dims 64 and 128.
@@ -38,8 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (compute_dtype, check_gate, check_qkv, check_rank, default_scale,
-                                  pallas_interpret, repeat_heads, resolve_impl)
+from jaxchunk.ops._common import (SEGMENT_IDS_UNSUPPORTED, check_gate, check_qkv, check_rank,
+                                  check_segment_ids, chunk_documents, compute_dtype,
+                                  default_scale, document_starts, pallas_interpret, repeat_heads,
+                                  reset_state, resolve_impl, same_document)
 from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import mlstm as mlstm_kernel
 
@@ -86,32 +96,38 @@ def _recurrent_step(state: MLSTMState, q, k, v, log_i, log_f, *, scale: float, e
   return num / den[..., None], (c, n, m_new)
 
 
-def _mlstm_reference(q, k, v, log_i, log_f, state: MLSTMState, *, scale: float, eps: float):
-  """Token-by-token `lax.scan`. q, k [B,T,H,Dk], v [B,T,H,Dv], log gates [B,T,H].
+def _mlstm_reference(q, k, v, log_i, log_f, state: MLSTMState, starts, *, scale: float,
+                     eps: float):
+  """Token-by-token `lax.scan`. q, k [B,T,H,Dk], v [B,T,H,Dv], log gates [B,T,H]; starts [B,T]
+  bool, where the state is reset to zeros before the token (`document_starts`).
 
   Returns (h [B,T,H,Dv], final_state).
   """
 
   def body(carry, xs):
-    h, carry = _recurrent_step(carry, *xs, scale=scale, eps=eps)
+    *token, start = xs
+    carry = tuple(reset_state(x, start) for x in carry)
+    h, carry = _recurrent_step(carry, *token, scale=scale, eps=eps)
     return carry, h
 
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_i, log_f))
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_i, log_f, starts))
   final_state, h = lax.scan(body, state, xs)
   return jnp.moveaxis(h, 0, 1), final_state
 
 
-def _chunk_states(k, v, a, g, state: MLSTMState):
+def _chunk_states(k, v, a, g, resets, state: MLSTMState):
   """Inter-chunk pass: the state entering each chunk, and the final state.
 
   k [B,H,N,L,Dk], v [B,H,N,L,Dv]; a [B,H,N,L] the log weight of each token in its end-of-chunk
-  state; g [B,H,N] each chunk's total log forget gate.
+  state (-inf for tokens not in it); g [B,H,N] the log weight in it of the state the chunk starts
+  from (its total log forget gate); resets [B,N] bool: the chunk starts from the empty state
+  instead of the carried-in one (a document starts inside it).
   Returns ((C [B,H,N,Dk,Dv], n [B,H,N,Dk], m [B,H,N]), final_state).
   """
 
   def body(carry, xs):
-    c, n, m = carry
-    k_c, v_c, a_c, g_c = xs
+    k_c, v_c, a_c, g_c, reset_c = xs
+    c, n, m = (reset_state(x, reset_c) for x in carry)
     m_next = jnp.maximum(g_c + m, jnp.max(a_c, axis=-1))
     decay = jnp.exp(g_c + m - m_next)
     k_gated = k_c * jnp.exp(a_c - m_next[..., None])[..., None]
@@ -120,14 +136,29 @@ def _chunk_states(k, v, a, g, state: MLSTMState):
     n_next = decay[..., None] * n + jnp.sum(k_gated, axis=-2)
     return (c_next, n_next, m_next), carry
 
-  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (k, v, a, g))
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (k, v, a, g)) + (jnp.moveaxis(resets, 1, 0),)
   final_state, entering = lax.scan(body, state, xs)
   return tuple(jnp.moveaxis(x, 0, 2) for x in entering), final_state
 
 
-def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, *, scale: float, eps: float,
-                     chunk_size: int):
-  """Chunkwise-parallel form (TFLA). q, k [B,T,H,Dk], v [B,T,H,Dv], log gates [B,T,H].
+def _document_cumsum(x, doc):
+  """x [B,H,N,L]; doc [B,1,N,L] each token's document within its chunk (`chunk_documents`).
+
+  Returns [B,H,N,L]: x summed from the first token of each token's document in the chunk (the
+  chunk's first token for document 0) through the token.
+  """
+  total = jnp.cumsum(x, axis=-1)
+  positions = jnp.arange(x.shape[-1])
+  first = lax.cummax(jnp.where(jnp.diff(doc, axis=-1, prepend=0) != 0, positions, 0),
+                     axis=doc.ndim - 1)
+  before = jnp.take_along_axis(total - x, jnp.broadcast_to(first, x.shape), axis=-1)
+  return total - before
+
+
+def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, starts, *, scale: float,
+                     eps: float, chunk_size: int):
+  """Chunkwise-parallel form (TFLA). q, k [B,T,H,Dk], v [B,T,H,Dv], log gates [B,T,H]; starts
+  [B,T] bool or None (one document).
 
   Returns (h [B,T,H,Dv], final_state).
   """
@@ -135,7 +166,8 @@ def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, *, scale: float, 
   dv = v.shape[-1]
   size = min(chunk_size, t)
   pad = (-t) % size
-  # Padded tokens leave the state unchanged: k = v = 0, log f = 0 and log i = -inf (zero weight).
+  # Padded tokens leave the state unchanged: k = v = 0, log f = 0, log i = -inf (zero weight) and
+  # no document start.
   widths = ((0, 0), (0, pad), (0, 0))
   log_i = jnp.pad(log_i, widths, constant_values=-jnp.inf)
   log_f = jnp.pad(log_f, widths)
@@ -148,19 +180,28 @@ def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, *, scale: float, 
 
   q, k, v, log_i, log_f = map(to_chunks, (q, k, v, log_i, log_f))
   cum_f = jnp.cumsum(log_f, axis=-1)  # [B,H,N,L]: log decay from the chunk start to token t
-  total_f = cum_f[..., -1]  # [B,H,N]
-  (c_in, n_in, m_in), final_state = _chunk_states(
-      k, v, total_f[..., None] - cum_f + log_i, total_f, state)
-
   causal = jnp.tril(jnp.ones((size, size), bool))
-  log_d = jnp.where(causal, cum_f[..., :, None] - cum_f[..., None, :] + log_i[..., None, :],
+  if starts is None:  # one document: nothing masked
+    pairs, doc_f, first, last = causal, cum_f, True, True
+    resets = jnp.zeros((b, n_chunks), bool)
+  else:
+    doc = chunk_documents(starts, size)  # [B,N,L]
+    resets = doc[..., -1] != 0
+    doc = doc[:, None]  # [B,1,N,L]
+    pairs = causal & same_document(doc)
+    doc_f = _document_cumsum(log_f, doc)  # log decay from the token's document start
+    first, last = doc == 0, doc == doc[..., -1:]
+  to_end = jnp.where(last, cum_f[..., -1:] - cum_f + log_i, -jnp.inf)
+  (c_in, n_in, m_in), final_state = _chunk_states(k, v, to_end, doc_f[..., -1], resets, state)
+
+  log_d = jnp.where(pairs, cum_f[..., :, None] - cum_f[..., None, :] + log_i[..., None, :],
                     -jnp.inf)  # [B,H,N,L,L]
-  m_inter = cum_f + m_in[..., None]  # [B,H,N,L]
+  m_inter = doc_f + jnp.where(first, m_in[..., None], 0)  # [B,H,N,L]
   m_comb = jnp.maximum(m_inter, jnp.max(log_d, axis=-1))
   q = scale * q
   scores = jnp.einsum("bhnlk,bhnsk->bhnls", q, k, precision=_HIGHEST) \
       * jnp.exp(log_d - m_comb[..., None])
-  inter_w = jnp.exp(m_inter - m_comb)
+  inter_w = jnp.where(first, jnp.exp(m_inter - m_comb), 0)
   num = inter_w[..., None] * jnp.einsum("bhnlk,bhnkv->bhnlv", q, c_in, precision=_HIGHEST) \
       + jnp.einsum("bhnls,bhnsv->bhnlv", scores, v, precision=_HIGHEST)
   qn = inter_w * jnp.einsum("bhnlk,bhnk->bhnl", q, n_in, precision=_HIGHEST) \
@@ -170,8 +211,10 @@ def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, *, scale: float, 
   return out[:, :t], final_state
 
 
-def _pallas_unsupported(q, k, v) -> str | None:
+def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
   """None when the Pallas kernel supports this call, else the reason."""
+  if segment_ids is not None:
+    return SEGMENT_IDS_UNSUPPORTED
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -192,8 +235,8 @@ def _mlstm_pallas(q, k, v, i, f, initial_state: MLSTMState | None, *, scale: flo
 
 
 def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMState | None = None,
-          output_final_state: bool = False, chunk_size: int = 64, eps: float = 1e-6,
-          impl: str = "auto"):
+          output_final_state: bool = False, segment_ids=None, chunk_size: int = 64,
+          eps: float = 1e-6, impl: str = "auto"):
   """mLSTM (xLSTM matrix memory) over a sequence.
 
   Args:
@@ -205,6 +248,10 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
     scale: query scale, default Dk**-0.5.
     initial_state: (C [B,H,Dk,Dv], n [B,H,Dk], m [B,H]); default zeros.
     output_final_state: also return the final state.
+    segment_ids: [B,T] int packed-document ids, or None (one document per row). A change of id
+      between tokens t - 1 and t starts a document at t: the state (C, n, m) is reset to zeros
+      before t, so initial_state applies to the row's first document only and the final state is
+      that of the last document. impl="pallas" does not support it ("auto" picks "xla").
     chunk_size: chunk length of the `xla` path.
     eps: added to the normaliser's denominator.
     impl: "auto" | "reference" | "xla" | "pallas" ("pallas": head dims 64 or 128, q, k, v of
@@ -218,9 +265,11 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
   check_gate(f, "f", b, t, (h, hk))
   if initial_state is not None:
     _check_state(initial_state, "initial_state", b, h, dk, dv)
+  check_segment_ids(segment_ids, b, t)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  path = resolve_impl(impl, "mlstm", pallas_unsupported=_pallas_unsupported(q, k, v))
+  path = resolve_impl(impl, "mlstm",
+                      pallas_unsupported=_pallas_unsupported(q, k, v, segment_ids))
   scale = default_scale(scale, dk)
   if path == "pallas":
     out, final_state = _mlstm_pallas(q, k, v, i, f, initial_state, scale=float(scale),
@@ -233,10 +282,13 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
   state = (_zero_state(b, h, dk, dv, dtype) if initial_state is None
            else tuple(jnp.asarray(x, dtype) for x in initial_state))
   log_f = jax.nn.log_sigmoid(f)
+  starts = None if segment_ids is None else document_starts(jnp.asarray(segment_ids))
   if path == "reference":
-    out, final_state = _mlstm_reference(q, k, v, i, log_f, state, scale=scale, eps=eps)
+    if starts is None:
+      starts = jnp.zeros((b, t), bool)
+    out, final_state = _mlstm_reference(q, k, v, i, log_f, state, starts, scale=scale, eps=eps)
   else:
-    out, final_state = _mlstm_chunkwise(q, k, v, i, log_f, state, scale=scale, eps=eps,
+    out, final_state = _mlstm_chunkwise(q, k, v, i, log_f, state, starts, scale=scale, eps=eps,
                                         chunk_size=chunk_size)
   return out.astype(out_dtype), (final_state if output_final_state else None)
 
