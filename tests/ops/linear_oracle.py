@@ -7,6 +7,9 @@ with the state S [B,H,Dk,Dv]:
   S_t = D_t S_{t-1} + k_t^T v_t                                      without beta
   S_t = (I - b_t k_t^T k_t) D_t S_{t-1} + b_t k_t^T v_t              with beta (the delta rule)
   o_t = scale * q_t S_t
+
+With segment_ids (packed documents) S_{t-1} is replaced by zeros where the id changes between t-1
+and t.
 """
 
 import jax
@@ -16,11 +19,12 @@ import numpy as np
 from tests.utils import assert_rel_close, randn
 
 
-def oracle(q, k, v, g, beta, scale, initial_state=None):
+def oracle(q, k, v, g, beta, scale, initial_state=None, segment_ids=None):
   """Token-by-token float64 recurrence (module docstring); g and beta may be None.
 
   q [B,T,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv]; g [B,T,G] (per head) or [B,T,G,Dk] (per channel) and
-  beta [B,T,G], with Hk and G dividing H; initial_state [B,H,Dk,Dv] or None (zeros).
+  beta [B,T,G], with Hk and G dividing H; initial_state [B,H,Dk,Dv] or None (zeros);
+  segment_ids [B,T] or None (one document per row).
   Returns (o [B,T,H,Dv], final state [B,H,Dk,Dv]).
   """
   q = np.asarray(q, np.float64)
@@ -34,6 +38,8 @@ def oracle(q, k, v, g, beta, scale, initial_state=None):
   eye = np.eye(dk)
   o = np.zeros((b, t, h, v.shape[-1]))
   for i in range(t):
+    if segment_ids is not None and i > 0:
+      state[segment_ids[:, i] != segment_ids[:, i - 1]] = 0
     state = decay[:, i] * state
     write = k[:, i, :, :, None] * v[:, i, :, None, :]                       # [B,H,Dk,Dv]
     if rates is None:
