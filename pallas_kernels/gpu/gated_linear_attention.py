@@ -6,43 +6,54 @@ token, or one per key channel):
 
   S_t = diag(exp(a_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t.
 
-Design (Lightning Attention-2 / FLA fused-chunk): the grid is (batch, heads, Dv blocks); each
-program walks the chunks of C tokens in order with its [Dk, BV] float32 state slice in registers.
-Inside a chunk, with b the cumulative log-decay from the chunk start (inclusive, computed outside
-the kernel) and b_C its last row:
+Design (FLA's `chunk` algorithm): the sequence is cut into chunks of C tokens; only the pass that
+carries the state from chunk to chunk is sequential, and it does one small matmul per chunk. With b
+the cumulative log-decay from the chunk start (inclusive, computed outside the kernels), b_C its
+last row and h the state at the chunk start:
 
-  o     = (q * e^b) S_0 + mask(A) v,             A_ij = sum_d q_id k_jd e^(b_id - b_jd),
-  S_C   = e^(b_C) * S_0 + (k * e^(b_C - b))^T v.
+  state pass (grid: batch, head, Dk block, Dv block; walks the chunks in order):
+      stores h_c for every chunk, then h <- e^(b_C) h + (k * e^(b_C - b))^T v;
+  output (grid: batch, head, chunk, Dv block; fully parallel):
+      o = (q * e^b) h + mask(A) v,    A_ij = sum_d q_id k_jd e^(b_id - b_jd).
 
-Scalar decay: A = (q k^T) * e^(b_i - b_j) with the exponent masked to -inf above the diagonal
-before `exp` (exact, never overflows). Per-channel decay: A = (q e^(b - r)) (k e^(r - b))^T with r
-the cumulative decay at the middle of the chunk, one matmul; the two factors stay finite while the
-decay over half a chunk is above -88 (mean log-decay above -88 / (C / 2) per token: -5.5 for the
-C = 32 of the table below), as in FLA's fused-chunk GLA.
+The states h_c [B, H, NC, Dk, Dv] are stored in the input dtype (as FLA does) and kept for the
+backward. Scalar decay: A = (q k^T) * e^(b_i - b_j) with the exponent masked to -inf above the
+diagonal before `exp` (exact, never overflows). Per-channel decay: A is built from blocks of
+`sub_chunk` rows. An off-diagonal block (query rows I after key rows J) is one matmul of
+q_I e^(b_I - r) and k_J e^(r - b_J) with r the decay at the first row of I: both factors are <= 1,
+nothing overflows. A diagonal block uses r at its middle row; its factors stay finite while the
+decay over half a block is above -88 (mean log-decay above -88 / (sub_chunk / 2) per token: -5.5
+for the 32-row blocks of the table below), as in FLA's fused-chunk GLA.
 
-Backward: one kernel walks the chunks in reverse carrying dS (the gradient of the state at the
-chunk end) for dk, dv and the initial-state gradient; one walks forward re-running the state for
-dq. With dA_ij = (do_i . v_j) masked,
+Backward: a reverse state pass (same grid and code as the forward one) stores dh_c, the gradient of
+the state at each chunk's end, dh <- e^(b_C) dh + (q e^b)^T do, starting from the final state's
+gradient and ending at the initial state's. Then one fully parallel kernel per (batch, head, chunk)
+with dA_ij = (do_i . v_j) masked (and times e^(b_i - b_j) for a scalar decay):
 
-  dq = (dA (k e^(r - b))) e^(b - r) + e^b (do S_0^T),
-  dk = (dA^T (q e^(b - r))) e^(r - b) + e^(b_C - b) (v dS_C^T),
-  dv = mask(A)^T do + (k e^(b_C - b)) dS_C,      dS_0 = e^(b_C) dS_C + (q e^b)^T do.
+  dq = (dA (k e^(r - b))) e^(b - r) + e^b (do h^T),
+  dk = (dA^T (q e^(b - r))) e^(r - b) + e^(b_C - b) (v dh^T),
+  dv = mask(A)^T do + (k e^(b_C - b)) dh.
 
-The decay gradient needs no kernel: since o and the final state depend on the global cumulative
-log-decay B only through differences B_i - B_j between a query (or the final state) and a key,
+The decay gradient comes out of the same kernel: o and the final state depend on the global
+cumulative log-decay B only through differences between a query (or the final state) and a key, so
+dB_t = q_t * dq_t - k_t * dk_t and da_t = sum_{s >= t} dB_s. The part of that sum after the chunk
+equals sum_e h_{c+1} * dh_c (shifting every later B by the same amount scales the state at the
+chunk end), which expands to e^(b_C) sum_e h * dh plus the column sums of k * e^(b_C - b) (v dh^T),
+both at hand; the kernel adds the reverse cumulative sum inside the chunk (summed over the key
+channels for a scalar decay).
 
-  dB_t = q_t * dq_t - k_t * dk_t  (+ sum_e S_T * dS_T at t = T),   da_t = sum_{s >= t} dB_s,
-
-summed over the key channels for a scalar decay. dq and dk are computed per Dv block and summed.
-
-Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision
-IEEE dots, not tf32), accumulation and states in float32; with bf16 inputs the dots with the state
-and those giving dq, dk keep float32 operands (tf32 on the GPU; see `chunk_common.dot`). This module never
-imports jaxchunk.
+Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision IEEE
+dots, not tf32), accumulation and the carried states in float32. With bf16, the in-chunk part of
+dB (q dq - k dk cancels: the pairs of tokens both after t add nothing to da_t) is formed from the
+same rounded operands as the dq and dk matmuls, which keeps the decay gradient as close to float64
+as dq and dk (~3e-3; 1.2e-2 otherwise), and the in-chunk reverse cumulative sum is a matmul with a
+triangular 0/1 matrix whose float32 operand is split into three bf16 terms (exact to float32
+rounding). This module never imports jaxchunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -51,150 +62,322 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
+from pallas_kernels.gpu.chunk_common import MIN_PROGRAMS, causal_mask, dot, row
 
 
-# Block sizes per (per-channel decay, head_dim_k) (`fit_block_v` narrows block_v for small grids).
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """One kernel's launch: warps, software-pipelining stages and, where the kernel splits the head
+  dims, the block of key / value columns per program (None: the whole head dim)."""
+  num_warps: int
+  num_stages: int = 1
+  block_k: int | None = None
+  block_v: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  chunk: int        # tokens per chunk: states are stored at chunk starts
+  sub_chunk: int    # rows per block of the in-chunk matrix A (per-channel decay; = chunk for scalar)
+  state: Launch     # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
+  output: Launch    # forward output (grid: batch, head, chunk, Dv block)
+  grad: Launch      # dq, dk, dv and the decay gradient (grid: batch, head, chunk)
+
+
+# Per (per-channel decay, head_dim_k); `_fit` narrows the state pass's blocks for small grids.
 CONFIGS = {
-    (False, 64): Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
-    (False, 128): Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
-    (True, 64): Config(chunk=32, block_v=64, num_warps=4, num_stages=2),
-    (True, 128): Config(chunk=32, block_v=64, num_warps=4, num_stages=2),
+    (False, 64): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
+                        output=Launch(4, 1, block_v=64), grad=Launch(4)),
+    (False, 128): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
+                         output=Launch(4, 1, block_v=64), grad=Launch(8)),
+    (True, 64): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 64),
+                       output=Launch(4, 1, block_v=64), grad=Launch(4)),
+    (True, 128): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 64),
+                        output=Launch(4, 1, block_v=64), grad=Launch(8)),
 }
-def _config(per_channel: bool, batch: int, heads: int, dk: int, dv: int) -> Config:
-  return fit_block_v(CONFIGS[(per_channel, dk)], batch, heads, dv)
+
+
+def _fit(config: Config, batch: int, heads: int, dk: int, dv: int) -> Config:
+  """`config` with its blocks clipped to the head dims and the state pass's blocks halved (down to
+  32) while its grid has fewer than MIN_PROGRAMS programs."""
+  bk, bv = min(config.state.block_k, dk), min(config.state.block_v, dv)
+  while bk * bv > 32 * 32 and batch * heads * (dk // bk) * (dv // bv) < MIN_PROGRAMS:
+    if bv >= bk:
+      bv //= 2
+    else:
+      bk //= 2
+  return dataclasses.replace(
+      config, state=dataclasses.replace(config.state, block_k=bk, block_v=bv),
+      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)))
 
 
 # ------------------------------------------------------------------------------------------------
-# In-kernel helpers (values, not refs).
+# In-kernel helpers (values, not refs). b is a block of cumulative log-decays: [n] for a scalar
+# decay, [n, Dk] per channel; `_col` makes it a factor of [n, Dk] rows.
 
 
-def _chunk_decays(b, causal, per_channel: bool):
-  """Decay factors of one chunk from its cumulative log-decay b ([C] scalar, or [C, Dk]).
+def _col(x, per_channel: bool):
+  return x if per_channel else x[:, None]
 
-  Returns (q_out, k_state, s_decay, q_intra, k_intra, pair):
-    q_out = e^b and k_state = e^(b_C - b), [C, 1] or [C, Dk];
-    s_decay = e^(b_C), a scalar or [Dk, 1] (scales the state's rows);
-    q_intra, k_intra: factors of q and k inside A ([C, Dk], or 1.0 for a scalar decay);
-    pair: [C, C] factor e^(b_i - b_j) masked to 0 above the diagonal (1.0 for per-channel).
-  """
-  chunk = b.shape[0]
-  b_last = row(b, chunk - 1)
+
+def _last(b, per_channel: bool):
+  """(b's last row as a row factor [1, Dk] or scalar, e^(last row) as a state-row factor)."""
+  b_last = row(b, b.shape[0] - 1)
   if per_channel:
-    b_mid = row(b, chunk // 2)[None, :]
-    return (jnp.exp(b), jnp.exp(b_last[None, :] - b), jnp.exp(b_last)[:, None],
-            jnp.exp(b - b_mid), jnp.exp(b_mid - b), 1.0)
-  pair = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], -jnp.inf))
-  return jnp.exp(b)[:, None], jnp.exp(b_last - b)[:, None], jnp.exp(b_last), 1.0, 1.0, pair
+    return b_last[None, :], jnp.exp(b_last)[:, None]
+  return b_last, jnp.exp(b_last)
+
+
+def _intra_factors(b_i, b_j, diagonal: bool, per_channel: bool):
+  """Factors of the block A_IJ (query rows b_i, key rows b_j) of the in-chunk matrix:
+  A_IJ = weight(q_I qf (k_J kf)^T), returned as (qf, kf, weight)."""
+  if not per_channel:  # one block per chunk: exact masked pair factor
+    rows = b_i.shape[0]
+    pair = jnp.exp(jnp.where(causal_mask(rows), b_i[:, None] - b_j[None, :], -jnp.inf))
+    return 1.0, 1.0, lambda x: x * pair
+  ref = row(b_i, b_i.shape[0] // 2 if diagonal else 0)[None, :]
+  weight = ((lambda x: jnp.where(causal_mask(b_i.shape[0]), x, 0.0)) if diagonal else
+            (lambda x: x))
+  return jnp.exp(b_i - ref), jnp.exp(ref - b_j), weight
+
+
+def _rounded(x, dtype):
+  """float32 x rounded to bf16 (to nearest even) when `dtype` is bf16, kept in float32: the operand
+  a bf16 dot sees. By integer ops: XLA may elide an f32 -> bf16 -> f32 round trip (interpret
+  mode)."""
+  if dtype == jnp.float32:
+    return x
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  bits = bits + (jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1)))
+  return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
+
+
+def _upper(n: int):
+  """[n, n] boolean, True on and above the diagonal (column s >= row t)."""
+  return lax.broadcasted_iota(jnp.int32, (n, n), 1) >= lax.broadcasted_iota(jnp.int32, (n, n), 0)
+
+
+def _reverse_cumsum(x, dtype):
+  """sum_{s >= t} x_s along the rows of float32 x [n, Dk], as a matmul by a triangular 0/1 matrix;
+  with bf16 inputs x is split into three bf16 terms (exact to float32 rounding)."""
+  upper = jnp.where(_upper(x.shape[0]), 1.0, 0.0)
+  if dtype == jnp.float32:
+    return dot(upper, x, dtype)
+  total = 0.0
+  for _ in range(3):
+    part = _rounded(x, dtype)
+    total = total + dot(upper, part, dtype)
+    x = x - part
+  return total
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels. Refs are one (batch, head, Dv block): q, k [T, Dk]; v, o, do [T, BV]; b [T] or [T, Dk];
-# states [Dk, BV].
+# Kernels.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, chunk, num_chunks, scale,
-                    per_channel, dtype):
-  causal = causal_mask(chunk)
+def _state_pass_kernel(x_ref, y_ref, b_ref, init_ref, states_ref, last_ref, *, chunk, num_chunks,
+                       reverse, scale, per_channel, dtype):
+  """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV], b [T] or [T, BK]; init, last
+  [BK, BV] float32; states [NC, BK, BV].
 
-  def body(c, state):
+  Forward (x = k, y = v): stores the state at each chunk start, then h <- e^(b_C) h +
+  (k e^(b_C - b))^T v. Reverse (x = q, y = do): walks the chunks backwards storing the gradient of
+  the state at each chunk end, then dh <- e^(b_C) dh + (scale q e^b)^T do.
+  """
+  def body(i, carry):
+    c = num_chunks - 1 - i if reverse else i
+    states_ref[c] = carry.astype(states_ref.dtype)
     rows = pl.ds(c * chunk, chunk)
-    q = q_ref[rows, :].astype(jnp.float32) * scale
-    k = k_ref[rows, :].astype(jnp.float32)
-    v = v_ref[rows, :]
-    q_out, k_state, s_decay, q_intra, k_intra, pair = _chunk_decays(
-        b_ref[rows, ...].astype(jnp.float32), causal, per_channel)
-    a = jnp.where(causal, dot(q * q_intra, k * k_intra, dtype, trans_b=True) * pair, 0.0)
-    o = dot(a, v, dtype) + dot(q * q_out, state, dtype, wide=True)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
-    return s_decay * state + dot(k * k_state, v, dtype, wide=True, trans_a=True)
+    b = b_ref[rows, ...].astype(jnp.float32)
+    b_last, decay = _last(b, per_channel)
+    factor = scale * jnp.exp(b) if reverse else jnp.exp(b_last - b)
+    x = x_ref[rows, :].astype(jnp.float32) * _col(factor, per_channel)
+    return decay * carry + dot(x, y_ref[rows, :], dtype, trans_a=True)
 
-  st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+  last_ref[...] = lax.fori_loop(0, num_chunks, body, init_ref[...].astype(jnp.float32))
 
 
-def _backward_dq_kernel(k_ref, v_ref, b_ref, do_ref, s0_ref, dq_ref, *, chunk, num_chunks, scale,
-                        per_channel, dtype):
-  causal = causal_mask(chunk)
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, sub, scale, per_channel, dtype):
+  """Per (batch, head, chunk, Dv block): q, k [C, Dk], v, o [C, BV], b [C] or [C, Dk], h [Dk, BV]:
+  o = (q e^b) h + mask(A) v, by blocks of `sub` query rows."""
+  h = h_ref[...]
+  def load(i):
+    rows = pl.ds(i * sub, sub)
+    return rows, q_ref[rows, :].astype(jnp.float32) * scale, b_ref[rows, ...].astype(jnp.float32)
 
-  def body(c, state):
-    rows = pl.ds(c * chunk, chunk)
-    k = k_ref[rows, :].astype(jnp.float32)
-    v = v_ref[rows, :]
-    do = do_ref[rows, :]
-    q_out, k_state, s_decay, q_intra, k_intra, pair = _chunk_decays(
-        b_ref[rows, ...].astype(jnp.float32), causal, per_channel)
-    da = jnp.where(causal, dot(do, v, dtype, trans_b=True) * pair, 0.0)
-    dq = (dot(da, k * k_intra, dtype, wide=True) * q_intra
-          + q_out * dot(do, state, dtype, wide=True, trans_b=True))
-    dq_ref[rows, :] = dq * scale
-    return s_decay * state + dot(k * k_state, v, dtype, wide=True, trans_a=True)
-
-  lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+  for i in range(q_ref.shape[0] // sub):
+    rows_i, q_i, b_i = load(i)
+    o = dot(q_i * jnp.exp(_col(b_i, per_channel)), h, dtype)
+    for j in range(i + 1):
+      rows_j = pl.ds(j * sub, sub)
+      b_j = b_i if j == i else b_ref[rows_j, ...].astype(jnp.float32)
+      qf, kf, weight = _intra_factors(b_i, b_j, j == i, per_channel)
+      a = weight(dot(q_i * qf, k_ref[rows_j, :].astype(jnp.float32) * kf, dtype, trans_b=True))
+      o = o + dot(a, v_ref[rows_j, :], dtype)
+    o_ref[rows_i, :] = o.astype(o_ref.dtype)
 
 
-def _backward_dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dst_ref, dk_ref, dv_ref, ds0_ref, *,
-                         chunk, num_chunks, scale, per_channel, dtype):
-  causal = causal_mask(chunk)
+def _grad_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref,
+                 *, sub, scale, per_channel, dtype):
+  """Per (batch, head, chunk): q, k, dq, dk [C, Dk]; v, do, dv [C, Dv]; b, db [C] or [C, Dk];
+  h (state at the chunk start), dh (gradient of the state at its end) [Dk, Dv].
 
-  def body(i, dstate):
-    rows = pl.ds((num_chunks - 1 - i) * chunk, chunk)
-    q = q_ref[rows, :].astype(jnp.float32) * scale
-    k = k_ref[rows, :].astype(jnp.float32)
-    v = v_ref[rows, :]
-    do = do_ref[rows, :]
-    q_out, k_state, s_decay, q_intra, k_intra, pair = _chunk_decays(
-        b_ref[rows, ...].astype(jnp.float32), causal, per_channel)
-    a = jnp.where(causal, dot(q * q_intra, k * k_intra, dtype, trans_b=True) * pair, 0.0)
-    da = jnp.where(causal, dot(do, v, dtype, trans_b=True) * pair, 0.0)
-    dk = (dot(da, q * q_intra, dtype, wide=True, trans_a=True) * k_intra
-          + k_state * dot(v, dstate, dtype, wide=True, trans_b=True))
-    dv = dot(a, do, dtype, trans_a=True) + dot(k * k_state, dstate, dtype, wide=True)
-    dk_ref[rows, :] = dk
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    return s_decay * dstate + dot(q * q_out, do, dtype, wide=True, trans_a=True)
+  dq, dk, dv of the chunk and the gradient of the per-token log-decays (see the module docstring),
+  by blocks of `sub` rows, one output block at a time (operands are re-read, not kept live). dq
+  and dk below are the gradients w.r.t. scale * q and k.
+  """
+  n = q_ref.shape[0] // sub
+  rows = [pl.ds(i * sub, sub) for i in range(n)]
+  load_q = lambda i: q_ref[rows[i], :].astype(jnp.float32) * scale
+  load_k = lambda i: k_ref[rows[i], :].astype(jnp.float32)
+  load_b = lambda i: b_ref[rows[i], ...].astype(jnp.float32)
+  b_last, s_decay = _last(load_b(n - 1), per_channel)
+  k_state = lambda b_i: jnp.exp(_col(b_last - b_i, per_channel))
+  h, dh = h_ref[...], dh_ref[...]
 
-  ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
+  # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j.
+  for j in range(n):
+    k_j = load_k(j)
+    dv = dot(k_j * k_state(load_b(j)), dh, dtype)
+    for i in range(j, n):
+      b_i, b_j = load_b(i), load_b(j)
+      qf, kf, weight = _intra_factors(b_i, b_j, i == j, per_channel)
+      a = weight(dot(load_q(i) * qf, k_j * kf, dtype, trans_b=True))
+      dv = dv + dot(a, do_ref[rows[i], :], dtype, trans_a=True)
+    dv_ref[rows[j], :] = dv.astype(dv_ref.dtype)
+
+  # dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i; dB's query part.
+  db = []
+  for i in range(n):
+    b_i, q_i = load_b(i), load_q(i)
+    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h, dtype, trans_b=True)
+    db_i = q_i * dq
+    for j in range(i + 1):
+      qf, kf, weight = _intra_factors(b_i, load_b(j), i == j, per_channel)
+      da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
+      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j) * kf))
+      part = dot(_rounded(da, dtype), k_op, dtype)
+      dq = dq + part * qf
+      db_i = db_i + q_op * part
+    dq_ref[rows[i], :] = (dq * scale).astype(dq_ref.dtype)
+    db.append(db_i)
+
+  # dk = e^(b_C - b) (v dh^T) + (dA^T q e^(b - r)) e^(r - b), per key block j; dB's key part, and
+  # the part of da after the chunk: sum_e h_{c+1} dh = e^(b_C) sum_e h dh + column sums of
+  # k e^(b_C - b) (v dh^T).
+  hdh = h.astype(jnp.float32) * dh.astype(jnp.float32)
+  after = (jnp.sum(hdh, axis=1)[None, :] * jnp.exp(b_last) if per_channel else
+           s_decay * jnp.sum(hdh))
+  for j in range(n):
+    b_j, k_j = load_b(j), load_k(j)
+    dk = k_state(b_j) * dot(v_ref[rows[j], :], dh, dtype, trans_b=True)
+    after = after + (jnp.sum(k_j * dk, axis=0)[None, :] if per_channel else jnp.sum(k_j * dk))
+    db[j] = db[j] - k_j * dk
+    for i in range(j, n):
+      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
+      da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
+      q_op, k_op = (_rounded(x, dtype) for x in (load_q(i) * qf, k_j * kf))
+      part = dot(_rounded(da, dtype), q_op, dtype, trans_a=True)
+      dk = dk + part * kf
+      db[j] = db[j] - k_op * part
+    dk_ref[rows[j], :] = dk.astype(dk_ref.dtype)
+
+  # da_t = sum_{s >= t} dB_s: in-chunk reverse cumulative sum plus the part after the chunk.
+  if per_channel:
+    for i in reversed(range(n)):
+      db_ref[rows[i], :] = _reverse_cumsum(db[i], dtype) + after
+      after = after + jnp.sum(db[i], axis=0)[None, :]
+  else:  # n == 1
+    db_rows = jnp.sum(db[0], axis=1)
+    db_ref[...] = jnp.sum(jnp.where(_upper(sub), db_rows[None, :], 0.0), axis=1) + after
 
 
 # ------------------------------------------------------------------------------------------------
 # pallas_call wrappers. Arrays: q, k [B,T,H,Dk]; v, o [B,T,H,Dv]; b [B,T,H] or [B,T,H,Dk] (chunk-
-# local cumulative log-decay, float32); states [B,H,Dk,Dv] float32. T is a multiple of the chunk.
+# local cumulative log-decay, float32); states [B,H,NC,Dk,Dv]; a state [B,H,Dk,Dv] float32. T is a
+# multiple of the chunk.
 
 
-def _specs(shapes: dict, names, block_v: int):
-  """BlockSpecs over the grid (batch, head, Dv block) for the named operands."""
-  def seq(last, v_blocked):
-    return pl.BlockSpec((None, shapes["t"], None, last),
-                        lambda b, h, j: (b, 0, h, j if v_blocked else 0))
-
-  table = {
-      "qk": seq(shapes["dk"], False),
-      "v": seq(block_v, True),
-      "b": (pl.BlockSpec((None, shapes["t"], None, shapes["dk"]), lambda b, h, j: (b, 0, h, 0))
-            if shapes["per_channel"] else
-            pl.BlockSpec((None, shapes["t"], None), lambda b, h, j: (b, 0, h))),
-      "state": pl.BlockSpec((None, None, shapes["dk"], block_v), lambda b, h, j: (b, h, 0, j)),
-      "partial": pl.BlockSpec((None, None, shapes["t"], None, shapes["dk"]),
-                              lambda b, h, j: (j, b, 0, h, 0)),
-  }
-  return tuple(table[n] for n in names)
+def _params(launch: Launch):
+  return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _call(kernel, in_names, out_names, out_shape, q, v, b, config, interpret, **kw):
+def _state_pass(x, y, b, init, config, interpret, *, reverse, scale, states_dtype):
+  """(states [B,H,NC,Dk,Dv] in states_dtype, last carry [B,H,Dk,Dv] float32); see the kernel."""
+  batch, t, heads, dk = x.shape
+  dv = y.shape[-1]
+  bk, bv, chunk = config.state.block_k, config.state.block_v, config.chunk
+  num_chunks = t // chunk
+  per_channel = b.ndim == 4
+  b_spec = (pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)) if per_channel
+            else pl.BlockSpec((None, t, None), lambda i, h, kk, vv: (i, 0, h)))
+  state_spec = pl.BlockSpec((None, None, bk, bv), lambda i, h, kk, vv: (i, h, kk, vv))
+  return pl.pallas_call(
+      functools.partial(_state_pass_kernel, chunk=chunk, num_chunks=num_chunks, reverse=reverse,
+                        scale=scale, per_channel=per_channel, dtype=x.dtype),
+      grid=(batch, heads, dk // bk, dv // bv),
+      in_specs=(pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)),
+                pl.BlockSpec((None, t, None, bv), lambda i, h, kk, vv: (i, 0, h, vv)),
+                b_spec, state_spec),
+      out_specs=(pl.BlockSpec((None, None, num_chunks, bk, bv),
+                              lambda i, h, kk, vv: (i, h, 0, kk, vv)), state_spec),
+      out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), states_dtype),
+                 jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
+      compiler_params=_params(config.state),
+      interpret=interpret,
+  )(x, y, b, init)
+
+
+def _chunk_specs(chunk: int, dk: int, dv: int, per_channel: bool, block_v: int | None = None):
+  """BlockSpecs over a grid (batch, head, chunk[, Dv block]) for one chunk of each operand."""
+  def idx(*f):
+    return lambda i, h, c, *vv: f[0](i, h, c, vv[0] if vv else 0)
+  bv = block_v or dv
+  return dict(
+      qk=pl.BlockSpec((None, chunk, None, dk), idx(lambda i, h, c, j: (i, c, h, 0))),
+      v=pl.BlockSpec((None, chunk, None, bv), idx(lambda i, h, c, j: (i, c, h, j))),
+      b=(pl.BlockSpec((None, chunk, None, dk), idx(lambda i, h, c, j: (i, c, h, 0))) if per_channel
+         else pl.BlockSpec((None, chunk, None), idx(lambda i, h, c, j: (i, c, h)))),
+      state=pl.BlockSpec((None, None, None, dk, bv), idx(lambda i, h, c, j: (i, h, c, 0, j))),
+  )
+
+
+def _output(q, k, v, b, states, config, interpret, *, scale):
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
-  shapes = dict(t=t, dk=dk, per_channel=b.ndim == 4)
+  bv, chunk = config.output.block_v, config.chunk
+  per_channel = b.ndim == 4
+  specs = _chunk_specs(chunk, dk, dv, per_channel, bv)
   return pl.pallas_call(
-      functools.partial(kernel, chunk=config.chunk, num_chunks=t // config.chunk,
-                        per_channel=b.ndim == 4, dtype=q.dtype, **kw),
-      grid=(batch, heads, dv // config.block_v),
-      in_specs=_specs(shapes, in_names, config.block_v),
-      out_specs=_specs(shapes, out_names, config.block_v),
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
+      functools.partial(_output_kernel, sub=config.sub_chunk, scale=scale,
+                        per_channel=per_channel, dtype=q.dtype),
+      grid=(batch, heads, t // chunk, dv // bv),
+      in_specs=(specs["qk"], specs["qk"], specs["v"], specs["b"], specs["state"]),
+      out_specs=specs["v"],
+      out_shape=jax.ShapeDtypeStruct((batch, t, heads, dv), q.dtype),
+      compiler_params=_params(config.output),
       interpret=interpret,
-  )
+  )(q, k, v, b, states)
+
+
+def _grads(q, k, v, do, b, states, dstates, config, interpret, *, scale):
+  batch, t, heads, dk = q.shape
+  dv = v.shape[-1]
+  chunk = config.chunk
+  per_channel = b.ndim == 4
+  specs = _chunk_specs(chunk, dk, dv, per_channel)
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, sub=config.sub_chunk, scale=scale, per_channel=per_channel,
+                        dtype=q.dtype),
+      grid=(batch, heads, t // chunk),
+      in_specs=(specs["qk"], specs["qk"], specs["v"], specs["v"], specs["b"], specs["state"],
+                specs["state"]),
+      out_specs=(specs["qk"], specs["qk"], specs["v"], specs["b"]),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(b.shape, jnp.float32)),
+      compiler_params=_params(config.grad),
+      interpret=interpret,
+  )(q, k, v, do, b, states, dstates)
 
 
 def _chunk_cumsum(log_decay, chunk: int):
@@ -210,42 +393,21 @@ def _gla(q, k, v, log_decay, initial_state, scale, config, interpret):
 
 
 def _gla_forward(q, k, v, log_decay, initial_state, scale, config, interpret):
-  batch, t, heads, dk = q.shape
-  dv = v.shape[-1]
   b = _chunk_cumsum(log_decay, config.chunk)
-  o, final_state = _call(
-      _forward_kernel, ("qk", "qk", "v", "b", "state"), ("v", "state"),
-      (jax.ShapeDtypeStruct((batch, t, heads, dv), q.dtype),
-       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
-      q, v, b, config, interpret, scale=scale)(q, k, v, b, initial_state)
-  return (o, final_state), (q, k, v, log_decay, b, initial_state, final_state)
+  states, final_state = _state_pass(k, v, b, initial_state, config, interpret, reverse=False,
+                                    scale=1.0, states_dtype=q.dtype)
+  o = _output(q, k, v, b, states, config, interpret, scale=scale)
+  return (o, final_state), (q, k, v, log_decay, b, states)
 
 
 def _gla_backward(scale, config, interpret, residuals, cotangents):
-  q, k, v, log_decay, b, initial_state, final_state = residuals
+  q, k, v, log_decay, b, states = residuals
   do, dfinal = cotangents
-  batch, t, heads, dk = q.shape
-  dv = v.shape[-1]
-  num_v = dv // config.block_v
-  partial = jax.ShapeDtypeStruct((num_v, batch, t, heads, dk), jnp.float32)
   do = do.astype(q.dtype)
-  (dq,) = _call(_backward_dq_kernel, ("qk", "v", "b", "v", "state"), ("partial",), (partial,),
-                q, v, b, config, interpret, scale=scale)(k, v, b, do, initial_state)
-  dq = dq.sum(0)
-  dk_, dv_, dinitial = _call(
-      _backward_dkv_kernel, ("qk", "qk", "v", "b", "v", "state"), ("partial", "v", "state"),
-      (partial, jax.ShapeDtypeStruct(v.shape, v.dtype),
-       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
-      q, v, b, config, interpret, scale=scale)(q, k, v, b, do, dfinal)
-  dk_ = dk_.sum(0)
-
-  db = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk_       # [B,T,H,Dk]
-  final_term = jnp.sum(final_state * dfinal, axis=-1)                 # [B,H,Dk]
-  if log_decay.ndim == 3:
-    db, final_term = db.sum(-1), final_term.sum(-1)
-  dlog_decay = jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1) + final_term[:, None]
-  return (dq.astype(q.dtype), dk_.astype(k.dtype), dv_, dlog_decay.astype(log_decay.dtype),
-          dinitial)
+  dstates, dinitial = _state_pass(q, do, b, dfinal, config, interpret, reverse=True, scale=scale,
+                                  states_dtype=q.dtype)
+  dq, dk, dv, dlog_decay = _grads(q, k, v, do, b, states, dstates, config, interpret, scale=scale)
+  return dq, dk, dv, dlog_decay.astype(log_decay.dtype), dinitial
 
 
 _gla.defvjp(_gla_forward, _gla_backward)
@@ -269,7 +431,7 @@ def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,
   """
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
-  config = _config(log_decay.ndim == 4, batch, heads, dk, dv)
+  config = _fit(CONFIGS[(log_decay.ndim == 4, dk)], batch, heads, dk, dv)
   pad = (-t) % config.chunk
   if pad:
     q, k, v, log_decay = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))

@@ -43,8 +43,10 @@ def make_inputs(rng, per_channel, *, b=1, t=80, h=2, hk=2, gate_heads=2, d=64):
 
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("t,h,hk,gate_heads", [
-    (80, 2, 2, 2),    # T not a multiple of the chunk (64 scalar / 32 per-channel)
+    (80, 2, 2, 2),    # T not a multiple of the chunk (64)
     (64, 4, 2, 2),    # GQA, gates on kv heads
+    (20, 2, 2, 2),    # T shorter than one chunk
+    (317, 2, 1, 1),   # 5 chunks, the last one ragged
 ])
 def test_forward_matches_oracle_and_xla(rng, name, t, h, hk, gate_heads):
   op, per_channel = OPS[name]
@@ -82,11 +84,13 @@ def _loss(op, impl, ct, proj):
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_gradients_match_xla(rng, name):
-  """Every input, incl. the gate (the dB = q dq - k dk identity) and the initial state; GQA with
-  gates on kv heads and ragged T."""
+@pytest.mark.parametrize("t", [70, 20, 317])
+def test_gradients_match_xla(rng, name, t):
+  """Every input, incl. the gate (the dB = q dq - k dk identity, summed across chunks through the
+  states) and the initial state; GQA with gates on kv heads; ragged T, shorter than one chunk, and
+  5 chunks."""
   op, per_channel = OPS[name]
-  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=70, h=4, hk=2, gate_heads=2)
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=t, h=4, hk=2, gate_heads=2)
   ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
   grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
   grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
@@ -95,9 +99,12 @@ def test_gradients_match_xla(rng, name):
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_bf16_gradients_match_float64(rng, name):
+@pytest.mark.parametrize("t", [64, 200])
+def test_bf16_gradients_match_float64(rng, name, t):
+  """bf16 operands and bf16 stored chunk states; the decay gradient's cancelling sums stay at the
+  other gradients' ~3e-3."""
   op, per_channel = OPS[name]
-  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=64)
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=t)
   q, k, v = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, k, v))
   ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
   grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(
@@ -108,6 +115,26 @@ def test_bf16_gradients_match_float64(rng, name):
     grads_ref = [np.asarray(g) for g in grads_ref]
   for what, g, g_ref in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_ref):
     assert_rel_close(np.asarray(g, np.float32), g_ref, BF16_TOL, what)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_strong_decays(rng, name):
+  """Log-decays down to -5 per token: the per-channel kernel's off-diagonal blocks of A factor
+  e^(b_i - b_j) through the query block's first row (factors <= 1), the diagonal blocks through
+  their middle row; values against the oracle, gradients against xla."""
+  op, per_channel = OPS[name]
+  q, k, v, _, s0 = make_inputs(rng, per_channel, t=150)
+  gate = rng.uniform(-5.0, -0.01, size=(1, 150, 2, *((64,) if per_channel else ()))).astype(
+      np.float32)
+  o, s = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True, impl="pallas")
+  o_ref, s_ref = oracle(q, k, v, gate, 0.2, s0)
+  assert_rel_close(o, o_ref, F32_TOL, "o")
+  assert_rel_close(s, s_ref, F32_TOL, "final state")
+  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
+  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
+    assert_rel_close(g, g_xla, F32_TOL, what)
 
 
 def test_chunked_prefill_continues_state(rng):
