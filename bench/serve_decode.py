@@ -101,6 +101,14 @@ def step_tokens(engine: Engine) -> int:
   return sum(event.token is not None for event in engine.step())
 
 
+def dispatch_decode(engine: Engine, running, many: bool) -> None:
+  """Dispatches the engine's jitted decode (`many`: its multi-step decode) for the `running`
+  requests without recording anything (their positions do not advance)."""
+  decode = engine._decode_many if many else engine._decode
+  engine.cache, engine.last_tokens, *_ = decode(engine.variables, engine.cache, engine.last_tokens,
+                                                *engine._decode_args(running))
+
+
 def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,
                     top: int = 25) -> dict[str, float]:
   """GPU time per decode token (ms) of the `top` costliest kernels (by name) over `calls` calls of
@@ -170,10 +178,10 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
   start = time.perf_counter()
   many = decode_steps > 1
   for _ in range(steps):
-    engine._run_decode(running, many)
+    dispatch_decode(engine, running, many)
   jax.block_until_ready(engine.cache)
   device_ms = 1e3 * (time.perf_counter() - start) / (steps * decode_steps)
-  kernels = (profile_kernels(lambda: engine._run_decode(running, many), engine, steps,
+  kernels = (profile_kernels(lambda: dispatch_decode(engine, running, many), engine, steps,
                              decode_steps) if profile else None)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
   for request_id in ids:

@@ -16,9 +16,12 @@ Jitted functions update it:
   steps that have both: such a step costs one dispatch, and its device time is the decode's plus
   the piece's with nothing in between.
 
-All sample the next token on device (`sampling.sample_tokens`). A step dispatches its calls
-without waiting (JAX dispatch is asynchronous) and only then fetches the sampled tokens, so
-host-side work of the step overlaps the device. After `warmup()` no call compiles again;
+All sample the next token on device (`sampling.sample_tokens`) and keep each slot's latest sampled
+token in a device array (`last_tokens` [num_slots]) that a decode reads its input token from, so
+the host need not have fetched it. A step dispatches its calls, then fetches and records the
+tokens of the *previous* step while the device runs: the host's work (scheduling, dispatch, token
+bookkeeping, which on a GPU costs milliseconds per step) overlaps the device instead of adding
+to it, and events reach the caller one step late. After `warmup()` no call compiles again;
 `num_traces` counts the traces of the step functions.
 """
 
@@ -206,7 +209,8 @@ class Engine:
     has_attention = any(kind in ATTENTION_KINDS for kind in self.kinds)
     self.pool = PagePool(config.pool_pages, config.page_size) if has_attention else None
     tables = PageTables(self.pool, config.num_slots, config.pages_per_seq) if has_attention else None
-    self.scheduler = Scheduler(config.num_slots, chunk_size=config.chunk_size,
+    self.scheduler = Scheduler(config.num_slots, max_len=config.max_len,
+                               chunk_size=config.chunk_size,
                                token_budget=config.budget, tables=tables,
                                prefill_first=config.prefill_first)
     self.cache = init_engine_cache(self.model_config, config)
@@ -215,13 +219,13 @@ class Engine:
     self.num_traces = 0
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
     self.num_mixed_steps = 0  # jitted calls that ran a decode and a prefill piece together
-    # A dispatched multi-step decode whose tokens are not fetched yet: ((request, its slot) pairs,
-    # tokens [decode_steps, S], logprobs [decode_steps, S]).
-    self._in_flight: tuple[list[tuple[Request, int]], jax.Array, jax.Array] | None = None
-    self._decode = jax.jit(self._decode_fn, donate_argnums=1)
-    self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=1)
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
-    self._mixed = jax.jit(self._mixed_fn, donate_argnums=1)
+    self.last_tokens = jnp.zeros((config.num_slots,), jnp.int32)  # each slot's latest sample
+    # The previous step's results, not fetched yet: (request, row, tokens, logprobs) as `_process`.
+    self._pending: list[tuple[Request, int | None, jax.Array, jax.Array]] = []
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
+    self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=(1, 2))
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
+    self._mixed = jax.jit(self._mixed_fn, donate_argnums=(1, 2))
     self._reset = jax.jit(self._reset_fn, donate_argnums=0)
     self._requests: dict[int, Request] = {}
     self._outputs: dict[int, RequestOutput] = {}
@@ -243,10 +247,13 @@ class Engine:
     return tuple({k: c[k] for k in _POOL_KEYS} if kind in ATTENTION_KINDS else c
                  for kind, c in zip(self.kinds, layers))
 
-  def _decode_fn(self, variables, cache, tokens, positions, table, active, temperature, top_k,
-                 top_p, seeds, counters):
-    """One token for every slot: tokens/positions/active [S], table [S, pages_per_seq]."""
+  def _decode_fn(self, variables, cache, last, tokens, from_last, positions, table, active,
+                 temperature, top_k, top_p, seeds, counters):
+    """One token for every slot: last/tokens/from_last/positions/active [S], table
+    [S, pages_per_seq]. A row's input token is last[row] where from_last, else tokens[row];
+    returns (cache, last with the active rows' samples, samples [S], their log-probs [S])."""
     self.num_traces += 1
+    tokens = jnp.where(from_last, last, tokens)
     table = jnp.where(active[:, None], table, SCRATCH_PAGE)
     positions = jnp.where(active, positions, 0)
     model_cache = {"length": positions, "layers": self._attach_tables(cache, table)}
@@ -254,24 +261,27 @@ class Engine:
                                    cache=model_cache)
     new_cache = _select_rows(active, self._detach_tables(new["layers"]), cache)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
-    return new_cache, next_tokens, logprobs
+    return new_cache, jnp.where(active, next_tokens, last), next_tokens, logprobs
 
-  def _decode_many_fn(self, variables, cache, tokens, positions, table, active, temperature,
-                      top_k, top_p, seeds, counters):
-    """`decode_steps` decode steps (a scan of `_decode_fn`), each feeding its sampled tokens to
-    the next; returns (cache, tokens [steps, S], logprobs [steps, S])."""
+  def _decode_many_fn(self, variables, cache, last, tokens, from_last, positions, table, active,
+                      temperature, top_k, top_p, seeds, counters):
+    """`decode_steps` decode steps (a scan of `_decode_fn`), each reading its input tokens from
+    the previous one's samples; returns (cache, last, tokens [steps, S], logprobs [steps, S])."""
     def one(carry, _):
-      cache, tokens, positions, counters = carry
-      cache, tokens, logprobs = self._decode_fn(variables, cache, tokens, positions, table, active,
-                                                temperature, top_k, top_p, seeds, counters)
-      return (cache, tokens, positions + 1, counters + 1), (tokens, logprobs)
-    (cache, *_), (tokens, logprobs) = jax.lax.scan(
-        one, (cache, tokens, positions, counters), None, length=self.config.decode_steps)
-    return cache, tokens, logprobs
+      cache, last, from_last, positions, counters = carry
+      cache, last, tokens_, logprobs = self._decode_fn(
+          variables, cache, last, tokens, from_last, positions, table, active, temperature, top_k,
+          top_p, seeds, counters)
+      return (cache, last, jnp.ones_like(from_last), positions + 1, counters + 1), (tokens_,
+                                                                                    logprobs)
+    (cache, last, *_), (tokens, logprobs) = jax.lax.scan(
+        one, (cache, last, from_last, positions, counters), None, length=self.config.decode_steps)
+    return cache, last, tokens, logprobs
 
-  def _prefill_fn(self, variables, cache, slot, tokens, start, table_row, temperature, top_k,
+  def _prefill_fn(self, variables, cache, last, slot, tokens, start, table_row, temperature, top_k,
                   top_p, seeds, counters):
-    """tokens [1, C] of slot `slot` at positions start .. start + C - 1; table_row [1, pages]."""
+    """tokens [1, C] of slot `slot` at positions start .. start + C - 1; table_row [1, pages].
+    Returns (cache, last with the sample at `slot`, sample [], its log-prob [])."""
     self.num_traces += 1
     row = _take_row(cache, slot)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
@@ -279,18 +289,19 @@ class Engine:
     logits, new = self.model.apply(variables, tokens, positions=positions, cache=model_cache)
     cache = _put_row(cache, self._detach_tables(new["layers"]), slot)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
-    return cache, next_tokens[0], logprobs[0]
+    return cache, last.at[slot].set(next_tokens[0]), next_tokens[0], logprobs[0]
 
-  def _mixed_fn(self, variables, cache, decode_args, prefill_args):
-    """`_decode_fn` then `_prefill_fn` (their arguments after the cache, as tuples) in one call;
-    returns (cache, decode tokens [S], decode logprobs [S], prefill token [], prefill logprob [])."""
-    cache, tokens, logprobs = self._decode_fn(variables, cache, *decode_args)
+  def _mixed_fn(self, variables, cache, last, decode_args, prefill_args):
+    """`_decode_fn` then `_prefill_fn` (their arguments after `last`, as tuples) in one call;
+    returns (cache, last, decode tokens [S], decode logprobs [S], prefill token [], prefill
+    logprob [])."""
+    cache, last, tokens, logprobs = self._decode_fn(variables, cache, last, *decode_args)
     # The prefill writes the pools and states the decode read; without an order between those
     # reads and writes (the barrier makes the decode's results precede anything after it) XLA
     # copies the pools instead of updating them in place.
-    cache, tokens, logprobs = jax.lax.optimization_barrier((cache, tokens, logprobs))
-    cache, token, logprob = self._prefill_fn(variables, cache, *prefill_args)
-    return cache, tokens, logprobs, token, logprob
+    cache, last, tokens, logprobs = jax.lax.optimization_barrier((cache, last, tokens, logprobs))
+    cache, last, token, logprob = self._prefill_fn(variables, cache, last, *prefill_args)
+    return cache, last, tokens, logprobs, token, logprob
 
   def _reset_fn(self, cache, slot):
     """Clears slot `slot` (its pages are cleared by being rewritten before they are read)."""
@@ -313,24 +324,24 @@ class Engine:
         raise RuntimeError("warmup() must run before any request is submitted")
       slots = self.config.num_slots
       zeros = np.zeros((slots,), np.int32)
-      self.cache, tokens, _ = self._decode(
-          self.variables, self.cache, zeros, zeros, self._table(), np.ones((slots,), bool),
-          *self._sampling_arrays([None] * slots))
-      if self.config.decode_steps > 1:
-        self.cache, tokens, _ = self._decode_many(
-            self.variables, self.cache, zeros, zeros, self._table(), np.ones((slots,), bool),
-            *self._sampling_arrays([None] * slots))
+      for decode in [self._decode] + [self._decode_many] * (self.config.decode_steps > 1):
+        self.cache, self.last_tokens, *_ = decode(
+            self.variables, self.cache, self.last_tokens, zeros, np.zeros((slots,), bool), zeros,
+            self._table(), np.ones((slots,), bool), *self._sampling_arrays([None] * slots))
       inactive = np.zeros((slots,), bool)
       length = self.config.chunk_size
       while length >= 1:
         prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
                         self._table()[:1] * 0, *self._sampling_arrays([None]))
-        self.cache, tokens, _ = self._prefill(self.variables, self.cache, *prefill_args)
-        decode_args = (zeros, zeros, self._table(), inactive, *self._sampling_arrays([None] * slots))
-        self.cache, tokens, *_ = self._mixed(self.variables, self.cache, decode_args, prefill_args)
+        self.cache, self.last_tokens, *_ = self._prefill(self.variables, self.cache,
+                                                         self.last_tokens, *prefill_args)
+        decode_args = (zeros, inactive, zeros, self._table(), inactive,
+                       *self._sampling_arrays([None] * slots))
+        self.cache, self.last_tokens, *_ = self._mixed(self.variables, self.cache, self.last_tokens,
+                                                       decode_args, prefill_args)
         length //= 2
       self.cache = self._reset(self.cache, np.int32(0))
-      jax.block_until_ready(tokens)
+      jax.block_until_ready(self.last_tokens)
 
   def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
     """Queues a request; returns its id. Raises ValueError on a bad prompt or params."""
@@ -359,18 +370,17 @@ class Engine:
 
   def has_work(self) -> bool:
     with self._lock:
-      return self.scheduler.has_work() or self._in_flight is not None
+      return self.scheduler.has_work() or any(
+          request.status is not Status.FINISHED for request, *_ in self._pending)
 
   def step(self) -> list[StreamEvent]:
-    """Runs one scheduled step; returns the events (new tokens, ends) it produced.
+    """Runs one scheduled step; returns the events (new tokens, ends) of the step before it.
 
-    With `decode_steps` > 1, a step that starts a multi-step decode returns without its tokens;
-    the next step dispatches the following multi-step decode (when it can still run) before it
-    fetches and processes them, so that host work overlaps the device.
+    The step's calls are dispatched first; then the previous step's tokens are fetched and
+    recorded while the device runs this one (its decodes read their input tokens from the
+    device). A step with nothing to run only fetches.
     """
     with self._lock:
-      if self._in_flight is not None:
-        return self._continue_decoding()
       schedule = self.scheduler.schedule()
       for slot in schedule.resets:
         self.cache = self._reset(self.cache, np.int32(slot))
@@ -380,44 +390,33 @@ class Engine:
         (piece,) = pieces
         pieces = []
         self.num_mixed_steps += 1
-        self.cache, tokens, logprobs, token, logprob = self._mixed(
-            self.variables, self.cache, self._decode_args(schedule.decodes),
+        self.cache, self.last_tokens, tokens, logprobs, token, logprob = self._mixed(
+            self.variables, self.cache, self.last_tokens, self._decode_args(schedule.decodes),
             self._prefill_args(piece))
         results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
         if piece.completes:
           results.append((piece.request, None, token, logprob))
       elif schedule.decodes:
-        many = self.scheduler.extend_decodes(
-            schedule.decodes, self.config.decode_steps - 1, self.config.max_len)
-        tokens, logprobs = self._run_decode(schedule.decodes, many)
-        if many:
-          self._in_flight = ([(r, r.slot) for r in schedule.decodes], tokens, logprobs)
-        else:
-          results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
+        many = self.scheduler.extend_decodes(schedule.decodes, self.config.decode_steps - 1)
+        decode = self._decode_many if many else self._decode
+        self.num_multi_step_decodes += many
+        self.cache, self.last_tokens, tokens, logprobs = decode(
+            self.variables, self.cache, self.last_tokens, *self._decode_args(schedule.decodes))
+        results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
       for piece in pieces:
-        self.cache, token, logprob = self._prefill(self.variables, self.cache,
-                                                   *self._prefill_args(piece))
+        self.cache, self.last_tokens, token, logprob = self._prefill(
+            self.variables, self.cache, self.last_tokens, *self._prefill_args(piece))
         if piece.completes:
           results.append((piece.request, None, token, logprob))
-      return self._process(results)
-
-  def _continue_decoding(self) -> list[StreamEvent]:
-    """Dispatches the next multi-step decode of the in-flight one's requests when it can run
-    now (its first tokens are the in-flight call's last, still on device; a request that stops
-    in the in-flight call discards its share), then fetches and processes the in-flight tokens."""
-    rows, tokens, logprobs = self._in_flight  # rows: (request, its slot at dispatch)
-    self._in_flight = None
-    requests = [request for request, _ in rows]
-    ahead = self.config.decode_steps
-    if (all(r.status is Status.DECODE for r in requests)
-        and self.scheduler.extend_decodes(requests, ahead, self.config.max_len)):
-      next_tokens, next_logprobs = self._run_decode(requests, True, ahead=ahead,
-                                                    tokens=tokens[-1])
-      self._in_flight = (rows, next_tokens, next_logprobs)
-    return self._process([(request, slot, tokens, logprobs) for request, slot in rows])
+      for request, _, tokens, _ in results:
+        request.pending += tokens.shape[0] if tokens.ndim == 2 else 1
+        if request.status is Status.PREFILL:  # its prompt is in the cache: it decodes next
+          request.status = Status.DECODE
+      previous, self._pending = self._pending, results
+      return self._process(previous)
 
   def _process(self, results) -> list[StreamEvent]:
-    """Fetches the step's tokens, records them per request; returns the events produced."""
+    """Fetches a step's tokens, records them per request; returns the events produced."""
     fetched = {}
     now = self.clock()
     for request, row, tokens, logprobs in results:
@@ -426,7 +425,9 @@ class Engine:
       tokens, logprobs = fetched[id(tokens)]
       if row is not None:
         tokens, logprobs = tokens[..., row], logprobs[..., row]
-      for token, logprob in zip(np.atleast_1d(tokens), np.atleast_1d(logprobs)):
+      tokens, logprobs = np.atleast_1d(tokens), np.atleast_1d(logprobs)
+      request.pending -= len(tokens)
+      for token, logprob in zip(tokens, logprobs):
         self._append(request, int(token), float(logprob), now)  # ignored once it finished
     events = [event for events in self._events.values() for event in events]
     for request_id in self._events:
@@ -499,9 +500,9 @@ class Engine:
       return np.zeros((self.config.num_slots, self.config.pages_per_seq), np.int32)
     return self.scheduler.tables.table.copy()
 
-  def _sampling_arrays(self, requests: list[Request | None], ahead: int = 0):
+  def _sampling_arrays(self, requests: list[Request | None]):
     """(temperature, top_k, top_p, seeds, counters) arrays of the rows' requests (None: greedy);
-    `ahead` tokens not yet recorded count as generated."""
+    the counters count the pending tokens as generated."""
     temperature = np.zeros((len(requests),), np.float32)
     top_k = np.zeros((len(requests),), np.int32)
     top_p = np.ones((len(requests),), np.float32)
@@ -513,43 +514,32 @@ class Engine:
         top_k[i] = request.params.top_k
         top_p[i] = request.params.top_p
         seeds[i] = request.seed
-        counters[i] = len(request.generated) + ahead
+        counters[i] = len(request.generated) + request.pending
     return temperature, top_k, top_p, seeds, counters
 
-  def _decode_args(self, requests: list[Request], *, ahead: int = 0,
-                   tokens: jax.Array | None = None) -> tuple:
-    """The arguments of `_decode_fn` after the cache for one token of each request. `ahead`
-    tokens per request are decoded but not recorded yet, the last of them in `tokens` [S] (on
-    device)."""
+  def _decode_args(self, requests: list[Request]) -> tuple:
+    """The arguments of `_decode_fn` after `last` for one token of each request; a request with
+    pending tokens reads its input token from `last_tokens`."""
     slots = self.config.num_slots
-    last = np.zeros((slots,), np.int32)
+    tokens = np.zeros((slots,), np.int32)
+    from_last = np.zeros((slots,), bool)
     positions = np.zeros((slots,), np.int32)
     active = np.zeros((slots,), bool)
     rows: list[Request | None] = [None] * slots
     for request in requests:
-      last[request.slot] = request.tokens[-1]
-      positions[request.slot] = len(request.tokens) - 1 + ahead
+      tokens[request.slot] = request.tokens[-1]
+      from_last[request.slot] = request.pending > 0
+      positions[request.slot] = len(request.tokens) - 1 + request.pending
       active[request.slot] = True
       rows[request.slot] = request
-    return (last if tokens is None else tokens, positions, self._table(), active,
-            *self._sampling_arrays(rows, ahead))
+    return (tokens, from_last, positions, self._table(), active, *self._sampling_arrays(rows))
 
   def _prefill_args(self, piece: PrefillPiece) -> tuple:
-    """The arguments of `_prefill_fn` after the cache for one prefill piece."""
+    """The arguments of `_prefill_fn` after `last` for one prefill piece."""
     request = piece.request
     tokens = np.asarray([request.tokens[piece.start:piece.start + piece.length]], np.int32)
     return (np.int32(request.slot), tokens, np.int32(piece.start),
             self._table()[request.slot:request.slot + 1], *self._sampling_arrays([request]))
-
-  def _run_decode(self, requests: list[Request], many: bool = False, *, ahead: int = 0,
-                  tokens: jax.Array | None = None):
-    """Decodes one token (`many`: `decode_steps` tokens) for each request; returns the device
-    arrays (tokens, logprobs), [S] or [decode_steps, S]. `ahead` and `tokens` as `_decode_args`."""
-    decode = self._decode_many if many else self._decode
-    self.num_multi_step_decodes += many
-    self.cache, next_tokens, logprobs = decode(
-        self.variables, self.cache, *self._decode_args(requests, ahead=ahead, tokens=tokens))
-    return next_tokens, logprobs
 
   def _append(self, request: Request, token: int, logprob: float, now: float) -> None:
     """Records a sampled token and ends the request when it stops."""
@@ -557,7 +547,6 @@ class Engine:
       return
     request.tokens.append(token)
     request.logprobs.append(logprob)
-    request.status = Status.DECODE
     self._times[request.request_id].append(now)
     reason = None
     text_end = None

@@ -9,6 +9,13 @@ engine runs the decodes and that piece in one jitted call, so the step's time is
 most one `chunk_size` piece); a step without decodes fills the budget with as many pieces as fit.
 A long prompt therefore never stalls the decodes for more than one piece per token.
 
+Tokens sampled on the device but not yet fetched by the host count in `Request.pending`: the
+engine dispatches a step before it fetches the previous step's tokens, so a request may decode
+again while its last token is still on the device (its position and sampling counter include the
+pending tokens). A request whose pending tokens reach its `max_tokens` or the engine's `max_len`
+is not scheduled again; one that stops on a stop token is known only once fetched, so it may
+decode one step more, whose token is discarded.
+
 Pages: before a request computes tokens it must own pages for them. When the pool is short, the
 request preempts the most recently admitted request not yet scheduled in this step (its pages are
 freed and it goes back to the front of the queue to be recomputed from its prompt and the tokens
@@ -41,7 +48,8 @@ class Request:
   """One generation request and its progress.
 
   `tokens` is the prompt followed by the generated tokens; the cache of its slot holds the first
-  `num_computed` of them.
+  `num_computed` of them. `pending` more tokens were sampled on the device and are not in `tokens`
+  yet (the engine fetches them a step later).
   """
 
   request_id: int
@@ -57,10 +65,18 @@ class Request:
   admit_order: int = -1
   finish_reason: str | None = None
   num_preemptions: int = 0
+  pending: int = 0
 
   @property
   def generated(self) -> list[int]:
     return self.tokens[len(self.prompt):]
+
+  def will_decode(self, max_len: int) -> bool:
+    """Whether a decode step would produce a token this request keeps (not past its max_tokens
+    or max_len, counting its pending tokens)."""
+    return (self.status is Status.DECODE
+            and len(self.tokens) - len(self.prompt) + self.pending < self.params.max_tokens
+            and len(self.tokens) + self.pending < max_len)
 
 
 @dataclasses.dataclass
@@ -106,9 +122,10 @@ def power_of_two_pieces(n: int, max_piece: int) -> list[int]:
 class Scheduler:
   """Slots, the waiting queue and the page tables; see the module docstring."""
 
-  def __init__(self, num_slots: int, *, chunk_size: int, token_budget: int,
+  def __init__(self, num_slots: int, *, max_len: int, chunk_size: int, token_budget: int,
                tables: PageTables | None, prefill_first: bool = False):
     self.num_slots = num_slots
+    self.max_len = max_len
     self.chunk_size = chunk_size
     self.token_budget = token_budget
     self.tables = tables
@@ -137,7 +154,7 @@ class Scheduler:
     prefills: list[PrefillPiece] = []
     pending_prefill = any(r.status is Status.PREFILL for r in self.active)
     if not (self.prefill_first and pending_prefill):
-      for request in [r for r in self.active if r.status is Status.DECODE]:
+      for request in [r for r in self.active if r.will_decode(self.max_len)]:
         if request.slot is not None and self._reserve(request, request.num_computed + 1, scheduled):
           decodes.append(request)
           scheduled.add(request.request_id)
@@ -170,20 +187,20 @@ class Scheduler:
       piece.request.num_computed += piece.length
     return Schedule(resets, decodes, prefills)
 
-  def extend_decodes(self, decodes: list[Request], extra: int, max_len: int) -> bool:
+  def extend_decodes(self, decodes: list[Request], extra: int) -> bool:
     """Reserves `extra` more decode tokens for each of `decodes` when that can run now.
 
     Only the decodes of a step without prefills qualify (the caller checks that), with nothing
     waiting and nothing in prefill (more decode tokens would delay an admission or a prefill),
-    every request keeping its positions below `max_len`, and pages for the extra tokens free
-    without preempting anyone. On success each request's `num_computed` counts the extra tokens;
-    returns whether it succeeded.
+    every request keeping its positions below the engine's `max_len`, and pages for the extra
+    tokens free without preempting anyone. On success each request's `num_computed` counts the
+    extra tokens; returns whether it succeeded.
     """
     if extra < 1 or not decodes or self.waiting:
       return False
     if any(r.status is Status.PREFILL for r in self.active):
       return False
-    if any(r.num_computed + extra > max_len for r in decodes):
+    if any(r.num_computed + extra > self.max_len for r in decodes):
       return False
     if self.tables is not None and not all(
         self.tables.ensure(r.slot, r.num_computed + extra) for r in decodes):

@@ -124,6 +124,23 @@ def test_multi_step_decode_matches_single_steps(rng, pattern):
     assert engine.pool.num_free == engine.pool.capacity, "pages leaked"
 
 
+def test_steps_dispatch_before_fetching(rng):
+  """A step dispatches its calls, then fetches the previous step's tokens: a request decodes its
+  next token while the one before is still on the device (its input is read there)."""
+  engine = warm_engine(("rat", "local"))
+  prompt = list(rng.integers(0, 64, size=3))
+  expected = engine.generate([prompt], SamplingParams(max_tokens=4))[0].tokens
+  request_id = engine.submit(prompt, SamplingParams(max_tokens=4))
+  request = engine._requests[request_id]
+  assert engine.step() == []  # the prompt ran; its sampled token is still on the device
+  assert request.pending == 1 and not request.generated
+  events = engine.step()  # the first decode was dispatched before the first token was fetched
+  assert [e.token for e in events] == expected[:1] and request.pending == 1
+  while engine.has_work():
+    engine.step()
+  assert engine.pop_output(request_id).tokens == expected and request.pending == 0
+
+
 def test_preemption_under_page_pressure(rng):
   # 3 slots of up to 8 pages each share 11 pages: requests are preempted and recomputed.
   engine = warm_engine(("attention",), num_pages=12)

@@ -35,7 +35,7 @@ def test_page_pool_alloc_free():
 
 
 def test_budget_puts_decodes_first_then_one_prefill_piece():
-  scheduler = Scheduler(2, chunk_size=8, token_budget=7, tables=None)
+  scheduler = Scheduler(2, max_len=64, chunk_size=8, token_budget=7, tables=None)
   params = SamplingParams(max_tokens=4)
   running = Request(0, [1, 2], params, 0, 0.0, tokens=[1, 2])
   scheduler.add(running)
