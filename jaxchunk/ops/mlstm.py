@@ -120,8 +120,9 @@ def _chunk_states(k, v, a, g, resets, state: MLSTMState):
 
   k [B,H,N,L,Dk], v [B,H,N,L,Dv]; a [B,H,N,L] the log weight of each token in its end-of-chunk
   state (-inf for tokens not in it); g [B,H,N] the log weight in it of the state the chunk starts
-  from (its total log forget gate); resets [B,N] bool: the chunk starts from the empty state
-  instead of the carried-in one (a document starts inside it).
+  from (the chunk's total log forget gate, or the sum from its last document's start); resets
+  [B,N] bool: the chunk starts from the empty state instead of the carried-in one (a document
+  starts inside it).
   Returns ((C [B,H,N,Dk,Dv], n [B,H,N,Dk], m [B,H,N]), final_state).
   """
 
@@ -149,9 +150,9 @@ def _document_cumsum(x, doc):
   """
   total = jnp.cumsum(x, axis=-1)
   positions = jnp.arange(x.shape[-1])
-  first = lax.cummax(jnp.where(jnp.diff(doc, axis=-1, prepend=0) != 0, positions, 0),
-                     axis=doc.ndim - 1)
-  before = jnp.take_along_axis(total - x, jnp.broadcast_to(first, x.shape), axis=-1)
+  doc_start = lax.cummax(jnp.where(jnp.diff(doc, axis=-1, prepend=0) != 0, positions, 0),
+                         axis=doc.ndim - 1)  # position of the first token of each token's document
+  before = jnp.take_along_axis(total - x, jnp.broadcast_to(doc_start, x.shape), axis=-1)
   return total - before
 
 
