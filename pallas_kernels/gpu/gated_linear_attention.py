@@ -81,19 +81,20 @@ class Config:
   sub_chunk: int    # rows per block of the in-chunk matrix A (per-channel decay; = chunk for scalar)
   state: Launch     # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
   output: Launch    # forward output (grid: batch, head, chunk, Dv block)
-  grad: Launch      # dq, dk, dv and the decay gradient (grid: batch, head, chunk)
+  grad: Launch      # dq, dk, dv, decay gradient (grid: batch, head, chunk, Dk / block_k splits)
 
 
-# Per (per-channel decay, head_dim_k); `_fit` narrows the state pass's blocks for small grids.
+# Per (per-channel decay, head_dim_k); `_fit` clips the blocks to the head dims and narrows the
+# state pass's blocks for small grids.
 CONFIGS = {
     (False, 64): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
-                        output=Launch(4, 1, block_v=64), grad=Launch(4)),
-    (False, 128): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
-                         output=Launch(4, 1, block_v=64), grad=Launch(8)),
+                        output=Launch(4, 1, block_v=64), grad=Launch(4, 1, block_k=64)),
+    (False, 128): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 128),
+                         output=Launch(4, 1, block_v=128), grad=Launch(8, 1, block_k=64)),
     (True, 64): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 64),
-                       output=Launch(4, 1, block_v=64), grad=Launch(4)),
-    (True, 128): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 64),
-                        output=Launch(4, 1, block_v=64), grad=Launch(8)),
+                       output=Launch(4, 1, block_v=64), grad=Launch(4, 1, block_k=64)),
+    (True, 128): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 128),
+                        output=Launch(4, 1, block_v=128), grad=Launch(8, 1, block_k=64)),
 }
 
 
@@ -108,7 +109,8 @@ def _fit(config: Config, batch: int, heads: int, dk: int, dv: int) -> Config:
       bk //= 2
   return dataclasses.replace(
       config, state=dataclasses.replace(config.state, block_k=bk, block_v=bv),
-      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)))
+      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)),
+      grad=dataclasses.replace(config.grad, block_k=min(config.grad.block_k, dk)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,33 +154,53 @@ def _rounded(x, dtype):
   return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
 
 
-def _upper(n: int):
-  """[n, n] boolean, True on and above the diagonal (column s >= row t)."""
-  return lax.broadcasted_iota(jnp.int32, (n, n), 1) >= lax.broadcasted_iota(jnp.int32, (n, n), 0)
-
-
-def _reverse_cumsum(x, dtype):
-  """sum_{s >= t} x_s along the rows of float32 x [n, Dk], as a matmul by a triangular 0/1 matrix;
-  with bf16 inputs x is split into three bf16 terms (exact to float32 rounding)."""
-  upper = jnp.where(_upper(x.shape[0]), 1.0, 0.0)
+def _triangular_sum(x, dtype, *, reverse: bool):
+  """Inclusive cumulative sum of float32 x along its rows ([n] or [n, D]), from the first row or
+  (reverse) from the last. [n]: a masked [n, n] sum; [n, D]: a matmul by a triangular 0/1 matrix,
+  x split into three bf16 terms with bf16 inputs (exact to float32 rounding)."""
+  n = x.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  mask = cols >= rows if reverse else cols <= rows
+  if x.ndim == 1:
+    return jnp.sum(jnp.where(mask, x[None, :], 0.0), axis=1)
+  tri = jnp.where(mask, 1.0, 0.0)
   if dtype == jnp.float32:
-    return dot(upper, x, dtype)
+    return dot(tri, x, dtype)
   total = 0.0
   for _ in range(3):
     part = _rounded(x, dtype)
-    total = total + dot(upper, part, dtype)
+    total = total + dot(tri, part, dtype)
     x = x - part
   return total
+
+
+def _decay_loader(g_ref, sub: int, dtype, cols=slice(None)):
+  """load(i) -> b for rows [i * sub, (i + 1) * sub) of the chunk in g_ref ([C] or [C, D] raw
+  log-decays; `cols` of D): their cumulative sum from the chunk start, in float32. Each block is
+  computed once per loader."""
+  def raw(j):
+    rows = pl.ds(j * sub, sub)
+    return (g_ref[rows] if g_ref.ndim == 1 else g_ref[rows, cols]).astype(jnp.float32)
+
+  @functools.cache
+  def load(i):
+    b = _triangular_sum(raw(i), dtype, reverse=False)
+    for j in range(i):
+      before = jnp.sum(raw(j), axis=0)
+      b = b + (before if g_ref.ndim == 1 else before[None, :])
+    return b
+  return load
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernels.
 
 
-def _state_pass_kernel(x_ref, y_ref, b_ref, init_ref, states_ref, last_ref, *, chunk, num_chunks,
+def _state_pass_kernel(x_ref, y_ref, g_ref, init_ref, states_ref, last_ref, *, chunk, num_chunks,
                        reverse, scale, per_channel, dtype):
-  """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV], b [T] or [T, BK]; init, last
-  [BK, BV] float32; states [NC, BK, BV].
+  """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV], g [T] or [T, BK] (log-decays);
+  init, last [BK, BV] float32; states [NC, BK, BV].
 
   Forward (x = k, y = v): stores the state at each chunk start, then h <- e^(b_C) h +
   (k e^(b_C - b))^T v. Reverse (x = q, y = do): walks the chunks backwards storing the gradient of
@@ -188,7 +210,7 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, init_ref, states_ref, last_ref, *, c
     c = num_chunks - 1 - i if reverse else i
     states_ref[c] = carry.astype(states_ref.dtype)
     rows = pl.ds(c * chunk, chunk)
-    b = b_ref[rows, ...].astype(jnp.float32)
+    b = _triangular_sum(g_ref[rows, ...].astype(jnp.float32), dtype, reverse=False)
     b_last, decay = _last(b, per_channel)
     factor = scale * jnp.exp(b) if reverse else jnp.exp(b_last - b)
     x = x_ref[rows, :].astype(jnp.float32) * _col(factor, per_channel)
@@ -197,65 +219,65 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, init_ref, states_ref, last_ref, *, c
   last_ref[...] = lax.fori_loop(0, num_chunks, body, init_ref[...].astype(jnp.float32))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, sub, scale, per_channel, dtype):
-  """Per (batch, head, chunk, Dv block): q, k [C, Dk], v, o [C, BV], b [C] or [C, Dk], h [Dk, BV]:
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, sub, scale, per_channel, dtype):
+  """Per (batch, head, chunk, Dv block): q, k [C, Dk], v, o [C, BV], g [C] or [C, Dk], h [Dk, BV]:
   o = (q e^b) h + mask(A) v, by blocks of `sub` query rows."""
-  h = h_ref[...]
-  def load(i):
-    rows = pl.ds(i * sub, sub)
-    return rows, q_ref[rows, :].astype(jnp.float32) * scale, b_ref[rows, ...].astype(jnp.float32)
-
+  load_b = _decay_loader(g_ref, sub, dtype)
   for i in range(q_ref.shape[0] // sub):
-    rows_i, q_i, b_i = load(i)
-    o = dot(q_i * jnp.exp(_col(b_i, per_channel)), h, dtype)
+    rows_i = pl.ds(i * sub, sub)
+    q_i, b_i = q_ref[rows_i, :].astype(jnp.float32) * scale, load_b(i)
+    o = dot(q_i * jnp.exp(_col(b_i, per_channel)), h_ref[...], dtype)
     for j in range(i + 1):
       rows_j = pl.ds(j * sub, sub)
-      b_j = b_i if j == i else b_ref[rows_j, ...].astype(jnp.float32)
-      qf, kf, weight = _intra_factors(b_i, b_j, j == i, per_channel)
+      qf, kf, weight = _intra_factors(b_i, load_b(j), j == i, per_channel)
       a = weight(dot(q_i * qf, k_ref[rows_j, :].astype(jnp.float32) * kf, dtype, trans_b=True))
       o = o + dot(a, v_ref[rows_j, :], dtype)
     o_ref[rows_i, :] = o.astype(o_ref.dtype)
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref,
+def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref,
                  *, sub, scale, per_channel, dtype):
-  """Per (batch, head, chunk): q, k, dq, dk [C, Dk]; v, do, dv [C, Dv]; b, db [C] or [C, Dk];
-  h (state at the chunk start), dh (gradient of the state at its end) [Dk, Dv].
+  """Per (batch, head, chunk, column block s): q, k [C, Dk]; v, do [C, Dv]; g [C] or [C, Dk]; h
+  (state at the chunk start), dh (gradient of the state at its end) [Dk, Dv]; outputs of column
+  block s: dq, dk [C, BK], dv [C, BV], db [C, BK] per channel or [C] (this block's share).
 
   dq, dk, dv of the chunk and the gradient of the per-token log-decays (see the module docstring),
   by blocks of `sub` rows, one output block at a time (operands are re-read, not kept live). dq
   and dk below are the gradients w.r.t. scale * q and k.
   """
   n = q_ref.shape[0] // sub
+  bk, bv = dq_ref.shape[1], dv_ref.shape[1]
+  kc = pl.ds(pl.program_id(3) * bk, bk)   # this program's key columns
+  vc = pl.ds(pl.program_id(3) * bv, bv)   # and value columns
   rows = [pl.ds(i * sub, sub) for i in range(n)]
-  load_q = lambda i: q_ref[rows[i], :].astype(jnp.float32) * scale
-  load_k = lambda i: k_ref[rows[i], :].astype(jnp.float32)
-  load_b = lambda i: b_ref[rows[i], ...].astype(jnp.float32)
-  b_last, s_decay = _last(load_b(n - 1), per_channel)
-  k_state = lambda b_i: jnp.exp(_col(b_last - b_i, per_channel))
-  h, dh = h_ref[...], dh_ref[...]
+  load_q = lambda i, cols=slice(None): q_ref[rows[i], cols].astype(jnp.float32) * scale
+  load_k = lambda i, cols=slice(None): k_ref[rows[i], cols].astype(jnp.float32)
 
-  # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j.
+  # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j (A over all key columns).
+  load_b = _decay_loader(g_ref, sub, dtype)
+  b_last, _ = _last(load_b(n - 1), per_channel)
   for j in range(n):
-    k_j = load_k(j)
-    dv = dot(k_j * k_state(load_b(j)), dh, dtype)
+    b_j, k_j = load_b(j), load_k(j)
+    dv = dot(k_j * jnp.exp(_col(b_last - b_j, per_channel)), dh_ref[:, vc], dtype)
     for i in range(j, n):
-      b_i, b_j = load_b(i), load_b(j)
-      qf, kf, weight = _intra_factors(b_i, b_j, i == j, per_channel)
+      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
       a = weight(dot(load_q(i) * qf, k_j * kf, dtype, trans_b=True))
-      dv = dv + dot(a, do_ref[rows[i], :], dtype, trans_a=True)
+      dv = dv + dot(a, do_ref[rows[i], vc], dtype, trans_a=True)
     dv_ref[rows[j], :] = dv.astype(dv_ref.dtype)
 
-  # dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i; dB's query part.
+  # dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i (dA over all value
+  # columns); dB's query part.
+  load_b = _decay_loader(g_ref, sub, dtype, kc if per_channel else slice(None))
   db = []
   for i in range(n):
-    b_i, q_i = load_b(i), load_q(i)
-    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h, dtype, trans_b=True)
+    b_i, q_i = load_b(i), load_q(i, kc)
+    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h_ref[kc, :], dtype,
+                                                trans_b=True)
     db_i = q_i * dq
     for j in range(i + 1):
       qf, kf, weight = _intra_factors(b_i, load_b(j), i == j, per_channel)
       da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
-      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j) * kf))
+      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j, kc) * kf))
       part = dot(_rounded(da, dtype), k_op, dtype)
       dq = dq + part * qf
       db_i = db_i + q_op * part
@@ -265,51 +287,49 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref, dk_r
   # dk = e^(b_C - b) (v dh^T) + (dA^T q e^(b - r)) e^(r - b), per key block j; dB's key part, and
   # the part of da after the chunk: sum_e h_{c+1} dh = e^(b_C) sum_e h dh + column sums of
   # k e^(b_C - b) (v dh^T).
-  hdh = h.astype(jnp.float32) * dh.astype(jnp.float32)
+  b_last, s_decay = _last(load_b(n - 1), per_channel)
+  hdh = h_ref[kc, :].astype(jnp.float32) * dh_ref[kc, :].astype(jnp.float32)
   after = (jnp.sum(hdh, axis=1)[None, :] * jnp.exp(b_last) if per_channel else
            s_decay * jnp.sum(hdh))
   for j in range(n):
-    b_j, k_j = load_b(j), load_k(j)
-    dk = k_state(b_j) * dot(v_ref[rows[j], :], dh, dtype, trans_b=True)
+    b_j, k_j = load_b(j), load_k(j, kc)
+    dk = jnp.exp(_col(b_last - b_j, per_channel)) * dot(v_ref[rows[j], :], dh_ref[kc, :], dtype,
+                                                         trans_b=True)
     after = after + (jnp.sum(k_j * dk, axis=0)[None, :] if per_channel else jnp.sum(k_j * dk))
     db[j] = db[j] - k_j * dk
     for i in range(j, n):
       qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
       da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
-      q_op, k_op = (_rounded(x, dtype) for x in (load_q(i) * qf, k_j * kf))
+      q_op, k_op = (_rounded(x, dtype) for x in (load_q(i, kc) * qf, k_j * kf))
       part = dot(_rounded(da, dtype), q_op, dtype, trans_a=True)
       dk = dk + part * kf
       db[j] = db[j] - k_op * part
     dk_ref[rows[j], :] = dk.astype(dk_ref.dtype)
 
   # da_t = sum_{s >= t} dB_s: in-chunk reverse cumulative sum plus the part after the chunk.
-  if per_channel:
-    for i in reversed(range(n)):
-      db_ref[rows[i], :] = _reverse_cumsum(db[i], dtype) + after
-      after = after + jnp.sum(db[i], axis=0)[None, :]
-  else:  # n == 1
-    db_rows = jnp.sum(db[0], axis=1)
-    db_ref[...] = jnp.sum(jnp.where(_upper(sub), db_rows[None, :], 0.0), axis=1) + after
+  for i in reversed(range(n)):
+    db_i = db[i] if per_channel else jnp.sum(db[i], axis=1)
+    db_ref[rows[i], ...] = _triangular_sum(db_i, dtype, reverse=True) + after
+    after = after + (jnp.sum(db_i, axis=0)[None, :] if per_channel else jnp.sum(db_i))
 
 
 # ------------------------------------------------------------------------------------------------
-# pallas_call wrappers. Arrays: q, k [B,T,H,Dk]; v, o [B,T,H,Dv]; b [B,T,H] or [B,T,H,Dk] (chunk-
-# local cumulative log-decay, float32); states [B,H,NC,Dk,Dv]; a state [B,H,Dk,Dv] float32. T is a
-# multiple of the chunk.
+# pallas_call wrappers. Arrays: q, k [B,T,H,Dk]; v, o [B,T,H,Dv]; g [B,T,H] or [B,T,H,Dk] (log-
+# decays); states [B,H,NC,Dk,Dv]; a state [B,H,Dk,Dv] float32. T is a multiple of the chunk.
 
 
 def _params(launch: Launch):
   return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _state_pass(x, y, b, init, config, interpret, *, reverse, scale, states_dtype):
+def _state_pass(x, y, g, init, config, interpret, *, reverse, scale, states_dtype):
   """(states [B,H,NC,Dk,Dv] in states_dtype, last carry [B,H,Dk,Dv] float32); see the kernel."""
   batch, t, heads, dk = x.shape
   dv = y.shape[-1]
   bk, bv, chunk = config.state.block_k, config.state.block_v, config.chunk
   num_chunks = t // chunk
-  per_channel = b.ndim == 4
-  b_spec = (pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)) if per_channel
+  per_channel = g.ndim == 4
+  g_spec = (pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)) if per_channel
             else pl.BlockSpec((None, t, None), lambda i, h, kk, vv: (i, 0, h)))
   state_spec = pl.BlockSpec((None, None, bk, bv), lambda i, h, kk, vv: (i, h, kk, vv))
   return pl.pallas_call(
@@ -318,73 +338,73 @@ def _state_pass(x, y, b, init, config, interpret, *, reverse, scale, states_dtyp
       grid=(batch, heads, dk // bk, dv // bv),
       in_specs=(pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)),
                 pl.BlockSpec((None, t, None, bv), lambda i, h, kk, vv: (i, 0, h, vv)),
-                b_spec, state_spec),
+                g_spec, state_spec),
       out_specs=(pl.BlockSpec((None, None, num_chunks, bk, bv),
                               lambda i, h, kk, vv: (i, h, 0, kk, vv)), state_spec),
       out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), states_dtype),
                  jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
       compiler_params=_params(config.state),
       interpret=interpret,
-  )(x, y, b, init)
+  )(x, y, g, init)
 
 
-def _chunk_specs(chunk: int, dk: int, dv: int, per_channel: bool, block_v: int | None = None):
-  """BlockSpecs over a grid (batch, head, chunk[, Dv block]) for one chunk of each operand."""
-  def idx(*f):
-    return lambda i, h, c, *vv: f[0](i, h, c, vv[0] if vv else 0)
-  bv = block_v or dv
-  return dict(
-      qk=pl.BlockSpec((None, chunk, None, dk), idx(lambda i, h, c, j: (i, c, h, 0))),
-      v=pl.BlockSpec((None, chunk, None, bv), idx(lambda i, h, c, j: (i, c, h, j))),
-      b=(pl.BlockSpec((None, chunk, None, dk), idx(lambda i, h, c, j: (i, c, h, 0))) if per_channel
-         else pl.BlockSpec((None, chunk, None), idx(lambda i, h, c, j: (i, c, h)))),
-      state=pl.BlockSpec((None, None, None, dk, bv), idx(lambda i, h, c, j: (i, h, c, 0, j))),
-  )
+def _chunk_spec(chunk: int, width: int | None, blocked: bool = False):
+  """BlockSpec of one chunk of a [B,T,H(,width)] array over a grid (batch, head, chunk[, column
+  block]): all columns, or (blocked) the program's column block of `width`."""
+  if width is None:
+    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *s: (i, c, h))
+  return pl.BlockSpec((None, chunk, None, width),
+                      lambda i, h, c, *s: (i, c, h, s[0] if blocked else 0))
 
 
-def _output(q, k, v, b, states, config, interpret, *, scale):
+def _output(q, k, v, g, states, config, interpret, *, scale):
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   bv, chunk = config.output.block_v, config.chunk
-  per_channel = b.ndim == 4
-  specs = _chunk_specs(chunk, dk, dv, per_channel, bv)
+  per_channel = g.ndim == 4
+  v_spec = _chunk_spec(chunk, bv, blocked=True)
   return pl.pallas_call(
       functools.partial(_output_kernel, sub=config.sub_chunk, scale=scale,
                         per_channel=per_channel, dtype=q.dtype),
       grid=(batch, heads, t // chunk, dv // bv),
-      in_specs=(specs["qk"], specs["qk"], specs["v"], specs["b"], specs["state"]),
-      out_specs=specs["v"],
+      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), v_spec,
+                _chunk_spec(chunk, dk if per_channel else None),
+                pl.BlockSpec((None, None, None, dk, bv), lambda i, h, c, j: (i, h, c, 0, j))),
+      out_specs=v_spec,
       out_shape=jax.ShapeDtypeStruct((batch, t, heads, dv), q.dtype),
       compiler_params=_params(config.output),
       interpret=interpret,
-  )(q, k, v, b, states)
+  )(q, k, v, g, states)
 
 
-def _grads(q, k, v, do, b, states, dstates, config, interpret, *, scale):
+def _grads(q, k, v, do, g, states, dstates, config, interpret, *, scale):
+  """(dq, dk, dv, dg): dg [B,T,H,Dk] per channel, or [B,T,H] summed over the column blocks."""
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
-  chunk = config.chunk
-  per_channel = b.ndim == 4
-  specs = _chunk_specs(chunk, dk, dv, per_channel)
-  return pl.pallas_call(
+  chunk, splits = config.chunk, dk // config.grad.block_k
+  bk, bv = dk // splits, dv // splits
+  per_channel = g.ndim == 4
+  state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c, s: (i, h, c, 0, 0))
+  db_spec, db_shape = (
+      (_chunk_spec(chunk, bk, blocked=True), g.shape) if per_channel else
+      (pl.BlockSpec((None, None, chunk, None), lambda i, h, c, s: (s, i, c, h)),
+       (splits, *g.shape)))
+  dq, dk_, dv_, dg = pl.pallas_call(
       functools.partial(_grad_kernel, sub=config.sub_chunk, scale=scale, per_channel=per_channel,
                         dtype=q.dtype),
-      grid=(batch, heads, t // chunk),
-      in_specs=(specs["qk"], specs["qk"], specs["v"], specs["v"], specs["b"], specs["state"],
-                specs["state"]),
-      out_specs=(specs["qk"], specs["qk"], specs["v"], specs["b"]),
+      grid=(batch, heads, t // chunk, splits),
+      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
+                _chunk_spec(chunk, dv), _chunk_spec(chunk, dk if per_channel else None),
+                state_spec, state_spec),
+      out_specs=(_chunk_spec(chunk, bk, blocked=True), _chunk_spec(chunk, bk, blocked=True),
+                 _chunk_spec(chunk, bv, blocked=True), db_spec),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(b.shape, jnp.float32)),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(db_shape, jnp.float32)),
       compiler_params=_params(config.grad),
       interpret=interpret,
-  )(q, k, v, do, b, states, dstates)
-
-
-def _chunk_cumsum(log_decay, chunk: int):
-  """Chunk-local inclusive cumulative sum along T of [B,T,H(,Dk)] log-decays, in float32."""
-  shape = log_decay.shape
-  x = log_decay.astype(jnp.float32).reshape(shape[0], shape[1] // chunk, chunk, *shape[2:])
-  return jnp.cumsum(x, axis=2).reshape(shape)
+  )(q, k, v, do, g, states, dstates)
+  return dq, dk_, dv_, (dg if per_channel else dg.sum(0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -393,20 +413,20 @@ def _gla(q, k, v, log_decay, initial_state, scale, config, interpret):
 
 
 def _gla_forward(q, k, v, log_decay, initial_state, scale, config, interpret):
-  b = _chunk_cumsum(log_decay, config.chunk)
-  states, final_state = _state_pass(k, v, b, initial_state, config, interpret, reverse=False,
-                                    scale=1.0, states_dtype=q.dtype)
-  o = _output(q, k, v, b, states, config, interpret, scale=scale)
-  return (o, final_state), (q, k, v, log_decay, b, states)
+  states, final_state = _state_pass(k, v, log_decay, initial_state, config, interpret,
+                                    reverse=False, scale=1.0, states_dtype=q.dtype)
+  o = _output(q, k, v, log_decay, states, config, interpret, scale=scale)
+  return (o, final_state), (q, k, v, log_decay, states)
 
 
 def _gla_backward(scale, config, interpret, residuals, cotangents):
-  q, k, v, log_decay, b, states = residuals
+  q, k, v, log_decay, states = residuals
   do, dfinal = cotangents
   do = do.astype(q.dtype)
-  dstates, dinitial = _state_pass(q, do, b, dfinal, config, interpret, reverse=True, scale=scale,
-                                  states_dtype=q.dtype)
-  dq, dk, dv, dlog_decay = _grads(q, k, v, do, b, states, dstates, config, interpret, scale=scale)
+  dstates, dinitial = _state_pass(q, do, log_decay, dfinal, config, interpret, reverse=True,
+                                  scale=scale, states_dtype=q.dtype)
+  dq, dk, dv, dlog_decay = _grads(q, k, v, do, log_decay, states, dstates, config, interpret,
+                                  scale=scale)
   return dq, dk, dv, dlog_decay.astype(log_decay.dtype), dinitial
 
 
