@@ -8,8 +8,8 @@ token, or one per key channel):
 
 Design (FLA's `chunk` algorithm): the sequence is cut into chunks of C tokens; only the pass that
 carries the state from chunk to chunk is sequential, and it does one small matmul per chunk. With b
-the cumulative log-decay from the chunk start (inclusive, computed outside the kernels), b_C its
-last row and h the state at the chunk start:
+the cumulative log-decay from the chunk start (inclusive; each kernel sums the raw log-decays of its
+chunk), b_C its last row and h the state at the chunk start:
 
   state pass (grid: batch, head, Dk block, Dv block; walks the chunks in order):
       stores h_c for every chunk, then h <- e^(b_C) h + (k * e^(b_C - b))^T v;
@@ -81,20 +81,23 @@ class Config:
   sub_chunk: int    # rows per block of the in-chunk matrix A (per-channel decay; = chunk for scalar)
   state: Launch     # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
   output: Launch    # forward output (grid: batch, head, chunk, Dv block)
-  grad: Launch      # dq, dk, dv, decay gradient (grid: batch, head, chunk, Dk / block_k splits)
+  grad: Launch      # dq, dk, dv and the decay gradient (grid: batch, head, chunk)
 
 
 # Per (per-channel decay, head_dim_k); `_fit` clips the blocks to the head dims and narrows the
-# state pass's blocks for small grids.
+# state pass's blocks for small grids. The head_dim 128 launches won H100 sweeps at B=8, T=8K, H=16
+# (bench/results/linear_kernels-2026-11-24.md): state 64x128 blocks beat 64x64 (simple GLA fwd +
+# rev 0.98 vs 1.70 ms), output Dv blocks of 128 beat 64 and 8 warps, and the gradient kernel with 8
+# warps over whole head dims beat 4 warps and splitting it over 64-column blocks.
 CONFIGS = {
     (False, 64): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
-                        output=Launch(4, 1, block_v=64), grad=Launch(4, 1, block_k=64)),
+                        output=Launch(4, 1, block_v=64), grad=Launch(4)),
     (False, 128): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 128),
-                         output=Launch(4, 1, block_v=128), grad=Launch(8, 1, block_k=64)),
+                         output=Launch(4, 1, block_v=128), grad=Launch(8)),
     (True, 64): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 64),
-                       output=Launch(4, 1, block_v=64), grad=Launch(4, 1, block_k=64)),
+                       output=Launch(4, 1, block_v=64), grad=Launch(4)),
     (True, 128): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 128),
-                        output=Launch(4, 1, block_v=128), grad=Launch(8, 1, block_k=64)),
+                        output=Launch(4, 1, block_v=128), grad=Launch(8)),
 }
 
 
@@ -109,8 +112,7 @@ def _fit(config: Config, batch: int, heads: int, dk: int, dv: int) -> Config:
       bk //= 2
   return dataclasses.replace(
       config, state=dataclasses.replace(config.state, block_k=bk, block_v=bv),
-      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)),
-      grad=dataclasses.replace(config.grad, block_k=min(config.grad.block_k, dk)))
+      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,13 +177,11 @@ def _triangular_sum(x, dtype, *, reverse: bool):
   return total
 
 
-def _decay_loader(g_ref, sub: int, dtype, cols=slice(None)):
+def _decay_loader(g_ref, sub: int, dtype):
   """load(i) -> b for rows [i * sub, (i + 1) * sub) of the chunk in g_ref ([C] or [C, D] raw
-  log-decays; `cols` of D): their cumulative sum from the chunk start, in float32. Each block is
-  computed once per loader."""
+  log-decays): their cumulative sum from the chunk start, in float32, computed once per loader."""
   def raw(j):
-    rows = pl.ds(j * sub, sub)
-    return (g_ref[rows] if g_ref.ndim == 1 else g_ref[rows, cols]).astype(jnp.float32)
+    return g_ref[pl.ds(j * sub, sub), ...].astype(jnp.float32)
 
   @functools.cache
   def load(i):
@@ -237,47 +237,42 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, sub, scale, per_
 
 def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref,
                  *, sub, scale, per_channel, dtype):
-  """Per (batch, head, chunk, column block s): q, k [C, Dk]; v, do [C, Dv]; g [C] or [C, Dk]; h
-  (state at the chunk start), dh (gradient of the state at its end) [Dk, Dv]; outputs of column
-  block s: dq, dk [C, BK], dv [C, BV], db [C, BK] per channel or [C] (this block's share).
+  """Per (batch, head, chunk): q, k, dq, dk [C, Dk]; v, do, dv [C, Dv]; g, db [C] or [C, Dk]; h
+  (state at the chunk start), dh (gradient of the state at its end) [Dk, Dv].
 
   dq, dk, dv of the chunk and the gradient of the per-token log-decays (see the module docstring),
   by blocks of `sub` rows, one output block at a time (operands are re-read, not kept live). dq
   and dk below are the gradients w.r.t. scale * q and k.
   """
   n = q_ref.shape[0] // sub
-  bk, bv = dq_ref.shape[1], dv_ref.shape[1]
-  kc = pl.ds(pl.program_id(3) * bk, bk)   # this program's key columns
-  vc = pl.ds(pl.program_id(3) * bv, bv)   # and value columns
   rows = [pl.ds(i * sub, sub) for i in range(n)]
-  load_q = lambda i, cols=slice(None): q_ref[rows[i], cols].astype(jnp.float32) * scale
-  load_k = lambda i, cols=slice(None): k_ref[rows[i], cols].astype(jnp.float32)
+  load_q = lambda i: q_ref[rows[i], :].astype(jnp.float32) * scale
+  load_k = lambda i: k_ref[rows[i], :].astype(jnp.float32)
 
-  # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j (A over all key columns).
+  # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j.
   load_b = _decay_loader(g_ref, sub, dtype)
   b_last, _ = _last(load_b(n - 1), per_channel)
   for j in range(n):
     b_j, k_j = load_b(j), load_k(j)
-    dv = dot(k_j * jnp.exp(_col(b_last - b_j, per_channel)), dh_ref[:, vc], dtype)
+    dv = dot(k_j * jnp.exp(_col(b_last - b_j, per_channel)), dh_ref[...], dtype)
     for i in range(j, n):
       qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
       a = weight(dot(load_q(i) * qf, k_j * kf, dtype, trans_b=True))
-      dv = dv + dot(a, do_ref[rows[i], vc], dtype, trans_a=True)
+      dv = dv + dot(a, do_ref[rows[i], :], dtype, trans_a=True)
     dv_ref[rows[j], :] = dv.astype(dv_ref.dtype)
 
-  # dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i (dA over all value
-  # columns); dB's query part.
-  load_b = _decay_loader(g_ref, sub, dtype, kc if per_channel else slice(None))
+  # dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i; dB's query part. (A new
+  # loader: the decays are recomputed rather than kept live from the dv loop.)
+  load_b = _decay_loader(g_ref, sub, dtype)
   db = []
   for i in range(n):
-    b_i, q_i = load_b(i), load_q(i, kc)
-    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h_ref[kc, :], dtype,
-                                                trans_b=True)
+    b_i, q_i = load_b(i), load_q(i)
+    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h_ref[...], dtype, trans_b=True)
     db_i = q_i * dq
     for j in range(i + 1):
       qf, kf, weight = _intra_factors(b_i, load_b(j), i == j, per_channel)
       da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
-      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j, kc) * kf))
+      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j) * kf))
       part = dot(_rounded(da, dtype), k_op, dtype)
       dq = dq + part * qf
       db_i = db_i + q_op * part
@@ -288,19 +283,19 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_r
   # the part of da after the chunk: sum_e h_{c+1} dh = e^(b_C) sum_e h dh + column sums of
   # k e^(b_C - b) (v dh^T).
   b_last, s_decay = _last(load_b(n - 1), per_channel)
-  hdh = h_ref[kc, :].astype(jnp.float32) * dh_ref[kc, :].astype(jnp.float32)
+  hdh = h_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32)
   after = (jnp.sum(hdh, axis=1)[None, :] * jnp.exp(b_last) if per_channel else
            s_decay * jnp.sum(hdh))
   for j in range(n):
-    b_j, k_j = load_b(j), load_k(j, kc)
-    dk = jnp.exp(_col(b_last - b_j, per_channel)) * dot(v_ref[rows[j], :], dh_ref[kc, :], dtype,
+    b_j, k_j = load_b(j), load_k(j)
+    dk = jnp.exp(_col(b_last - b_j, per_channel)) * dot(v_ref[rows[j], :], dh_ref[...], dtype,
                                                          trans_b=True)
     after = after + (jnp.sum(k_j * dk, axis=0)[None, :] if per_channel else jnp.sum(k_j * dk))
     db[j] = db[j] - k_j * dk
     for i in range(j, n):
       qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
       da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
-      q_op, k_op = (_rounded(x, dtype) for x in (load_q(i, kc) * qf, k_j * kf))
+      q_op, k_op = (_rounded(x, dtype) for x in (load_q(i) * qf, k_j * kf))
       part = dot(_rounded(da, dtype), q_op, dtype, trans_a=True)
       dk = dk + part * kf
       db[j] = db[j] - k_op * part
@@ -352,9 +347,9 @@ def _chunk_spec(chunk: int, width: int | None, blocked: bool = False):
   """BlockSpec of one chunk of a [B,T,H(,width)] array over a grid (batch, head, chunk[, column
   block]): all columns, or (blocked) the program's column block of `width`."""
   if width is None:
-    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *s: (i, c, h))
+    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *j: (i, c, h))
   return pl.BlockSpec((None, chunk, None, width),
-                      lambda i, h, c, *s: (i, c, h, s[0] if blocked else 0))
+                      lambda i, h, c, *j: (i, c, h, j[0] if blocked else 0))
 
 
 def _output(q, k, v, g, states, config, interpret, *, scale):
@@ -378,33 +373,24 @@ def _output(q, k, v, g, states, config, interpret, *, scale):
 
 
 def _grads(q, k, v, do, g, states, dstates, config, interpret, *, scale):
-  """(dq, dk, dv, dg): dg [B,T,H,Dk] per channel, or [B,T,H] summed over the column blocks."""
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
-  chunk, splits = config.chunk, dk // config.grad.block_k
-  bk, bv = dk // splits, dv // splits
+  chunk = config.chunk
   per_channel = g.ndim == 4
-  state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c, s: (i, h, c, 0, 0))
-  db_spec, db_shape = (
-      (_chunk_spec(chunk, bk, blocked=True), g.shape) if per_channel else
-      (pl.BlockSpec((None, None, chunk, None), lambda i, h, c, s: (s, i, c, h)),
-       (splits, *g.shape)))
-  dq, dk_, dv_, dg = pl.pallas_call(
+  state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
+  g_spec = _chunk_spec(chunk, dk if per_channel else None)
+  return pl.pallas_call(
       functools.partial(_grad_kernel, sub=config.sub_chunk, scale=scale, per_channel=per_channel,
                         dtype=q.dtype),
-      grid=(batch, heads, t // chunk, splits),
+      grid=(batch, heads, t // chunk),
       in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-                _chunk_spec(chunk, dv), _chunk_spec(chunk, dk if per_channel else None),
-                state_spec, state_spec),
-      out_specs=(_chunk_spec(chunk, bk, blocked=True), _chunk_spec(chunk, bk, blocked=True),
-                 _chunk_spec(chunk, bv, blocked=True), db_spec),
+                _chunk_spec(chunk, dv), g_spec, state_spec, state_spec),
+      out_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv), g_spec),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(db_shape, jnp.float32)),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, jnp.float32)),
       compiler_params=_params(config.grad),
       interpret=interpret,
   )(q, k, v, do, g, states, dstates)
-  return dq, dk_, dv_, (dg if per_channel else dg.sum(0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
