@@ -47,7 +47,7 @@ HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
 LENGTHS = (2048, 8192, 32768)
 OPS = ("simple_gla", "gla", "gated_delta_rule", "kda", "mlstm")
 MODES = ("fwd", "fwd+bwd")
-CHUNKS = {"simple_gla": 64, "gla": 32}          # the Pallas kernels' chunk (CONFIGS table)
+CHUNKS = {"simple_gla": 64, "gla": 64}          # the Pallas kernels' chunk (CONFIGS table)
 FLA_FUNCTIONS = {"simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
                  "gla": ("fla.ops.gla", "chunk_gla"),
                  "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
@@ -195,16 +195,25 @@ def run_fla(op: str, lengths, reps: int, timeout_s: int) -> dict:
 
 
 def kernel_counts(op: str, t: int, mode: str):
-  """(FLOPs, minimal bytes) of the jaxchunk gated kernels, or None for other ops."""
+  """(FLOPs, minimal bytes) of the jaxchunk gated kernels (FLA's chunk algorithm), or None for
+  other ops.
+
+  Per token and head, with chunk C and head dim d: the forward's state pass 2d^2 and output
+  2d^2 + 4Cd (the full C x C score block and its product with v); the backward's reverse state
+  pass 2d^2 and gradient kernel 6d^2 + 10Cd (recomputed scores, dA, dq, dk, dv). Bytes: q, k, v,
+  o (and do, dq, dk, dv), the gates, and the per-chunk states h [d, d] in bf16, written once and
+  read once in the forward; in fwd + bwd also read by the gradient kernel, with dh written and read.
+  """
   if op not in CHUNKS:
     return None
   c, d = CHUNKS[op], HEAD_DIM
   rows = TOKENS * HEADS
   gate_bytes = 4 * (d if op == "gla" else 1)
+  state_bytes = 2 * d * d / c
   if mode == "fwd":
-    return rows * (4 * c * d + 4 * d * d), rows * (4 * 2 * d + gate_bytes)
-  return (rows * (14 * c * d + 11 * d * d),
-          rows * ((4 + 8) * 2 * d + 3 * gate_bytes))   # fwd + bwd (reads q,k,v,g,do; writes 4)
+    return rows * (4 * c * d + 4 * d * d), rows * (4 * 2 * d + gate_bytes + 2 * state_bytes)
+  return (rows * (14 * c * d + 12 * d * d),
+          rows * ((4 + 8) * 2 * d + 3 * gate_bytes + 5 * state_bytes))
 
 
 def fmt(x) -> str:
