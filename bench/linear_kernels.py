@@ -200,7 +200,7 @@ def kernel_counts(op: str, t: int, mode: str):
 
   Per token and head, with chunk C and head dim d: the forward's state pass 2d^2 and output
   2d^2 + 4Cd (the full C x C score block and its product with v); the backward's reverse state
-  pass 2d^2 and gradient kernel 6d^2 + 10Cd (recomputed scores, dA, dq, dk, dv). Bytes: q, k, v,
+  pass 2d^2 and gradient kernel 6d^2 + 12Cd (recomputed scores, dA twice, dq, dk, dv). Bytes: q, k, v,
   o (and do, dq, dk, dv), the gates, and the per-chunk states h [d, d] in bf16, written once and
   read once in the forward; in fwd + bwd also read by the gradient kernel, with dh written and read.
   """
@@ -212,7 +212,7 @@ def kernel_counts(op: str, t: int, mode: str):
   state_bytes = 2 * d * d / c
   if mode == "fwd":
     return rows * (4 * c * d + 4 * d * d), rows * (4 * 2 * d + gate_bytes + 2 * state_bytes)
-  return (rows * (14 * c * d + 12 * d * d),
+  return (rows * (16 * c * d + 12 * d * d),
           rows * ((4 + 8) * 2 * d + 3 * gate_bytes + 5 * state_bytes))
 
 
