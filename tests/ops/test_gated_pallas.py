@@ -83,6 +83,24 @@ def _loss(op, impl, ct, proj):
   return loss
 
 
+def assert_gradients_match_xla(rng, op, q, k, v, gate, s0):
+  """Gradients of every input (random cotangents of o and the final state), pallas vs xla."""
+  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
+  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
+    assert_rel_close(g, g_xla, F32_TOL, what)
+
+
+def assert_values_and_gradients(rng, op, q, k, v, gate, s0):
+  """Output and final state against the float64 oracle, then gradients against xla."""
+  o, s = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True, impl="pallas")
+  o_ref, s_ref = oracle(q, k, v, gate, 0.2, s0)
+  assert_rel_close(o, o_ref, F32_TOL, "o")
+  assert_rel_close(s, s_ref, F32_TOL, "final state")
+  assert_gradients_match_xla(rng, op, q, k, v, gate, s0)
+
+
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("t", [70, 20, 317])
 def test_gradients_match_xla(rng, name, t):
@@ -90,12 +108,8 @@ def test_gradients_match_xla(rng, name, t):
   states) and the initial state; GQA with gates on kv heads; ragged T, shorter than one chunk, and
   5 chunks."""
   op, per_channel = OPS[name]
-  q, k, v, gate, s0 = make_inputs(rng, per_channel, t=t, h=4, hk=2, gate_heads=2)
-  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
-  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
-    assert_rel_close(g, g_xla, F32_TOL, what)
+  assert_gradients_match_xla(rng, op, *make_inputs(rng, per_channel, t=t, h=4, hk=2,
+                                                   gate_heads=2))
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -126,15 +140,7 @@ def test_strong_decays(rng, name):
   q, k, v, _, s0 = make_inputs(rng, per_channel, t=150)
   gate = rng.uniform(-5.0, -0.01, size=(1, 150, 2, *((64,) if per_channel else ()))).astype(
       np.float32)
-  o, s = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True, impl="pallas")
-  o_ref, s_ref = oracle(q, k, v, gate, 0.2, s0)
-  assert_rel_close(o, o_ref, F32_TOL, "o")
-  assert_rel_close(s, s_ref, F32_TOL, "final state")
-  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
-  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
-    assert_rel_close(g, g_xla, F32_TOL, what)
+  assert_values_and_gradients(rng, op, q, k, v, gate, s0)
 
 
 def test_chunked_prefill_continues_state(rng):
@@ -183,13 +189,5 @@ def test_bad_arguments_raise_before_the_kernel(rng):
 @pytest.mark.parametrize("name", OPS)
 def test_head_dim_128_and_batch(rng, name):
   op, per_channel = OPS[name]
-  q, k, v, gate, s0 = make_inputs(rng, per_channel, b=2, t=200, h=2, hk=1, gate_heads=1, d=128)
-  o, s = op(q, k, v, gate, initial_state=s0, output_final_state=True, impl="pallas")
-  o_ref, s_ref = oracle(q, k, v, gate, 128 ** -0.5, s0)
-  assert_rel_close(o, o_ref, F32_TOL, "o")
-  assert_rel_close(s, s_ref, F32_TOL, "final state")
-  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
-  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
-    assert_rel_close(g, g_xla, F32_TOL, what)
+  assert_values_and_gradients(
+      rng, op, *make_inputs(rng, per_channel, b=2, t=200, h=2, hk=1, gate_heads=1, d=128))
