@@ -208,7 +208,10 @@ class Engine:
     self.kinds = self.model_config.layer_pattern
     has_attention = any(kind in ATTENTION_KINDS for kind in self.kinds)
     self.pool = PagePool(config.pool_pages, config.page_size) if has_attention else None
-    tables = PageTables(self.pool, config.num_slots, config.pages_per_seq) if has_attention else None
+    # Only sliding-window attention layers: pages behind every layer's window are freed.
+    window = None if "attention" in self.kinds else self.model_config.window
+    tables = (PageTables(self.pool, config.num_slots, config.pages_per_seq, window)
+              if has_attention else None)
     self.scheduler = Scheduler(config.num_slots, max_len=config.max_len,
                                chunk_size=config.chunk_size,
                                token_budget=config.budget, tables=tables,

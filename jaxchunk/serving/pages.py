@@ -4,6 +4,11 @@ Page 0 is a scratch page: idle slots and unused page-table entries point at it, 
 rows land there and never in a page another request owns. Pages 1 .. num_pages - 1 are handed out
 all-or-nothing by `PagePool.alloc`; a page is owned by one slot until freed, and freeing a page that
 is not allocated raises instead of corrupting the free list.
+
+When every attention layer of the model is a sliding window of `window` tokens, `PageTables.trim`
+frees a slot's pages that no query from a given position on can see (all their positions at least
+`window` before it); their table entries point back at the scratch page, which the windowed
+attention masks out.
 """
 
 from __future__ import annotations
@@ -58,12 +63,18 @@ class PagePool:
 
 
 class PageTables:
-  """The host copy of the page table [num_slots, pages_per_seq] and the pages each slot owns."""
+  """The host copy of the page table [num_slots, pages_per_seq] and the pages each slot owns.
 
-  def __init__(self, pool: PagePool, num_slots: int, pages_per_seq: int):
+  `owned[slot][i]` is the page at table entry i, or None once `trim` freed it. `window`: the
+  attention window of every paged layer (None: some layer attends to all keys).
+  """
+
+  def __init__(self, pool: PagePool, num_slots: int, pages_per_seq: int,
+               window: int | None = None):
     self.pool = pool
+    self.window = window
     self.table = np.full((num_slots, pages_per_seq), SCRATCH_PAGE, np.int32)
-    self.owned: list[list[int]] = [[] for _ in range(num_slots)]
+    self.owned: list[list[int | None]] = [[] for _ in range(num_slots)]
 
   def ensure(self, slot: int, num_tokens: int) -> bool:
     """Gives `slot` pages for its first `num_tokens` positions; False (nothing taken) if short."""
@@ -81,8 +92,21 @@ class PageTables:
     self.owned[slot].extend(pages)
     return True
 
+  def trim(self, slot: int, first_position: int) -> None:
+    """With a window: frees the pages of `slot` that queries at `first_position` and later cannot
+    see (every position < first_position - window + 1)."""
+    if self.window is None:
+      return
+    dead = max(0, first_position - self.window + 1) // self.pool.page_size
+    owned = self.owned[slot]
+    for i in range(min(dead, len(owned))):
+      if owned[i] is not None:
+        self.pool.free([owned[i]])
+        owned[i] = None
+        self.table[slot, i] = SCRATCH_PAGE
+
   def release(self, slot: int) -> None:
     """Frees every page of `slot` and points its table row back at the scratch page."""
-    self.pool.free(self.owned[slot])
+    self.pool.free([page for page in self.owned[slot] if page is not None])
     self.owned[slot] = []
     self.table[slot] = SCRATCH_PAGE

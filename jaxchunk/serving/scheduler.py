@@ -233,9 +233,11 @@ class Scheduler:
     return resets
 
   def _reserve(self, request: Request, num_tokens: int, scheduled: set[int]) -> bool:
-    """Pages for request's first num_tokens positions, preempting newer unscheduled requests."""
+    """Pages for request's first num_tokens positions (with windowed attention, pages before the
+    window of its next position are freed first), preempting newer unscheduled requests."""
     if self.tables is None:
       return True
+    self.tables.trim(request.slot, request.num_computed)
     while not self.tables.ensure(request.slot, num_tokens):
       victims = [r for r in self.active if r.admit_order > request.admit_order
                  and r.request_id not in scheduled]

@@ -141,6 +141,23 @@ def test_steps_dispatch_before_fetching(rng):
   assert engine.pop_output(request_id).tokens == expected and request.pending == 0
 
 
+def test_pages_behind_the_window_are_freed(rng):
+  """With only sliding-window attention layers (window 6, pages of 4, pieces of at most 4), a
+  slot keeps the pages its next queries can see (at most 4 of them) instead of all 7 of a 28-token
+  request; greedy outputs still match the full recompute (test above)."""
+  engine = warm_engine(("rat", "local"))
+  tables = engine.scheduler.tables
+  assert tables.window == 6
+  engine.submit(list(rng.integers(0, 64, size=20)), SamplingParams(max_tokens=8))
+  most = 0
+  while engine.has_work():
+    engine.step()
+    most = max(most, max(sum(p is not None for p in owned) for owned in tables.owned))
+  assert 0 < most <= 4
+  assert engine.pool.num_free == engine.pool.capacity
+  assert warm_engine(("attention",)).scheduler.tables.window is None
+
+
 def test_preemption_under_page_pressure(rng):
   # 3 slots of up to 8 pages each share 11 pages: requests are preempted and recomputed.
   engine = warm_engine(("attention",), num_pages=12)
