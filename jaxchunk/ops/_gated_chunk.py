@@ -36,7 +36,8 @@ chunk's last document (`_document_masks`).
 
 The "pallas" path (GPU, or interpret mode on CPU) runs `pallas_kernels.gpu.gated_linear_attention`
 with the chunk of its config table (`chunk_size` sets the xla path's chunk only); q, k, v stay in
-their dtype (bf16 or float32), head dims 64 and 128.
+their dtype (bf16 or float32), head dims 64 and 128, with or without `segment_ids` (the kernels
+apply the same document masks).
 
 Compute dtype: float32, or float64 when x64 is enabled and an input already is float64, so that
 the reference path can serve as a float64 oracle in tests.
@@ -51,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (SEGMENT_IDS_UNSUPPORTED, check_step_qkv, check_gate,
+from jaxchunk.ops._common import (check_gate, check_step_qkv,
                                   check_nonpositive, check_qkv, check_segment_ids, check_shape,
                                   chunk_documents, compute_dtype, default_scale, document_starts,
                                   pad_seq, pallas_interpret, repeat_heads, reset_state,
@@ -236,10 +237,9 @@ def _forward(q, k, v, log_decay, state, segment_ids, scale, *, path: str, chunk_
   return o.astype(out_dtype), state
 
 
-def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
-  """None when the Pallas kernel supports this call, else the reason."""
-  if segment_ids is not None:
-    return SEGMENT_IDS_UNSUPPORTED
+def _pallas_unsupported(q, k, v) -> str | None:
+  """None when the Pallas kernel supports this call (with or without segment_ids), else the
+  reason."""
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -247,14 +247,14 @@ def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames="scale")
-def _forward_pallas(q, k, v, log_decay, state, scale):
+def _forward_pallas(q, k, v, log_decay, state, segment_ids, scale):
   """As `_forward`, through the Pallas kernel; q, k, v keep their (shared) dtype."""
   b, _, h, dk = q.shape
   k, v, log_decay = (repeat_heads(x, h) for x in (k, v, log_decay))
   if state is None:
     state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
   return gla_kernel.gated_linear_attention(q, k, v, log_decay, state, scale=scale,
-                                           interpret=pallas_interpret())
+                                           segment_ids=segment_ids, interpret=pallas_interpret())
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -289,11 +289,11 @@ def gated_linear_attention(op_name: str, q, k, v, gate, gate_name: str, *, per_c
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
   path = resolve_impl(impl, op_name,
-                      pallas_unsupported=_pallas_unsupported(q, k, v, segment_ids))
+                      pallas_unsupported=_pallas_unsupported(q, k, v))
   check_nonpositive(gate, gate_name)
 
   if path == "pallas":
-    o, state = _forward_pallas(q, k, v, gate, initial_state, default_scale(scale, dk))
+    o, state = _forward_pallas(q, k, v, gate, initial_state, segment_ids, default_scale(scale, dk))
   else:
     o, state = _forward(q, k, v, gate, initial_state, segment_ids, default_scale(scale, dk),
                         path=path, chunk_size=chunk_size,

@@ -28,7 +28,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     segment_ids: [B, T] int packed-document ids, or None (one document per row). A change of id
       between tokens t - 1 and t starts a document at t: the state is reset to zero before t, so
       initial_state applies to the row's first document only and the final state is that of the
-      last document. impl="pallas" does not support it ("auto" picks "xla").
+      last document. The Pallas kernels support it (masks, no change to the decays).
     chunk_size: tokens per chunk of the "xla" path; T need not be a multiple of it.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
 

@@ -42,6 +42,19 @@ chunk end), which expands to e^(b_C) sum_e h * dh plus the column sums of k * e^
 both at hand; the kernel adds the reverse cumulative sum inside the chunk (summed over the key
 channels for a scalar decay).
 
+Packed documents (segment_ids): the kernels get each token's document index within its chunk
+(int32; 0 for the document running at the chunk start, +1 after each start) and mask, leaving the
+decays as they are. A keeps pairs of one document; h reaches the queries of document 0 only; the
+state pass carries e^(b_C) h only through a chunk with no start (its last document is 0) and adds
+only the keys of the chunk's last document. Mirrored in the backward: the reverse pass adds only
+the queries of document 0 and carries dh only through a chunk with no start; in the gradient
+kernel dA keeps pairs of one document, the h terms of dq reach document 0 and the dh terms of dk
+and dv the last document. The decay gradient stays exact: dB of one document sums to zero over
+that document (each pair's query and key terms cancel), so da_t = sum of dB_s over s >= t in t's
+document only, plus the part after the chunk (which the carried state sees) for the last document
+only, its e^(b_C) sum_e h dh term zeroed when a document starts in the chunk. With no segment ids
+(a static flag) none of these masks is traced.
+
 Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision IEEE
 dots, not tf32), accumulation and the carried states in float32. With bf16, the in-chunk part of
 dB (q dq - k dk cancels: the pairs of tokens both after t add nothing to da_t) is formed from the
@@ -132,17 +145,34 @@ def _last(b, per_channel: bool):
   return b_last, jnp.exp(b_last)
 
 
-def _intra_factors(b_i, b_j, diagonal: bool, per_channel: bool):
+def _intra_factors(b_i, b_j, diagonal: bool, per_channel: bool, same=None):
   """Factors of the block A_IJ (query rows b_i, key rows b_j) of the in-chunk matrix:
-  A_IJ = weight(q_I qf (k_J kf)^T), returned as (qf, kf, weight)."""
+  A_IJ = weight(q_I qf (k_J kf)^T), returned as (qf, kf, weight). `same` ([rows I, rows J] bool,
+  packed documents): the pairs of one document, the others masked to 0."""
   if not per_channel:  # one block per chunk: exact masked pair factor
     rows = b_i.shape[0]
-    pair = jnp.exp(jnp.where(causal_mask(rows), b_i[:, None] - b_j[None, :], -jnp.inf))
+    keep = causal_mask(rows) if same is None else causal_mask(rows) & same
+    pair = jnp.exp(jnp.where(keep, b_i[:, None] - b_j[None, :], -jnp.inf))
     return 1.0, 1.0, lambda x: x * pair
   ref = row(b_i, b_i.shape[0] // 2 if diagonal else 0)[None, :]
-  weight = ((lambda x: jnp.where(causal_mask(b_i.shape[0]), x, 0.0)) if diagonal else
-            (lambda x: x))
+  def keep():  # built where the weight is applied
+    causal = causal_mask(b_i.shape[0]) if diagonal else None
+    return same if causal is None else causal if same is None else causal & same
+  weight = ((lambda x: x) if same is None and not diagonal else
+            (lambda x: jnp.where(keep(), x, 0.0)))
   return jnp.exp(b_i - ref), jnp.exp(ref - b_j), weight
+
+
+def _same(doc_i, doc_j):
+  """[rows I, rows J] bool: pairs of one document (None without segment ids)."""
+  return None if doc_i is None else doc_i[:, None] == doc_j[None, :]
+
+
+def _keep_rows(x, keep):
+  """x [n] or [n, D] with the rows where `keep` [n] (bool; None: all) is False zeroed."""
+  if keep is None:
+    return x
+  return jnp.where(keep if x.ndim == 1 else keep[:, None], x, 0.0)
 
 
 def _rounded(x, dtype):
@@ -156,14 +186,22 @@ def _rounded(x, dtype):
   return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
 
 
+def _triangular_mask(n: int, reverse: bool):
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return cols >= rows if reverse else cols <= rows
+
+
 def _triangular_sum(x, dtype, *, reverse: bool):
   """Inclusive cumulative sum of float32 x along its rows ([n] or [n, D]), from the first row or
   (reverse) from the last. [n]: a masked [n, n] sum; [n, D]: a matmul by a triangular 0/1 matrix,
   x split into three bf16 terms with bf16 inputs (exact to float32 rounding)."""
-  n = x.shape[0]
-  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
-  mask = cols >= rows if reverse else cols <= rows
+  return _masked_sum(_triangular_mask(x.shape[0], reverse), x, dtype)
+
+
+def _masked_sum(mask, x, dtype):
+  """sum_j mask_ij x_j for float32 x [m] or [m, D] and a [n, m] bool mask (see `_triangular_sum`).
+  """
   if x.ndim == 1:
     return jnp.sum(jnp.where(mask, x[None, :], 0.0), axis=1)
   tri = jnp.where(mask, 1.0, 0.0)
@@ -197,15 +235,18 @@ def _decay_loader(g_ref, sub: int, dtype):
 # Kernels.
 
 
-def _state_pass_kernel(x_ref, y_ref, g_ref, init_ref, states_ref, last_ref, *, chunk, num_chunks,
-                       reverse, scale, per_channel, dtype):
-  """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV], g [T] or [T, BK] (log-decays);
-  init, last [BK, BV] float32; states [NC, BK, BV].
+def _state_pass_kernel(*refs, chunk, num_chunks, reverse, scale, per_channel, dtype, segmented):
+  """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV], g [T] or [T, BK] (log-decays),
+  doc [T] int32 (only if `segmented`); init, last [BK, BV] float32; states [NC, BK, BV].
 
   Forward (x = k, y = v): stores the state at each chunk start, then h <- e^(b_C) h +
   (k e^(b_C - b))^T v. Reverse (x = q, y = do): walks the chunks backwards storing the gradient of
-  the state at each chunk end, then dh <- e^(b_C) dh + (scale q e^b)^T do.
+  the state at each chunk end, then dh <- e^(b_C) dh + (scale q e^b)^T do. Segmented: the carry
+  survives only a chunk with no document start, and only the keys of the chunk's last document
+  (forward) or the queries of its first (reverse) enter it.
   """
+  x_ref, y_ref, g_ref, *doc_ref, init_ref, states_ref, last_ref = refs
+
   def body(i, carry):
     c = num_chunks - 1 - i if reverse else i
     states_ref[c] = carry.astype(states_ref.dtype)
@@ -214,49 +255,77 @@ def _state_pass_kernel(x_ref, y_ref, g_ref, init_ref, states_ref, last_ref, *, c
     b_last, decay = _last(b, per_channel)
     factor = scale * jnp.exp(b) if reverse else jnp.exp(b_last - b)
     x = x_ref[rows, :].astype(jnp.float32) * _col(factor, per_channel)
+    if segmented:
+      doc = doc_ref[0][rows]
+      last_doc = jnp.max(doc)
+      x = _keep_rows(x, doc == 0 if reverse else doc == last_doc)
+      decay = jnp.where(last_doc == 0, decay, 0.0)
     return decay * carry + dot(x, y_ref[rows, :], dtype, trans_a=True)
 
   last_ref[...] = lax.fori_loop(0, num_chunks, body, init_ref[...].astype(jnp.float32))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, sub, scale, per_channel, dtype):
-  """Per (batch, head, chunk, Dv block): q, k [C, Dk], v, o [C, BV], g [C] or [C, Dk], h [Dk, BV]:
-  o = (q e^b) h + mask(A) v, by blocks of `sub` query rows."""
+def _doc_loader(doc_ref, sub: int):
+  """load(i) -> the chunk-local document ids [sub] int32 of rows [i * sub, (i + 1) * sub), or None
+  without segment ids."""
+  if doc_ref is None:
+    return lambda i: None
+  return lambda i: doc_ref[pl.ds(i * sub, sub)]
+
+
+def _output_kernel(*refs, sub, scale, per_channel, dtype, segmented):
+  """Per (batch, head, chunk, Dv block): q, k [C, Dk], v, o [C, BV], g [C] or [C, Dk], doc [C]
+  int32 (only if `segmented`), h [Dk, BV]: o = (q e^b) h + mask(A) v, by blocks of `sub` query
+  rows. Segmented: h reaches the chunk's first document only, A keeps pairs of one document."""
+  q_ref, k_ref, v_ref, g_ref, *doc_ref, h_ref, o_ref = refs
+  load_doc = _doc_loader(doc_ref[0] if segmented else None, sub)
   load_b = _decay_loader(g_ref, sub, dtype)
   for i in range(q_ref.shape[0] // sub):
     rows_i = pl.ds(i * sub, sub)
-    q_i, b_i = q_ref[rows_i, :].astype(jnp.float32) * scale, load_b(i)
-    o = dot(q_i * jnp.exp(_col(b_i, per_channel)), h_ref[...], dtype)
+    q_i, b_i, doc_i = q_ref[rows_i, :].astype(jnp.float32) * scale, load_b(i), load_doc(i)
+    first = None if doc_i is None else doc_i == 0
+    o = dot(_keep_rows(q_i * jnp.exp(_col(b_i, per_channel)), first), h_ref[...], dtype)
     for j in range(i + 1):
       rows_j = pl.ds(j * sub, sub)
-      qf, kf, weight = _intra_factors(b_i, load_b(j), j == i, per_channel)
+      qf, kf, weight = _intra_factors(b_i, load_b(j), j == i, per_channel,
+                                      _same(doc_i, load_doc(j)))
       a = weight(dot(q_i * qf, k_ref[rows_j, :].astype(jnp.float32) * kf, dtype, trans_b=True))
       o = o + dot(a, v_ref[rows_j, :], dtype)
     o_ref[rows_i, :] = o.astype(o_ref.dtype)
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref,
-                 *, sub, scale, per_channel, dtype):
-  """Per (batch, head, chunk): q, k, dq, dk [C, Dk]; v, do, dv [C, Dv]; g, db [C] or [C, Dk]; h
-  (state at the chunk start), dh (gradient of the state at its end) [Dk, Dv].
+def _grad_kernel(*refs, sub, scale, per_channel, dtype, segmented):
+  """Per (batch, head, chunk): q, k, dq, dk [C, Dk]; v, do, dv [C, Dv]; g, db [C] or [C, Dk]; doc
+  [C] int32 (only if `segmented`); h (state at the chunk start), dh (gradient of the state at its
+  end) [Dk, Dv].
 
   dq, dk, dv of the chunk and the gradient of the per-token log-decays (see the module docstring),
   by blocks of `sub` rows, one output block at a time (operands are re-read, not kept live). dq
-  and dk below are the gradients w.r.t. scale * q and k.
+  and dk below are the gradients w.r.t. scale * q and k. Segmented: the masks of the forward
+  mirrored (h and dq's state term: the chunk's first document; dh and the k, v state terms: its
+  last), and the decay gradient's sums stay inside each document.
   """
+  (q_ref, k_ref, v_ref, do_ref, g_ref, *doc_ref, h_ref, dh_ref,
+   dq_ref, dk_ref, dv_ref, db_ref) = refs
   n = q_ref.shape[0] // sub
   rows = [pl.ds(i * sub, sub) for i in range(n)]
   load_q = lambda i: q_ref[rows[i], :].astype(jnp.float32) * scale
   load_k = lambda i: k_ref[rows[i], :].astype(jnp.float32)
+  load_doc = _doc_loader(doc_ref[0] if segmented else None, sub)
+  last_doc = jnp.max(doc_ref[0][...]) if segmented else None
+  in_last = lambda i: None if last_doc is None else load_doc(i) == last_doc
+  in_first = lambda i: None if last_doc is None else load_doc(i) == 0
+  same = lambda i, j: _same(load_doc(i), load_doc(j))
 
   # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j.
   load_b = _decay_loader(g_ref, sub, dtype)
   b_last, _ = _last(load_b(n - 1), per_channel)
   for j in range(n):
     b_j, k_j = load_b(j), load_k(j)
-    dv = dot(k_j * jnp.exp(_col(b_last - b_j, per_channel)), dh_ref[...], dtype)
+    dv = dot(_keep_rows(k_j * jnp.exp(_col(b_last - b_j, per_channel)), in_last(j)), dh_ref[...],
+             dtype)
     for i in range(j, n):
-      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
+      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel, same(i, j))
       a = weight(dot(load_q(i) * qf, k_j * kf, dtype, trans_b=True))
       dv = dv + dot(a, do_ref[rows[i], :], dtype, trans_a=True)
     dv_ref[rows[j], :] = dv.astype(dv_ref.dtype)
@@ -268,9 +337,10 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_r
   for i in range(n):
     b_i, q_i = load_b(i), load_q(i)
     dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h_ref[...], dtype, trans_b=True)
+    dq = _keep_rows(dq, in_first(i))
     db_i = q_i * dq
     for j in range(i + 1):
-      qf, kf, weight = _intra_factors(b_i, load_b(j), i == j, per_channel)
+      qf, kf, weight = _intra_factors(b_i, load_b(j), i == j, per_channel, same(i, j))
       da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
       q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j) * kf))
       part = dot(_rounded(da, dtype), k_op, dtype)
@@ -286,14 +356,17 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_r
   hdh = h_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32)
   after = (jnp.sum(hdh, axis=1)[None, :] * jnp.exp(b_last) if per_channel else
            s_decay * jnp.sum(hdh))
+  if segmented:  # h reaches h_{c+1} only through a chunk with no document start
+    after = jnp.where(last_doc == 0, after, 0.0)
   for j in range(n):
     b_j, k_j = load_b(j), load_k(j)
     dk = jnp.exp(_col(b_last - b_j, per_channel)) * dot(v_ref[rows[j], :], dh_ref[...], dtype,
                                                          trans_b=True)
+    dk = _keep_rows(dk, in_last(j))
     after = after + (jnp.sum(k_j * dk, axis=0)[None, :] if per_channel else jnp.sum(k_j * dk))
     db[j] = db[j] - k_j * dk
     for i in range(j, n):
-      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel)
+      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel, same(i, j))
       da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
       q_op, k_op = (_rounded(x, dtype) for x in (load_q(i) * qf, k_j * kf))
       part = dot(_rounded(da, dtype), q_op, dtype, trans_a=True)
@@ -302,10 +375,18 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_r
     dk_ref[rows[j], :] = dk.astype(dk_ref.dtype)
 
   # da_t = sum_{s >= t} dB_s: in-chunk reverse cumulative sum plus the part after the chunk.
+  db = [x if per_channel else jnp.sum(x, axis=1) for x in db]
+  if segmented:  # the sums restart at each document start; `after` reaches the last document only
+    for i in range(n):
+      total = _keep_rows(jnp.zeros_like(db[i]) + after, in_last(i))
+      total = total + _masked_sum(_triangular_mask(sub, True) & same(i, i), db[i], dtype)
+      for j in range(i + 1, n):
+        total = total + _masked_sum(same(i, j), db[j], dtype)
+      db_ref[rows[i], ...] = total
+    return
   for i in reversed(range(n)):
-    db_i = db[i] if per_channel else jnp.sum(db[i], axis=1)
-    db_ref[rows[i], ...] = _triangular_sum(db_i, dtype, reverse=True) + after
-    after = after + (jnp.sum(db_i, axis=0)[None, :] if per_channel else jnp.sum(db_i))
+    db_ref[rows[i], ...] = _triangular_sum(db[i], dtype, reverse=True) + after
+    after = after + (jnp.sum(db[i], axis=0)[None, :] if per_channel else jnp.sum(db[i]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +398,12 @@ def _params(launch: Launch):
   return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _state_pass(x, y, g, init, config, interpret, *, reverse, scale, states_dtype):
+def _doc_specs(doc, block):
+  """([BlockSpec of doc [B, T] int32], (doc,)) if doc is given, else ([], ())."""
+  return ([], ()) if doc is None else ([pl.BlockSpec((None, block[0]), block[1])], (doc,))
+
+
+def _state_pass(x, y, g, init, doc, config, interpret, *, reverse, scale, states_dtype):
   """(states [B,H,NC,Dk,Dv] in states_dtype, last carry [B,H,Dk,Dv] float32); see the kernel."""
   batch, t, heads, dk = x.shape
   dv = y.shape[-1]
@@ -326,21 +412,23 @@ def _state_pass(x, y, g, init, config, interpret, *, reverse, scale, states_dtyp
   per_channel = g.ndim == 4
   g_spec = (pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)) if per_channel
             else pl.BlockSpec((None, t, None), lambda i, h, kk, vv: (i, 0, h)))
+  doc_specs, docs = _doc_specs(doc, (t, lambda i, h, kk, vv: (i, 0)))
   state_spec = pl.BlockSpec((None, None, bk, bv), lambda i, h, kk, vv: (i, h, kk, vv))
   return pl.pallas_call(
       functools.partial(_state_pass_kernel, chunk=chunk, num_chunks=num_chunks, reverse=reverse,
-                        scale=scale, per_channel=per_channel, dtype=x.dtype),
+                        scale=scale, per_channel=per_channel, dtype=x.dtype,
+                        segmented=doc is not None),
       grid=(batch, heads, dk // bk, dv // bv),
       in_specs=(pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)),
                 pl.BlockSpec((None, t, None, bv), lambda i, h, kk, vv: (i, 0, h, vv)),
-                g_spec, state_spec),
+                g_spec, *doc_specs, state_spec),
       out_specs=(pl.BlockSpec((None, None, num_chunks, bk, bv),
                               lambda i, h, kk, vv: (i, h, 0, kk, vv)), state_spec),
       out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), states_dtype),
                  jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
       compiler_params=_params(config.state),
       interpret=interpret,
-  )(x, y, g, init)
+  )(x, y, g, *docs, init)
 
 
 def _chunk_spec(chunk: int, width: int | None, blocked: bool = False):
@@ -352,75 +440,87 @@ def _chunk_spec(chunk: int, width: int | None, blocked: bool = False):
                       lambda i, h, c, *j: (i, c, h, j[0] if blocked else 0))
 
 
-def _output(q, k, v, g, states, config, interpret, *, scale):
+def _output(q, k, v, g, doc, states, config, interpret, *, scale):
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   bv, chunk = config.output.block_v, config.chunk
   per_channel = g.ndim == 4
   v_spec = _chunk_spec(chunk, bv, blocked=True)
+  doc_specs, docs = _doc_specs(doc, (chunk, lambda i, h, c, j: (i, c)))
   return pl.pallas_call(
       functools.partial(_output_kernel, sub=config.sub_chunk, scale=scale,
-                        per_channel=per_channel, dtype=q.dtype),
+                        per_channel=per_channel, dtype=q.dtype, segmented=doc is not None),
       grid=(batch, heads, t // chunk, dv // bv),
       in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), v_spec,
-                _chunk_spec(chunk, dk if per_channel else None),
+                _chunk_spec(chunk, dk if per_channel else None), *doc_specs,
                 pl.BlockSpec((None, None, None, dk, bv), lambda i, h, c, j: (i, h, c, 0, j))),
       out_specs=v_spec,
       out_shape=jax.ShapeDtypeStruct((batch, t, heads, dv), q.dtype),
       compiler_params=_params(config.output),
       interpret=interpret,
-  )(q, k, v, g, states)
+  )(q, k, v, g, *docs, states)
 
 
-def _grads(q, k, v, do, g, states, dstates, config, interpret, *, scale):
+def _grads(q, k, v, do, g, doc, states, dstates, config, interpret, *, scale):
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   chunk = config.chunk
   per_channel = g.ndim == 4
   state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
   g_spec = _chunk_spec(chunk, dk if per_channel else None)
+  doc_specs, docs = _doc_specs(doc, (chunk, lambda i, h, c: (i, c)))
   return pl.pallas_call(
       functools.partial(_grad_kernel, sub=config.sub_chunk, scale=scale, per_channel=per_channel,
-                        dtype=q.dtype),
+                        dtype=q.dtype, segmented=doc is not None),
       grid=(batch, heads, t // chunk),
       in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-                _chunk_spec(chunk, dv), g_spec, state_spec, state_spec),
+                _chunk_spec(chunk, dv), g_spec, *doc_specs, state_spec, state_spec),
       out_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv), g_spec),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, jnp.float32)),
       compiler_params=_params(config.grad),
       interpret=interpret,
-  )(q, k, v, do, g, states, dstates)
+  )(q, k, v, do, g, *docs, states, dstates)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _gla(q, k, v, log_decay, initial_state, scale, config, interpret):
-  return _gla_forward(q, k, v, log_decay, initial_state, scale, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gla(q, k, v, log_decay, initial_state, doc, scale, config, interpret):
+  return _gla_forward(q, k, v, log_decay, initial_state, doc, scale, config, interpret)[0]
 
 
-def _gla_forward(q, k, v, log_decay, initial_state, scale, config, interpret):
-  states, final_state = _state_pass(k, v, log_decay, initial_state, config, interpret,
+def _gla_forward(q, k, v, log_decay, initial_state, doc, scale, config, interpret):
+  states, final_state = _state_pass(k, v, log_decay, initial_state, doc, config, interpret,
                                     reverse=False, scale=1.0, states_dtype=q.dtype)
-  o = _output(q, k, v, log_decay, states, config, interpret, scale=scale)
-  return (o, final_state), (q, k, v, log_decay, states)
+  o = _output(q, k, v, log_decay, doc, states, config, interpret, scale=scale)
+  return (o, final_state), (q, k, v, log_decay, doc, states)
 
 
 def _gla_backward(scale, config, interpret, residuals, cotangents):
-  q, k, v, log_decay, states = residuals
+  q, k, v, log_decay, doc, states = residuals
   do, dfinal = cotangents
   do = do.astype(q.dtype)
-  dstates, dinitial = _state_pass(q, do, log_decay, dfinal, config, interpret, reverse=True,
+  dstates, dinitial = _state_pass(q, do, log_decay, dfinal, doc, config, interpret, reverse=True,
                                   scale=scale, states_dtype=q.dtype)
-  dq, dk, dv, dlog_decay = _grads(q, k, v, do, log_decay, states, dstates, config, interpret,
+  dq, dk, dv, dlog_decay = _grads(q, k, v, do, log_decay, doc, states, dstates, config, interpret,
                                   scale=scale)
-  return dq, dk, dv, dlog_decay.astype(log_decay.dtype), dinitial
+  return dq, dk, dv, dlog_decay.astype(log_decay.dtype), dinitial, None
 
 
 _gla.defvjp(_gla_forward, _gla_backward)
 
 
+def chunk_documents(segment_ids, chunk: int):
+  """segment_ids [B, T] int -> doc [B, T padded to a multiple of `chunk`] int32: each token's
+  document within its chunk, 0 for the one running at the chunk start (continued from the carried
+  state), then 1, 2, ... after each start (a change of id from the previous token; t = 0 is never
+  one). The padding joins the last document."""
+  batch, t = segment_ids.shape
+  starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, (-t) % chunk)))
+  return jnp.cumsum(starts.reshape(batch, -1, chunk), axis=-1, dtype=jnp.int32).reshape(batch, -1)
+
+
 def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,
-                           interpret: bool = False):
+                           segment_ids=None, interpret: bool = False):
   """Chunked gated linear attention on GPU (or in interpret mode), differentiable in every input.
 
   Args:
@@ -429,6 +529,9 @@ def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,
     log_decay: [B, T, H] (scalar decay per head) or [B, T, H, Dk] (per key channel), <= 0.
     initial_state: [B, H, Dk, Dv] float32.
     scale: multiplies q.
+    segment_ids: [B, T] int packed-document ids, or None: a change of id between tokens t - 1 and t
+      resets the state to zero before t (initial_state reaches the row's first document only; the
+      final state is the last document's). None compiles the kernels without any document mask.
     interpret: run the kernels in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -438,10 +541,11 @@ def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   config = _fit(CONFIGS[(log_decay.ndim == 4, dk)], batch, heads, dk, dv)
+  doc = None if segment_ids is None else chunk_documents(segment_ids, config.chunk)
   pad = (-t) % config.chunk
   if pad:
     q, k, v, log_decay = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
                           for x in (q, k, v, log_decay))
-  o, final_state = _gla(q, k, v, log_decay, initial_state.astype(jnp.float32), float(scale), config,
-                        interpret)
+  o, final_state = _gla(q, k, v, log_decay, initial_state.astype(jnp.float32), doc, float(scale),
+                        config, interpret)
   return o[:, :t], final_state

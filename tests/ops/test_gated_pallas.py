@@ -11,6 +11,7 @@ import pytest
 
 from jaxchunk.ops.gla import gla
 from jaxchunk.ops.simple_gla import simple_gla
+from tests.ops import linear_oracle
 from tests.utils import assert_rel_close, randn
 
 F32_TOL = 1e-5 if jax.default_backend() == "cpu" else 1e-4
@@ -75,19 +76,22 @@ def test_bf16_matches_oracle(rng, name):
   assert_rel_close(s, s_ref, BF16_TOL, "final state")
 
 
-def _loss(op, impl, ct, proj):
+def _loss(op, impl, ct, proj, segment_ids=None):
   """sum(o * ct) + sum(final_state * proj) as a function of every input."""
   def loss(q, k, v, gate, s0):
-    o, s = op(q, k, v, gate, scale=0.3, initial_state=s0, output_final_state=True, impl=impl)
+    o, s = op(q, k, v, gate, scale=0.3, initial_state=s0, output_final_state=True,
+              segment_ids=segment_ids, impl=impl)
     return jnp.sum(o.astype(jnp.float32) * ct) + jnp.sum(s * proj)
   return loss
 
 
-def assert_gradients_match_xla(rng, op, q, k, v, gate, s0):
+def assert_gradients_match_xla(rng, op, q, k, v, gate, s0, segment_ids=None):
   """Gradients of every input (random cotangents of o and the final state), pallas vs xla."""
   ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
-  grads = jax.grad(_loss(op, "pallas", ct, proj), argnums=range(5))(q, k, v, gate, s0)
-  grads_xla = jax.grad(_loss(op, "xla", ct, proj), argnums=range(5))(q, k, v, gate, s0)
+  grads = jax.grad(_loss(op, "pallas", ct, proj, segment_ids), argnums=range(5))(q, k, v, gate,
+                                                                                  s0)
+  grads_xla = jax.grad(_loss(op, "xla", ct, proj, segment_ids), argnums=range(5))(q, k, v, gate,
+                                                                                   s0)
   for what, g, g_xla in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_xla):
     assert_rel_close(g, g_xla, F32_TOL, what)
 
@@ -141,6 +145,71 @@ def test_strong_decays(rng, name):
   gate = rng.uniform(-5.0, -0.01, size=(1, 150, 2, *((64,) if per_channel else ()))).astype(
       np.float32)
   assert_values_and_gradients(rng, op, q, k, v, gate, s0)
+
+
+# Packed documents: forced starts per row (chunks of 64, gla sub-chunks of 32) plus one random start
+# per row. T = 150 (ragged); starts at a chunk edge (64), a sub-chunk edge (96), three in one chunk
+# with a 1-token document (70, 71, 72), one inside the first chunk (5) and a 1-token document at the
+# row's end (149). (tests/ops/test_segment_ids_linear.py runs a T shorter than one chunk.)
+SEGMENT_T = 150
+SEGMENT_STARTS = ({64, 70, 71, 72, 96, 100}, {5, 128, 149})
+
+
+def packed_segment_ids(rng, t, forced):
+  """[2, t] int32 ids: the `forced` starts of each row plus one random start; the ids alternate
+  between two values (non-adjacent documents share ids)."""
+  starts = np.zeros((2, t), bool)
+  for row, positions in enumerate(forced):
+    starts[row, sorted(positions)] = True
+    starts[row, rng.integers(1, t)] = True
+  return (3 + np.cumsum(starts, axis=1) % 2).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_segment_ids_match_oracle_and_xla(rng, name):
+  """segment_ids inside the kernels: o and the final state against the float64 oracle (with
+  resets) and the xla path; gradients of every input against xla. GQA, gates on kv heads, an
+  initial state."""
+  op, per_channel = OPS[name]
+  t, forced = SEGMENT_T, SEGMENT_STARTS
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, b=2, t=t, h=4, hk=2, gate_heads=2)
+  ids = packed_segment_ids(rng, t, forced)
+  o, s = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True, segment_ids=ids,
+            impl="pallas")
+  o_ref, s_ref = linear_oracle.oracle(q, k, v, gate, None, 0.2, s0, ids)
+  assert_rel_close(o, o_ref, F32_TOL, "o vs oracle")
+  assert_rel_close(s, s_ref, F32_TOL, "final state vs oracle")
+  o_xla, s_xla = op(q, k, v, gate, scale=0.2, initial_state=s0, output_final_state=True,
+                    segment_ids=ids, impl="xla")
+  assert_rel_close(o, o_xla, F32_TOL, "o vs xla")
+  assert_rel_close(s, s_xla, F32_TOL, "final state vs xla")
+  assert_gradients_match_xla(rng, op, q, k, v, gate, s0, segment_ids=ids)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_segment_ids_bf16(rng, name):
+  """bf16 with packed documents: values against the float64 oracle, gradients against the float64
+  reference path."""
+  op, per_channel = OPS[name]
+  t, forced = SEGMENT_T, SEGMENT_STARTS
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, b=2, t=t)
+  q, k, v = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, k, v))
+  ids = packed_segment_ids(rng, t, forced)
+  q16, k16, v16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  o, s = op(q16, k16, v16, gate, scale=0.3, initial_state=s0, output_final_state=True,
+            segment_ids=ids, impl="pallas")
+  assert o.dtype == jnp.bfloat16
+  o_ref, s_ref = linear_oracle.oracle(q, k, v, gate, None, 0.3, s0, ids)
+  assert_rel_close(o, o_ref, BF16_TOL, "o")
+  assert_rel_close(s, s_ref, BF16_TOL, "final state")
+  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
+  grads = jax.grad(_loss(op, "pallas", ct, proj, ids), argnums=range(5))(q16, k16, v16, gate, s0)
+  with jax.enable_x64(True):
+    grads_ref = jax.grad(_loss(op, "reference", ct, proj, ids), argnums=range(5))(
+        *(np.asarray(x, np.float64) for x in (q, k, v, gate, s0)))
+    grads_ref = [np.asarray(g) for g in grads_ref]
+  for what, g, g_ref in zip(("dq", "dk", "dv", "dgate", "dinitial_state"), grads, grads_ref):
+    assert_rel_close(np.asarray(g, np.float32), g_ref, BF16_TOL, what)
 
 
 def test_chunked_prefill_continues_state(rng):

@@ -234,7 +234,17 @@ def test_bad_segment_ids_raise(rng, name, bad):
     run(family, inputs, s0, segment_ids, "xla")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+PALLAS_SEGMENTS = ("simple_gla", "gla")  # families whose Pallas kernels take segment_ids
+
+
+def _traced_auto_on_gpu(family, inputs, s0, monkeypatch):
+  """ids -> the jaxpr text of the impl="auto" call as a GPU backend would trace it."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  return lambda ids: str(jax.make_jaxpr(
+      lambda x, x0: family.op(*x, initial_state=x0, segment_ids=ids, impl="auto"))(inputs, s0))
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in PALLAS_SEGMENTS])
 def test_pallas_declines_segment_ids(rng, name, monkeypatch):
   """impl="pallas" says the kernel does not support segment_ids; impl="auto" on a GPU backend
   traces no Pallas kernel with them (and does without them: head dims 64, which the kernel
@@ -244,11 +254,25 @@ def test_pallas_declines_segment_ids(rng, name, monkeypatch):
   segment_ids = np.repeat(np.array([[0] * 5 + [1] * 7]), B, axis=0)
   with pytest.raises(NotImplementedError, match="segment_ids"):
     run(family, inputs, s0, segment_ids, "pallas")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  traced = lambda ids: str(jax.make_jaxpr(
-      lambda x, x0: family.op(*x, initial_state=x0, segment_ids=ids, impl="auto"))(inputs, s0))
+  traced = _traced_auto_on_gpu(family, inputs, s0, monkeypatch)
   assert "pallas_call" not in traced(segment_ids)
   assert "pallas_call" in traced(None)
+
+
+@pytest.mark.parametrize("name", PALLAS_SEGMENTS)
+def test_pallas_takes_segment_ids(rng, name, monkeypatch):
+  """simple_gla and gla: impl="pallas" runs the kernels with segment_ids (T = 12, shorter than
+  one chunk, starts at 5, 6 and 11: 1-token documents inside the row and at its end) and matches
+  the float64 oracle; impl="auto" on a GPU backend picks the kernel for them."""
+  family = FAMILIES[name]
+  inputs, s0 = family.make(rng, t=12, dk=64, dv=64)
+  segment_ids = np.repeat(np.array([[0] * 5 + [1] + [0] * 5 + [2]]), B, axis=0)
+  o, s = family.op(*inputs, scale=SCALE, initial_state=s0, output_final_state=True,
+                   segment_ids=segment_ids, impl="pallas")
+  o_ref64, s_ref64 = family.oracle(inputs, s0, segment_ids)
+  assert_rel_close(o, o_ref64, 1e-5, "pallas vs float64 oracle")
+  assert_state_close(s, s_ref64, 1e-5, "pallas vs float64 oracle")
+  assert "pallas_call" in _traced_auto_on_gpu(family, inputs, s0, monkeypatch)(segment_ids)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -35,11 +35,18 @@ def loss_and_grads(op, *args):
 
 
 q, k, v = x(B, T, H, D), x(B, T, HK, D), x(B, T, HK, D)
+SEGMENT_IDS = (jnp.arange(T, dtype=jnp.int32)[None] >= 40).astype(jnp.int32)  # a start at t = 40
 CASES = {
     "simple_gla": (lambda q, k, v, g: ops.simple_gla(q, k, v, g, impl="pallas"),
                    (q, k, v, jnp.full((B, T, HK), -0.1, jnp.float32))),
     "gla": (lambda q, k, v, g: ops.gla(q, k, v, g, impl="pallas"),
             (q, k, v, jnp.full((B, T, HK, D), -0.1, jnp.float32))),
+    "simple_gla_segments": (
+        lambda q, k, v, g: ops.simple_gla(q, k, v, g, segment_ids=SEGMENT_IDS, impl="pallas"),
+        (q, k, v, jnp.full((B, T, HK), -0.1, jnp.float32))),
+    "gla_segments": (
+        lambda q, k, v, g: ops.gla(q, k, v, g, segment_ids=SEGMENT_IDS, impl="pallas"),
+        (q, k, v, jnp.full((B, T, HK, D), -0.1, jnp.float32))),
     "delta_rule": (lambda q, k, v, b: ops.delta_rule(q, k, v, b, impl="pallas"),
                    (q, k, v, gate(B, T, HK))),
     "gated_delta_rule": (lambda q, k, v, g, b: ops.gated_delta_rule(q, k, v, g, b, impl="pallas"),
