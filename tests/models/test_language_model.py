@@ -161,7 +161,7 @@ def test_rejects_bad_arguments(rng):
     model.apply(variables, tokens, cache=init_cache(tiny_config(("rat",)), 1, 8))
 
 
-@pytest.mark.parametrize("remat", ["block", "block_dots"])
+@pytest.mark.parametrize("remat", ["block", pytest.param("block_dots", marks=pytest.mark.slow)])
 def test_block_remat_keeps_loss_and_gradients(rng, remat):
   """Per-block rematerialisation changes memory, not values: same params tree, loss, gradients."""
   tokens = random_tokens(rng, 2, 24, tiny_config(("rat",)))

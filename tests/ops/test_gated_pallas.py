@@ -186,6 +186,7 @@ def test_segment_ids_match_oracle_and_xla(rng, name):
   assert_gradients_match_xla(rng, op, q, k, v, gate, s0, segment_ids=ids)
 
 
+@pytest.mark.slow  # the float32 segment test above runs the same masks in the default run
 @pytest.mark.parametrize("name", OPS)
 def test_segment_ids_bf16(rng, name):
   """bf16 with packed documents: values against the float64 oracle, gradients against the float64

@@ -104,7 +104,10 @@ def test_greedy_matches_full_recompute(rng, pattern):
   assert engine.num_mixed_steps > mixed, "no step ran decodes and a prefill piece in one call"
 
 
-@pytest.mark.parametrize("pattern", [("attention",), ("rat", "local")], ids=lambda p: "-".join(p))
+# RAT+local's multi-step decode in the slow run (the default run has it with attention).
+@pytest.mark.parametrize("pattern", [("attention",), pytest.param(("rat", "local"),
+                                                                  marks=pytest.mark.slow)],
+                         ids=lambda p: "-".join(p))
 def test_multi_step_decode_matches_single_steps(rng, pattern):
   """decode_steps=4 (bursts of decode steps in one jitted call while nothing waits) gives the
   single-step engine's tokens and log-probs: greedy against the full recompute, and sampled with
