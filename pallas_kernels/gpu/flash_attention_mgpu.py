@@ -257,6 +257,8 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
   num_kv = t // block_kv
   dtype = q.dtype
   qk_scale = scale * _LOG2E
+  # max(scale * s) = scale * max(s) needs scale >= 0; a negative scale is applied first.
+  prescale, s_scale = (1.0, qk_scale) if qk_scale >= 0 else (qk_scale, 1.0)
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, lse_smem2, k_smem, v_smem,
              q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
@@ -321,18 +323,26 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
           schedule()
-        s = _run_acc((block_q, block_kv), qk) * qk_scale
+        # Unscaled logits: the scale joins exp2's argument (one fused multiply-add per logit).
+        s = _run_acc((block_q, block_kv), qk)
+        if prescale != 1.0:
+          s = s * prescale
         plgpu.barrier_arrive(k_consumed.at[slot])
         if masked:
           mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True,
                               window=window)
           # With a window, a row can see no key of its first blocks; a finite mask value keeps
-          # its running max finite (no inf - inf), and the rescale by exp2(-1e30 - max) = 0 at
-          # its first visible key wipes what those blocks summed.
+          # its running max finite (no inf - inf), those blocks add nothing, and the rescale by
+          # exp2(scale * -1e30 - max) = 0 at its first visible key is harmless.
           s = jnp.where(mask, s, -jnp.inf if window is None else _MASK_VALUE)
-        new_max = jnp.maximum(row_max, s.max(axis=1))
+        new_max = jnp.maximum(row_max, s.max(axis=1) * s_scale)
         rescale = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+        logits = s * s_scale - lax.broadcast_in_dim(new_max, s.shape, [0])
+        if masked and window is not None:
+          # A masked logit minus a masked row max is 0 only up to the rounding of a fused
+          # multiply-add at magnitude 1e29: zero those weights exactly.
+          logits = jnp.where(mask, logits, -jnp.inf)
+        p = jnp.exp2(logits)
         acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
         row_sum = row_sum * rescale + p.sum(axis=1)
         p16 = p.astype(dtype)

@@ -186,10 +186,12 @@ def test_lowers_to_triton(dtype, head_dim, t, group, window, softcap):
 
 
 def test_default_num_splits():
-  """Splits fill the SMs in one wave for few programs, keep MIN_BLOCKS_PER_SPLIT blocks each, and
-  vanish for many programs."""
-  assert paged_kernel.default_num_splits(8, 512, num_sms=132) == 16
-  assert paged_kernel.default_num_splits(3, 512, num_sms=132) == 44
+  """Splits make SPLIT_WAVES programs per SM for few programs, keep MIN_BLOCKS_PER_SPLIT blocks
+  each, and vanish for many programs."""
+  assert paged_kernel.SPLIT_WAVES == 2
+  assert paged_kernel.default_num_splits(8, 512, num_sms=132) == 33
+  assert paged_kernel.default_num_splits(128, 512, num_sms=132) == 2
+  assert paged_kernel.default_num_splits(3, 512, num_sms=132) == 88
   most = 16 // paged_kernel.MIN_BLOCKS_PER_SPLIT
   assert paged_kernel.default_num_splits(8, 16, num_sms=132) == most
   assert paged_kernel.default_num_splits(1024, 512, num_sms=132) == 1
