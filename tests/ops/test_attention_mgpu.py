@@ -99,6 +99,18 @@ def test_small_key_blocks(rng, monkeypatch, t, window):
                     what=f"64-row key blocks, window {window}")
 
 
+@pytest.mark.parametrize("programs, scale", [(1, None), (3, -0.2)])
+def test_persistent_window_forward(rng, monkeypatch, programs, scale):
+  """Windowed forwards run persistent: with fewer programs than the 6 tiles, a program walks
+  several tiles (the key ring, the next tile's Q load and the output stores carry across tiles;
+  3 programs: 2 tiles each; 1 program: all six, the ring wrapping between tiles). A negative
+  scale takes the pre-scaled logits."""
+  monkeypatch.setattr(mgpu, "_persistent_programs", lambda num_tiles: min(programs, num_tiles))
+  q, k, v = qkv(rng, t=384)
+  check_against_xla(rng, q, k, v, causal=True, window=150, scale=scale,
+                    what=f"{programs} persistent programs, scale {scale}")
+
+
 def test_window_gqa_values_and_grads(rng):
   """Window 40 (smaller than a block) over T = 256: in the second forward program the second
   warpgroup starts a key block after the first (it releases that block unread)."""
