@@ -1,9 +1,13 @@
 """The serving engine: jitted decode and prefill steps over per-slot caches, driven by the scheduler.
 
-The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`): attention layers
-keep their keys/values in a shared page pool (`jaxchunk.serving.pages`), RAT layers a `RATState`
-with one length per slot, linear layers their per-slot recurrent state and short-conv history.
-Jitted functions update it:
+The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`). For a
+`LanguageModel`: attention layers keep their keys/values in a shared page pool
+(`jaxchunk.serving.pages`), RAT layers a `RATState` with one length per slot, linear layers their
+per-slot recurrent state and short-conv history. For a `MoRLanguageModel` (recursive /
+Mixture-of-Recursions): its own cache (`init_mor_cache`) without "length", every leaf one row per
+slot: the unshared first/last blocks' caches and, per recursion, the tokens it has processed
+("count" [num_slots]) and its block caches (dense keys/values [num_slots, max_len, ...], no pages;
+with kv_strategy "share_first" only the first recursion's). Jitted functions update it:
 
 - decode: one token for every slot ([num_slots, 1] tokens at per-slot positions); idle slots and
   slots still in prefill are masked (their rows of the cache are kept, their page-table rows point at
@@ -41,6 +45,8 @@ import numpy as np
 from jaxchunk.layers.linear_attention import init_linear_attention_cache
 from jaxchunk.layers.rat import init_rat_cache
 from jaxchunk.config import ATTENTION_KINDS, ModelConfig
+from jaxchunk.models.mor import MoRConfig, init_mor_cache
+from jaxchunk.ops.rat import RATState
 from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables
 from jaxchunk.serving.sampling import SamplingParams, sample_tokens
 from jaxchunk.serving.scheduler import PrefillPiece, Request, Scheduler, Status
@@ -142,10 +148,40 @@ class RequestOutput:
   token_times: list[float]
 
 
-def init_engine_cache(config: ModelConfig, engine_config: EngineConfig) -> tuple:
-  """The per-layer caches of all slots: page pools for attention, per-slot states otherwise."""
-  dtype = jnp.dtype(engine_config.cache_dtype or config.dtype)
+def _check_servable(config: MoRConfig) -> None:
+  """Raises a ValueError for a recursive model the engine cannot serve exactly.
+
+  A routed `RecursiveBlock` with RAT layers decodes one row at a time (its RAT caches hold one
+  length for the batch while rows route apart), but the engine decodes all slots in one batch.
+  """
+  if config.router is not None and "rat" in config.model.layer_pattern:
+    raise ValueError(f"Engine cannot serve a MoR model with router={config.router!r} and RAT "
+                     f"layers in its shared stack {config.model.layer_pattern}: routed RAT caches "
+                     "decode one row at a time; use router=None or a stack without 'rat'")
+
+
+def _per_slot_rat_lengths(cache, slots: int):
+  """`cache` with each `RATState`'s scalar length replaced by zeros [slots] (one per slot)."""
+  return jax.tree.map(
+      lambda x: x._replace(length=jnp.zeros((slots,), jnp.int32)) if isinstance(x, RATState) else x,
+      cache, is_leaf=lambda x: isinstance(x, RATState))
+
+
+def init_engine_cache(config: ModelConfig | MoRConfig, engine_config: EngineConfig):
+  """The caches of all slots.
+
+  `LanguageModel` (a ModelConfig): a tuple of per-layer caches, page pools
+  {"k_pages", "v_pages": [pool_pages, page_size, Hk, D]} for attention, per-slot states otherwise.
+  `MoRLanguageModel` (a MoRConfig): `init_mor_cache` for num_slots rows of max_len tokens without
+  its "length" (dense keys/values [num_slots, max_len, Hk, D]); every leaf has the slot axis first.
+  """
   slots, max_len = engine_config.num_slots, engine_config.max_len
+  if isinstance(config, MoRConfig):
+    dtype = jnp.dtype(engine_config.cache_dtype or config.model.dtype)
+    cache = init_mor_cache(config, slots, max_len, dtype)
+    del cache["length"]  # a step passes its positions instead
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), _per_slot_rat_lengths(cache, slots))
+  dtype = jnp.dtype(engine_config.cache_dtype or config.dtype)
   layers = []
   for kind in config.layer_pattern:
     if kind in ATTENTION_KINDS:
@@ -153,12 +189,12 @@ def init_engine_cache(config: ModelConfig, engine_config: EngineConfig) -> tuple
                config.head_dim)
       layers.append({"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)})
     elif kind == "rat":
-      state = init_rat_cache(config, slots, max_len, dtype)
-      layers.append(state._replace(length=jnp.zeros((slots,), jnp.int32)))
+      layers.append(init_rat_cache(config, slots, max_len, dtype))
     else:
       layers.append(init_linear_attention_cache(config, kind, slots, max_len, dtype))
   # Distinct buffers for every leaf (the step functions donate the cache; empty caches are zeros).
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tuple(layers))
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                      _per_slot_rat_lengths(tuple(layers), slots))
 
 
 def _is_pool(path) -> bool:
@@ -189,7 +225,7 @@ def _select_rows(active, new, old):
 
 
 class Engine:
-  """Continuous-batching generation for a `LanguageModel`.
+  """Continuous-batching generation for a `LanguageModel` or a `MoRLanguageModel`.
 
   Usage: `Engine(model, params, EngineConfig(...)).generate(prompts, SamplingParams(...))`, or
   `submit` / `step` / `cancel` to drive it, or `stream` for one request's tokens as they come.
@@ -199,14 +235,18 @@ class Engine:
   def __init__(self, model: nn.Module, params, config: EngineConfig = EngineConfig(), *,
                tokenizer=None, clock: Callable[[], float] = time.perf_counter):
     self.model = model
-    self.model_config: ModelConfig = model.config
+    # A MoRLanguageModel: its cache is per-slot dense rows (`init_engine_cache`), never paged.
+    self.recursive = isinstance(model.config, MoRConfig)
+    if self.recursive:
+      _check_servable(model.config)
+    self.model_config: ModelConfig = model.config.model if self.recursive else model.config
     self.config = config
     self.tokenizer = tokenizer
     self.clock = clock
     params = nn.meta.unbox(params)
     self.variables = params if "params" in params else {"params": params}
     self.kinds = self.model_config.layer_pattern
-    has_attention = any(kind in ATTENTION_KINDS for kind in self.kinds)
+    has_attention = not self.recursive and any(kind in ATTENTION_KINDS for kind in self.kinds)
     self.pool = PagePool(config.pool_pages, config.page_size) if has_attention else None
     # Only sliding-window attention layers: pages behind every layer's window are freed.
     window = None if "attention" in self.kinds else self.model_config.window
@@ -216,8 +256,8 @@ class Engine:
                                chunk_size=config.chunk_size,
                                token_budget=config.budget, tables=tables,
                                prefill_first=config.prefill_first)
-    self.cache = init_engine_cache(self.model_config, config)
-    self._empty_row = init_engine_cache(self.model_config,
+    self.cache = init_engine_cache(model.config, config)
+    self._empty_row = init_engine_cache(model.config,
                                         dataclasses.replace(config, num_slots=1, num_pages=None))
     self.num_traces = 0
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
@@ -250,6 +290,20 @@ class Engine:
     return tuple({k: c[k] for k in _POOL_KEYS} if kind in ATTENTION_KINDS else c
                  for kind, c in zip(self.kinds, layers))
 
+  def _apply(self, variables, tokens, positions, cache, table):
+    """The model on tokens [B, T] at positions [B, T] (consecutive per row), continuing `cache`
+    (B slots' rows of the engine's cache; table [B, pages_per_seq] their page tables, unused by a
+    recursive model). Returns (logits [B, T, vocab], the updated cache in the engine's layout)."""
+    length = positions[:, 0]
+    if self.recursive:
+      logits, aux = self.model.apply(variables, tokens, positions=positions,
+                                     cache=dict(cache, length=length))
+      return logits, {name: aux["cache"][name] for name in cache}
+    logits, new = self.model.apply(variables, tokens, positions=positions,
+                                   cache={"length": length,
+                                          "layers": self._attach_tables(cache, table)})
+    return logits, self._detach_tables(new["layers"])
+
   def _decode_fn(self, variables, cache, last, tokens, from_last, positions, table, active,
                  temperature, top_k, top_p, seeds, counters):
     """One token for every slot: last/tokens/from_last/positions/active [S], table
@@ -259,10 +313,8 @@ class Engine:
     tokens = jnp.where(from_last, last, tokens)
     table = jnp.where(active[:, None], table, SCRATCH_PAGE)
     positions = jnp.where(active, positions, 0)
-    model_cache = {"length": positions, "layers": self._attach_tables(cache, table)}
-    logits, new = self.model.apply(variables, tokens[:, None], positions=positions[:, None],
-                                   cache=model_cache)
-    new_cache = _select_rows(active, self._detach_tables(new["layers"]), cache)
+    logits, new = self._apply(variables, tokens[:, None], positions[:, None], cache, table)
+    new_cache = _select_rows(active, new, cache)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
     return new_cache, jnp.where(active, next_tokens, last), next_tokens, logprobs
 
@@ -288,9 +340,8 @@ class Engine:
     self.num_traces += 1
     row = _take_row(cache, slot)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    model_cache = {"length": start[None], "layers": self._attach_tables(row, table_row)}
-    logits, new = self.model.apply(variables, tokens, positions=positions, cache=model_cache)
-    cache = _put_row(cache, self._detach_tables(new["layers"]), slot)
+    logits, new = self._apply(variables, tokens, positions, row, table_row)
+    cache = _put_row(cache, new, slot)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
     return cache, last.at[slot].set(next_tokens[0]), next_tokens[0], logprobs[0]
 
