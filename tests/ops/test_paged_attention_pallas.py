@@ -162,19 +162,20 @@ def test_bf16_and_vmap(rng):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("dtype,head_dim,t,group,window,softcap", [
-    ("bfloat16", 128, 1, 4, None, None),   # decode, GQA group 4
-    ("float16", 256, 16, 3, 64, None),     # prefill, group 3 (rows not a power of two)
-    ("float32", 64, 40, 2, None, 30.0),    # prefill, several row blocks, softcap
+@pytest.mark.parametrize("dtype,head_dim,t,group,window,softcap,fold", [
+    ("bfloat16", 128, 1, 4, None, None, 1),   # decode, GQA group 4
+    ("bfloat16", 64, 1, 1, 32, None, 2),      # decode, 2 kv heads folded per program
+    ("float16", 256, 16, 3, 64, None, 1),     # prefill, group 3 (rows not a power of two)
+    ("float32", 64, 40, 2, None, 30.0, 1),    # prefill, several row blocks, softcap
 ])
-def test_lowers_to_triton(dtype, head_dim, t, group, window, softcap):
+def test_lowers_to_triton(dtype, head_dim, t, group, window, softcap, fold):
   """The kernel lowers to a Triton call for an abstract H100 (no GPU needed): every primitive and
   load it uses has a Triton lowering."""
   b, kv_heads, num_pages = 2, 2, 17
   shape = jax.ShapeDtypeStruct
   rows = shape((b,), jnp.int32)
   attend = jax.jit(functools.partial(paged_kernel.paged_attention, scale=0.125, window=window,
-                                     softcap=softcap, num_splits=4))
+                                     softcap=softcap, num_splits=4, fold=fold))
   h100 = jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", 132, "cuda")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                 abstract_device=h100)):
@@ -183,6 +184,32 @@ def test_lowers_to_triton(dtype, head_dim, t, group, window, softcap):
         *[shape((num_pages, PAGE, kv_heads, head_dim), dtype)] * 2,
         shape((b, PAGES_PER_SEQ), jnp.int32), rows, rows, rows).lower(lowering_platforms=("cuda",))
   assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_folded_heads_match_unfolded(rng):
+  """Decode with 1 and 2 kv heads per program (block-diagonal queries against side-by-side keys)
+  gives the same output; default_fold picks the most heads that fit 16 rows and 256 key columns,
+  for one query token and batches that fill the GPU without split-K."""
+  k_pages, v_pages = pools(rng)
+  lengths = np.array([9, 70, 128])
+  table = page_table(rng, lengths)
+  q = jnp.asarray(randn(rng, B, 1, H, D))
+  args = (q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(table),
+          jnp.asarray(lengths - 1, jnp.int32), jnp.ones(B, jnp.int32), jnp.asarray(lengths))
+  options = dict(scale=D ** -0.5, window=50, num_splits=2, interpret=True)
+  folded, unfolded = (run(paged_kernel.paged_attention, *args, fold=f, **options) for f in (2, 1))
+  assert_rel_close(folded, unfolded, 1e-6, "fold 2 vs 1")
+  want = oracle(np.asarray(q), k_pages, v_pages, table, lengths - 1, np.ones(B, int), lengths,
+                window=50)
+  assert_rel_close(folded, want, 1e-5, "fold 2 vs oracle")
+  fold = functools.partial(paged_kernel.default_fold, num_sms=132)
+  assert fold(1, 64, 16, 1, 64) == 4    # MHA, D=64: 4 x 64 columns
+  assert fold(1, 64, 8, 4, 128) == 2    # GQA 4, D=128: 8 rows, 256 columns
+  assert fold(1, 64, 8, 16, 128) == 1   # a full row block already
+  assert fold(16, 64, 16, 1, 64) == 1   # prefill chunks are not folded
+  assert fold(1, 16, 8, 4, 128) == 1    # 128 programs: split-K, not folding
+  with pytest.raises(ValueError, match="fold"):
+    paged_kernel.paged_attention(*args, fold=3, **options)
 
 
 def test_default_num_splits():
