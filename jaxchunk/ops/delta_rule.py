@@ -44,7 +44,9 @@ The "pallas" path (GPU, or interpret mode on CPU) computes the same chunk-local 
 Q * exp(b), K * exp(b_C - b), P) in XLA at the chunk size of the kernel's config table, and runs
 the state pass and the outputs in `pallas_kernels.gpu.delta_rule` (`chunk_size` sets the xla
 path's chunk only); the factors go to the kernel in q's dtype (bf16 or float32), head dims 64 and
-128. JAX differentiates the factors; the kernel has its own backward for the state pass.
+128. JAX differentiates the factors; the kernel has its own backward for the state pass. Packed
+documents take the same masked factors, and a chunk where a document starts passes b_C = -inf, so
+that the kernel's decay e^(b_C) of the carried state is 0.
 
 Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
 enabled), so the reference path can serve as a float64 oracle.
@@ -60,7 +62,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from jaxchunk.ops._common import (SEGMENT_IDS_UNSUPPORTED, check_step_qkv, check_gate,
+from jaxchunk.ops._common import (check_step_qkv, check_gate,
                                   check_nonpositive, check_qkv, check_segment_ids, compute_dtype,
                                   default_scale, document_starts, pad_seq, pallas_interpret,
                                   repeat_heads, reset_state, resolve_impl)
@@ -189,10 +191,8 @@ def _chunked(q, k, v, beta, log_decay, state, starts, *, chunk_size: int):
   return _from_chunks(o)[:, :q.shape[1]], state
 
 
-def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
+def _pallas_unsupported(q, k, v) -> str | None:
   """None when the Pallas kernel supports this call, else the reason."""
-  if segment_ids is not None:
-    return SEGMENT_IDS_UNSUPPORTED
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -200,14 +200,20 @@ def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames="operand_dtype")
-def _chunked_pallas(q, k, v, beta, log_decay, state, *, operand_dtype):
+def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
   """As `_chunked` with the state pass and outputs in the Pallas kernel
   (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size. The factors are computed in
   float32 and handed to the kernel in `operand_dtype` (q's dtype before casting); o comes back in
-  it."""
+  it. Packed documents (starts [B,T] bool) need no kernel change: the factors carry their masks,
+  and a chunk where a document starts gets b_C = -inf, so the kernel's state decay e^(b_C) drops
+  the state carried into it."""
   t = q.shape[1]
-  factors = _chunk_factors(q, k, v, beta, log_decay, delta_kernel.chunk_size(q.shape[-1]))
-  w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, factors)
+  chunk = delta_kernel.chunk_size(q.shape[-1])
+  masks = None if starts is None else _document_masks(starts, chunk)
+  *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks)
+  if masks is not None:
+    b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
+  w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, (*factors, b))
   if b.shape[-1] == 1:
     b = b[..., 0]
   o, state = delta_kernel.delta_rule_chunks(
@@ -241,7 +247,7 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{op_name}: chunk_size must be a positive int, got {chunk_size!r}")
   path = resolve_impl(impl, op_name,
-                      pallas_unsupported=_pallas_unsupported(q, k, v, segment_ids))
+                      pallas_unsupported=_pallas_unsupported(q, k, v))
   if gate is not None:
     check_nonpositive(gate, gate_name)
 
@@ -263,7 +269,7 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
       starts = jnp.zeros((b, t), bool)
     o, state = _reference(q, k, v, beta, log_decay, state, starts)
   elif path == "pallas":
-    o, state = _chunked_pallas(q, k, v, beta, log_decay, state, operand_dtype=out_dtype)
+    o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype)
   else:
     o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size)
   return o.astype(out_dtype), (state if output_final_state else None)

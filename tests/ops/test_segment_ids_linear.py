@@ -234,7 +234,8 @@ def test_bad_segment_ids_raise(rng, name, bad):
     run(family, inputs, s0, segment_ids, "xla")
 
 
-PALLAS_SEGMENTS = ("simple_gla", "gla")  # families whose Pallas kernels take segment_ids
+# families whose Pallas kernels take segment_ids
+PALLAS_SEGMENTS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda")
 
 
 def _traced_auto_on_gpu(family, inputs, s0, monkeypatch):
@@ -261,9 +262,9 @@ def test_pallas_declines_segment_ids(rng, name, monkeypatch):
 
 @pytest.mark.parametrize("name", PALLAS_SEGMENTS)
 def test_pallas_takes_segment_ids(rng, name, monkeypatch):
-  """simple_gla and gla: impl="pallas" runs the kernels with segment_ids (T = 12, shorter than
-  one chunk, starts at 5, 6 and 11: 1-token documents inside the row and at its end) and matches
-  the float64 oracle; impl="auto" on a GPU backend picks the kernel for them."""
+  """impl="pallas" runs the kernels with segment_ids (T = 12, shorter than one chunk, starts at 5,
+  6 and 11: 1-token documents inside the row and at its end) and matches the float64 oracle;
+  impl="auto" on a GPU backend picks the kernel for them."""
   family = FAMILIES[name]
   inputs, s0 = family.make(rng, t=12, dk=64, dv=64)
   segment_ids = np.repeat(np.array([[0] * 5 + [1] + [0] * 5 + [2]]), B, axis=0)
