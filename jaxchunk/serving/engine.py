@@ -6,7 +6,8 @@ The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`
 per-slot recurrent state and short-conv history. For a `MoRLanguageModel` (recursive /
 Mixture-of-Recursions): its own cache (`init_mor_cache`) without "length", every leaf one row per
 slot: the unshared first/last blocks' caches and, per recursion, the tokens it has processed
-("count" [num_slots]) and its block caches (dense keys/values [num_slots, max_len, ...], no pages;
+("count" [num_slots]) and its block caches (dense keys/values [num_slots, max_len + 1, ...], no
+pages, the last position a scratch slot;
 with kv_strategy "share_first" only the first recursion's). Jitted functions update it:
 
 - decode: one token for every slot ([num_slots, 1] tokens at per-slot positions); idle slots and
@@ -172,13 +173,15 @@ def init_engine_cache(config: ModelConfig | MoRConfig, engine_config: EngineConf
 
   `LanguageModel` (a ModelConfig): a tuple of per-layer caches, page pools
   {"k_pages", "v_pages": [pool_pages, page_size, Hk, D]} for attention, per-slot states otherwise.
-  `MoRLanguageModel` (a MoRConfig): `init_mor_cache` for num_slots rows of max_len tokens without
-  its "length" (dense keys/values [num_slots, max_len, Hk, D]); every leaf has the slot axis first.
+  `MoRLanguageModel` (a MoRConfig): `init_mor_cache` for num_slots rows of max_len + 1 tokens
+  without its "length" (dense keys/values [num_slots, max_len + 1, Hk, D], position max_len a
+  scratch slot); every leaf has the slot axis first.
   """
   slots, max_len = engine_config.num_slots, engine_config.max_len
   if isinstance(config, MoRConfig):
     dtype = jnp.dtype(engine_config.cache_dtype or config.model.dtype)
-    cache = init_mor_cache(config, slots, max_len, dtype)
+    # One position more than max_len: the scratch position of slots a decode step does not serve.
+    cache = init_mor_cache(config, slots, max_len + 1, dtype)
     del cache["length"]  # a step passes its positions instead
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), _per_slot_rat_lengths(cache, slots))
   dtype = jnp.dtype(engine_config.cache_dtype or config.dtype)
@@ -214,11 +217,20 @@ def _put_row(cache, row, slot):
       cache, row)
 
 
+def _is_dense_kv(path) -> bool:
+  """Whether a cache leaf is a dense attention cache's keys or values ({"k", "v"} [S, L, Hk, D] of
+  a recursive model; a short-conv history {"conv": {"q", "k", "v"}} is not)."""
+  keys = [getattr(entry, "key", None) for entry in path]
+  return keys[-1] in ("k", "v") and (len(keys) < 2 or keys[-2] != "conv")
+
+
 def _select_rows(active, new, old):
-  """Per-slot leaves from `new` where active [S] else from `old`; pools and RAT summary buffers
-  (see `_SUMMARY_FIELDS`) from `new`."""
+  """Per-slot leaves from `new` where active [S] else from `old`; pools, RAT summary buffers
+  (see `_SUMMARY_FIELDS`) and dense KV caches (written at the scratch position by rows that are
+  not active: `Engine._decode_fn`) from `new`."""
   def select(path, n, o):
-    if _is_pool(path) or any(getattr(e, "name", None) in _SUMMARY_FIELDS for e in path):
+    if (_is_pool(path) or _is_dense_kv(path)
+        or any(getattr(e, "name", None) in _SUMMARY_FIELDS for e in path)):
       return n
     return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
   return jax.tree_util.tree_map_with_path(select, new, old)
@@ -240,6 +252,7 @@ class Engine:
     if self.recursive:
       _check_servable(model.config)
     self.model_config: ModelConfig = model.config.model if self.recursive else model.config
+    self._scratch_position = config.max_len if self.recursive else 0
     self.config = config
     self.tokenizer = tokenizer
     self.clock = clock
@@ -312,7 +325,11 @@ class Engine:
     self.num_traces += 1
     tokens = jnp.where(from_last, last, tokens)
     table = jnp.where(active[:, None], table, SCRATCH_PAGE)
-    positions = jnp.where(active, positions, 0)
+    # Rows not decoding run at a scratch position: 0 for a LanguageModel (their page-table rows
+    # name the scratch page; RAT writes no summary at position 0), max_len for a recursive model
+    # (its dense caches have a slot there that no query reads). A routed recursion writes at its
+    # token count instead, which the row's next real token overwrites (counts are restored).
+    positions = jnp.where(active, positions, self._scratch_position)
     logits, new = self._apply(variables, tokens[:, None], positions[:, None], cache, table)
     new_cache = _select_rows(active, new, cache)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
