@@ -140,8 +140,6 @@ def is_traced(x) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Packed documents (`segment_ids`) of the linear-RNN ops.
 
-SEGMENT_IDS_UNSUPPORTED = "segment_ids (packed documents) are not supported by the kernel"
-
 
 def check_segment_ids(segment_ids, b: int, t: int) -> None:
   """Raises a ValueError unless `segment_ids` is None or an integer array [B, T]."""

@@ -35,7 +35,9 @@ document and, when a document starts inside the chunk, starts from the empty sta
 
 The "pallas" path (GPU, or interpret mode on CPU) runs `pallas_kernels.gpu.mlstm`, the same chunked
 form with the chunk of its config table (`chunk_size` sets the xla path's chunk only); q, k, v stay
-in their (shared) dtype, bf16 or float32, head dims 64 and 128.
+in their (shared) dtype, bf16 or float32, head dims 64 and 128. It takes segment_ids too: the
+stabilisers get the same per-document logic in XLA and the kernels mask the score matrix to pairs
+of one document and the handed-on state to the chunk's last document.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import (SEGMENT_IDS_UNSUPPORTED, check_gate, check_qkv, check_rank,
+from jaxchunk.ops._common import (check_gate, check_qkv, check_rank,
                                   check_segment_ids, chunk_documents, compute_dtype,
                                   default_scale, document_starts, pallas_interpret, repeat_heads,
                                   reset_state, resolve_impl, same_document)
@@ -212,10 +214,8 @@ def _mlstm_chunkwise(q, k, v, log_i, log_f, state: MLSTMState, starts, *, scale:
   return out[:, :t], final_state
 
 
-def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
+def _pallas_unsupported(q, k, v) -> str | None:
   """None when the Pallas kernel supports this call, else the reason."""
-  if segment_ids is not None:
-    return SEGMENT_IDS_UNSUPPORTED
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float32):
     return f"q, k, v must share one dtype of bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -223,16 +223,18 @@ def _pallas_unsupported(q, k, v, segment_ids) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "eps"))
-def _mlstm_pallas(q, k, v, i, f, initial_state: MLSTMState | None, *, scale: float, eps: float):
+def _mlstm_pallas(q, k, v, i, f, initial_state: MLSTMState | None, segment_ids, *, scale: float,
+                  eps: float):
   """The Pallas kernel on q [B,T,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv] (one dtype), gate
-  pre-activations i, f [B,T,H or Hk]. Returns (h [B,T,H,Dv] in q's dtype, final state)."""
+  pre-activations i, f [B,T,H or Hk], segment_ids [B,T] int or None. Returns (h [B,T,H,Dv] in q's
+  dtype, final state)."""
   b, _, h, dk = q.shape
   k, v, i, f = (repeat_heads(x, h) for x in (k, v, i, f))
   i, f = (jnp.asarray(x, jnp.float32) for x in (i, f))
   state = (_zero_state(b, h, dk, v.shape[-1], jnp.float32) if initial_state is None
            else tuple(jnp.asarray(x, jnp.float32) for x in initial_state))
   return mlstm_kernel.mlstm(q, k, v, i, jax.nn.log_sigmoid(f), state, scale=scale, eps=eps,
-                            interpret=pallas_interpret())
+                            segment_ids=segment_ids, interpret=pallas_interpret())
 
 
 def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMState | None = None,
@@ -252,7 +254,7 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
     segment_ids: [B,T] int packed-document ids, or None (one document per row). A change of id
       between tokens t - 1 and t starts a document at t: the state (C, n, m) is reset to zeros
       before t, so initial_state applies to the row's first document only and the final state is
-      that of the last document. impl="pallas" does not support it ("auto" picks "xla").
+      that of the last document. Every impl supports it.
     chunk_size: chunk length of the `xla` path.
     eps: added to the normaliser's denominator.
     impl: "auto" | "reference" | "xla" | "pallas" ("pallas": head dims 64 or 128, q, k, v of
@@ -270,10 +272,11 @@ def mlstm(q, k, v, i, f, *, scale: float | None = None, initial_state: MLSTMStat
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   path = resolve_impl(impl, "mlstm",
-                      pallas_unsupported=_pallas_unsupported(q, k, v, segment_ids))
+                      pallas_unsupported=_pallas_unsupported(q, k, v))
   scale = default_scale(scale, dk)
   if path == "pallas":
-    out, final_state = _mlstm_pallas(q, k, v, i, f, initial_state, scale=float(scale),
+    ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    out, final_state = _mlstm_pallas(q, k, v, i, f, initial_state, ids, scale=float(scale),
                                      eps=float(eps))
     return out, (final_state if output_final_state else None)
   out_dtype = q.dtype

@@ -44,6 +44,19 @@ state, which obeys X_k = X_{k+1} + sum_k A - sum_k B (X at the end from the fina
 cotangent): dm_0 of chunk k gains X_{k+1} - sum_k B and dM at its last token loses X_{k+1}. No
 [Dk, Dv] state per chunk is ever stored.
 
+Packed documents (segment_ids): a document start resets (C, n, m) to (0, 0, 0) before the token.
+The kernels then also take each token's document index within its chunk (int32, 0 for the document
+running at the chunk start, +1 after each start; a static flag: without ids they compile exactly as
+before). `_stabilisers` gives a token of a document d > 0 starting at s the lower bound -b_{s-1}
+(the empty state's m = 0) in place of m_0 in M, and m_0 = -inf, so g = 0 there: the carried-in
+state reaches the chunk's first document only, and gamma = g_L = 0 when a document starts in the
+chunk. In the kernels W keeps the pairs of one document and u the keys of the chunk's last
+document. Every backward term then follows from the same masked W, g, u, gamma: A and the dq, dC_0
+state terms vanish outside the first document, B and the dk, dv state terms outside the last, and
+X_k = X_{k+1} + sum A - sum B still holds (the dm_0 rows of tokens with m_0 = -inf are dropped by
+autodiff: a chunk's m_0 then gets the first document's A, plus X_{k+1} - sum B if no document
+starts in it).
+
 Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision
 IEEE dots), accumulation and states in float32; with bf16 inputs the dots with the state and
 those giving dq, dk keep float32 operands (tf32 on the GPU; see `_dot`). This module never
@@ -61,6 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
+from pallas_kernels.gpu.gated_linear_attention import chunk_documents
 
 
 # Block sizes per head_dim_k (`fit_block_v` narrows block_v for small grids).
@@ -76,21 +90,36 @@ def _config(batch: int, heads: int, dk: int, dv: int) -> Config:
 # In-kernel helpers (values, not refs).
 
 
-def _chunk_weights(r, big_m, m0, causal):
-  """Weights of one chunk from r, M, m_0 [L] (module docstring).
+def _chunk_weights(r, big_m, m0, causal, doc):
+  """Weights of one chunk from r, M, m_0 [L] and doc [L] int32 or None (module docstring).
 
-  Returns (W [L, L] masked above the diagonal, g [L], u [L], gamma scalar).
+  Returns (W [L, L] masked above the diagonal, g [L], u [L], gamma scalar). With documents, W keeps
+  the pairs of one document and u the keys of the chunk's last document (g and gamma need no mask:
+  m_0 is -inf outside the chunk's first document).
   """
-  w = jnp.exp(jnp.where(causal, r[None, :] - big_m[:, None], -jnp.inf))
+  mask = causal if doc is None else causal & (doc[:, None] == doc[None, :])
+  w = jnp.exp(jnp.where(mask, r[None, :] - big_m[:, None], -jnp.inf))
   g = jnp.exp(m0 - big_m)
-  return w, g, jnp.exp(r - row(big_m, big_m.shape[0] - 1)), row(g, g.shape[0] - 1)
+  u = jnp.exp(r - row(big_m, big_m.shape[0] - 1))
+  if doc is not None:
+    u = jnp.where(doc == jnp.max(doc), u, 0.0)
+  return w, g, u, row(g, g.shape[0] - 1)
+
+
+def _split(refs, segmented: bool, num_in: int):
+  """Kernel refs -> (q, k, v, r, M, m_0 and doc refs (doc None without documents), the other
+  inputs and the outputs), for `num_in` inputs after the first six (doc not counted)."""
+  load = tuple(refs[:6]) + ((refs[6],) if segmented else (None,))
+  rest = refs[6 + segmented:]
+  return load, rest[:num_in], rest[num_in:]
 
 
 def _load(refs, rows):
-  """q, k (float32, q scaled later), v and the per-token r, M, m_0 of the chunk at `rows`."""
-  q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref = refs
+  """q, k (float32, q scaled later), v, the per-token r, M, m_0 and the document indices (None
+  without documents) of the chunk at `rows`."""
+  q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, doc_ref = refs
   return (q_ref[rows, :].astype(jnp.float32), k_ref[rows, :].astype(jnp.float32), v_ref[rows, :],
-          r_ref[rows], big_m_ref[rows], m0_ref[rows])
+          r_ref[rows], big_m_ref[rows], m0_ref[rows], None if doc_ref is None else doc_ref[rows])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,17 +127,16 @@ def _load(refs, rows):
 # scalars [T]; C and dC [Dk, BV]; n and dn [Dk].
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, m_ref, c0_ref, n0_ref, h_ref,
-                    qn_ref, c_ref, n_ref, *, chunk, num_chunks, scale, eps, dtype):
+def _forward_kernel(*refs, chunk, num_chunks, scale, eps, dtype, segmented):
   causal = causal_mask(chunk)
-  refs = (q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref)
+  refs, (m_ref, c0_ref, n0_ref), (h_ref, qn_ref, c_ref, n_ref) = _split(refs, segmented, 3)
 
   def body(c, carry):
     state, norm = carry
     rows = pl.ds(c * chunk, chunk)
-    q, k, v, r, big_m, m0 = _load(refs, rows)
+    q, k, v, r, big_m, m0, doc = _load(refs, rows)
     q = q * scale
-    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal)
+    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal, doc)
     p = dot(q, k, dtype, trans_b=True) * w
     num = dot(p, v, dtype) + g[:, None] * dot(q, state, dtype, wide=True)
     qn = jnp.sum(p, axis=1) + g * jnp.sum(q * norm[None, :], axis=1)
@@ -124,20 +152,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, m_ref, c0_ref
   n_ref[...] = norm
 
 
-def _backward_dq_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, inv_den_ref, dqn_ref,
-                        c0_ref, n0_ref, dq_ref, a_ref, *, chunk, num_chunks, scale, dtype):
+def _backward_dq_kernel(*refs, chunk, num_chunks, scale, dtype, segmented):
   causal = causal_mask(chunk)
   first = (pl.program_id(2) == 0).astype(jnp.float32)
-  refs = (q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref)
+  refs, (dh_ref, inv_den_ref, dqn_ref, c0_ref, n0_ref), (dq_ref, a_ref) = _split(
+      refs, segmented, 5)
 
   def body(c, carry):
     state, norm = carry
     rows = pl.ds(c * chunk, chunk)
-    q, k, v, r, big_m, m0 = _load(refs, rows)
+    q, k, v, r, big_m, m0, doc = _load(refs, rows)
     q = q * scale
     dnum = dh_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
     dqn = first * dqn_ref[rows]
-    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal)
+    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal, doc)
     dp = dot(dnum, v, dtype, trans_b=True) + dqn[:, None]
     dq_inter = dot(dnum, state, dtype, wide=True, trans_b=True) + dqn[:, None] * norm[None, :]
     dq_ref[rows, :] = (dot(dp * w, k, dtype, wide=True) + g[:, None] * dq_inter) * scale
@@ -149,21 +177,20 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, i
   lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...]))
 
 
-def _backward_dkv_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, inv_den_ref,
-                         dqn_ref, dc_ref, dn_ref, dk_ref, dv_ref, dr_ref, b_ref, pull_ref, dc0_ref,
-                         dn0_ref, *, chunk, num_chunks, scale, dtype):
+def _backward_dkv_kernel(*refs, chunk, num_chunks, scale, dtype, segmented):
   causal = causal_mask(chunk)
   first = (pl.program_id(2) == 0).astype(jnp.float32)
-  refs = (q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref)
+  refs, (dh_ref, inv_den_ref, dqn_ref, dc_ref, dn_ref), outs = _split(refs, segmented, 5)
+  dk_ref, dv_ref, dr_ref, b_ref, pull_ref, dc0_ref, dn0_ref = outs
 
   def body(i, carry):
     dstate, dnorm = carry
     rows = pl.ds((num_chunks - 1 - i) * chunk, chunk)
-    q, k, v, r, big_m, m0 = _load(refs, rows)
+    q, k, v, r, big_m, m0, doc = _load(refs, rows)
     q = q * scale
     dnum = dh_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
     dqn = dqn_ref[rows]
-    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal)
+    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal, doc)
     p = dot(q, k, dtype, trans_b=True) * w
     dp = dot(dnum, v, dtype, trans_b=True) + first * dqn[:, None]
     dk_state = dot(v, dstate, dtype, wide=True, trans_b=True) + first * dnorm[None, :]
@@ -187,7 +214,8 @@ def _backward_dkv_kernel(q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, dh_ref, 
 
 # ------------------------------------------------------------------------------------------------
 # pallas_call wrappers. Arrays: q, k [B,T,H,Dk]; v, h [B,T,H,Dv]; per-token scalars [B,T,H]
-# float32; C [B,H,Dk,Dv] and n [B,H,Dk] float32. "partial" outputs have a leading Dv-block axis
+# float32; doc [B,T] int32 (packed documents only); C [B,H,Dk,Dv] and n [B,H,Dk] float32.
+# "partial" outputs have a leading Dv-block axis
 # (summed, or read at block 0 for values every block computes alike). T is a multiple of the chunk.
 
 
@@ -198,6 +226,7 @@ def _specs(shapes: dict, names, block_v: int):
       "qk": pl.BlockSpec((None, t, None, dk), lambda b, h, j: (b, 0, h, 0)),
       "v": pl.BlockSpec((None, t, None, block_v), lambda b, h, j: (b, 0, h, j)),
       "token": pl.BlockSpec((None, t, None), lambda b, h, j: (b, 0, h)),
+      "doc": pl.BlockSpec((None, t), lambda b, h, j: (b, 0)),
       "state": pl.BlockSpec((None, None, dk, block_v), lambda b, h, j: (b, h, 0, j)),
       "norm": pl.BlockSpec((None, None, dk), lambda b, h, j: (b, h, 0)),
       "qk_partial": pl.BlockSpec((None, None, t, None, dk), lambda b, h, j: (j, b, 0, h, 0)),
@@ -221,13 +250,19 @@ def _out_shapes(names, q, v, num_v: int):
   return tuple(jax.ShapeDtypeStruct(*table[n]) for n in names)
 
 
-def _call(kernel, in_names, out_names, q, v, config, interpret, *args, **kw):
+def _call(kernel, in_names, out_names, q, v, doc, config, interpret, *args, **kw):
+  """Runs `kernel` on q, k, v, r, M, m_0, then doc if given (static: without it the kernels
+  compile with no document mask), then the rest of `args`."""
   batch, t, heads, dk = q.shape
   num_v = v.shape[-1] // config.block_v
   shapes = dict(t=t, dk=dk)
+  segmented = doc is not None
+  if segmented:
+    in_names = in_names[:6] + ("doc",) + in_names[6:]
+    args = args[:6] + (doc,) + args[6:]
   return pl.pallas_call(
       functools.partial(kernel, chunk=config.chunk, num_chunks=t // config.chunk, dtype=q.dtype,
-                        **kw),
+                        segmented=segmented, **kw),
       grid=(batch, heads, num_v),
       in_specs=_specs(shapes, in_names, config.block_v),
       out_specs=_specs(shapes, out_names, config.block_v),
@@ -241,23 +276,25 @@ def _call(kernel, in_names, out_names, q, v, config, interpret, *args, **kw):
 _IN = ("qk", "qk", "v", "token", "token", "token")   # q, k, v, r, M, m_0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _mlstm_chunks(q, k, v, r, big_m, m0, m, c0, n0, scale, eps, config, interpret):
-  """(h [B,T,H,Dv] in v's dtype, C_T [B,H,Dk,Dv], n_T [B,H,Dk]) from the kernel inputs."""
-  return _mlstm_chunks_forward(q, k, v, r, big_m, m0, m, c0, n0, scale, eps, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _mlstm_chunks(q, k, v, r, big_m, m0, m, c0, n0, doc, scale, eps, config, interpret):
+  """(h [B,T,H,Dv] in v's dtype, C_T [B,H,Dk,Dv], n_T [B,H,Dk]) from the kernel inputs (doc: the
+  per-token document index within its chunk [B,T] int32, or None)."""
+  return _mlstm_chunks_forward(q, k, v, r, big_m, m0, m, c0, n0, doc, scale, eps, config,
+                               interpret)[0]
 
 
-def _mlstm_chunks_forward(q, k, v, r, big_m, m0, m, c0, n0, scale, eps, config, interpret):
+def _mlstm_chunks_forward(q, k, v, r, big_m, m0, m, c0, n0, doc, scale, eps, config, interpret):
   h, qn, c, n = _call(
       _forward_kernel, _IN + ("token", "state", "norm"),
-      ("v", "token_partial", "state", "norm_partial"), q, v, config, interpret,
+      ("v", "token_partial", "state", "norm_partial"), q, v, doc, config, interpret,
       q, k, v, r, big_m, m0, m, c0, n0, scale=scale, eps=eps)
   qn, n = qn[0], n[0]
-  return (h, c, n), (q, k, v, r, big_m, m0, m, c0, n0, h, qn, c, n)
+  return (h, c, n), (q, k, v, r, big_m, m0, m, c0, n0, doc, h, qn, c, n)
 
 
 def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents):
-  q, k, v, r, big_m, m0, m, c0, n0, h, qn, c, n = residuals
+  q, k, v, r, big_m, m0, m, c0, n0, doc, h, qn, c, n = residuals
   dh, dc, dn = cotangents
   batch, t, heads, _ = q.shape
   chunk, num_chunks = config.chunk, t // config.chunk
@@ -271,12 +308,12 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   inv_den = 1.0 / den
 
   dq, a = _call(_backward_dq_kernel, _IN + ("v", "token", "token", "state", "norm"),
-                ("qk_partial", "token_partial"), q, v, config, interpret,
+                ("qk_partial", "token_partial"), q, v, doc, config, interpret,
                 q, k, v, r, big_m, m0, dh, inv_den, dqn, c0, n0, scale=scale)
   dk, dv, dr, b, pull, dc0, dn0 = _call(
       _backward_dkv_kernel, _IN + ("v", "token", "token", "state", "norm"),
       ("qk_partial", "v", "token_partial", "token_partial", "token_partial", "state",
-       "norm_partial"), q, v, config, interpret,
+       "norm_partial"), q, v, doc, config, interpret,
       q, k, v, r, big_m, m0, dh, inv_den, dqn, dc, dn, scale=scale)
   dq, dk, dr, a, b, pull, dn0 = (dq.sum(0), dk.sum(0), dr.sum(0), a.sum(0), b.sum(0), pull.sum(0),
                                  dn0[0])
@@ -290,13 +327,21 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   x_last = jnp.where(at_last, x_after[:, :, None], 0.0).reshape(batch, t, heads)
   dm0 = a - b + x_last
   dbig_m = -(a + pull) - x_last
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv, dr, dbig_m, dm0, dm, dc0, dn0)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv, dr, dbig_m, dm0, dm, dc0, dn0, None)
 
 
 _mlstm_chunks.defvjp(_mlstm_chunks_forward, _mlstm_chunks_backward)
 
 
-def _stabilisers(log_i, log_f, m_init, chunk: int):
+def _segmented(combine, flags, values, axis):
+  """Inclusive scan of `combine` over `axis` restarting where `flags` is True."""
+  def op(x, y):
+    (f1, v1), (f2, v2) = x, y
+    return f1 | f2, jnp.where(f2, v2, combine(v1, v2))
+  return lax.associative_scan(op, (flags, values), axis=axis)[1]
+
+
+def _stabilisers(log_i, log_f, m_init, chunk: int, doc=None):
   """Per-token r, M, m_0 and m (module docstring), and the final m, by differentiable O(T) work.
 
   The stabiliser entering each chunk follows m_{k+1} = s_k + max(m_k, top_k) (s_k: the chunk's
@@ -304,6 +349,12 @@ def _stabilisers(log_i, log_f, m_init, chunk: int):
   associative scan (O(log N) depth, no sequential loop over chunks). At each chunk's last token,
   M is set to m_{k+1} - s_k (equal up to rounding), so that the state a chunk hands on is
   stabilised by exactly the m_0 the next chunk reads.
+
+  Packed documents (doc [B,T] int32, each token's document within its chunk; see `mlstm`): a
+  document d > 0 starting at s in the chunk starts from the empty state (m = 0 before s, i.e.
+  -b_{s-1} relative to b), so its tokens take M_i = max(-b_{s-1}, max of r over [s, i]) and the
+  kernel's m_0 input is -inf there (g = 0: no carried-in state). A chunk whose last document is not
+  0 hands on m_{k+1} = s_k + M_L whatever m_k (the scan's maps become constants there).
 
   log_i, log_f [B,T,H] float32 with T a multiple of `chunk`; m_init [B,H].
   Returns (r, M, m_0, m), each [B,T,H], and m_T [B,H].
@@ -313,24 +364,50 @@ def _stabilisers(log_i, log_f, m_init, chunk: int):
   shape = (batch, num_chunks, chunk, heads)
   cum_f = jnp.cumsum(log_f.reshape(shape), axis=2)
   r = log_i.reshape(shape) - cum_f
-  running = lax.cummax(r, axis=2)
   total_f = cum_f[:, :, -1]                                                      # [B,N,H]
-
-  def compose(first, second):  # maps x -> max(x + a, c), applied in order
-    (a1, c1), (a2, c2) = first, second
-    return a1 + a2, jnp.maximum(c1 + a2, c2)
-
-  shift, peak = lax.associative_scan(compose, (total_f, total_f + running[:, :, -1]), axis=1)
-  m_next = jnp.maximum(m_init[:, None] + shift, peak)                           # [B,N,H]
-  m0 = jnp.concatenate([m_init[:, None], m_next[:, :-1]], axis=1)[:, :, None]    # [B,N,1,H]
   at_last = (jnp.arange(chunk) == chunk - 1)[:, None]
-  big_m = jnp.where(at_last, (m_next - total_f)[:, :, None], jnp.maximum(m0, running))
-  per_token = (r, big_m, jnp.broadcast_to(m0, shape), cum_f + big_m)
+  if doc is None:
+    running = lax.cummax(r, axis=2)
+
+    def compose(first, second):  # maps x -> max(x + a, c), applied in order
+      (a1, c1), (a2, c2) = first, second
+      return a1 + a2, jnp.maximum(c1 + a2, c2)
+
+    shift, peak = lax.associative_scan(compose, (total_f, total_f + running[:, :, -1]), axis=1)
+    m_next = jnp.maximum(m_init[:, None] + shift, peak)                         # [B,N,H]
+    m0 = jnp.concatenate([m_init[:, None], m_next[:, :-1]], axis=1)[:, :, None]  # [B,N,1,H]
+    big_m = jnp.where(at_last, (m_next - total_f)[:, :, None], jnp.maximum(m0, running))
+    per_token = (r, big_m, jnp.broadcast_to(m0, shape), cum_f + big_m)
+    return tuple(x.reshape(batch, t, heads) for x in per_token), m_next[:, -1]
+
+  doc = doc.reshape(batch, num_chunks, chunk)[..., None]                        # [B,N,L,1]
+  first = doc == 0
+  starts = jnp.diff(doc, axis=2, prepend=doc[:, :, :1]) != 0
+  running = _segmented(jnp.maximum, jnp.broadcast_to(starts, shape), r, axis=2)
+  # -b_{s-1} (the empty state's m = 0 relative to b) at each token of a document d > 0, as the xla
+  # path computes it (log f summed from the document's start: b_i - (b - log f)_s).
+  positions = jnp.arange(chunk)[:, None]
+  doc_start = lax.cummax(jnp.where(starts, positions, 0), axis=2)
+  empty = -jnp.take_along_axis(cum_f - log_f.reshape(shape), jnp.broadcast_to(doc_start, shape),
+                               axis=2)
+  reset = jnp.broadcast_to(doc[:, :, -1] != 0, total_f.shape)                     # [B,N,H]
+  top = jnp.where(reset, jnp.maximum(empty[:, :, -1], running[:, :, -1]), running[:, :, -1])
+
+  def compose(first, second):  # maps x -> c if z else max(x + a, c), applied in order
+    (a1, c1, z1), (a2, c2, z2) = first, second
+    return a1 + a2, jnp.where(z2, c2, jnp.maximum(c1 + a2, c2)), z1 | z2
+
+  shift, peak, fixed = lax.associative_scan(compose, (total_f, total_f + top, reset), axis=1)
+  m_next = jnp.where(fixed, peak, jnp.maximum(m_init[:, None] + shift, peak))   # [B,N,H]
+  m0 = jnp.concatenate([m_init[:, None], m_next[:, :-1]], axis=1)[:, :, None]    # [B,N,1,H]
+  base = jnp.where(first, m0, empty)
+  big_m = jnp.where(at_last, (m_next - total_f)[:, :, None], jnp.maximum(base, running))
+  per_token = (r, big_m, jnp.where(first, m0, -jnp.inf), cum_f + big_m)
   return tuple(x.reshape(batch, t, heads) for x in per_token), m_next[:, -1]
 
 
 def mlstm(q, k, v, log_i, log_f, initial_state, *, scale: float, eps: float,
-          interpret: bool = False):
+          segment_ids=None, interpret: bool = False):
   """Chunked mLSTM on GPU (or in interpret mode), differentiable in every input.
 
   Args:
@@ -340,6 +417,10 @@ def mlstm(q, k, v, log_i, log_f, initial_state, *, scale: float, eps: float,
     initial_state: (C [B, H, Dk, Dv], n [B, H, Dk], m [B, H]), float32.
     scale: multiplies q.
     eps: added to the normaliser's denominator.
+    segment_ids: [B, T] int packed-document ids, or None: a change of id between tokens t - 1 and t
+      resets the state (C, n, m) to (0, 0, 0) before t (initial_state reaches the row's first
+      document only; the final state is the last document's). None compiles the kernels without
+      any document mask.
     interpret: run the kernels in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -350,6 +431,7 @@ def mlstm(q, k, v, log_i, log_f, initial_state, *, scale: float, eps: float,
   batch, t, heads, dk = q.shape
   config = _config(batch, heads, dk, v.shape[-1])
   pad = (-t) % config.chunk
+  doc = None if segment_ids is None else chunk_documents(segment_ids, config.chunk)
   log_i, log_f = (x.astype(jnp.float32) for x in (log_i, log_f))
   if pad:
     widths = ((0, 0), (0, pad), (0, 0))
@@ -357,7 +439,7 @@ def mlstm(q, k, v, log_i, log_f, initial_state, *, scale: float, eps: float,
     log_i = jnp.pad(log_i, widths, constant_values=-jnp.inf)
     log_f = jnp.pad(log_f, widths)
   c0, n0, m_init = (x.astype(jnp.float32) for x in initial_state)
-  (r, big_m, m0, m), m_final = _stabilisers(log_i, log_f, m_init, config.chunk)
-  h, c, n = _mlstm_chunks(q, k, v, r, big_m, m0, m, c0, n0, float(scale), float(eps), config,
+  (r, big_m, m0, m), m_final = _stabilisers(log_i, log_f, m_init, config.chunk, doc)
+  h, c, n = _mlstm_chunks(q, k, v, r, big_m, m0, m, c0, n0, doc, float(scale), float(eps), config,
                           interpret)
   return h[:, :t].astype(q.dtype), (c, n, m_final)
