@@ -58,8 +58,3 @@ def call_loop(fn, calls: int):
     return jax.lax.fori_loop(0, calls, body, (first, jnp.float32(0)))
   return loop
 
-
-def device_seconds(fn, *args, calls: int, repeats: int = 3) -> float:
-  """Seconds per call of `fn(*args)`: `call_loop(fn, calls)` timed, median of `repeats` loops
-  after a warm-up one, divided by `calls`."""
-  return median_seconds(call_loop(fn, calls), *args, repeats=repeats, warmup=1) / calls

@@ -51,6 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu import flash_common
+
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBlocks:
@@ -70,7 +72,6 @@ HEAD_DIMS = tuple(BLOCKS)
 DTYPES = ("bfloat16", "float16")
 
 _COMPUTE_WGS = 2  # compute warpgroups per program; warpgroup 2 is the TMA producer
-H100_NUM_SMS = 132  # SM count assumed when the device does not report one (interpret mode)
 _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _LOG2E = math.log2(math.e)
@@ -273,8 +274,7 @@ def _stream(num_steps, stages: int, consumed, load):
 
 def _persistent_programs(num_tiles: int) -> int:
   """Programs of a persistent forward: one per SM (at most one per tile)."""
-  num_sms = getattr(jax.devices()[0], "core_count", None) or H100_NUM_SMS
-  return max(1, min(num_tiles, num_sms))
+  return max(1, min(num_tiles, flash_common.num_sms()))
 
 
 def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpret: bool):

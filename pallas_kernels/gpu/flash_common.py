@@ -1,13 +1,22 @@
-"""Pieces shared by the flash-style GPU kernels (attention, RAT): launch configs, block fitting and
-the float32-accumulating dot."""
+"""Pieces shared by the flash-style GPU kernels (attention, RAT): the SM count, launch configs, block
+fitting and the float32-accumulating dot."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+
+H100_NUM_SMS = 132  # SM count assumed when the device does not report one (interpret mode)
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (H100_NUM_SMS when it reports none)."""
+  return getattr(jax.devices()[0], "core_count", None) or H100_NUM_SMS
 
 
 @dataclasses.dataclass(frozen=True)

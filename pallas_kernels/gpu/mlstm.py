@@ -215,8 +215,8 @@ def _backward_dkv_kernel(*refs, chunk, num_chunks, scale, dtype, segmented):
 # ------------------------------------------------------------------------------------------------
 # pallas_call wrappers. Arrays: q, k [B,T,H,Dk]; v, h [B,T,H,Dv]; per-token scalars [B,T,H]
 # float32; doc [B,T] int32 (packed documents only); C [B,H,Dk,Dv] and n [B,H,Dk] float32.
-# "partial" outputs have a leading Dv-block axis
-# (summed, or read at block 0 for values every block computes alike). T is a multiple of the chunk.
+# "partial" outputs have a leading Dv-block axis (summed, or read at block 0 for values every block
+# computes alike). T is a multiple of the chunk.
 
 
 def _specs(shapes: dict, names, block_v: int):

@@ -50,6 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gpu import flash_common
 from pallas_kernels.gpu.flash_common import BlockConfig, dot
 
 # (head_dim, operand width) -> configs for decode-shaped calls (all rows of a kv head fit one block
@@ -67,7 +68,6 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = ("bfloat16", "float16", "float32")
 MIN_ROWS = 16  # smallest row block: the M dimension of a tensor-core dot
 MAX_FOLD_WIDTH = 256  # widest folded key row (fold x head_dim) of a decode program
-H100_NUM_SMS = 132  # SM count assumed when the device does not report one (interpret mode)
 MIN_BLOCKS_PER_SPLIT = 4  # a split reads at least this many key blocks of the longest row
 # Programs per SM that split-K aims at. An H100 sweep (32K context, batch 1 and 16; 128K, batch 1)
 # read 80-102% of the copy rate with two per SM against 75-94% with one (two fit an SM's shared
@@ -110,7 +110,7 @@ def default_num_splits(programs: int, max_blocks: int, num_sms: int | None = Non
   at least MIN_BLOCKS_PER_SPLIT of the `max_blocks` key blocks (of the longest possible row) per
   split."""
   if num_sms is None:
-    num_sms = getattr(jax.devices()[0], "core_count", None) or H100_NUM_SMS
+    num_sms = flash_common.num_sms()
   most = max(1, max_blocks // MIN_BLOCKS_PER_SPLIT)
   return max(1, min(SPLIT_WAVES * num_sms // programs, most))
 
@@ -226,7 +226,7 @@ def default_fold(t: int, batch: int, kv_heads: int, group: int, head_dim: int,
   H100, D=64 MHA at 4K context and batch 64, or D=128 GQA 4 at 32K and batch 16: 5% faster
   folded; batch 1 (fewer programs, more splits): 2-15% slower."""
   if num_sms is None:
-    num_sms = getattr(jax.devices()[0], "core_count", None) or H100_NUM_SMS
+    num_sms = flash_common.num_sms()
   if t != 1 or batch * kv_heads < SPLIT_WAVES * num_sms:
     return 1
   return max(f for f in range(1, kv_heads + 1)
