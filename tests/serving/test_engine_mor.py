@@ -22,13 +22,14 @@ from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 from tests.serving.test_engine import MAX_LEN, run_staggered
 
 ENGINE = EngineConfig(num_slots=3, max_len=MAX_LEN, page_size=4, chunk_size=2, token_budget=5)
-# (router, sharing, layer_pattern, kv_strategy): the default run has both routers over attention
-# stacks; fixed depth (the routers' path with every token kept) and recurrent stacks (token-by-token
-# routed prefill, longer compiles) are in the slow run.
+# (router, sharing, layer_pattern, kv_strategy): the default run has the expert router (early exits,
+# middle_cycle, a multi-step decode); the token router with shared KV, fixed depth (the routers'
+# path with every token kept) and recurrent stacks (token-by-token routed prefill, longer compiles)
+# are in the slow run.
 VARIANTS = [
     ("expert", "middle_cycle", ("attention",), "recursion"),
-    ("token", "cycle", ("local",), "share_first"),
 ] + [pytest.param(v, marks=pytest.mark.slow) for v in [
+    ("token", "cycle", ("local",), "share_first"),
     (None, "cycle", ("attention",), "recursion"),
     ("expert", "cycle", ("attention", "local"), "share_first"),
     ("token", "middle_cycle", ("attention",), "recursion"),
