@@ -19,7 +19,7 @@ import pytest
 from jaxchunk.config import ModelConfig
 from jaxchunk.models.mor import MoRConfig, MoRLanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
-from tests.serving.test_engine import MAX_LEN, run_staggered
+from tests.serving.test_engine import MAX_LEN, greedy_reference, run_staggered
 
 ENGINE = EngineConfig(num_slots=3, max_len=MAX_LEN, page_size=4, chunk_size=2, token_budget=5)
 # (router, sharing, layer_pattern, kv_strategy): the default run has the expert router (early exits,
@@ -81,24 +81,6 @@ def warm_engine(variant):
   return engine
 
 
-def greedy_reference(forward, prompts, max_tokens):
-  """Full recompute each step on [N, MAX_LEN] right-padded tokens; returns (tokens, log-probs,
-  active [R, N, MAX_LEN] of the final sequences)."""
-  seqs = [list(p) for p in prompts]
-  chosen = [[] for _ in prompts]
-  for _ in range(max_tokens):
-    batch = np.zeros((len(seqs), MAX_LEN), np.int32)
-    for i, s in enumerate(seqs):
-      batch[i, :len(s)] = s
-    lp, active = forward(batch)
-    lp = np.asarray(lp)
-    for i, s in enumerate(seqs):
-      token = int(np.argmax(lp[i, len(s) - 1]))
-      chosen[i].append(float(lp[i, len(s) - 1, token]))
-      s.append(token)
-  return [s[len(p):] for s, p in zip(seqs, prompts)], chosen, np.asarray(active)
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_greedy_matches_full_recompute(rng, variant):
   """6 requests on 3 slots, arriving over 12 steps, prompts prefilled in pieces of at most 2:
@@ -114,7 +96,7 @@ def test_greedy_matches_full_recompute(rng, variant):
   traces, mixed, multi = engine.num_traces, engine.num_mixed_steps, engine.num_multi_step_decodes
   outputs = run_staggered(engine, prompts, arrivals,
                           SamplingParams(max_tokens=max_tokens, logprobs=True))
-  tokens, chosen, active = greedy_reference(forward, prompts, max_tokens)
+  tokens, chosen = greedy_reference(lambda batch: forward(batch)[0], prompts, max_tokens)
   for out, ref_tokens, ref_lp in zip(outputs, tokens, chosen):
     assert out.tokens == ref_tokens
     assert out.finish_reason == "length"
@@ -125,6 +107,10 @@ def test_greedy_matches_full_recompute(rng, variant):
   assert (engine.num_multi_step_decodes > multi) == (variant == MULTI_STEP)
   assert all(slot is None for slot in engine.scheduler.slots)
   if variant[0] is not None:
+    final = np.zeros((len(prompts), MAX_LEN), np.int32)    # the final sequences, right-padded
+    for i, (p, t) in enumerate(zip(prompts, tokens)):
+      final[i, :len(p) + len(t)] = p + t
+    active = np.asarray(forward(final)[1])                 # [R, N, MAX_LEN]
     real = np.arange(MAX_LEN) < np.asarray([[len(p) + max_tokens] for p in prompts])
     depth = active.sum(axis=0)[real]                       # recursions each real token took
     assert depth.min() < depth.max(), "routing sent every token equally deep"
