@@ -36,8 +36,6 @@ def median_seconds(fn, *args, repeats: int = 10, warmup: int = 1,
   return statistics.median(wall_seconds(fn, *args) for _ in range(repeats))
 
 
-
-
 def call_loop(fn, calls: int):
   """A jitted `loop(*args)` that calls `fn(*args)` `calls` times in one `fori_loop`, so that one
   launch and host dispatch spread over the calls (short kernels are timed without the ~50 us a
@@ -57,4 +55,3 @@ def call_loop(fn, calls: int):
       return jax.lax.optimization_barrier((x, total + probe))
     return jax.lax.fori_loop(0, calls, body, (first, jnp.float32(0)))
   return loop
-

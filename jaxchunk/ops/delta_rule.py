@@ -62,8 +62,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from jaxchunk.ops._common import (check_step_qkv, check_gate,
-                                  check_nonpositive, check_qkv, check_segment_ids, compute_dtype,
+from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_segment_ids,
+                                  check_step_qkv, compute_dtype,
                                   default_scale, document_starts, pad_seq, pallas_interpret,
                                   repeat_heads, reset_state, resolve_impl)
 from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,

@@ -1,6 +1,7 @@
 """Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
-mLSTM): their block config and head-dim support, the dot precision rule, the in-chunk causal mask
-and row extraction without value indexing. This module never imports jaxchunk.
+mLSTM): their block config and head-dim support, the dot precision rule, the in-chunk causal mask,
+row extraction without value indexing and the per-chunk document index of packed documents. This
+module never imports jaxchunk.
 """
 
 from __future__ import annotations
@@ -68,3 +69,13 @@ def causal_mask(chunk: int):
   rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
   cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
   return rows >= cols
+
+
+def chunk_documents(segment_ids, chunk: int):
+  """segment_ids [B, T] int -> doc [B, T padded to a multiple of `chunk`] int32: each token's
+  document within its chunk, 0 for the one running at the chunk start (continued from the carried
+  state), then 1, 2, ... after each start (a change of id from the previous token; t = 0 is never
+  one). The padding joins the last document."""
+  batch, t = segment_ids.shape
+  starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, (-t) % chunk)))
+  return jnp.cumsum(starts.reshape(batch, -1, chunk), axis=-1, dtype=jnp.int32).reshape(batch, -1)

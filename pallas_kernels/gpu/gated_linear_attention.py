@@ -75,7 +75,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import MIN_PROGRAMS, causal_mask, dot, row
+from pallas_kernels.gpu.chunk_common import MIN_PROGRAMS, causal_mask, chunk_documents, dot, row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,16 +507,6 @@ def _gla_backward(scale, config, interpret, residuals, cotangents):
 
 
 _gla.defvjp(_gla_forward, _gla_backward)
-
-
-def chunk_documents(segment_ids, chunk: int):
-  """segment_ids [B, T] int -> doc [B, T padded to a multiple of `chunk`] int32: each token's
-  document within its chunk, 0 for the one running at the chunk start (continued from the carried
-  state), then 1, 2, ... after each start (a change of id from the previous token; t = 0 is never
-  one). The padding joins the last document."""
-  batch, t = segment_ids.shape
-  starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, (-t) % chunk)))
-  return jnp.cumsum(starts.reshape(batch, -1, chunk), axis=-1, dtype=jnp.int32).reshape(batch, -1)
 
 
 def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,

@@ -73,8 +73,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
-from pallas_kernels.gpu.gated_linear_attention import chunk_documents
+from pallas_kernels.gpu.chunk_common import (Config, causal_mask, chunk_documents, dot, fit_block_v,
+                                             row)
 
 
 # Block sizes per head_dim_k (`fit_block_v` narrows block_v for small grids).
