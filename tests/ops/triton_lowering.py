@@ -37,6 +37,9 @@ def _triton_lowering_on_cpu():
   try:
     yield
   finally:
+    # Functions jitted at module level (e.g. an op's kernel wrapper) cached their GPU-path traces
+    # (interpret mode off) under the patched backend: drop them before CPU tests call them again.
+    jax.clear_caches()
     jax.default_backend = default_backend
     registration.gpu_info_lib = gpu_info
     registration.lowering.lower_jaxpr_to_triton_module = lower_module
