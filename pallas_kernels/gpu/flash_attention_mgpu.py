@@ -76,10 +76,11 @@ _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _LOG2E = math.log2(math.e)
 _SCHEDULE_BARRIER_ID = 8  # hardware named barrier of the forward's ping-pong (Mosaic uses low ids)
-# The forward's ping-pong: "rendezvous" (both compute warpgroups meet twice per key block) or
-# "handoff" (each signals the other once its QK^T is issued and waits for the other's signal before
-# its PV: one blocking point per block instead of two), per call kind.
-SCHEDULE = {"dense": "rendezvous", "persistent": "rendezvous"}
+# The forward's ping-pong, per call kind: "handoff" (each compute warpgroup signals the other once
+# its QK^T is issued and waits for the other's signal before its PV: one blocking point per key
+# block) or "rendezvous" (both meet twice per key block). H100, bf16, H=16, D=128: handoff vs
+# rendezvous 1.7% faster on window 1024 at T=32K, 1.5% on dense causal T=32K, equal at T=8K.
+SCHEDULE = {"dense": "handoff", "persistent": "handoff"}
 _MASK_VALUE = -1e30  # masked logits (base 2) under a window: exp2(_MASK_VALUE - finite) == 0
 
 

@@ -113,16 +113,16 @@ def test_persistent_window_forward(rng, monkeypatch, programs, scale):
 
 @pytest.mark.parametrize("causal, window, programs", [
     (True, None, None), (False, None, None), (True, 40, None), (True, 150, 3), (True, 150, 1)])
-def test_handoff_schedule(rng, monkeypatch, causal, window, programs):
-  """The forward's handoff ping-pong (one signal and one wait per key block and warpgroup) gives
-  the rendezvous's results: dense causal and full calls, a window whose second warpgroup releases
-  a block unread, and persistent programs walking several tiles (1 program: all of them)."""
-  monkeypatch.setattr(mgpu, "SCHEDULE", {"dense": "handoff", "persistent": "handoff"})
+def test_rendezvous_schedule(rng, monkeypatch, causal, window, programs):
+  """The forward's rendezvous ping-pong (both warpgroups meet twice per key block; the default is
+  the handoff) gives the same results: dense causal and full calls, a window whose second
+  warpgroup releases a block unread, and persistent programs walking several tiles."""
+  monkeypatch.setattr(mgpu, "SCHEDULE", {"dense": "rendezvous", "persistent": "rendezvous"})
   if programs is not None:
     monkeypatch.setattr(mgpu, "_persistent_programs", lambda num_tiles: min(programs, num_tiles))
   q, k, v = qkv(rng, t=384 if programs else 256)
   check_against_xla(rng, q, k, v, causal=causal, window=window,
-                    what=f"handoff causal={causal} window={window} programs={programs}")
+                    what=f"rendezvous causal={causal} window={window} programs={programs}")
 
 
 def test_window_gqa_values_and_grads(rng):
