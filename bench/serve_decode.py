@@ -142,14 +142,16 @@ def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,
 
 def decode_throughput(model: LanguageModel, variables, *, batch: int, context: int, steps: int,
                       warmup_steps: int, chunk_size: int, page_size: int, seed: int,
-                      decode_steps: int = 1, profile: bool = False) -> dict:
+                      decode_steps: int = 1, profile: bool = False,
+                      pack_projections: bool = False) -> dict:
   """Fills `batch` slots with prefilled `context`-token prompts, then times `steps` engine steps
   of `decode_steps` decode tokens each."""
   # the prefill's token, the steps, a burst to spare
   max_tokens = 1 + (warmup_steps + steps + 1) * decode_steps
   engine = Engine(model, variables, EngineConfig(
       num_slots=batch, max_len=round_up(context + max_tokens, page_size), page_size=page_size,
-      chunk_size=chunk_size, prefill_first=True, decode_steps=decode_steps))
+      chunk_size=chunk_size, prefill_first=True, decode_steps=decode_steps,
+      pack_projections=pack_projections))
   rng = np.random.default_rng(seed)
   vocab = model.config.vocab_size
   ids = [engine.submit(list(rng.integers(0, vocab, size=context)),
@@ -212,7 +214,8 @@ def bench_presets(args) -> list[dict]:
                                    steps=args.steps, warmup_steps=args.warmup_steps,
                                    chunk_size=args.chunk_size, page_size=args.page_size,
                                    seed=args.seed, decode_steps=args.decode_steps,
-                                   profile=args.profile))
+                                   profile=args.profile,
+                                   pack_projections=args.pack_projections))
       base = next(r for r in rows + [row] if r["batch"] == batch)
       row["vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
       rows.append(row)
@@ -279,13 +282,14 @@ def hf_rates(hf_model, prompts: np.ndarray, *, new: int, repeats: int) -> dict:
 
 
 def engine_rates(folder: str, prompts: np.ndarray, *, new: int, repeats: int, page_size: int,
-                 chunk_size: int, decode_steps: int) -> dict:
+                 chunk_size: int, decode_steps: int, pack_projections: bool = False) -> dict:
   """`generate_rates` of `Engine.generate` (prefill-first, one slot per prompt) on the checkpoint."""
   config, variables = load_llama(folder, dtype="bfloat16", param_dtype="bfloat16")
   batch, prompt_len = prompts.shape
   engine = Engine(LanguageModel(config), jax.device_put(variables), EngineConfig(
       num_slots=batch, max_len=round_up(prompt_len + new, page_size), page_size=page_size,
-      chunk_size=chunk_size, prefill_first=True, decode_steps=decode_steps))
+      chunk_size=chunk_size, prefill_first=True, decode_steps=decode_steps,
+      pack_projections=pack_projections))
   prompt_lists = [list(p) for p in prompts]
 
   def engine_generate(n: int) -> None:
@@ -322,7 +326,8 @@ def bench_llama(args) -> dict:
       torch.cuda.empty_cache()
     result["jaxchunk"] = engine_rates(folder, prompts, new=new, repeats=args.repeats,
                                       page_size=args.page_size, chunk_size=args.chunk_size,
-                                      decode_steps=args.decode_steps)
+                                      decode_steps=args.decode_steps,
+                                      pack_projections=args.pack_projections)
   print(f"jaxchunk Engine: {json.dumps(result['jaxchunk'])}", flush=True)
   gc.collect()  # free the engine's cache (its jitted methods hold it in a cycle)
   for rate in ("decode_tokens_per_s", "end_to_end_tokens_per_s"):
@@ -366,6 +371,8 @@ def main(argv=None) -> str:
   parser.add_argument("--llama-new", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3, help="timed generate calls (median)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--pack-projections", action="store_true",
+                      help="EngineConfig(pack_projections=True): one kernel per projection group")
   parser.add_argument("--profile", action="store_true",
                       help="print the costliest GPU kernels of the jitted decode (profiler trace)")
   parser.add_argument("--out", default=RESULTS, help="folder of the report")

@@ -25,11 +25,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchunk.layers.packing import packed_projections
 from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
 from jaxchunk.ops.attention import attention
 from jaxchunk.ops.paged_attention import chunked_prefill_attention, paged_write
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
+
+
+# q, k and v packed for serving (`jaxchunk.layers.packing`).
+PACKED_NAME, PACKED_PARTS = "qkv_proj", ("q_proj", "k_proj", "v_proj")
 
 
 def project(x: jax.Array, features: tuple[int, ...], axes: tuple, *, name: str, config: ModelConfig,
@@ -121,9 +126,13 @@ class Attention(nn.Module):
         raise ValueError("Attention: segment_ids (packed documents) cannot be combined with a cache")
       _check_cache(cache, x.shape[0], cfg)
     x = x.astype(jnp.dtype(cfg.dtype))
-    q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
-    k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
-    v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
+    packed = packed_projections(self, x, PACKED_NAME, [(h, dh), (hk, dh), (hk, dh)], cfg.dtype)
+    if packed is not None:
+      q, k, v = packed
+    else:
+      q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
+      k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
+      v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
     q = apply_rotary(q, positions, theta=cfg.rope_theta)
     k = apply_rotary(k, positions, theta=cfg.rope_theta)
 

@@ -10,6 +10,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchunk.layers.packing import packed_projections
+
+# gate and up packed for serving (`jaxchunk.layers.packing`).
+PACKED_NAME, PACKED_PARTS = "gate_up", ("gate", "up")
+
 
 class SwiGLU(nn.Module):
   """The gated MLP of LLaMA: x [B,T,d_model] -> [B,T,d_model] through `hidden` features.
@@ -32,6 +37,10 @@ class SwiGLU(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d_model = x.shape[-1]
     x = x.astype(self.dtype)
-    gate = self._dense(self.hidden, ("embed", "mlp"), "gate")(x)
-    up = self._dense(self.hidden, ("embed", "mlp"), "up")(x)
+    packed = packed_projections(self, x, PACKED_NAME, [(self.hidden,)] * 2, self.dtype)
+    if packed is not None:
+      gate, up = packed
+    else:
+      gate = self._dense(self.hidden, ("embed", "mlp"), "gate")(x)
+      up = self._dense(self.hidden, ("embed", "mlp"), "up")(x)
     return self._dense(d_model, ("mlp", "embed"), "down")(nn.silu(gate) * up)

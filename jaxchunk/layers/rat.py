@@ -36,10 +36,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxchunk.layers.attention import check_mixer_input, project
+from jaxchunk.layers.packing import packed_projections
 from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
 from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
+
+
+# The input projections (q, k, v, f, z) packed for serving (`jaxchunk.layers.packing`).
+PACKED_NAME, PACKED_PARTS = "in_proj", ("q_proj", "k_proj", "v_proj", "f_proj", "z_proj")
 
 
 def forget_bias_init(chunk_size: int):
@@ -107,11 +112,16 @@ class RATLayer(nn.Module):
       raise ValueError(f"RATLayer needs an even head_dim for its rotary positions, got {cfg.head_dim}")
     h, hk, dh, chunk = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rat_chunk_size
     x = x.astype(jnp.dtype(cfg.dtype))
-    q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
-    k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
-    v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
-    f_logits = project(x, (hk, dh // 2), ("kv_heads", "head_dim"), name="f_proj", config=cfg,
-                       use_bias=True, bias_init=forget_bias_init(chunk))
+    packed = packed_projections(self, x, PACKED_NAME,
+                                [(h, dh), (hk, dh), (hk, dh), (hk, dh // 2), (h, dh)], cfg.dtype)
+    if packed is not None:
+      q, k, v, f_logits, z = packed
+    else:
+      q = project(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg)
+      k = project(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg)
+      v = project(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)
+      f_logits = project(x, (hk, dh // 2), ("kv_heads", "head_dim"), name="f_proj", config=cfg,
+                         use_bias=True, bias_init=forget_bias_init(chunk))
     f_half = nn.sigmoid(f_logits.astype(jnp.float32))
     f = jnp.concatenate([f_half, f_half], axis=-1)  # tied over rotary pairs (i, i + Dh/2)
     chunk_index = positions // chunk
@@ -133,7 +143,8 @@ class RATLayer(nn.Module):
           q, k, v, f, chunk_size=chunk, initial_state=state, output_final_state=True,
           max_chunks=state.k_chunks.shape[1], impl=cfg.impl)
       o, new_cache = _per_row(prefill, q, k, v, f, cache)
-    z = project(x, (h, dh), ("heads", "head_dim"), name="z_proj", config=cfg)
+    if packed is None:
+      z = project(x, (h, dh), ("heads", "head_dim"), name="z_proj", config=cfg)
     o = (o.astype(jnp.float32) * nn.sigmoid(z.astype(jnp.float32))).astype(x.dtype)
     y = project(o, (cfg.d_model,), ("embed",), name="o_proj", config=cfg,
                 in_axes=("heads", "head_dim"))

@@ -22,10 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchunk.layers import attention as attention_layer
+from jaxchunk.layers import mlp as mlp_layer
+from jaxchunk.layers import rat as rat_layer
 from jaxchunk.layers.attention import Attention, init_attention_cache
 from jaxchunk.layers.linear_attention import LinearAttention, init_linear_attention_cache
 from jaxchunk.layers.mlp import SwiGLU
 from jaxchunk.layers.norm import RMSNorm
+from jaxchunk.layers.packing import pack
 from jaxchunk.layers.rat import RATLayer, init_rat_cache
 from jaxchunk.config import ModelConfig
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
@@ -181,3 +185,20 @@ class LanguageModel(nn.Module):
     if cache is None:
       return logits, None
     return logits, {"length": cache["length"] + t, "layers": tuple(new_layers)}
+
+  def pack_projections(self, variables: dict) -> dict:
+    """`variables` (unboxed, if boxed) with each block's projections of one input packed into one kernel
+    (`jaxchunk.layers.packing`): the input projections of RAT and attention mixers and the
+    MLP's gate and up. The model gives the same outputs from either; the serving engine packs
+    once so that a decode step runs one matmul per group. Linear-attention mixers are unchanged.
+    """
+    packs = {"attention": attention_layer, "local": attention_layer, "rat": rat_layer}
+    variables = nn.meta.unbox(variables)
+    params = dict(variables["params"])
+    for i, kind in enumerate(self.config.layer_pattern):
+      block = dict(params[f"block_{i}"])
+      if kind in packs:
+        block["mixer"] = pack(block["mixer"], packs[kind].PACKED_NAME, packs[kind].PACKED_PARTS)
+      block["mlp"] = pack(block["mlp"], mlp_layer.PACKED_NAME, mlp_layer.PACKED_PARTS)
+      params[f"block_{i}"] = block
+    return {**variables, "params": params}

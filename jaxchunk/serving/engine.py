@@ -81,6 +81,10 @@ class EngineConfig:
       host's per-step work (scheduling, dispatch, fetching tokens) once per that many tokens;
       tokens then stream in bursts of that many, and a request that stops early discards the rest
       of its burst. Outputs are the same as with 1 (sampling keys count the generated tokens).
+    pack_projections: serve a `LanguageModel` from `LanguageModel.pack_projections` (each
+      block's projections of one input in one kernel, packed once at construction: one matmul
+      per group in every step; outputs equal up to float rounding). Off by default until
+      measured on a GPU.
   """
 
   num_slots: int = 8
@@ -92,6 +96,7 @@ class EngineConfig:
   prefill_first: bool = False
   cache_dtype: str | None = None
   decode_steps: int = 1
+  pack_projections: bool = False
 
   def __post_init__(self):
     for name in ("num_slots", "max_len", "page_size", "chunk_size", "decode_steps"):
@@ -258,6 +263,8 @@ class Engine:
     self.clock = clock
     params = nn.meta.unbox(params)
     self.variables = params if "params" in params else {"params": params}
+    if config.pack_projections and not self.recursive:
+      self.variables = model.pack_projections(self.variables)
     self.kinds = self.model_config.layer_pattern
     has_attention = not self.recursive and any(kind in ATTENTION_KINDS for kind in self.kinds)
     self.pool = PagePool(config.pool_pages, config.page_size) if has_attention else None

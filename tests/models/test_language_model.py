@@ -178,3 +178,28 @@ def test_block_remat_keeps_loss_and_gradients(rng, remat):
     assert_rel_close(g_r, g, 1e-5, "gradient")
   with pytest.raises(ValueError, match="remat"):
     tiny_config(("rat",), remat="everything")
+
+
+def test_packed_projections_match(rng):
+  """`pack_projections` joins RAT's five input projections, attention's q/k/v and every MLP's
+  gate/up into one kernel each (linear-attention mixers keep theirs); the packed model's logits,
+  full-sequence and cached (prefill, then decode steps), are the unpacked model's."""
+  cfg = tiny_config(("rat", "local", "attention", "gla"), impl="reference")
+  b, t = 2, 13
+  tokens = random_tokens(rng, b, t, cfg)
+  model, variables, apply = init_model(cfg)
+  packed = model.pack_projections(variables)
+  params = packed["params"]
+  assert sorted(params["block_0"]["mixer"]) == ["in_proj_bias", "in_proj_kernel", "o_proj"]
+  q_z, k_v, f = 2 * 4 * 8, 2 * 2 * 8, 2 * 4
+  assert params["block_0"]["mixer"]["in_proj_kernel"].shape == (32, q_z + k_v + f)
+  for i in (1, 2):
+    assert sorted(params[f"block_{i}"]["mixer"]) == ["o_proj", "qkv_proj_kernel"]
+  assert "q_proj" in params["block_3"]["mixer"]
+  assert all(sorted(params[f"block_{i}"]["mlp"]) == ["down", "gate_up_kernel"] for i in range(4))
+  full, _ = apply(variables, tokens)
+  assert_rel_close(apply(packed, tokens)[0], full, TOL, "packed full sequence")
+  cached, _ = run_pieces(apply, packed, tokens, [6, 1, 5, 1], init_cache(cfg, b, 16))
+  assert_rel_close(cached, full, TOL, "packed prefill + decode")
+  with pytest.raises(ValueError, match="cannot pack in_proj: the parameters have no"):
+    model.pack_projections(packed)

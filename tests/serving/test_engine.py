@@ -104,6 +104,14 @@ def test_greedy_matches_full_recompute(rng, pattern):
   assert engine.num_mixed_steps > mixed, "no step ran decodes and a prefill piece in one call"
 
 
+def test_packed_projections_match_full_recompute(rng):
+  """An engine serving packed projections (`EngineConfig(pack_projections=True)`, multi-step
+  decode) gives the full recompute's greedy tokens and log-probs."""
+  engine = warm_engine(("rat", "local"), pack_projections=True, decode_steps=4)
+  assert "in_proj_kernel" in engine.variables["params"]["block_0"]["mixer"]
+  check_matches_reference(engine, ("rat", "local"), rng, num_prompts=5, max_tokens=9)
+
+
 # RAT+local's multi-step decode in the slow run (the default run has it with attention).
 @pytest.mark.parametrize("pattern", [("attention",), pytest.param(("rat", "local"),
                                                                   marks=pytest.mark.slow)],
