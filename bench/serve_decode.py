@@ -143,7 +143,7 @@ def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,
 def decode_throughput(model: LanguageModel, variables, *, batch: int, context: int, steps: int,
                       warmup_steps: int, chunk_size: int, page_size: int, seed: int,
                       decode_steps: int = 1, profile: bool = False,
-                      pack_projections: bool = False) -> dict:
+                      pack_projections: bool = True) -> dict:
   """Fills `batch` slots with prefilled `context`-token prompts, then times `steps` engine steps
   of `decode_steps` decode tokens each."""
   # the prefill's token, the steps, a burst to spare
@@ -282,7 +282,7 @@ def hf_rates(hf_model, prompts: np.ndarray, *, new: int, repeats: int) -> dict:
 
 
 def engine_rates(folder: str, prompts: np.ndarray, *, new: int, repeats: int, page_size: int,
-                 chunk_size: int, decode_steps: int, pack_projections: bool = False) -> dict:
+                 chunk_size: int, decode_steps: int, pack_projections: bool = True) -> dict:
   """`generate_rates` of `Engine.generate` (prefill-first, one slot per prompt) on the checkpoint."""
   config, variables = load_llama(folder, dtype="bfloat16", param_dtype="bfloat16")
   batch, prompt_len = prompts.shape
@@ -371,8 +371,8 @@ def main(argv=None) -> str:
   parser.add_argument("--llama-new", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3, help="timed generate calls (median)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--pack-projections", action="store_true",
-                      help="EngineConfig(pack_projections=True): one kernel per projection group")
+  parser.add_argument("--unpacked", dest="pack_projections", action="store_false",
+                      help="EngineConfig(pack_projections=False): one kernel per projection")
   parser.add_argument("--profile", action="store_true",
                       help="print the costliest GPU kernels of the jitted decode (profiler trace)")
   parser.add_argument("--out", default=RESULTS, help="folder of the report")
@@ -395,7 +395,8 @@ def main(argv=None) -> str:
         f"## Decode at {args.context} tokens of context\n\n"
         f"Each slot holds a prefilled {args.context}-token prompt; {args.steps} timed engine steps "
         f"after {args.warmup_steps} untimed ones, each decoding {args.decode_steps} tokens per slot "
-        f"in one jitted call (`decode_steps`; page size "
+        f"in one jitted call (`decode_steps`; "
+        f"{'packed' if args.pack_projections else 'unpacked'} projections; page size "
         f"{args.page_size}; bf16 parameters, compute and caches; random weights). fill s = "
         f"prefill of all slots incl. compilation (not in tokens/s).\n\n"
         f"{render_presets(rows, args)}")

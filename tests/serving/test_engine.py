@@ -20,14 +20,20 @@ ENGINE = EngineConfig(num_slots=3, max_len=MAX_LEN, page_size=4, chunk_size=4, t
 # CPU) in the slow run.
 PATTERNS = [("attention",), ("rat", "local")] + [
     pytest.param(p, marks=pytest.mark.slow) for p in [("rat",), ("gla",), ("gated_delta_rule",)]]
-# Log-prob tolerance vs the full recompute. The Gated DeltaNet model's full-sequence "xla" op path
-# is itself ~1.5e-2 off a float64 run of these sharp weights (its "reference" path 1.3e-4).
+# Log-prob tolerance vs the full recompute (float32). These sharp weights amplify rounding: the
+# full recompute itself moves by up to 1.7e-4 between packed and unpacked kernels of the same
+# weights (test_preemption_under_page_pressure's requests), and the engine's cached path is up to
+# 2.5e-4 off a float64 run there. Cache or scheduling bugs change tokens or log-probs by far more.
+# The Gated DeltaNet model's full-sequence "xla" op path is itself ~1.5e-2 off a float64 run of
+# these weights (its "reference" path 1.3e-4).
 LOGPROB_TOL = {("gated_delta_rule",): 3e-2}
+DEFAULT_LOGPROB_TOL = 5e-4
 
 
 @functools.cache
 def tiny_model(pattern, vocab_size=64):
-  """(model, variables, jitted full-sequence greedy reference) of a tiny model."""
+  """(model, variables, jitted log-probs (variables, tokens) of the full sequence) of a tiny
+  model."""
   cfg = ModelConfig(vocab_size=vocab_size, d_model=32, layer_pattern=pattern, num_heads=2,
                     num_kv_heads=1, head_dim=8, mlp_hidden=64, window=6, rat_chunk_size=4,
                     linear_chunk_size=8, conv_size=3)
@@ -35,7 +41,7 @@ def tiny_model(pattern, vocab_size=64):
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 1), jnp.int32))
   # Sharper logits than the default init: greedy paths that vary from token to token.
   variables = jax.tree.map(lambda x: x * 3.0, variables)
-  log_probs = jax.jit(lambda t: jax.nn.log_softmax(model.apply(variables, t)[0], axis=-1))
+  log_probs = jax.jit(lambda v, t: jax.nn.log_softmax(model.apply(v, t)[0], axis=-1))
   return model, variables, log_probs
 
 
@@ -76,7 +82,10 @@ def run_staggered(engine, prompts, arrivals, params):
 
 
 def check_matches_reference(engine, pattern, rng, num_prompts, max_tokens):
-  _, _, log_probs = tiny_model(pattern)
+  # The full recompute runs the engine's variables: its packed projections
+  # (`EngineConfig.pack_projections`; packed vs unpacked logits are compared in tests/models).
+  _, _, full_log_probs = tiny_model(pattern)
+  log_probs = functools.partial(full_log_probs, engine.variables)
   lengths = rng.integers(1, MAX_LEN - max_tokens, size=num_prompts)
   prompts = [list(rng.integers(0, 64, size=n)) for n in lengths]
   arrivals = sorted(rng.integers(0, 12, size=num_prompts))
@@ -87,7 +96,8 @@ def check_matches_reference(engine, pattern, rng, num_prompts, max_tokens):
   for out, ref_tokens, ref_lp in zip(outputs, tokens, chosen):
     assert out.tokens == ref_tokens
     assert out.finish_reason == "length"
-    np.testing.assert_allclose(out.logprobs, ref_lp, rtol=0, atol=LOGPROB_TOL.get(pattern, 2e-4))
+    np.testing.assert_allclose(out.logprobs, ref_lp, rtol=0,
+                               atol=LOGPROB_TOL.get(pattern, DEFAULT_LOGPROB_TOL))
   assert engine.num_traces == traces, "the engine compiled after warm-up"
   if engine.pool is not None:
     assert engine.pool.num_free == engine.pool.capacity, "pages leaked"
@@ -104,12 +114,16 @@ def test_greedy_matches_full_recompute(rng, pattern):
   assert engine.num_mixed_steps > mixed, "no step ran decodes and a prefill piece in one call"
 
 
-def test_packed_projections_match_full_recompute(rng):
-  """An engine serving packed projections (`EngineConfig(pack_projections=True)`, multi-step
-  decode) gives the full recompute's greedy tokens and log-probs."""
-  engine = warm_engine(("rat", "local"), pack_projections=True, decode_steps=4)
-  assert "in_proj_kernel" in engine.variables["params"]["block_0"]["mixer"]
-  check_matches_reference(engine, ("rat", "local"), rng, num_prompts=5, max_tokens=9)
+def test_engine_packs_projections_once():
+  """By default the engine serves packed projections (one kernel per group, packed at
+  construction); `pack_projections=False` serves the variables as given."""
+  model, variables, _ = tiny_model(("rat", "local"))
+  packed = Engine(model, variables, ENGINE).variables["params"]
+  assert set(packed["block_0"]["mixer"]) == {"in_proj_kernel", "in_proj_bias", "o_proj"}
+  assert "gate_up_kernel" in packed["block_1"]["mlp"]
+  plain = Engine(model, variables, EngineConfig(**{**ENGINE.__dict__, "pack_projections": False}))
+  assert plain.variables["params"]["block_0"]["mixer"].keys() == variables["params"]["block_0"][
+      "mixer"].keys()
 
 
 # RAT+local's multi-step decode in the slow run (the default run has it with attention).
