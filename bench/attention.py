@@ -4,9 +4,6 @@
   python bench/attention.py --quick    # the T=2K dense case only, 3 repeats (a smoke run)
   python bench/attention.py --cases window --passes fwd  # a subset (the results file says which)
 
-Compilation dominates the run time (cuDNN with a [B, 1, T, T] mask, tokamax): on an H100 on
-2026-11-25 all cases together did not finish in 10 minutes, so runs with a time limit take subsets.
-
 Cases (H=16, D=128, bf16, B*T = 64K tokens):
   dense causal   T = 2K (B=32), 8K (B=8), 32K (B=2)
   packed         T = 8K (B=8), 16 documents per row (random boundaries), causal within documents

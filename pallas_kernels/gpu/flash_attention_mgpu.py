@@ -76,11 +76,6 @@ _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _LOG2E = math.log2(math.e)
 _SCHEDULE_BARRIER_ID = 8  # hardware named barrier of the forward's ping-pong (Mosaic uses low ids)
-# The forward's ping-pong, per call kind: "handoff" (each compute warpgroup signals the other once
-# its QK^T is issued and waits for the other's signal before its PV: one blocking point per key
-# block) or "rendezvous" (both meet twice per key block). H100, bf16, H=16, D=128: handoff vs
-# rendezvous 1.7% faster on window 1024 at T=32K, 1.5% on dense causal T=32K, equal at T=8K.
-SCHEDULE = {"dense": "handoff", "persistent": "handoff"}
 _MASK_VALUE = -1e30  # masked logits (base 2) under a window: exp2(_MASK_VALUE - finite) == 0
 
 
@@ -174,19 +169,11 @@ def _wgmma_update(updates, *, interpret: bool, while_running=None):
                for acc, a, b in updates)
 
 
-def _named_barrier(op: str, barrier_id: int):
-  """bar.`op` (sync: arrive and wait; arrive: do not wait) on hardware named barrier
-  `barrier_id`, which completes once the two compute warpgroups' 256 threads arrived."""
-  @plgpu.inline_mgpu()
-  def run(_):
-    mgpu_utils.inline_ptx(f"bar.{op} {barrier_id}, {_COMPUTE_WGS * 128};",
-                          has_side_effects=True, convergent=True)
-  run()
-
-
-def _sync_compute_warpgroups():
-  """Both compute warpgroups meet on a hardware named barrier."""
-  _named_barrier("sync", _SCHEDULE_BARRIER_ID)
+@plgpu.inline_mgpu()
+def _sync_compute_warpgroups(_):
+  """bar.sync on a hardware named barrier for the two compute warpgroups' 256 threads."""
+  mgpu_utils.inline_ptx(f"bar.sync {_SCHEDULE_BARRIER_ID}, {_COMPUTE_WGS * 128};",
+                        has_side_effects=True, convergent=True)
 
 
 def _zeros(shape):
@@ -319,7 +306,6 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
   # (H100, T=8K: 2.7% faster than an mbarrier); persistent window calls keep the mbarrier, whose
   # arrival can precede the wait for V (as fast or faster there).
   named_barrier = not (interpret or persistent)
-  handoff = SCHEDULE["persistent" if persistent else "dense"] == "handoff"
 
   def tile_coords(tile):
     """(batch, head, first query row) of a tile; query tiles vary fastest."""
@@ -335,8 +321,7 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
     return lo, hi
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, o_smem2, lse_smem2, k_smem, v_smem,
-             q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier,
-             turn_barriers):
+             q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
     wg = lax.axis_index("wg")
     if persistent:
       first_tile, stride = lax.axis_index("programs"), num_programs
@@ -360,26 +345,6 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
       else:
         plgpu.barrier_arrive(schedule_barrier)
         plgpu.barrier_wait(schedule_barrier)
-
-    # Handoff: warpgroup w waits on turn barrier w, which the other warpgroup signals.
-    def signal_other():
-      if named_barrier:
-        pl.when(wg == 0)(lambda: _named_barrier("arrive", _SCHEDULE_BARRIER_ID + 1))
-        pl.when(wg == 1)(lambda: _named_barrier("arrive", _SCHEDULE_BARRIER_ID))
-      else:
-        plgpu.barrier_arrive(turn_barriers.at[1 - wg])
-
-    def wait_turn():
-      if named_barrier:
-        pl.when(wg == 0)(lambda: _named_barrier("sync", _SCHEDULE_BARRIER_ID))
-        pl.when(wg == 1)(lambda: _named_barrier("sync", _SCHEDULE_BARRIER_ID + 1))
-      else:
-        plgpu.barrier_wait(turn_barriers.at[wg])
-
-    # Per key block a warpgroup passes two schedule points: after issuing QK^T (`after_qk`) and
-    # before its PV (`before_pv`); the second warpgroup starts one point behind the first.
-    after_qk = signal_other if handoff else schedule
-    before_pv_turn = wait_turn if handoff else schedule
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -416,16 +381,16 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
             plgpu.barrier_wait(v_barriers.at[slot])
             plgpu.barrier_arrive(k_consumed.at[slot])
             plgpu.barrier_arrive(v_consumed.at[slot])
-            after_qk()
-            before_pv_turn()
+            schedule()
+            schedule()
 
         plgpu.barrier_wait(q_barriers.at[wg])
         if window is None:
           plgpu.barrier_wait(k_barriers.at[slot_of(0)])
-          pl.when(wg == 1)(before_pv_turn)
+          pl.when(wg == 1)(schedule)
         else:
           # The second warpgroup's rows see fewer blocks at the window's lower edge.
-          pl.when(wg == 1)(before_pv_turn)
+          pl.when(wg == 1)(schedule)
           release(program_lo, kv_lo)
           plgpu.barrier_wait(k_barriers.at[slot_of(kv_lo)])
 
@@ -435,7 +400,7 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
 
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-            after_qk()
+            schedule()
           # Unscaled logits: the scale joins exp2's argument (one fused multiply-add per logit).
           s = _run_acc((block_q, block_kv), qk)
           if prescale != 1.0:
@@ -460,9 +425,9 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
           row_sum = row_sum * rescale + p.sum(axis=1)
           p16 = p.astype(dtype)
           acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
-          if handoff or named_barrier:
+          if named_barrier:
             plgpu.barrier_wait(v_barriers.at[slot])
-            before_pv_turn()
+            schedule()
           else:
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(v_barriers.at[slot])
@@ -492,7 +457,7 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
         if persistent:  # Q is read by no more wgmma: load the next tile's
           next_tile = tile + stride
           pl.when(next_tile < num_tiles)(lambda: load_q(next_tile))
-        pl.when(wg == 0)(after_qk)  # the second warpgroup's last PV waits on this
+        pl.when(wg == 0)(schedule)
         acc, row_max, row_sum = carry
         plgpu.wait_smem_to_gmem(0)  # the previous tile's output stores have left o/lse_smem
         o_smem[...] = (acc / lax.broadcast_in_dim(row_sum, acc.shape, [0])).astype(dtype)
@@ -544,7 +509,6 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
   ]
   if persistent:
     grid, grid_names = (num_programs,), ("programs",)

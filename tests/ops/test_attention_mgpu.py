@@ -111,20 +111,6 @@ def test_persistent_window_forward(rng, monkeypatch, programs, scale):
                     what=f"{programs} persistent programs, scale {scale}")
 
 
-@pytest.mark.parametrize("causal, window, programs", [
-    (True, None, None), (False, None, None), (True, 40, None), (True, 150, 3), (True, 150, 1)])
-def test_rendezvous_schedule(rng, monkeypatch, causal, window, programs):
-  """The forward's rendezvous ping-pong (both warpgroups meet twice per key block; the default is
-  the handoff) gives the same results: dense causal and full calls, a window whose second
-  warpgroup releases a block unread, and persistent programs walking several tiles."""
-  monkeypatch.setattr(mgpu, "SCHEDULE", {"dense": "rendezvous", "persistent": "rendezvous"})
-  if programs is not None:
-    monkeypatch.setattr(mgpu, "_persistent_programs", lambda num_tiles: min(programs, num_tiles))
-  q, k, v = qkv(rng, t=384 if programs else 256)
-  check_against_xla(rng, q, k, v, causal=causal, window=window,
-                    what=f"rendezvous causal={causal} window={window} programs={programs}")
-
-
 def test_window_gqa_values_and_grads(rng):
   """Window 40 (smaller than a block) over T = 256: in the second forward program the second
   warpgroup starts a key block after the first (it releases that block unread)."""
@@ -231,13 +217,11 @@ def test_unsupported_windows_raise(causal, window, match):
     mgpu.flash_attention(q, q, q, causal=causal, window=window, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("schedule", ["rendezvous", "handoff"])
 @pytest.mark.parametrize("window", [None, 1024])
-def test_kernels_lower_for_cuda(monkeypatch, window, schedule):
-  """The forward (either ping-pong schedule), dq and dkv kernels (causal, GQA, D = 128) go through
-  the Pallas Mosaic GPU lowering for a CUDA device, also on a machine without one (compiling the
-  module for sm_90 and running it needs the GPU)."""
-  monkeypatch.setattr(mgpu, "SCHEDULE", {"dense": schedule, "persistent": schedule})
+def test_kernels_lower_for_cuda(window):
+  """The forward, dq and dkv kernels (causal, GQA, D = 128) go through the Pallas Mosaic GPU
+  lowering for a CUDA device, also on a machine without one (compiling the module for sm_90 and
+  running it needs the GPU)."""
   b, t, h, hk, d = 2, 4096, 4, 2, 128
   q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, hk, d), jnp.bfloat16)
