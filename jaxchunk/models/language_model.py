@@ -187,9 +187,9 @@ class LanguageModel(nn.Module):
     return logits, {"length": cache["length"] + t, "layers": tuple(new_layers)}
 
   def pack_projections(self, variables: dict) -> dict:
-    """`variables` (unboxed, if boxed) with each block's projections of one input packed into one kernel
-    (`jaxchunk.layers.packing`): the input projections of RAT and attention mixers and the
-    MLP's gate and up. The model gives the same outputs from either; the serving engine packs
+    """`variables` (unboxed, if boxed) with each block's projections of one input packed into
+    one kernel (`jaxchunk.layers.packing`): the input projections of RAT and attention mixers and
+    the MLP's gate and up. The model gives the same outputs from either; the serving engine packs
     once so that a decode step runs one matmul per group. Linear-attention mixers are unchanged.
     """
     packs = {"attention": attention_layer, "local": attention_layer, "rat": rat_layer}
