@@ -28,8 +28,8 @@ class DataConfig:
   one document per record) or "parquet" (`paths` of Parquet files, or folders of them: one document
   per row, the string or binary column `column`). Tokens are bytes (vocabulary 256); every document is followed by the
   separator byte `eos_id`. With `model_segment_ids` the model gets `segment_ids` and per-document
-  positions; without (for mixers that cannot mask packed documents, e.g. RAT) it sees each row as
-  one stream with positions 0..seq_len-1.
+  positions (every mixer keeps documents apart); without, it sees each row as one stream with
+  positions 0..seq_len-1.
   """
 
   source: str = "stdlib"

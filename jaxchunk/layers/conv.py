@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxchunk.ops._common import check_segment_ids, document_starts
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
@@ -23,20 +24,28 @@ def init_conv_cache(batch: int, conv_size: int, features: int, dtype) -> jax.Arr
   return jnp.zeros((batch, conv_size - 1, features), dtype)
 
 
-def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array):
+def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array, doc: jax.Array | None = None):
   """Depthwise causal convolution along axis -2.
 
   Args:
     x: [..., T, C] inputs.
     kernel: [K, C] taps, kernel[K - 1] on the current token.
     history: [..., K - 1, C], the inputs before x.
+    doc: None, or int [..., T] each token's document (non-decreasing along T; `history` belongs
+      to document 0): taps that reach into an earlier document read zero.
 
   Returns:
     (y [..., T, C], padded [..., K - 1 + T, C] = history ++ x).
   """
-  t = x.shape[-2]
+  t, taps = x.shape[-2], kernel.shape[0]
   padded = jnp.concatenate([history, x], axis=-2)
-  y = sum(kernel[j] * lax.slice_in_dim(padded, j, j + t, axis=-2) for j in range(kernel.shape[0]))
+  tap = lambda j: lax.slice_in_dim(padded, j, j + t, axis=-2)
+  if doc is not None:
+    doc_padded = jnp.pad(doc, [(0, 0)] * (doc.ndim - 1) + [(taps - 1, 0)])
+    read = tap
+    tap = lambda j: jnp.where((lax.slice_in_dim(doc_padded, j, j + t, axis=-1) == doc)[..., None],
+                              read(j), 0)
+  y = sum(kernel[j] * tap(j) for j in range(taps))
   return y, padded
 
 
@@ -59,18 +68,25 @@ class ShortConv(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, cache: jax.Array | None = None,
+  def __call__(self, x: jax.Array, *, cache: jax.Array | None = None, segment_ids=None,
                sequence_parallel: SequenceParallel | None = None):
     """x [B,T,C]; cache [B,conv_size-1,C] (the inputs before x; None = zeros).
 
     Returns (y [B,T,C], new_cache [B,conv_size-1,C]), new_cache being the last conv_size-1 inputs
-    of cache ++ x, so the next call continues exactly. With an active `sequence_parallel` (no
-    cache) x is in its layout order, y too, and new_cache is None.
+    of cache ++ x, so the next call continues exactly. `segment_ids` [B,T] (packed documents, as
+    the linear ops take them: a change of id starts a document; not with sequence parallelism)
+    keep each token's taps inside its document (the cache precedes the row's first document).
+    With an active `sequence_parallel` (no cache) x is in its layout order, y too, and new_cache
+    is None.
     """
     if x.ndim != 3 or x.shape[2] != self.features:
       raise ValueError(f"x must have shape [batch, seq, {self.features}], got {x.shape}")
     sp = active_sequence_parallel(sequence_parallel, cache, "ShortConv")
     b, t, c = x.shape
+    if segment_ids is not None:
+      if sp is not None:
+        raise ValueError("ShortConv: segment_ids cannot be combined with sequence_parallel")
+      check_segment_ids(segment_ids, b, t)
     if sp is not None:
       if t % sp.num_segments or t // sp.num_segments < self.conv_size - 1:
         raise ValueError(f"ShortConv: sequence-parallel x length {t} must split into "
@@ -90,7 +106,8 @@ class ShortConv(nn.Module):
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if sp is None:
-      y, padded = causal_conv(x, kernel, cache.astype(self.dtype))
+      doc = None if segment_ids is None else jnp.cumsum(document_starts(segment_ids), axis=1)
+      y, padded = causal_conv(x, kernel, cache.astype(self.dtype), doc)
       new_cache = padded[:, t:]
     else:
       segments = x.reshape(b, sp.num_segments, t // sp.num_segments, c)

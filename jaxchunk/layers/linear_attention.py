@@ -33,6 +33,9 @@ Parameters and their logical axes:
 The cache is {"state": the op's recurrent state (float32), "conv": {"q", "k", "v"} short-conv caches
 (empty for kinds without short convs)}; its size does not grow with the sequence.
 
+Packed documents (`segment_ids`, training and evaluation forwards): the op's segment_ids reset the
+state at every document start, and no short-convolution tap reaches into an earlier document.
+
 Sequence-parallel (an active `SequenceParallel`, no cache): x is in the layout order of the
 sequence axis; the op runs as `SequenceParallel.linear` (per-device chunks combined through their
 affine state summaries) and the short convolutions take their halos from the preceding segments.
@@ -243,7 +246,9 @@ class LinearAttention(nn.Module):
     `positions` [B,T] is unused: the recurrence itself orders the tokens (in the layout order of
     an active `sequence_parallel`, see the module docstring). With `cache` (from
     `init_linear_attention_cache` or a previous call) the layer continues from it: T == 1 takes the
-    `<op>_step` decode path, T > 1 a chunked prefill from the cached state.
+    `<op>_step` decode path, T > 1 a chunked prefill from the cached state. `segment_ids` [B,T]
+    (packed documents; no cache or sequence parallelism) reset the state and the short
+    convolutions' history at every document start, as each document alone.
     """
     del positions
     cfg = self.config
@@ -251,9 +256,9 @@ class LinearAttention(nn.Module):
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
       raise ValueError(f"x must have shape [batch, seq, {cfg.d_model}], got {x.shape}")
     sp = active_sequence_parallel(sequence_parallel, cache, f"LinearAttention({self.kind!r})")
-    if segment_ids is not None:
-      raise ValueError(f"LinearAttention({self.kind!r}) cannot handle segment_ids (packed "
-                       "documents) yet: the recurrent state is not reset at document boundaries")
+    if segment_ids is not None and (cache is not None or sp is not None):
+      raise ValueError(f"LinearAttention({self.kind!r}): segment_ids (packed documents) cannot be "
+                       f"combined with a {'cache' if cache is not None else 'sequence_parallel'}")
     b, t, _ = x.shape
     h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
@@ -269,7 +274,7 @@ class LinearAttention(nn.Module):
                          param_dtype=jnp.dtype(cfg.param_dtype), name=f"{name}_conv")
         y, new_conv[name] = conv(qkv[name].reshape(b, t, width),
                                  cache=None if cache is None else cache["conv"][name],
-                                 sequence_parallel=sp)
+                                 segment_ids=segment_ids, sequence_parallel=sp)
         qkv[name] = y.reshape(qkv[name].shape)
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if family.qk_l2norm:
@@ -281,7 +286,8 @@ class LinearAttention(nn.Module):
                        impl=cfg.impl)
       new_cache = None
     elif cache is None:
-      o, _ = family.op(q, k, v, *gates, chunk_size=cfg.linear_chunk_size, impl=cfg.impl)
+      o, _ = family.op(q, k, v, *gates, chunk_size=cfg.linear_chunk_size, segment_ids=segment_ids,
+                       impl=cfg.impl)
       new_cache = None
     else:
       if t == 1:

@@ -24,6 +24,9 @@ open chunk. Its `length` is a scalar (all rows at the same position, as `init_ra
 or int32 [B], one length per row (the serving engine's slots): decode steps take it as is, a
 prefill runs the op per row (vmap).
 
+Packed documents (`segment_ids`, training and evaluation forwards): every document is chunked
+and aggregated as if it ran alone (`jaxchunk.ops.rat.rat`'s segment_ids).
+
 Sequence-parallel (an active `SequenceParallel`, no cache): x and positions are in the layout order
 of the sequence axis and the op runs as `SequenceParallel.rat` (chunk summaries shared across
 devices); every segment of the layout must hold whole chunks.
@@ -99,15 +102,19 @@ class RATLayer(nn.Module):
 
     `positions` must be the token indices of the sequence (0 .. T-1 without a cache, in the layout
     order of an active `sequence_parallel`; the cached length onwards with a cache): the op chunks
-    tokens by index and the rotary angle is the chunk index positions // rat_chunk_size. With a cache T == 1 is a decode step (`rat_step`), T > 1 a
-    chunked prefill continuing the cached state; the cache keeps its capacity of chunk summaries.
+    tokens by index and the rotary angle is the chunk index positions // rat_chunk_size. With a
+    cache T == 1 is a decode step (`rat_step`), T > 1 a chunked prefill continuing the cached
+    state; the cache keeps its capacity of chunk summaries. `segment_ids` [B,T] (packed
+    documents, no cache or sequence parallelism) start each document with an empty state and its
+    own chunk 0; pass positions restarting at 0 in each document, so that the rotary chunk index
+    is the document's.
     """
     cfg = self.config
     check_mixer_input(x, positions, cfg)
     sp = active_sequence_parallel(sequence_parallel, cache, "RATLayer")
-    if segment_ids is not None:
-      raise ValueError("RATLayer cannot handle segment_ids (packed documents) yet: the chunk "
-                       "summaries are not reset at document boundaries")
+    if segment_ids is not None and (cache is not None or sp is not None):
+      raise ValueError("RATLayer: segment_ids (packed documents) cannot be combined with a "
+                       f"{'cache' if cache is not None else 'sequence_parallel'}")
     if cfg.head_dim % 2:
       raise ValueError(f"RATLayer needs an even head_dim for its rotary positions, got {cfg.head_dim}")
     h, hk, dh, chunk = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rat_chunk_size
@@ -132,7 +139,7 @@ class RATLayer(nn.Module):
       o = sp.rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
       new_cache = None
     elif cache is None:
-      o, _ = rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
+      o, _ = rat(q, k, v, f, chunk_size=chunk, segment_ids=segment_ids, impl=cfg.impl)
       new_cache = None
     elif x.shape[1] == 1:  # rat_step takes one length per row itself
       o, new_cache = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache, chunk_size=chunk,

@@ -152,9 +152,10 @@ class LanguageModel(nn.Module):
                sequence_parallel: SequenceParallel | None = None):
     """tokens [B,T] int -> (logits [B,T,vocab] float32, new cache or None).
 
-    `segment_ids` [B,T] marks packed documents (pass `positions` restarting at each document);
-    mixers that cannot separate documents raise a ValueError. `positions` [B,T] defaults to
-    arange(T), or with a cache to cache["length"][:, None] + arange(T).
+    `segment_ids` [B,T] marks packed documents (pass `positions` restarting at each document):
+    every mixer keeps them apart, each giving what it gives alone (not with a cache).
+    `positions` [B,T] defaults to arange(T), or with a cache to cache["length"][:, None] +
+    arange(T).
     With a cache (from `init_cache` or a previous call) the model continues each row from its
     cached length: T > 1 is a chunked prefill, T == 1 a decode step; the returned cache has
     length + T.

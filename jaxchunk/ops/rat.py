@@ -31,6 +31,11 @@ number of tokens seen. A state whose length is not a multiple of C continues the
 for a traced length): internally the new tokens are placed at offset length % C of a chunk-aligned
 buffer whose slot just before them re-injects the running aggregate (gate 0, input = aggregate).
 
+Packed documents (`segment_ids`): each document starts with an empty state and its own chunk 0, so
+a packed row gives what its documents give alone. The reference path empties a row's state at each
+document start; the xla path (`_rat_xla_documents`) scans the whole row once with restarts at the
+documents' chunk starts and masks each query to the summaries of its own document.
+
 Comparison with the public code (CLAIRE-Labo/RAT, `RAT`/`RATSlow` layers and their cache):
 - the operation is the same: `pscan(g, (1 - g) * x)` inside chunks, a block-causal mask
   `q_idx // chunk_size > kv_idx` over chunk summaries, and the own running term merged into the same
@@ -59,8 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxchunk.ops._common import (compute_dtype, check_qkv, check_rank, check_shape, default_scale, is_traced,
-                                  pallas_interpret, resolve_impl)
+from jaxchunk.ops._common import (check_qkv, check_rank, check_segment_ids, check_shape,
+                                  compute_dtype, default_scale, document_starts, is_traced,
+                                  pallas_interpret, reset_state, resolve_impl)
 from pallas_kernels.gpu import rat as rat_kernel
 from pallas_kernels.gpu import rat_aggregate
 from pallas_kernels.gpu import rat_decode as rat_decode_kernel
@@ -261,14 +267,26 @@ def _step_pallas(state: RATState, token, *, chunk_size: int, scale: float):
 
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
-def _rat_reference(q, k, v, f, state: RATState, scale, *, chunk_size: int):
+def _rat_reference(q, k, v, f, state: RATState, scale, starts=None, *, chunk_size: int):
   """Token-by-token scan of `_step` from `state`.
 
-  q [B,T,Hk,G,D]; k, v, f [B,T,Hk,D]; scale: softmax scale. Returns (o like q, final state).
+  q [B,T,Hk,G,D]; k, v, f [B,T,Hk,D]; scale: softmax scale; starts: None or bool [B,T], the
+  document starts (`document_starts`), before which a row's state is emptied (zero buffers, length
+  0; the final length is then one per row, [B]). Returns (o like q, final state).
   """
-  step = lambda s, x: _step(s, x, chunk_size=chunk_size, scale=scale)
+  def step(s, x):
+    if starts is None:
+      return _step(s, x, chunk_size=chunk_size, scale=scale)
+    *token, start = x
+    s = RATState(*(reset_state(z, start) for z in s[:4]), jnp.where(start, 0, s.length))
+    return _step(s, tuple(token), chunk_size=chunk_size, scale=scale)
+
+  xs = (q, k, v, f)
+  if starts is not None:
+    xs += (starts,)
+    state = state._replace(length=jnp.broadcast_to(state.length, starts.shape[:1]))
   time_major = lambda x: jnp.moveaxis(x, 1, 0)
-  state, o = lax.scan(step, state, tuple(map(time_major, (q, k, v, f))))
+  state, o = lax.scan(step, state, tuple(map(time_major, xs)))
   return jnp.moveaxis(o, 0, 1), state
 
 
@@ -279,6 +297,13 @@ def _combine(left, right):
   return a1 * a2, a2 * bk1 + bk2, a2 * bv1 + bv2
 
 
+def _linear_scan(a, bk, bv, axis: int):
+  """The sequences x_t = a_t * x_{t-1} + b_t (x = 0 before the first) of keys and values along
+  `axis`, by an associative scan: returns (x_k, x_v), shaped like bk and bv."""
+  _, xk, xv = lax.associative_scan(_combine, (a, bk, bv), axis=axis)
+  return xk, xv
+
+
 @jax.checkpoint
 def _aggregate(gate, k, v):
   """In-chunk running aggregates of k and v [B, N, C, Hk, D] under `gate` (same shape).
@@ -286,18 +311,21 @@ def _aggregate(gate, k, v):
   Rematerialised in the backward pass (elementwise work over the chunk axis), so only the inputs
   stay alive between the passes, not the scan's log2(C) levels of intermediates.
   """
-  _, k_agg, v_agg = lax.associative_scan(_combine, (gate, (1 - gate) * k, (1 - gate) * v), axis=2)
-  return k_agg, v_agg
+  return _linear_scan(gate, (1 - gate) * k, (1 - gate) * v, 2)
 
 
-def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float):
+def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float,
+                   q_doc=None, sum_doc=None):
   """Online-softmax attention of one query block over all summary blocks.
 
   Args:
     q: [B, Bq, Hk, G, D] queries; k_run, v_run: [B, Bq, Hk, D] their own running aggregates.
-    q_chunk: [Bq] int32 chunk index of each query.
-    k_sum, v_sum: [S, B, Bs, Hk, D] chunk summaries in S blocks; sum_chunk: [S, Bs] their chunk
+    q_chunk: [R, Bq] int32 chunk index of each query (R = 1: the same for every row, or B).
+    k_sum, v_sum: [S, B, Bs, Hk, D] chunk summaries in S blocks; sum_chunk: [S, R, Bs] their chunk
       indices (a summary is visible to a query of a strictly later chunk).
+    scale: softmax scale.
+    q_doc, sum_doc: None, or [R, Bq] and [S, R, Bs] int32 document indices: a summary is then
+      visible only to queries of its own document.
 
   Returns:
     [B, Bq, Hk, G, D] attention outputs.
@@ -306,14 +334,17 @@ def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: 
   m = lax.stop_gradient(s_run)  # the result does not depend on the running max
   l = jnp.exp(s_run - m)
   acc = l[..., None] * v_run[:, :, :, None]
+  docs = q_doc is not None
 
   @jax.checkpoint
   def body(carry, block):
     m, l, acc = carry
-    ks, vs, chunk = block
-    visible = chunk[None, :] < q_chunk[:, None]  # [Bq, Bs]
+    ks, vs, chunk, *doc = block
+    visible = chunk[:, None, :] < q_chunk[:, :, None]  # [R, Bq, Bs]
+    if docs:
+      visible &= doc[0][:, None, :] == q_doc[:, :, None]
     s = _einsum("bthgd,bshd->bthgs", q, ks) * scale
-    s = jnp.where(visible[None, :, None, None, :], s, -jnp.inf)
+    s = jnp.where(visible[:, :, None, None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(s, axis=-1)))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
@@ -321,8 +352,24 @@ def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: 
     acc = alpha[..., None] * acc + _einsum("bthgs,bshd->bthgd", p, vs)
     return (m_new, l, acc), None
 
-  (_, l, acc), _ = lax.scan(body, (m, l, acc), (k_sum, v_sum, sum_chunk))
+  blocks = (k_sum, v_sum, sum_chunk) + ((sum_doc,) if docs else ())
+  (_, l, acc), _ = lax.scan(body, (m, l, acc), blocks)
   return acc / l[..., None]
+
+
+def _summary_blocks(k_sum, v_sum, *keys, block_size: int):
+  """Summaries [B, M, Hk, D] and their index arrays [R, M] (chunk, document...) in blocks of
+  min(block_size, M): ([S, B, Bs, Hk, D] x 2, [S, R, Bs] per index array). Padding summaries are
+  zero with chunk index _NEVER (no query sees them)."""
+  m = k_sum.shape[1]
+  size = min(block_size, m)
+  pad = -m % size
+  widen = lambda x, fill: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2),
+                                  constant_values=fill)
+  blocks = lambda x: jnp.moveaxis(x.reshape((x.shape[0], -1, size) + x.shape[2:]), 1, 0)
+  fills = (_NEVER,) + (-1,) * (len(keys) - 1)
+  return (blocks(widen(k_sum, 0)), blocks(widen(v_sum, 0)),
+          *(blocks(widen(key, fill)) for key, fill in zip(keys, fills)))
 
 
 def _attend_pallas(q, k_agg, v_agg, k_new, v_new, state: RATState, first_chunk, scale, *,
@@ -418,17 +465,12 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
       sum_chunk = jnp.concatenate([jnp.where(old < first_chunk, old, _NEVER), new_chunk])
     else:
       k_sum, v_sum, sum_chunk = k_new, v_new, new_chunk
-    m = k_sum.shape[1]
-    sum_block = min(block_size, m)
-    pad = -m % sum_block
-    k_sum, v_sum = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (k_sum, v_sum))
-    sum_chunk = jnp.pad(sum_chunk, (0, pad), constant_values=_NEVER)
-    sum_blocks = lambda x: jnp.moveaxis(x.reshape(b, -1, sum_block, hk, d), 1, 0)
-    k_sum, v_sum, sum_chunk = sum_blocks(k_sum), sum_blocks(v_sum), sum_chunk.reshape(-1, sum_block)
+    k_sum, v_sum, sum_chunk = _summary_blocks(k_sum, v_sum, sum_chunk[None],
+                                              block_size=block_size)
 
     q_len = chunks_per_block * c
     q_blocks = lambda x: jnp.moveaxis(x.reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
-    q_chunk = (first_chunk + pos // c).reshape(-1, q_len)
+    q_chunk = (first_chunk + pos // c).reshape(-1, 1, q_len)
     attend = jax.checkpoint(lambda xs: _attend_blocks(*xs, k_sum, v_sum, sum_chunk, scale=scale))
     o = lax.map(attend, (q_blocks(place(q, 0)), q_blocks(k_agg.reshape(b, p, hk, d)),
                          q_blocks(v_agg.reshape(b, p, hk, d)), q_chunk))
@@ -445,8 +487,92 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   return o, final
 
 
+def _document_positions(starts, length):
+  """Each token's document and its position in it.
+
+  starts [B, T] bool (`document_starts`), length: the tokens seen before (scalar). Returns (doc
+  [B, T] int32: 0 for the document that continues the state, then 1, 2, ... after each start;
+  pos [B, T] int32: the position in the document, the first one counting on from `length`).
+  """
+  index = jnp.arange(starts.shape[1], dtype=jnp.int32)
+  doc = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+  first = lax.cummax(jnp.where(starts, index, 0), axis=1)  # the token's document start
+  return doc, jnp.where(doc == 0, length + index, index - first)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "continued", "old_chunks", "block_size"))
+def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size: int,
+                       continued: bool, old_chunks: int, block_size: int):
+  """Chunk-parallel RAT over packed documents (`rat`'s segment_ids), exactly `_rat_reference`.
+
+  Chunks start at every document start (each document is chunked as if it ran alone), so they do
+  not line up with the row's C-token blocks: the aggregates come from one scan over the row that
+  restarts at every chunk start; the summaries (the aggregates at tokens ending a chunk, at most
+  ceil(T / C) of them) are gathered into a buffer with their chunk and document indices; a query
+  attends to the summaries of earlier chunks of its own document and to its running aggregate.
+
+  Args: as `_rat_xla` (state of the output capacity N, its first `old_chunks` slots the given
+    ones; a scalar length), plus starts [B, T] bool (`document_starts`).
+
+  Returns:
+    (o [B, T, Hk, G, D], final state of capacity N: each row's last document, length [B]; its
+    summary slots past that document's chunks hold the given state's where the row has a single
+    document, zeros elsewhere).
+  """
+  b, t, hk, g, d = q.shape
+  c = chunk_size
+  doc, pos = _document_positions(starts, state.length)
+  chunk = pos // c
+  gate = jnp.where((pos % c == 0)[..., None, None], 0, f)  # the aggregate restarts at chunk starts
+  k_in, v_in = (1 - f) * k, (1 - f) * v
+  if continued:  # the first token continues the state's running aggregate (gate 0 at a chunk start)
+    k_in = k_in.at[:, 0].add(gate[:, 0] * state.k_run)
+    v_in = v_in.at[:, 0].add(gate[:, 0] * state.v_run)
+  # Rematerialised in the backward pass, as `_aggregate`.
+  k_agg, v_agg = jax.checkpoint(functools.partial(_linear_scan, axis=1))(gate, k_in, v_in)
+
+  m = -(-t // c)  # chunks completed by the new tokens, at most
+  rows = jnp.arange(b)[:, None]
+  ends = (pos + 1) % c == 0  # the token completes chunk `chunk` of its document
+  slot = jnp.where(ends, jnp.cumsum(ends, axis=1) - 1, m)
+  gather = lambda x, fill: jnp.full((b, m) + x.shape[2:], fill, x.dtype).at[rows, slot].set(
+      x, mode="drop")
+  k_new, v_new = gather(k_agg, 0), gather(v_agg, 0)  # [B, M, Hk, D]
+  new_chunk, new_doc = gather(chunk, _NEVER), gather(doc, -1)  # [B, M]
+  k_sum, v_sum, sum_chunk, sum_doc = k_new, v_new, new_chunk, new_doc
+  if continued and old_chunks:  # the state's summaries, seen by the first document
+    old = jnp.arange(old_chunks, dtype=jnp.int32)
+    old_chunk = jnp.broadcast_to(jnp.where(old < state.length // c, old, _NEVER), (b, old_chunks))
+    k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks].astype(k_new.dtype), k_new], axis=1)
+    v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks].astype(v_new.dtype), v_new], axis=1)
+    sum_chunk = jnp.concatenate([old_chunk, new_chunk], axis=1)
+    sum_doc = jnp.concatenate([jnp.zeros((b, old_chunks), jnp.int32), new_doc], axis=1)
+  blocks = _summary_blocks(k_sum, v_sum, sum_chunk, sum_doc, block_size=block_size)
+
+  q_len = min(block_size, t)
+  p = -(-t // q_len) * q_len
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, p - t)] + [(0, 0)] * (x.ndim - 2))
+  q_blocks = lambda x: jnp.moveaxis(pad(x).reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
+  attend = jax.checkpoint(lambda xs: _attend_blocks(*xs[:4], *blocks[:3], scale=scale,
+                                                    q_doc=xs[4], sum_doc=blocks[3]))
+  o = lax.map(attend, tuple(map(q_blocks, (q, k_agg, v_agg, chunk, doc))))
+  o = jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d)[:, :t]
+
+  # The final state: the last document's summaries in slots 0 .. of a buffer that starts from the
+  # given one where the row has a single document and from zeros where a document started.
+  last_doc = doc[:, -1:]
+  n = state.k_chunks.shape[1]
+  dst = jnp.where(new_doc == last_doc, new_chunk, n)  # out of bounds: dropped
+  restarted = (last_doc > 0)[:, :, None, None]
+  put = lambda old, new: jnp.where(restarted, 0, old).at[rows, dst].set(new.astype(old.dtype),
+                                                                        mode="drop")
+  final = RATState(put(state.k_chunks, k_new), put(state.v_chunks, v_new), k_agg[:, -1],
+                   v_agg[:, -1], pos[:, -1] + 1)
+  return o, final
+
+
 def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_final_state=False,
-        max_chunks=None, block_size=128, impl="auto"):
+        max_chunks=None, segment_ids=None, block_size=128, impl="auto"):
   """RAT attention: gated recurrence inside chunks, softmax attention over chunk summaries.
 
   Args:
@@ -463,6 +589,11 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
       max(N0, max_chunks) when max_chunks is given (a ValueError is raised when the state's length
       is concrete and that is too small; with a traced length, summaries past it are dropped), else
       N0 + ceil(T / C), enough for any valid state.
+    segment_ids: None or int [B, T], packed documents: a change of id between t - 1 and t starts
+      a new document at t, which begins with an empty state (no summaries, chunk 0 starting at
+      t), so each document gives what it gives alone; `initial_state` applies to the row's first
+      document only. The final state is then each row's last document's, with length int32 [B].
+      The Pallas kernels take row-aligned chunks: "auto" runs "xla" for these calls.
     block_size: query tokens (rounded to whole chunks) and summaries per attention block of the
       "xla" path; the scores of one block pair take [B, block_size, H, block_size] memory.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
@@ -481,6 +612,7 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
   if max_chunks is not None and (not isinstance(max_chunks, (int, np.integer)) or max_chunks < 0):
     raise ValueError(f"max_chunks must be a non-negative int or None, got {max_chunks!r}")
   _check_gate_range(f)
+  check_segment_ids(segment_ids, b, t)
   c = chunk_size
   if initial_state is None:
     capacity = max(t // c, max_chunks or 0)
@@ -496,19 +628,30 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
 
   state = rat_init_state(b, hk, d, 0) if initial_state is None else initial_state
   dtype = compute_dtype(q, k, v, f, *state[:4])
-  impl = resolve_impl(impl, "rat", pallas_unsupported=(
-      rat_kernel.unsupported_reason(d, q.dtype) if dtype == jnp.float32
-      else f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"))
+  if segment_ids is not None:
+    unsupported = "segment_ids (the kernels take chunks aligned to the row, not to documents)"
+  elif dtype != jnp.float32:
+    unsupported = f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"
+  else:
+    unsupported = rat_kernel.unsupported_reason(d, q.dtype)
+  impl = resolve_impl(impl, "rat", pallas_unsupported=unsupported)
   state = _cast_state(state, capacity, dtype)
   scale = default_scale(scale, d)
   out_dtype = jnp.result_type(q)
   # The pallas path's kernels read bf16 inputs directly; the other paths compute in `dtype`.
   q, k, v, f = (jnp.asarray(x, None if impl == "pallas" else dtype) for x in (q, k, v, f))
   qg = q.reshape(b, t, hk, h // hk, d)
+  starts = None if segment_ids is None else document_starts(jnp.asarray(segment_ids))
   if t == 0:
     o, final = qg, state
+    if starts is not None:
+      final = final._replace(length=jnp.broadcast_to(final.length, (b,)))
   elif impl == "reference":
-    o, final = _rat_reference(qg, k, v, f, state, scale, chunk_size=c)
+    o, final = _rat_reference(qg, k, v, f, state, scale, starts, chunk_size=c)
+  elif starts is not None:
+    o, final = _rat_xla_documents(qg, k, v, f, state, starts, scale, chunk_size=c,
+                                  continued=initial_state is not None, old_chunks=old_chunks,
+                                  block_size=block_size)
   else:
     o, final = _rat_xla(qg, k, v, f, state, scale, chunk_size=c,
                         continued=initial_state is not None, old_chunks=old_chunks,

@@ -366,13 +366,13 @@ def test_rat_grad_xla_matches_reference(rng):
     assert_rel_close(out, ref, TOL, "rat grad")
 
 
-def test_rat_rejects_segment_ids(rng):
+def test_rat_rejects_bad_arguments(rng):
   cfg = tiny_config()
   layer = RATLayer(cfg)
   x = randn(rng, 1, 4, cfg.d_model)
   variables = init_params(layer, x, arange_positions(1, 4))
-  with pytest.raises(ValueError, match="segment_ids"):
+  with pytest.raises(ValueError, match="segment_ids .* cannot be combined with a cache"):
     layer.apply(variables, x, positions=arange_positions(1, 4),
-                segment_ids=jnp.zeros((1, 4), jnp.int32))
+                segment_ids=jnp.zeros((1, 4), jnp.int32), cache=init_rat_cache(cfg, 1, 8, jnp.float32))
   with pytest.raises(ValueError, match="x must have shape"):
     layer.apply(variables, x[..., :8], positions=arange_positions(1, 4))

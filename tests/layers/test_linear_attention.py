@@ -107,6 +107,24 @@ def test_short_conv_cache_continues(rng):
   assert_rel_close(jnp.concatenate(pieces, axis=1), full, 1e-6, "pieces vs full")
 
 
+def test_short_conv_segment_ids_match_documents_alone(rng):
+  """Packed documents (ids change at 3, 4 and 9; equal ids on non-adjacent documents): each
+  document is convolved alone, its taps never reaching into the one before."""
+  conv = ShortConv(6, 4)
+  x = jnp.asarray(randn(rng, 2, 11, 6))
+  params = conv.init(jax.random.key(1), x)
+  ids = np.array([[0] * 3 + [1] + [0] * 5 + [1] * 2, [5] * 11], np.int32)
+  y, cache = conv.apply(params, x, segment_ids=jnp.asarray(ids))
+  kernel = nn.unbox(params["params"]["kernel"])
+  ref = np.concatenate([conv_oracle(x[:1, lo:hi], kernel, True)
+                        for lo, hi in [(0, 3), (3, 4), (4, 9), (9, 11)]], axis=1)
+  assert_rel_close(y[:1], ref, 1e-6, "packed row")
+  assert_rel_close(y[1:], conv_oracle(x[1:], kernel, True), 1e-6, "one-document row")
+  np.testing.assert_array_equal(cache, x[:, -3:])
+  with pytest.raises(ValueError, match="segment_ids must be an integer array"):
+    conv.apply(params, x, segment_ids=jnp.asarray(ids, jnp.float32))
+
+
 def test_short_conv_rejects_bad_shapes(rng):
   conv = ShortConv(4, 4)
   x = jnp.asarray(randn(rng, 1, 5, 4))
@@ -210,8 +228,9 @@ def test_gate_parameter_inits(rng):
 def test_rejects_bad_arguments(rng):
   config, params, x = setup("simple_gla", rng, seq=4)
   layer = LinearAttention(config, "simple_gla")
-  with pytest.raises(ValueError, match="segment_ids"):
-    layer.apply(params, x, positions=positions_for(x), segment_ids=jnp.zeros((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match="segment_ids .* cannot be combined with a cache"):
+    layer.apply(params, x, positions=positions_for(x), segment_ids=jnp.zeros((2, 4), jnp.int32),
+                cache=empty_cache("simple_gla", config, 2))
   with pytest.raises(ValueError, match=r"x must have shape \[batch, seq, 32\]"):
     layer.apply(params, x[..., :16], positions=positions_for(x))
   with pytest.raises(ValueError, match="kind must be one of"):

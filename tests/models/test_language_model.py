@@ -120,16 +120,20 @@ def test_init_cache_structure():
   assert init_cache(cfg, 3, 20, jnp.float32)["layers"][1]["k"].dtype == jnp.float32
 
 
-def test_packed_documents_match_separate_runs(rng):
-  cfg = tiny_config(("attention",))
-  lengths = (7, 5)
+@pytest.mark.parametrize("pattern", [("attention",), ("rat", "local"), ("gated_delta_rule",)])
+def test_packed_documents_match_separate_runs(rng, pattern):
+  """Every mixer kind separates packed documents: RAT chunks each document from its start, the
+  linear mixers reset their state and short convolutions (here Gated DeltaNet's)."""
+  cfg = tiny_config(pattern)
+  lengths = (7, 1, 10)
   tokens = random_tokens(rng, 1, sum(lengths), cfg)
   _, variables, apply = init_model(cfg)
-  segment_ids = jnp.asarray([[0] * lengths[0] + [1] * lengths[1]], jnp.int32)
-  positions = jnp.asarray([list(range(lengths[0])) + list(range(lengths[1]))], jnp.int32)
+  segment_ids = jnp.asarray([sum(([i] * n for i, n in enumerate(lengths)), [])], jnp.int32)
+  positions = jnp.asarray([sum((list(range(n)) for n in lengths), [])], jnp.int32)
   packed, _ = apply(variables, tokens, segment_ids, positions)
-  separate = jnp.concatenate([apply(variables, tokens[:, :lengths[0]])[0],
-                              apply(variables, tokens[:, lengths[0]:])[0]], axis=1)
+  ends = np.cumsum((0,) + lengths)
+  separate = jnp.concatenate([apply(variables, tokens[:, lo:hi])[0]
+                              for lo, hi in zip(ends[:-1], ends[1:])], axis=1)
   assert_rel_close(packed, separate, TOL, "packed documents")
 
 
@@ -156,7 +160,8 @@ def test_rejects_bad_arguments(rng):
   with pytest.raises(ValueError, match="positions must have shape"):
     model.apply(variables, tokens, positions=jnp.zeros((1, 7), jnp.int32))
   with pytest.raises(ValueError, match="segment_ids"):
-    model.apply(variables, tokens, segment_ids=jnp.zeros((1, 8), jnp.int32))
+    model.apply(variables, tokens, segment_ids=jnp.zeros((1, 8), jnp.int32),
+                cache=init_cache(cfg, 1, 16))
   with pytest.raises(ValueError, match="cache\\['layers'\\] must hold 2"):
     model.apply(variables, tokens, cache=init_cache(tiny_config(("rat",)), 1, 8))
 
