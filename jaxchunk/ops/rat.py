@@ -33,8 +33,9 @@ buffer whose slot just before them re-injects the running aggregate (gate 0, inp
 
 Packed documents (`segment_ids`): each document starts with an empty state and its own chunk 0, so
 a packed row gives what its documents give alone. The reference path empties a row's state at each
-document start; the xla path (`_rat_xla_documents`) scans the whole row once with restarts at the
-documents' chunk starts and masks each query to the summaries of its own document.
+document start; the xla path (`_rat_xla_documents`) scans C-token blocks of the row with restarts
+at the documents' chunk starts, carries the aggregate into chunks that straddle two blocks, and
+masks each query to the summaries of its own document.
 
 Comparison with the public code (CLAIRE-Labo/RAT, `RAT`/`RATSlow` layers and their cache):
 - the operation is the same: `pscan(g, (1 - g) * x)` inside chunks, a block-causal mask
@@ -299,9 +300,8 @@ def _combine(left, right):
 
 def _linear_scan(a, bk, bv, axis: int):
   """The sequences x_t = a_t * x_{t-1} + b_t (x = 0 before the first) of keys and values along
-  `axis`, by an associative scan: returns (x_k, x_v), shaped like bk and bv."""
-  _, xk, xv = lax.associative_scan(_combine, (a, bk, bv), axis=axis)
-  return xk, xv
+  `axis`, by an associative scan: returns (prod_{s <= t} a_s, x_k, x_v), shaped like a, bk, bv."""
+  return lax.associative_scan(_combine, (a, bk, bv), axis=axis)
 
 
 @jax.checkpoint
@@ -311,7 +311,22 @@ def _aggregate(gate, k, v):
   Rematerialised in the backward pass (elementwise work over the chunk axis), so only the inputs
   stay alive between the passes, not the scan's log2(C) levels of intermediates.
   """
-  return _linear_scan(gate, (1 - gate) * k, (1 - gate) * v, 2)
+  return _linear_scan(gate, (1 - gate) * k, (1 - gate) * v, 2)[1:]
+
+
+@jax.checkpoint
+def _aggregate_documents(a, bk, bv):
+  """Running aggregates x_t = a_t * x_{t-1} + b_t of keys and values [B, N, C, Hk, D] (rows cut
+  into N blocks of C tokens), where a_t = 0 at every chunk start of the documents.
+
+  A document's chunk (at most C tokens) may straddle two row blocks; it then starts strictly
+  inside the first, so one scan per block is exact except on the second block's tokens before its
+  first restart, which take the first block's last aggregate times their gate product. Rematerialised
+  in the backward pass, as `_aggregate`.
+  """
+  prod, xk, xv = _linear_scan(a, bk, bv, 2)
+  carry = lambda x: jnp.pad(x[:, :-1, -1:], [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])
+  return xk + prod * carry(xk), xv + prod * carry(xv)
 
 
 def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float,
@@ -506,8 +521,9 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   """Chunk-parallel RAT over packed documents (`rat`'s segment_ids), exactly `_rat_reference`.
 
   Chunks start at every document start (each document is chunked as if it ran alone), so they do
-  not line up with the row's C-token blocks: the aggregates come from one scan over the row that
-  restarts at every chunk start; the summaries (the aggregates at tokens ending a chunk, at most
+  not line up with the row's C-token blocks: the aggregates come from a scan per block that
+  restarts at every chunk start, plus the carry into chunks that straddle two blocks
+  (`_aggregate_documents`); the summaries (the aggregates at tokens ending a chunk, at most
   ceil(T / C) of them) are gathered into a buffer with their chunk and document indices; a query
   attends to the summaries of earlier chunks of its own document and to its running aggregate.
 
@@ -528,8 +544,11 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   if continued:  # the first token continues the state's running aggregate (gate 0 at a chunk start)
     k_in = k_in.at[:, 0].add(gate[:, 0] * state.k_run)
     v_in = v_in.at[:, 0].add(gate[:, 0] * state.v_run)
-  # Rematerialised in the backward pass, as `_aggregate`.
-  k_agg, v_agg = jax.checkpoint(functools.partial(_linear_scan, axis=1))(gate, k_in, v_in)
+  nc = -(-t // c)
+  blocks = lambda x: jnp.pad(x, [(0, 0), (0, nc * c - t), (0, 0), (0, 0)]).reshape(
+      b, nc, c, hk, d)
+  k_agg, v_agg = (x.reshape(b, nc * c, hk, d)[:, :t] for x in _aggregate_documents(
+      blocks(gate), blocks(k_in), blocks(v_in)))
 
   m = -(-t // c)  # chunks completed by the new tokens, at most
   rows = jnp.arange(b)[:, None]
