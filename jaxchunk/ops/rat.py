@@ -314,19 +314,25 @@ def _aggregate(gate, k, v):
   return _linear_scan(gate, (1 - gate) * k, (1 - gate) * v, 2)[1:]
 
 
-@jax.checkpoint
-def _aggregate_documents(a, bk, bv):
-  """Running aggregates x_t = a_t * x_{t-1} + b_t of keys and values [B, N, C, Hk, D] (rows cut
-  into N blocks of C tokens), where a_t = 0 at every chunk start of the documents.
+def _carry_in(prod, x, x0):
+  """x [B, N, C, ...] corrected for chunks that straddle two row blocks: block n's tokens before its
+  first restart take prod (the gate product from the block's start) times the aggregate at the
+  end of block n - 1 (x0 [B, ...] before block 0). A chunk of at most C tokens that straddles
+  blocks n - 1 and n starts strictly inside block n - 1, so that aggregate is already exact.
+  """
+  carry = jnp.concatenate([x0[:, None], x[:, :-1, -1]], axis=1)  # [B, N, ...]
+  return x + prod * carry[:, :, None]
 
-  A document's chunk (at most C tokens) may straddle two row blocks; it then starts strictly
-  inside the first, so one scan per block is exact except on the second block's tokens before its
-  first restart, which take the first block's last aggregate times their gate product. Rematerialised
-  in the backward pass, as `_aggregate`.
+
+@jax.checkpoint
+def _aggregate_documents(a, bk, bv, k0, v0):
+  """Running aggregates x_t = a_t * x_{t-1} + b_t of keys and values [B, N, C, Hk, D] (rows cut
+  into N blocks of C tokens), where a_t = 0 at every chunk start of the documents, continuing
+  from k0, v0 [B, Hk, D]: one scan per block and `_carry_in`. Rematerialised in the backward pass,
+  as `_aggregate`.
   """
   prod, xk, xv = _linear_scan(a, bk, bv, 2)
-  carry = lambda x: jnp.pad(x[:, :-1, -1:], [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])
-  return xk + prod * carry(xk), xv + prod * carry(xv)
+  return _carry_in(prod, xk, k0), _carry_in(prod, xv, v0)
 
 
 def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float,
@@ -540,15 +546,13 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   doc, pos = _document_positions(starts, state.length)
   chunk = pos // c
   gate = jnp.where((pos % c == 0)[..., None, None], 0, f)  # the aggregate restarts at chunk starts
-  k_in, v_in = (1 - f) * k, (1 - f) * v
-  if continued:  # the first token continues the state's running aggregate (gate 0 at a chunk start)
-    k_in = k_in.at[:, 0].add(gate[:, 0] * state.k_run)
-    v_in = v_in.at[:, 0].add(gate[:, 0] * state.v_run)
   nc = -(-t // c)
   blocks = lambda x: jnp.pad(x, [(0, 0), (0, nc * c - t), (0, 0), (0, 0)]).reshape(
       b, nc, c, hk, d)
+  # The first token continues the state's running aggregate (its gate is 0 at a chunk start, so
+  # an empty state or one at a chunk's end adds nothing).
   k_agg, v_agg = (x.reshape(b, nc * c, hk, d)[:, :t] for x in _aggregate_documents(
-      blocks(gate), blocks(k_in), blocks(v_in)))
+      blocks(gate), blocks((1 - f) * k), blocks((1 - f) * v), state.k_run, state.v_run))
 
   m = -(-t // c)  # chunks completed by the new tokens, at most
   rows = jnp.arange(b)[:, None]
