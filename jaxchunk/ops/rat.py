@@ -33,9 +33,9 @@ buffer whose slot just before them re-injects the running aggregate (gate 0, inp
 
 Packed documents (`segment_ids`): each document starts with an empty state and its own chunk 0, so
 a packed row gives what its documents give alone. The reference path empties a row's state at each
-document start; the xla path (`_rat_xla_documents`) scans C-token blocks of the row with restarts
-at the documents' chunk starts, carries the aggregate into chunks that straddle two blocks, and
-masks each query to the summaries of its own document.
+document start; the xla and pallas paths (`_rat_xla_documents`) scan C-token blocks of the row
+with restarts at the documents' chunk starts, carry the aggregate into chunks that straddle two
+blocks, and mask each query to the summaries of its own document.
 
 Comparison with the public code (CLAIRE-Labo/RAT, `RAT`/`RATSlow` layers and their cache):
 - the operation is the same: `pscan(g, (1 - g) * x)` inside chunks, a block-causal mask
@@ -314,13 +314,15 @@ def _aggregate(gate, k, v):
   return _linear_scan(gate, (1 - gate) * k, (1 - gate) * v, 2)[1:]
 
 
-def _carry_in(prod, x, x0):
-  """x [B, N, C, ...] corrected for chunks that straddle two row blocks: block n's tokens before its
-  first restart take prod (the gate product from the block's start) times the aggregate at the
-  end of block n - 1 (x0 [B, ...] before block 0). A chunk of at most C tokens that straddles
-  blocks n - 1 and n starts strictly inside block n - 1, so that aggregate is already exact.
+def _carry_in(prod, x, ends, x0):
+  """Aggregates x [B, N, C, ...] of rows cut into N blocks of C tokens, each block scanned alone
+  with restarts at the documents' chunk starts, corrected for the chunks that straddle two
+  blocks: block n's tokens before its first restart take prod (their gate product from the
+  block's start) times ends[:, n - 1] (ends [B, N, ...]: each block's aggregate at its end; x0
+  [B, ...] before block 0). A chunk of at most C tokens that straddles blocks n - 1 and n starts
+  strictly inside block n - 1, so that block's end aggregate is already exact.
   """
-  carry = jnp.concatenate([x0[:, None], x[:, :-1, -1]], axis=1)  # [B, N, ...]
+  carry = jnp.concatenate([x0[:, None], ends[:, :-1]], axis=1)  # [B, N, ...]
   return x + prod * carry[:, :, None]
 
 
@@ -332,7 +334,35 @@ def _aggregate_documents(a, bk, bv, k0, v0):
   as `_aggregate`.
   """
   prod, xk, xv = _linear_scan(a, bk, bv, 2)
-  return _carry_in(prod, xk, k0), _carry_in(prod, xv, v0)
+  return _carry_in(prod, xk, xk[:, :, -1], k0), _carry_in(prod, xv, xv[:, :, -1], v0)
+
+
+def _aggregate_documents_pallas(gate, k, v, k0, v0, *, chunk_size: int, out_dtype: str):
+  """`_aggregate_documents` with the per-block scans by the kernels of
+  `pallas_kernels.gpu.rat_aggregate`.
+
+  gate [B, T, Hk, D] (0 at the documents' chunk starts), k, v [B, T, Hk, D] with (1 - f) already
+  applied at those starts (the kernels take x_t = a_t x_{t-1} + (1 - a_t) k_t), in their input
+  dtypes; k0, v0 [B, Hk, D] float32. Returns the aggregates (float32 [B, T, Hk, D], the per-block
+  part rounded to `out_dtype`) and, in float32, those at the last token [B, Hk, D].
+  """
+  b, t, hk, d = k.shape
+  c = chunk_size
+  nc = -(-t // c)
+  # Padding: gate 1 and input 0 leave the aggregate alone, so a block's float32 summary from the
+  # kernel is the aggregate at its last token, also in the last block.
+  pad = lambda x, fill=0: jnp.pad(x, [(0, 0), (0, nc * c - t), (0, 0), (0, 0)],
+                                  constant_values=fill)
+  gate = pad(gate, 1)
+  k_loc, v_loc, k_end, v_end = rat_aggregate.chunk_aggregate(
+      gate, pad(k), pad(v), chunk_size=c, out_dtype=out_dtype, interpret=pallas_interpret())
+  prod = jnp.cumprod(gate.astype(jnp.float32).reshape(b, nc, c, hk, d), axis=2)
+  blocks = lambda x: x.astype(jnp.float32).reshape(b, nc, c, hk, d)
+  rows = lambda x: x.reshape(b, nc * c, hk, d)[:, :t]
+  k_agg, v_agg = (rows(_carry_in(prod, blocks(x), end, x0))
+                  for x, end, x0 in ((k_loc, k_end, k0), (v_loc, v_end, v0)))
+  last = lambda end, x0: _carry_in(prod[:, :, -1:], end[:, :, None], end, x0)[:, -1, 0]
+  return k_agg, v_agg, last(k_end, k0), last(v_end, v0)
 
 
 def _attend_blocks(q, k_run, v_run, q_chunk, k_sum, v_sum, sum_chunk, *, scale: float,
@@ -509,29 +539,34 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
 
 
 def _document_positions(starts, length):
-  """Each token's document and its position in it.
+  """Each token's document, that document's first token and the token's position in it.
 
   starts [B, T] bool (`document_starts`), length: the tokens seen before (scalar). Returns (doc
   [B, T] int32: 0 for the document that continues the state, then 1, 2, ... after each start;
-  pos [B, T] int32: the position in the document, the first one counting on from `length`).
+  start [B, T] int32: the index of the document's first token in the row; pos [B, T] int32: the
+  position in the document, the first one counting on from `length`).
   """
   index = jnp.arange(starts.shape[1], dtype=jnp.int32)
   doc = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
-  first = lax.cummax(jnp.where(starts, index, 0), axis=1)  # the token's document start
-  return doc, jnp.where(doc == 0, length + index, index - first)
+  start = lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return doc, start, jnp.where(doc == 0, length + index, index - start)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "continued", "old_chunks", "block_size"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "continued", "old_chunks", "block_size",
+                                             "kernel_dtype"))
 def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size: int,
-                       continued: bool, old_chunks: int, block_size: int):
+                       continued: bool, old_chunks: int, block_size: int,
+                       kernel_dtype: str | None = None):
   """Chunk-parallel RAT over packed documents (`rat`'s segment_ids), exactly `_rat_reference`.
 
   Chunks start at every document start (each document is chunked as if it ran alone), so they do
   not line up with the row's C-token blocks: the aggregates come from a scan per block that
   restarts at every chunk start, plus the carry into chunks that straddle two blocks
-  (`_aggregate_documents`); the summaries (the aggregates at tokens ending a chunk, at most
-  ceil(T / C) of them) are gathered into a buffer with their chunk and document indices; a query
-  attends to the summaries of earlier chunks of its own document and to its running aggregate.
+  (`_carry_in`); the summaries (the aggregates at tokens ending a chunk, at most ceil(T / C) of
+  them) are gathered in order; a query attends to the summaries of earlier chunks of its own
+  document and to its running aggregate. With `kernel_dtype` the block scans and the attention
+  run in the Pallas kernels (`_aggregate_documents_pallas`, `rat_kernel.rat_attention_ranges`:
+  the summaries a query sees are one range of slots, since they are stored in token order).
 
   Args: as `_rat_xla` (state of the output capacity N, its first `old_chunks` slots the given
     ones; a scalar length), plus starts [B, T] bool (`document_starts`).
@@ -543,43 +578,71 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   """
   b, t, hk, g, d = q.shape
   c = chunk_size
-  doc, pos = _document_positions(starts, state.length)
+  doc, start, pos = _document_positions(starts, state.length)
   chunk = pos // c
-  gate = jnp.where((pos % c == 0)[..., None, None], 0, f)  # the aggregate restarts at chunk starts
-  nc = -(-t // c)
-  blocks = lambda x: jnp.pad(x, [(0, 0), (0, nc * c - t), (0, 0), (0, 0)]).reshape(
-      b, nc, c, hk, d)
+  restart = (pos % c == 0)[..., None, None]  # the aggregate restarts at every chunk start
+  gate = jnp.where(restart, 0, f)
   # The first token continues the state's running aggregate (its gate is 0 at a chunk start, so
   # an empty state or one at a chunk's end adds nothing).
-  k_agg, v_agg = (x.reshape(b, nc * c, hk, d)[:, :t] for x in _aggregate_documents(
-      blocks(gate), blocks((1 - f) * k), blocks((1 - f) * v), state.k_run, state.v_run))
+  if kernel_dtype is None:
+    nc = -(-t // c)
+    blocks = lambda x: jnp.pad(x, [(0, 0), (0, nc * c - t), (0, 0), (0, 0)]).reshape(
+        b, nc, c, hk, d)
+    k_agg, v_agg = (x.reshape(b, nc * c, hk, d)[:, :t] for x in _aggregate_documents(
+        blocks(gate), blocks((1 - f) * k), blocks((1 - f) * v), state.k_run, state.v_run))
+    k_last, v_last = k_agg[:, -1], v_agg[:, -1]
+  else:
+    at_restart = lambda x: jnp.where(
+        restart, ((1 - f.astype(jnp.float32)) * x.astype(jnp.float32)).astype(x.dtype), x)
+    k_agg, v_agg, k_last, v_last = _aggregate_documents_pallas(
+        gate, at_restart(k), at_restart(v), state.k_run, state.v_run, chunk_size=c,
+        out_dtype=kernel_dtype)
 
   m = -(-t // c)  # chunks completed by the new tokens, at most
   rows = jnp.arange(b)[:, None]
   ends = (pos + 1) % c == 0  # the token completes chunk `chunk` of its document
-  slot = jnp.where(ends, jnp.cumsum(ends, axis=1) - 1, m)
+  before = jnp.cumsum(ends, axis=1, dtype=jnp.int32) - ends  # summaries before each token
+  slot = jnp.where(ends, before, m)
   gather = lambda x, fill: jnp.full((b, m) + x.shape[2:], fill, x.dtype).at[rows, slot].set(
       x, mode="drop")
   k_new, v_new = gather(k_agg, 0), gather(v_agg, 0)  # [B, M, Hk, D]
   new_chunk, new_doc = gather(chunk, _NEVER), gather(doc, -1)  # [B, M]
-  k_sum, v_sum, sum_chunk, sum_doc = k_new, v_new, new_chunk, new_doc
-  if continued and old_chunks:  # the state's summaries, seen by the first document
-    old = jnp.arange(old_chunks, dtype=jnp.int32)
-    old_chunk = jnp.broadcast_to(jnp.where(old < state.length // c, old, _NEVER), (b, old_chunks))
-    k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks].astype(k_new.dtype), k_new], axis=1)
-    v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks].astype(v_new.dtype), v_new], axis=1)
-    sum_chunk = jnp.concatenate([old_chunk, new_chunk], axis=1)
-    sum_doc = jnp.concatenate([jnp.zeros((b, old_chunks), jnp.int32), new_doc], axis=1)
-  blocks = _summary_blocks(k_sum, v_sum, sum_chunk, sum_doc, block_size=block_size)
 
-  q_len = min(block_size, t)
-  p = -(-t // q_len) * q_len
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, p - t)] + [(0, 0)] * (x.ndim - 2))
-  q_blocks = lambda x: jnp.moveaxis(pad(x).reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
-  attend = jax.checkpoint(lambda xs: _attend_blocks(*xs[:4], *blocks[:3], scale=scale,
-                                                    q_doc=xs[4], sum_doc=blocks[3]))
-  o = lax.map(attend, tuple(map(q_blocks, (q, k_agg, v_agg, chunk, doc))))
-  o = jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d)[:, :t]
+  if kernel_dtype is None:
+    k_sum, v_sum, sum_chunk, sum_doc = k_new, v_new, new_chunk, new_doc
+    if continued and old_chunks:  # the state's summaries, seen by the first document
+      old = jnp.arange(old_chunks, dtype=jnp.int32)
+      old_chunk = jnp.broadcast_to(jnp.where(old < state.length // c, old, _NEVER),
+                                   (b, old_chunks))
+      k_sum = jnp.concatenate([state.k_chunks[:, :old_chunks].astype(k_new.dtype), k_new], 1)
+      v_sum = jnp.concatenate([state.v_chunks[:, :old_chunks].astype(v_new.dtype), v_new], 1)
+      sum_chunk = jnp.concatenate([old_chunk, new_chunk], axis=1)
+      sum_doc = jnp.concatenate([jnp.zeros((b, old_chunks), jnp.int32), new_doc], axis=1)
+    sums = _summary_blocks(k_sum, v_sum, sum_chunk, sum_doc, block_size=block_size)
+    q_len = min(block_size, t)
+    p = -(-t // q_len) * q_len
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, p - t)] + [(0, 0)] * (x.ndim - 2))
+    q_blocks = lambda x: jnp.moveaxis(pad(x).reshape((b, -1, q_len) + x.shape[2:]), 1, 0)
+    attend = jax.checkpoint(lambda xs: _attend_blocks(*xs[:4], *sums[:3], scale=scale,
+                                                      q_doc=xs[4], sum_doc=sums[3]))
+    o = lax.map(attend, tuple(map(q_blocks, (q, k_agg, v_agg, chunk, doc))))
+    o = jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d)[:, :t]
+  else:
+    # Slots: the state's visible summaries (0 .. length // C - 1), then the new ones in order.
+    first = state.length // c if continued else 0
+    k_sum, v_sum = k_new, v_new
+    if continued and old_chunks:
+      widen = [(0, 0), (0, m), (0, 0), (0, 0)]
+      put = lambda old, new: lax.dynamic_update_slice_in_dim(
+          jnp.pad(old[:, :old_chunks].astype(new.dtype), widen), new, first, axis=1)
+      k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
+    hi = first + before
+    lo = jnp.where(doc == 0, 0, first + jnp.take_along_axis(before, start, axis=1))
+    cast = lambda x: x.astype(kernel_dtype)
+    o = rat_kernel.rat_attention_ranges(
+        cast((q * scale).reshape(b, t, hk * g, d)), cast(k_agg), cast(v_agg), cast(k_sum),
+        cast(v_sum), lo, hi, scale=1.0, interpret=pallas_interpret())
+    o = o.reshape(b, t, hk, g, d)
 
   # The final state: the last document's summaries in slots 0 .. of a buffer that starts from the
   # given one where the row has a single document and from zeros where a document started.
@@ -589,8 +652,8 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   restarted = (last_doc > 0)[:, :, None, None]
   put = lambda old, new: jnp.where(restarted, 0, old).at[rows, dst].set(new.astype(old.dtype),
                                                                         mode="drop")
-  final = RATState(put(state.k_chunks, k_new), put(state.v_chunks, v_new), k_agg[:, -1],
-                   v_agg[:, -1], pos[:, -1] + 1)
+  final = RATState(put(state.k_chunks, k_new), put(state.v_chunks, v_new), k_last, v_last,
+                   pos[:, -1] + 1)
   return o, final
 
 
@@ -616,7 +679,7 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
       a new document at t, which begins with an empty state (no summaries, chunk 0 starting at
       t), so each document gives what it gives alone; `initial_state` applies to the row's first
       document only. The final state is then each row's last document's, with length int32 [B].
-      The Pallas kernels take row-aligned chunks: "auto" runs "xla" for these calls.
+      The "pallas" path runs the kernels on these calls too.
     block_size: query tokens (rounded to whole chunks) and summaries per attention block of the
       "xla" path; the scores of one block pair take [B, block_size, H, block_size] memory.
     impl: "auto", "reference" (token-by-token scan), "xla" (chunked) or "pallas".
@@ -651,9 +714,7 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
 
   state = rat_init_state(b, hk, d, 0) if initial_state is None else initial_state
   dtype = compute_dtype(q, k, v, f, *state[:4])
-  if segment_ids is not None:
-    unsupported = "segment_ids (the kernels take chunks aligned to the row, not to documents)"
-  elif dtype != jnp.float32:
+  if dtype != jnp.float32:
     unsupported = f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"
   else:
     unsupported = rat_kernel.unsupported_reason(d, q.dtype)
@@ -674,7 +735,8 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
   elif starts is not None:
     o, final = _rat_xla_documents(qg, k, v, f, state, starts, scale, chunk_size=c,
                                   continued=initial_state is not None, old_chunks=old_chunks,
-                                  block_size=block_size)
+                                  block_size=block_size,
+                                  kernel_dtype=out_dtype.name if impl == "pallas" else None)
   else:
     o, final = _rat_xla(qg, k, v, f, state, scale, chunk_size=c,
                         continued=initial_state is not None, old_chunks=old_chunks,

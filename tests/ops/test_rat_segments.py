@@ -4,6 +4,8 @@ state and its own chunk 0, so a packed row gives what its documents give alone.
 One packed batch of T = 37 tokens in chunks of 4, GQA (4 query heads, 2 kv heads), with document
 starts inside a chunk, at a chunk edge, a 1-token document inside a row and one at its end, equal
 ids on non-adjacent documents, with and without an initial state (whose length ends mid-chunk).
+The reference and xla paths meet a float64 oracle run on each document alone; the Pallas path
+(interpret mode on CPU) meets the xla path.
 """
 
 import functools
@@ -105,6 +107,42 @@ def test_gradients_match_reference(rng):
     assert_rel_close(g_xla, g_ref, 1e-5, f"d{name} xla vs reference")
 
 
+@pytest.mark.parametrize("dtype,tol", [
+    (jnp.float32, 1e-5), pytest.param(jnp.bfloat16, 1e-2, marks=pytest.mark.slow)])
+def test_pallas_matches_xla(rng, dtype, tol):
+  """The Pallas path (per-block aggregation kernels, the block carry in XLA, the attention kernel
+  over each query's range of summary slots) against the xla path: outputs, final state and the
+  gradients of all inputs and state arrays, at head_dim 64 (the kernels' smallest)."""
+  d = 64
+  q, k, v, f = inputs(rng, B, T, H, HK, d)
+  state = random_state(rng, B, HK, d, CAPACITY, 6)
+  ids = segment_ids()
+  cotangent = randn(rng, B, T, H, d)
+
+  def loss(impl):
+    def fn(q, k, v, f, *state_arrays):
+      given = state._replace(**dict(zip(("k_chunks", "v_chunks", "k_run", "v_run"), state_arrays)))
+      o, final = run(*(x.astype(dtype) for x in (q, k, v, f)), ids, given, impl)
+      value = jnp.sum(o.astype(jnp.float32) * cotangent) + sum(
+          jnp.sum(jnp.sin(x)) for x in final[:4])
+      return value, (o, final)
+    return fn
+
+  args = (q, k, v, f) + tuple(state[:4])
+  argnums = tuple(range(len(args)))
+  (_, (o, final)), grads = jax.value_and_grad(loss("pallas"), argnums, has_aux=True)(*args)
+  (_, (o_ref, ref)), grads_ref = jax.value_and_grad(loss("xla"), argnums, has_aux=True)(*args)
+  assert o.dtype == dtype
+  assert_rel_close(o, o_ref, tol, "o")
+  np.testing.assert_array_equal(final.length, ref.length)
+  for name in ("k_chunks", "v_chunks", "k_run", "v_run"):
+    assert_rel_close(getattr(final, name), getattr(ref, name), tol, name)
+  names = ("q", "k", "v", "f", "k_chunks", "v_chunks", "k_run", "v_run")
+  for name, g, g_ref in zip(names, grads, grads_ref):
+    assert np.linalg.norm(g_ref) > 0, f"d{name} is zero"
+    assert_rel_close(g, g_ref, tol, f"d{name}")
+
+
 def test_one_document_per_row_equals_no_segment_ids(rng):
   q, k, v, f = inputs(rng, B, T, H, HK, D)
   state = random_state(rng, B, HK, D, CAPACITY, 6)
@@ -120,8 +158,6 @@ def test_one_document_per_row_equals_no_segment_ids(rng):
 def test_rejects_bad_segment_ids(rng):
   q, k, v, f = inputs(rng, 1, 8, 4, 2, 8)
   ids = np.zeros((1, 8), np.int32)
-  with pytest.raises(NotImplementedError, match="segment_ids"):
-    rat(q, k, v, f, segment_ids=ids, impl="pallas")
   with pytest.raises(ValueError, match="segment_ids must have shape"):
     rat(q, k, v, f, segment_ids=ids[:, :7])
   with pytest.raises(ValueError, match="segment_ids must be an integer array"):

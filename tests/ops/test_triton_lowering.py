@@ -57,6 +57,9 @@ CASES = {
               (q, k, v, x(B, T, HK, dtype=jnp.float32), x(B, T, HK, dtype=jnp.float32))),
     "rat": (lambda q, k, v, f: rat(q, k, v, f, chunk_size=16, impl="pallas"),
             (q, k, v, gate(B, T, HK, D))),
+    "rat_segments": (
+        lambda q, k, v, f: rat(q, k, v, f, chunk_size=16, segment_ids=SEGMENT_IDS, impl="pallas"),
+        (q, k, v, gate(B, T, HK, D))),
     "attention_packed_window": (
         lambda q, k, v: ops.attention(q, k, v, segment_ids=jnp.zeros((B, T), jnp.int32),
                                       window=16, impl="pallas"), (q, k, v)),
