@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 
 
@@ -54,6 +56,9 @@ def test_serve_decode_smoke(tmp_path):
     assert "| jaxchunk Engine |" in report and "| HF generate |" in report
 
 
+# ~50 s on 2 cores (two engines compile every step shape): in the slow run; the serve_decode smoke
+# keeps the serving benchmarks in the default run.
+@pytest.mark.slow
 def test_serve_load_smoke(tmp_path):
   report, results = run_smoke(tmp_path, "serve_load")
   assert "device: 1 x cpu" in report and "TBT p99 under arrivals / steady TBT p50" in report
