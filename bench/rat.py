@@ -3,10 +3,16 @@
   python bench/rat.py             # T = 4K, 16K, 100K and decode; writes bench/results/rat-<date>.md
   python bench/rat.py --quick     # T = 4K only, fewer repeats (a smoke run)
   python bench/rat.py --decode-only  # decode only; writes bench/results/rat-decode-<date>.md
+  python bench/rat.py --packed-only  # packed documents only; bench/results/rat-packed-<date>.md
 
 Training: B=1, H=16, D=128, bf16; forward, and forward+backward (gradients of sum(o * cotangent)
 w.r.t. every input), for RAT pallas, RAT xla and cuDNN causal attention
 (`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`).
+
+Packed documents: B=8, T=8K (64K tokens), 16 documents of random lengths per row
+(`segment_ids`, each document chunked from its own start), forward and forward+backward: RAT
+pallas and xla with the ids, RAT pallas on the same rows without them (the cost of packing), and
+causal attention with the ids (`jaxchunk.ops.attention`, impl "auto").
 
 Decode: one new token with 4K tokens of context, batch 1 and 64, H=16, D=128: `rat_step` (the
 whole step: running-aggregate update, attention, summary append in place; summaries stored in bf16
@@ -36,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxchunk.ops.attention import attention
 from jaxchunk.ops.paged_attention import paged_decode_attention
 from jaxchunk.ops.rat import RATState, rat, rat_step
 from report import versions, write_report
@@ -51,21 +58,26 @@ def median_ms(fn, *args, reps: int = 10) -> float:
   return 1e3 * median_seconds(fn, *args, repeats=reps, warmup=2, slow_call_s=2.0)
 
 
-def train_inputs(t: int, key):
-  """q, k, v [1, T, H, D] bf16, gates f in (0, 1) bf16, and a float32 output cotangent."""
+def train_inputs(t: int, key, batch: int = 1):
+  """q, k, v [B, T, H, D] bf16, gates f in (0, 1) bf16, and a float32 output cotangent."""
   kq, kk, kv, kf, kc = jax.random.split(key, 5)
-  shape = (1, t, HEADS, HEAD_DIM)
+  shape = (batch, t, HEADS, HEAD_DIM)
   q, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv))
   f = jax.nn.sigmoid(jax.random.normal(kf, shape) + 2.0).astype(jnp.bfloat16)
   return (q, k, v, f), jax.random.normal(kc, shape, jnp.float32)
 
 
-def train_fns(name: str):
-  """(forward, forward+backward) jitted functions of (q, k, v, f, cotangent) for a method."""
+def train_fns(name: str, segment_ids=None):
+  """(forward, forward+backward) jitted functions of (q, k, v, f, cotangent) for a method:
+  "rat-<impl>", "cudnn" or (with segment_ids) "attention"."""
   if name.startswith("rat"):
     impl = name.split("-")[1]
-    out = lambda q, k, v, f: rat(q, k, v, f, chunk_size=CHUNK, impl=impl)[0]
+    out = lambda q, k, v, f: rat(q, k, v, f, chunk_size=CHUNK, segment_ids=segment_ids,
+                                 impl=impl)[0]
     argnums = (0, 1, 2, 3)
+  elif name == "attention":
+    out = lambda q, k, v, f: attention(q, k, v, causal=True, segment_ids=segment_ids)
+    argnums = (0, 1, 2)
   else:
     out = lambda q, k, v, f: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                           implementation="cudnn")
@@ -108,6 +120,41 @@ def bench_training(lengths, reps: int):
             "| cuDNN / RAT xla | RAT pallas TFLOP/s |\n|---|---|---|---|---|---|---|---|")
   lines = [f"| {t} | {m} | {p:.3f} | {x:.3f} | {c:.3f} | {rp:.2f}x | {rx:.2f}x | {tf:.1f} |"
            for t, m, p, x, c, rp, rx, tf in rows]
+  return "\n".join([header] + lines)
+
+
+def time_passes(label: str, fns, args, ct, reps: int) -> tuple[float, float]:
+  """Median ms of (forward, forward+backward); NaN (printed) where a call fails."""
+  times = []
+  for mode, fn in zip(("fwd", "fwd+bwd"), fns):
+    try:
+      times.append(median_ms(fn, *args, ct, reps=reps))
+    except Exception as e:  # e.g. out of memory: report and go on
+      print(f"{label} {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
+      times.append(float("nan"))
+    print(f"{label:28s} {mode:7s} {times[-1]:9.3f} ms", flush=True)
+  return tuple(times)
+
+
+def bench_packed(reps: int, batch: int = 8, t: int = 8192, documents: int = 16):
+  """Packed documents: RAT with segment_ids (pallas, xla), RAT pallas without them, attention
+  with them. Returns the markdown table."""
+  args, ct = train_inputs(t, jax.random.key(1), batch)
+  rng = np.random.default_rng(0)
+  starts = np.stack([np.sort(rng.choice(np.arange(1, t), documents - 1, replace=False))
+                     for _ in range(batch)])
+  segment_ids = jnp.asarray((np.arange(t)[None, :, None] >= starts[:, None, :]).sum(-1),
+                            jnp.int32)
+  methods = [("RAT pallas, segment_ids", train_fns("rat-pallas", segment_ids)),
+             ("RAT xla, segment_ids", train_fns("rat-xla", segment_ids)),
+             ("RAT pallas, one stream", train_fns("rat-pallas")),
+             ("attention, segment_ids", train_fns("attention", segment_ids))]
+  rows = [(label, *time_passes(label, fns, args, ct, reps)) for label, fns in methods]
+  base = rows[0]
+  header = (f"B={batch}, T={t}, {documents} documents per row\n\n| method | fwd ms | fwd+bwd ms "
+            "| fwd / RAT pallas packed | fwd+bwd / RAT pallas packed |\n|---|---|---|---|---|")
+  lines = [f"| {label} | {f:.3f} | {fb:.3f} | {f / base[1]:.2f}x | {fb / base[2]:.2f}x |"
+           for label, f, fb in rows]
   return "\n".join([header] + lines)
 
 
@@ -207,19 +254,24 @@ def main():
   parser.add_argument("--quick", action="store_true", help="T = 4K only, 3 repeats")
   parser.add_argument("--decode-only", action="store_true",
                       help="only the decode part (report rat-decode-<date>.md)")
+  parser.add_argument("--packed-only", action="store_true",
+                      help="only the packed-documents part (report rat-packed-<date>.md)")
   args = parser.parse_args()
   lengths = TRAIN_LENGTHS[:1] if args.quick else TRAIN_LENGTHS
   reps = 3 if args.quick else 10
   date = datetime.date.today().isoformat()
-  decode = bench_decode(reps)
   title = (f"# RAT (chunk {CHUNK}) vs causal attention, H={HEADS} D={HEAD_DIM} bf16\n\n"
            f"{date}; {versions('jax', 'jaxlib', 'torch')}\n\n")
-  sections = f"## Decode, {DECODE_CONTEXT} tokens of context\n\n{decode}\n"
+  sections = []
+  if not (args.decode_only or args.packed_only):
+    sections.append(f"## Training (B=1)\n\n{bench_training(lengths, reps)}\n")
   if not args.decode_only:
-    sections = f"## Training (B=1)\n\n{bench_training(lengths, reps)}\n\n" + sections
-  report = title + sections
+    sections.append(f"## Packed documents\n\n{bench_packed(reps)}\n")
+  if not args.packed_only:
+    sections.append(f"## Decode, {DECODE_CONTEXT} tokens of context\n\n{bench_decode(reps)}\n")
+  report = title + "\n".join(sections)
   print("\n" + report)
-  name = "rat-decode" if args.decode_only else "rat"
+  name = "rat-decode" if args.decode_only else "rat-packed" if args.packed_only else "rat"
   write_report(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                f"{name}-{date}{'-quick' if args.quick else ''}", report)
 

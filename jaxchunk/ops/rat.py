@@ -594,9 +594,12 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   else:
     at_restart = lambda x: jnp.where(
         restart, ((1 - f.astype(jnp.float32)) * x.astype(jnp.float32)).astype(x.dtype), x)
-    k_agg, v_agg, k_last, v_last = _aggregate_documents_pallas(
-        gate, at_restart(k), at_restart(v), state.k_run, state.v_run, chunk_size=c,
-        out_dtype=kernel_dtype)
+    # Rematerialised in the backward pass (one bandwidth-bound kernel pass), as `_aggregate`:
+    # only the inputs stay alive, not the float32 aggregates and gate products.
+    aggregate = jax.checkpoint(functools.partial(_aggregate_documents_pallas, chunk_size=c,
+                                                 out_dtype=kernel_dtype))
+    k_agg, v_agg, k_last, v_last = aggregate(gate, at_restart(k), at_restart(v), state.k_run,
+                                             state.v_run)
 
   m = -(-t // c)  # chunks completed by the new tokens, at most
   rows = jnp.arange(b)[:, None]
@@ -714,11 +717,9 @@ def rat(q, k, v, f, *, chunk_size=16, scale=None, initial_state=None, output_fin
 
   state = rat_init_state(b, hk, d, 0) if initial_state is None else initial_state
   dtype = compute_dtype(q, k, v, f, *state[:4])
-  if dtype != jnp.float32:
-    unsupported = f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"
-  else:
-    unsupported = rat_kernel.unsupported_reason(d, q.dtype)
-  impl = resolve_impl(impl, "rat", pallas_unsupported=unsupported)
+  impl = resolve_impl(impl, "rat", pallas_unsupported=(
+      rat_kernel.unsupported_reason(d, q.dtype) if dtype == jnp.float32
+      else f"compute dtype {jnp.dtype(dtype).name}; the kernel computes in float32"))
   state = _cast_state(state, capacity, dtype)
   scale = default_scale(scale, d)
   out_dtype = jnp.result_type(q)
