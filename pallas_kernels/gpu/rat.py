@@ -384,6 +384,22 @@ def _attention_bwd(cfgs, chunk_size, scale, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _block_padded(name: str, q, k_run, v_run, k_sum, v_sum):
+  """The (fwd, dq, dkv) configs for these shapes and the inputs zero-padded to whole blocks
+  (queries and own terms along T, summaries along M). Raises a ValueError naming `name` when the
+  kernels do not cover the head dim or dtype."""
+  t, d = q.shape[1], q.shape[3]
+  reason = unsupported_reason(d, q.dtype)
+  if reason is not None:
+    raise ValueError(f"{name}: {reason}")
+  cfgs = _configs(d, q.dtype, t, k_sum.shape[1])
+  multiple_q = max(c.block_q for c in cfgs)
+  multiple_k = max(c.block_k for c in cfgs)
+  q, k_run, v_run = (_pad_axis(x, multiple_q, 1) for x in (q, k_run, v_run))
+  k_sum, v_sum = (_pad_axis(x, multiple_k, 1) for x in (k_sum, v_sum))
+  return cfgs, q, k_run, v_run, k_sum, v_sum
+
+
 def rat_attention(q, k_run, v_run, k_sum, v_sum, first_chunk, *, chunk_size: int, scale: float,
                   interpret: bool = False):
   """RAT's cross-chunk attention with the own running term, differentiable (custom VJP).
@@ -401,15 +417,9 @@ def rat_attention(q, k_run, v_run, k_sum, v_sum, first_chunk, *, chunk_size: int
   Returns:
     o [B, T, H, D] in q's dtype.
   """
-  b, t, h, d = q.shape
-  reason = unsupported_reason(d, q.dtype)
-  if reason is not None:
-    raise ValueError(f"rat_attention: {reason}")
-  cfgs = _configs(d, q.dtype, t, k_sum.shape[1])
-  multiple_q = max(c.block_q for c in cfgs)
-  multiple_k = max(c.block_k for c in cfgs)
-  q, k_run, v_run = (_pad_axis(x, multiple_q, 1) for x in (q, k_run, v_run))
-  k_sum, v_sum = (_pad_axis(x, multiple_k, 1) for x in (k_sum, v_sum))
+  t = q.shape[1]
+  cfgs, q, k_run, v_run, k_sum, v_sum = _block_padded("rat_attention", q, k_run, v_run, k_sum,
+                                                      v_sum)
   q_chunk = (jnp.asarray(first_chunk, jnp.int32)
              + jnp.arange(q.shape[1], dtype=jnp.int32) // chunk_size)
   o = _attention(q, k_run, v_run, k_sum, v_sum, q_chunk, None, cfgs, chunk_size, scale,
@@ -432,15 +442,9 @@ def rat_attention_ranges(q, k_run, v_run, k_sum, v_sum, lo, hi, *, scale: float,
   Returns:
     o [B, T, H, D] in q's dtype.
   """
-  b, t, h, d = q.shape
-  reason = unsupported_reason(d, q.dtype)
-  if reason is not None:
-    raise ValueError(f"rat_attention_ranges: {reason}")
-  cfgs = _configs(d, q.dtype, t, k_sum.shape[1])
-  multiple_q = max(c.block_q for c in cfgs)
-  multiple_k = max(c.block_k for c in cfgs)
-  q, k_run, v_run = (_pad_axis(x, multiple_q, 1) for x in (q, k_run, v_run))
-  k_sum, v_sum = (_pad_axis(x, multiple_k, 1) for x in (k_sum, v_sum))
+  t = q.shape[1]
+  cfgs, q, k_run, v_run, k_sum, v_sum = _block_padded("rat_attention_ranges", q, k_run, v_run,
+                                                      k_sum, v_sum)
   # Padding queries see nothing (lo = hi = the last hi, keeping both non-decreasing).
   pad = [(0, 0), (0, q.shape[1] - t)]
   hi = jnp.pad(jnp.asarray(hi, jnp.int32), pad, mode="edge")
