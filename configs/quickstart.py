@@ -1,7 +1,9 @@
 """A few-million-parameter RAT + local-attention hybrid that trains on 2 CPU cores in minutes.
 
-Byte-level model on the standard-library corpus; RAT cannot mask packed documents, so rows are fed
-as one stream (documents separated by byte 0) without segment_ids.
+Byte-level model on the standard-library corpus, its rows fed as one stream (documents separated
+by byte 0) without segment_ids. `--set data.model_segment_ids=true` keeps the documents apart
+(every mixer takes segment_ids); on 2 CPU cores (2026-12-06) it trained at the same speed to
+2.31 bits/byte against 2.28 as one stream after 200 steps (its loss skips cross-document targets).
 """
 
 from configs import DataConfig, LoopConfig, MeshConfig, OptimConfig, RunConfig
