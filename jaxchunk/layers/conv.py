@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import check_segment_ids, document_starts
+from jaxchunk.ops._common import check_segment_ids
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
@@ -24,15 +24,16 @@ def init_conv_cache(batch: int, conv_size: int, features: int, dtype) -> jax.Arr
   return jnp.zeros((batch, conv_size - 1, features), dtype)
 
 
-def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array, doc: jax.Array | None = None):
+def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array, ids: jax.Array | None = None):
   """Depthwise causal convolution along axis -2.
 
   Args:
     x: [..., T, C] inputs.
     kernel: [K, C] taps, kernel[K - 1] on the current token.
     history: [..., K - 1, C], the inputs before x.
-    doc: None, or int [..., T] each token's document (non-decreasing along T; `history` belongs
-      to document 0): taps that reach into an earlier document read zero.
+    ids: None, or int [..., K - 1 + T] the segment ids of history ++ x (packed documents: a
+      change of id between neighbours starts a document): taps that reach into an earlier
+      document read zero.
 
   Returns:
     (y [..., T, C], padded [..., K - 1 + T, C] = history ++ x).
@@ -40,11 +41,12 @@ def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array, doc: jax.Ar
   t, taps = x.shape[-2], kernel.shape[0]
   padded = jnp.concatenate([history, x], axis=-2)
   tap = lambda j: lax.slice_in_dim(padded, j, j + t, axis=-2)
-  if doc is not None:
-    doc_padded = jnp.pad(doc, [(0, 0)] * (doc.ndim - 1) + [(taps - 1, 0)])
+  if ids is not None:
+    starts = lax.slice_in_dim(ids, 1, None, axis=-1) != lax.slice_in_dim(ids, 0, -1, axis=-1)
+    doc = jnp.cumsum(jnp.pad(starts, [(0, 0)] * (ids.ndim - 1) + [(1, 0)]), axis=-1)
+    doc_at = lambda j: lax.slice_in_dim(doc, j, j + t, axis=-1)
     read = tap
-    tap = lambda j: jnp.where((lax.slice_in_dim(doc_padded, j, j + t, axis=-1) == doc)[..., None],
-                              read(j), 0)
+    tap = lambda j: jnp.where((doc_at(j) == doc_at(taps - 1))[..., None], read(j), 0)
   y = sum(kernel[j] * tap(j) for j in range(taps))
   return y, padded
 
@@ -74,8 +76,9 @@ class ShortConv(nn.Module):
 
     Returns (y [B,T,C], new_cache [B,conv_size-1,C]), new_cache being the last conv_size-1 inputs
     of cache ++ x, so the next call continues exactly. `segment_ids` [B,T] (packed documents, as
-    the linear ops take them: a change of id starts a document; not with sequence parallelism)
-    keep each token's taps inside its document (the cache precedes the row's first document).
+    the linear ops take them: a change of id between neighbours starts a document; in layout
+    order with `sequence_parallel`) keep each token's taps inside its document (the cache
+    precedes the row's first document).
     With an active `sequence_parallel` (no cache) x is in its layout order, y too, and new_cache
     is None.
     """
@@ -84,8 +87,6 @@ class ShortConv(nn.Module):
     sp = active_sequence_parallel(sequence_parallel, cache, "ShortConv")
     b, t, c = x.shape
     if segment_ids is not None:
-      if sp is not None:
-        raise ValueError("ShortConv: segment_ids cannot be combined with sequence_parallel")
       check_segment_ids(segment_ids, b, t)
     if sp is not None:
       if t % sp.num_segments or t // sp.num_segments < self.conv_size - 1:
@@ -105,13 +106,19 @@ class ShortConv(nn.Module):
         (self.conv_size, c), self.param_dtype)
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
+    width = self.conv_size - 1
     if sp is None:
-      doc = None if segment_ids is None else jnp.cumsum(document_starts(segment_ids), axis=1)
-      y, padded = causal_conv(x, kernel, cache.astype(self.dtype), doc)
+      ids = None
+      if segment_ids is not None:  # the cache continues the row's first document
+        ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], 1)
+      y, padded = causal_conv(x, kernel, cache.astype(self.dtype), ids)
       new_cache = padded[:, t:]
     else:
-      segments = x.reshape(b, sp.num_segments, t // sp.num_segments, c)
-      y, _ = causal_conv(segments, kernel, sp.halo(x, self.conv_size - 1))
+      split = lambda z: z.reshape((b, sp.num_segments, t // sp.num_segments) + z.shape[2:])
+      ids = None
+      if segment_ids is not None:  # each segment's ids after those of the tokens before it
+        ids = jnp.concatenate([sp.halo(segment_ids, width), split(segment_ids)], axis=2)
+      y, _ = causal_conv(split(x), kernel, sp.halo(x, width), ids)
       y, new_cache = y.reshape(b, t, c), None
     if self.silu:
       y = nn.silu(y)

@@ -33,8 +33,9 @@ Parameters and their logical axes:
 The cache is {"state": the op's recurrent state (float32), "conv": {"q", "k", "v"} short-conv caches
 (empty for kinds without short convs)}; its size does not grow with the sequence.
 
-Packed documents (`segment_ids`, training and evaluation forwards): the op's segment_ids reset the
-state at every document start, and no short-convolution tap reaches into an earlier document.
+Packed documents (`segment_ids`, training and evaluation forwards, sequence-parallel too): the
+op's segment_ids reset the state at every document start, and no short-convolution tap reaches
+into an earlier document.
 
 Sequence-parallel (an active `SequenceParallel`, no cache): x is in the layout order of the
 sequence axis; the op runs as `SequenceParallel.linear` (per-device chunks combined through their
@@ -247,8 +248,8 @@ class LinearAttention(nn.Module):
     an active `sequence_parallel`, see the module docstring). With `cache` (from
     `init_linear_attention_cache` or a previous call) the layer continues from it: T == 1 takes the
     `<op>_step` decode path, T > 1 a chunked prefill from the cached state. `segment_ids` [B,T]
-    (packed documents; no cache or sequence parallelism) reset the state and the short
-    convolutions' history at every document start, as each document alone.
+    (packed documents; no cache; in layout order with `sequence_parallel`) reset the state and the
+    short convolutions' history at every document start, as each document alone.
     """
     del positions
     cfg = self.config
@@ -256,9 +257,9 @@ class LinearAttention(nn.Module):
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
       raise ValueError(f"x must have shape [batch, seq, {cfg.d_model}], got {x.shape}")
     sp = active_sequence_parallel(sequence_parallel, cache, f"LinearAttention({self.kind!r})")
-    if segment_ids is not None and (cache is not None or sp is not None):
+    if segment_ids is not None and cache is not None:
       raise ValueError(f"LinearAttention({self.kind!r}): segment_ids (packed documents) cannot be "
-                       f"combined with a {'cache' if cache is not None else 'sequence_parallel'}")
+                       "combined with a cache")
     b, t, _ = x.shape
     h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
@@ -283,7 +284,7 @@ class LinearAttention(nn.Module):
 
     if sp is not None:
       o, _ = sp.linear(self.kind, q, k, v, *gates, chunk_size=cfg.linear_chunk_size,
-                       impl=cfg.impl)
+                       segment_ids=segment_ids, impl=cfg.impl)
       new_cache = None
     elif cache is None:
       o, _ = family.op(q, k, v, *gates, chunk_size=cfg.linear_chunk_size, segment_ids=segment_ids,

@@ -28,6 +28,13 @@ The summaries and corrections per family:
                      max(|q n|, exp(-m)) is not linear in the state, the op is re-run once from the
                      entering state instead of corrected (one op call plus the summary einsum).
 
+Packed documents (`segment_ids`, in layout order like the other inputs): each segment runs the op
+with its ids, so documents inside it reset as on one device; a segment where a document starts
+(inside it, or at its first token: the previous token's id comes with a one-token halo) keeps
+nothing of the entering state at its end, so its summary drops that term (and mlstm's composes
+from the empty state of its last document); the entering state corrects only the tokens of the
+segment's first document, and none when that document starts at the segment's first token.
+
 Gradients flow across devices through the all-gather (its transpose is a reduce-scatter).
 Each op has a per-device form `<op>_shard(..., axis_name=, layout=)` for use inside `shard_map`
 and `sequence_parallel_linear(op, ...)` runs one on global arrays sharded over a mesh.
@@ -43,13 +50,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxchunk.ops._common import (check_nonpositive, check_qkv, check_shape, compute_dtype,
-                                  default_scale, repeat_heads)
+from jaxchunk.ops._common import (check_nonpositive, check_qkv, check_segment_ids, check_shape,
+                                  compute_dtype, default_scale, document_starts, repeat_heads)
 from jaxchunk.ops.delta_rule import delta_rule, gated_delta_rule
 from jaxchunk.ops.gla import gla
 from jaxchunk.ops.kda import kda
 from jaxchunk.ops.mlstm import mlstm
 from jaxchunk.ops.simple_gla import simple_gla
+from jaxchunk.parallel.halo import halo_shard
 from jaxchunk.parallel.mesh import check_divisible, check_layout, local_segments, segment_table
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -126,6 +134,32 @@ def entering_states(summaries, initial_state, apply, *, axis_name: str, layout: 
   return jax.tree.map(lambda x: x[mine], entering), final
 
 
+def segment_documents(segment_ids, segments: int, *, axis_name: str, layout: str):
+  """Inside `shard_map`: where the documents of this device's segments start.
+
+  Args:
+    segment_ids: the local block [B, Tl] of int ids (layout order), or None.
+    segments: local segments S of the layout.
+    axis_name, layout: the sequence axis and layout.
+
+  Returns:
+    None without ids, else (ids [S*B, Ts] split like `split_segments`; first [S*B, Ts] bool, the
+    tokens of the document that continues the state entering the segment (none where a document
+    starts at the segment's first token); open [S*B, 1] float, 1 where no document starts in the
+    segment, so that the entering state reaches its end).
+  """
+  if segment_ids is None:
+    return None
+  ids = split_segments(segment_ids, segments)
+  before = jnp.swapaxes(halo_shard(segment_ids, 1, axis_name=axis_name, layout=layout)[:, :, 0],
+                        0, 1).reshape(-1)               # the id of the token before each segment
+  b = segment_ids.shape[0]
+  sequence_start = jnp.repeat(local_segments(axis_name, layout) == 0, b)
+  fresh = (ids[:, 0] != before) & ~sequence_start      # a document starts at the first token
+  first = (jnp.cumsum(document_starts(ids), axis=1) == 0) & ~fresh[:, None]
+  return ids, first, first[:, -1:].astype(jnp.float32)
+
+
 def _check_local(t: int, segments: int, axis_name: str) -> None:
   if t % segments:
     raise ValueError(f"the local sequence length {t} must be a multiple of {segments} (the "
@@ -142,51 +176,64 @@ def _check_initial_state(state, shape: tuple) -> None:
 
 
 def _gated_shard(op, q, k, v, gate, *, per_channel: bool, axis_name: str, layout: str, scale,
-                 initial_state, output_final_state: bool, chunk_size: int, impl: str):
+                 initial_state, output_final_state: bool, chunk_size: int, impl: str,
+                 segment_ids=None):
   b, t, h, _, dk, dv = check_qkv(q, k, v)
   segments = check_layout(layout)
   _check_local(t, segments, axis_name)
   _check_initial_state(initial_state, (b, h, dk, dv))
   split = functools.partial(split_segments, segments=segments)
+  documents = segment_documents(segment_ids, segments, axis_name=axis_name, layout=layout)
   dtype = compute_dtype(q, k, v, gate, initial_state)
   zero = _vary_like(jnp.zeros((segments * b, h, dk, dv), dtype), q, k, v, gate)
   o_local, s_local = op(split(q), split(k), split(v), split(gate), scale=scale, initial_state=zero,
-                        output_final_state=True, chunk_size=chunk_size, impl=impl)
+                        output_final_state=True, chunk_size=chunk_size,
+                        segment_ids=None if documents is None else documents[0], impl=impl)
   log_decay = repeat_heads(jnp.asarray(split(gate), dtype), h)
   log_decay = log_decay if per_channel else log_decay[..., None]
   cum = jnp.cumsum(log_decay, axis=1)                      # [S*B, Ts, H, Dk or 1]
+  carry = jnp.exp(cum[:, -1])                              # the entering state's decay to the end
+  q_decayed = jnp.asarray(split(q), dtype) * default_scale(scale, dk) * jnp.exp(cum)
+  if documents is not None:
+    _, first, open_ = documents
+    carry = carry * open_[..., None]
+    q_decayed = q_decayed * first[..., None, None]
 
   def apply(summary, state):
-    total, from_zero = summary
-    return jnp.exp(total)[..., None] * state + from_zero
+    carry, from_zero = summary
+    return carry[..., None] * state + from_zero
 
-  summaries = (_per_segment(cum[:, -1], segments), _per_segment(s_local.astype(dtype), segments))
+  summaries = (_per_segment(carry, segments), _per_segment(s_local.astype(dtype), segments))
   initial = (jnp.zeros((b, h, dk, dv), dtype) if initial_state is None
              else jnp.asarray(initial_state, dtype))
   entering, final = entering_states(summaries, initial, apply, axis_name=axis_name, layout=layout)
-  q_decayed = jnp.asarray(split(q), dtype) * default_scale(scale, dk) * jnp.exp(cum)
   o = o_local.astype(dtype) + _einsum("bthk,bhkv->bthv", q_decayed, _per_batch(entering))
   return merge_segments(o, segments).astype(q.dtype), (final if output_final_state else None)
 
 
 def simple_gla_shard(q, k, v, g, *, axis_name: str, layout: str = "contiguous", scale=None,
-                     initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
+                     initial_state=None, output_final_state=False, chunk_size=64,
+                     segment_ids=None, impl="auto"):
   """Per-device `simple_gla` inside `shard_map`: local blocks q [B,Tl,H,Dk], k [B,Tl,Hk,Dk],
-  v [B,Tl,Hk,Dv], g [B,Tl,H or Hk]; initial_state [B,H,Dk,Dv] (the same on every device).
+  v [B,Tl,Hk,Dv], g [B,Tl,H or Hk], segment_ids [B,Tl] or None; initial_state [B,H,Dk,Dv] (the
+  same on every device).
 
   Returns (o [B,Tl,H,Dv], final state [B,H,Dk,Dv] float32 (identical on every device) or None).
   """
   return _gated_shard(simple_gla, q, k, v, g, per_channel=False, axis_name=axis_name,
                       layout=layout, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl)
+                      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl,
+                      segment_ids=segment_ids)
 
 
 def gla_shard(q, k, v, gk, *, axis_name: str, layout: str = "contiguous", scale=None,
-              initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
+              initial_state=None, output_final_state=False, chunk_size=64, segment_ids=None,
+              impl="auto"):
   """Per-device `gla` inside `shard_map`; gk [B,Tl,H or Hk,Dk]. Otherwise as `simple_gla_shard`."""
   return _gated_shard(gla, q, k, v, gk, per_channel=True, axis_name=axis_name, layout=layout,
                       scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl)
+                      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl,
+                      segment_ids=segment_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,27 +241,37 @@ def gla_shard(q, k, v, gk, *, axis_name: str, layout: str = "contiguous", scale=
 
 
 def _delta_shard(op, q, k, v, *gates, axis_name: str, layout: str, scale, initial_state,
-                 output_final_state: bool, chunk_size: int, impl: str):
+                 output_final_state: bool, chunk_size: int, impl: str, segment_ids=None):
   b, t, h, _, dk, dv = check_qkv(q, k, v)
   segments = check_layout(layout)
   _check_local(t, segments, axis_name)
   _check_initial_state(initial_state, (b, h, dk, dv))
   split = functools.partial(split_segments, segments=segments)
+  documents = segment_documents(segment_ids, segments, axis_name=axis_name, layout=layout)
   dtype = compute_dtype(q, k, v, *gates, initial_state)
   widened = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (dk,), v.dtype)], axis=-1)
   sb = segments * b
   identity = jnp.concatenate([jnp.zeros((sb, h, dk, dv), dtype),
                               jnp.broadcast_to(jnp.eye(dk, dtype=dtype), (sb, h, dk, dk))], axis=-1)
+  # With documents, the [0 | I] block evolves only through the segment's first document: the
+  # op's transition and q maps vanish past a document start (masked below where one starts at
+  # the segment's first token).
   o_wide, s_wide = op(split(q), split(k), split(widened), *map(split, gates), scale=scale,
                       initial_state=_vary_like(identity, q, k, v, gates), output_final_state=True,
-                      chunk_size=chunk_size, impl=impl)
+                      chunk_size=chunk_size,
+                      segment_ids=None if documents is None else documents[0], impl=impl)
   o_local, q_maps = o_wide[..., :dv].astype(dtype), o_wide[..., dv:].astype(dtype)
+  transition = s_wide[..., dv:]
+  if documents is not None:
+    _, first, open_ = documents
+    q_maps = q_maps * first[..., None, None]
+    transition = transition * open_[..., None, None]
 
   def apply(summary, state):
     transition, from_zero = summary
     return _einsum("bhij,bhjv->bhiv", transition, state) + from_zero
 
-  summaries = (_per_segment(s_wide[..., dv:], segments), _per_segment(s_wide[..., :dv], segments))
+  summaries = (_per_segment(transition, segments), _per_segment(s_wide[..., :dv], segments))
   initial = (jnp.zeros((b, h, dk, dv), dtype) if initial_state is None
              else jnp.asarray(initial_state, dtype))
   entering, final = entering_states(summaries, initial, apply, axis_name=axis_name, layout=layout)
@@ -223,28 +280,31 @@ def _delta_shard(op, q, k, v, *gates, axis_name: str, layout: str, scale, initia
 
 
 def delta_rule_shard(q, k, v, beta, *, axis_name: str, layout: str = "contiguous", scale=None,
-                     initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
+                     initial_state=None, output_final_state=False, chunk_size=64,
+                     segment_ids=None, impl="auto"):
   """Per-device `delta_rule` inside `shard_map`; beta [B,Tl,H or Hk]. As `simple_gla_shard`."""
   return _delta_shard(delta_rule, q, k, v, beta, axis_name=axis_name, layout=layout, scale=scale,
                       initial_state=initial_state, output_final_state=output_final_state,
-                      chunk_size=chunk_size, impl=impl)
+                      chunk_size=chunk_size, impl=impl, segment_ids=segment_ids)
 
 
 def gated_delta_rule_shard(q, k, v, g, beta, *, axis_name: str, layout: str = "contiguous",
                            scale=None, initial_state=None, output_final_state=False, chunk_size=64,
-                           impl="auto"):
+                           segment_ids=None, impl="auto"):
   """Per-device `gated_delta_rule` inside `shard_map`; g, beta [B,Tl,H or Hk]."""
   return _delta_shard(gated_delta_rule, q, k, v, g, beta, axis_name=axis_name, layout=layout,
                       scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl)
+                      output_final_state=output_final_state, chunk_size=chunk_size, impl=impl,
+                      segment_ids=segment_ids)
 
 
 def kda_shard(q, k, v, gk, beta, *, axis_name: str, layout: str = "contiguous", scale=None,
-              initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
+              initial_state=None, output_final_state=False, chunk_size=64, segment_ids=None,
+              impl="auto"):
   """Per-device `kda` inside `shard_map`; gk [B,Tl,H or Hk,Dk], beta [B,Tl,H or Hk]."""
   return _delta_shard(kda, q, k, v, gk, beta, axis_name=axis_name, layout=layout, scale=scale,
                       initial_state=initial_state, output_final_state=output_final_state,
-                      chunk_size=chunk_size, impl=impl)
+                      chunk_size=chunk_size, impl=impl, segment_ids=segment_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,9 +313,10 @@ def kda_shard(q, k, v, gk, beta, *, axis_name: str, layout: str = "contiguous", 
 
 def mlstm_shard(q, k, v, i, f, *, axis_name: str, layout: str = "contiguous", scale=None,
                 initial_state=None, output_final_state=False, chunk_size=64, eps=1e-6,
-                impl="auto"):
+                segment_ids=None, impl="auto"):
   """Per-device `mlstm` inside `shard_map`; i, f [B,Tl,H or Hk] gate pre-activations;
-  initial_state (C [B,H,Dk,Dv], n [B,H,Dk], m [B,H]) or None (zeros, m = 0).
+  initial_state (C [B,H,Dk,Dv], n [B,H,Dk], m [B,H]) or None (zeros, m = 0); segment_ids
+  [B,Tl] or None.
 
   Returns (h [B,Tl,H,Dv], final state (C, n, m) (identical on every device) or None).
   """
@@ -263,34 +324,56 @@ def mlstm_shard(q, k, v, i, f, *, axis_name: str, layout: str = "contiguous", sc
   segments = check_layout(layout)
   _check_local(t, segments, axis_name)
   split = functools.partial(split_segments, segments=segments)
+  documents = segment_documents(segment_ids, segments, axis_name=axis_name, layout=layout)
   dtype = compute_dtype(q, k, v, i, f)
   k_h, v_h, log_i, f_h = (repeat_heads(jnp.asarray(split(x), dtype), h) for x in (k, v, i, f))
   cum = jnp.cumsum(jax.nn.log_sigmoid(f_h), axis=1)        # [S*B, Ts, H]
   total = cum[:, -1]
   weight = log_i + total[:, None] - cum                    # log weight of token j in the end state
+  if documents is None:
+    log_f, keep = total, None
+  else:
+    # The end state is the last document's, from the empty state (m = 0) at its start: only its
+    # tokens weigh, and the state carried to the end decays over that document alone.
+    ids, _, keep = documents
+    doc = jnp.cumsum(document_starts(ids), axis=1)
+    last = doc == doc[:, -1:]                              # [S*B, Ts]: the last document
+    weight = jnp.where(last[..., None], weight, -jnp.inf)
+    start = jnp.argmax(last, axis=1)[:, None, None]        # its first token
+    before = cum - jax.nn.log_sigmoid(f_h)                 # log-decay before each token
+    log_f = total - jnp.take_along_axis(before, start, axis=1)[:, 0]
   m_zero = jnp.max(weight, axis=1)
   w = jnp.exp(weight - m_zero[:, None])
   c_zero = _einsum("bth,bthk,bthv->bhkv", w, k_h, v_h)
   n_zero = _einsum("bth,bthk->bhk", w, k_h)
 
   def apply(summary, state):
-    log_f, c_b, n_b, m_b = summary
-    c, n, m = state
+    log_f, keep, c_b, n_b, m_b = summary
+    c, n, m = (state if keep is None else  # the empty state where a document starts
+               tuple(jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 1)) > 0, x, 0)
+                     for x in state))
     m_new = jnp.maximum(log_f + m, m_b)
     carry, fresh = jnp.exp(log_f + m - m_new), jnp.exp(m_b - m_new)
     return (carry[..., None, None] * c + fresh[..., None, None] * c_b,
             carry[..., None] * n + fresh[..., None] * n_b, m_new)
 
-  summaries = tuple(_per_segment(x, segments) for x in (total, c_zero, n_zero, m_zero))
+  per_segment = lambda x: None if x is None else _per_segment(x, segments)
+  summaries = tuple(map(per_segment, (log_f, None if keep is None else keep[:, 0], c_zero,
+                                      n_zero, m_zero)))
   if initial_state is None:
     initial = (jnp.zeros((b, h, dk, dv), dtype), jnp.zeros((b, h, dk), dtype),
                jnp.zeros((b, h), dtype))
   else:
     initial = tuple(jnp.asarray(x, dtype) for x in initial_state)
   entering, final = entering_states(summaries, initial, apply, axis_name=axis_name, layout=layout)
+  entering = tuple(map(_per_batch, entering))
+  if documents is not None:  # a document starting at the segment's first token starts empty
+    fresh = ~documents[1][:, 0]
+    entering = tuple(jnp.where(fresh.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
+                     for x in entering)
   o, _ = mlstm(split(q), split(k), split(v), split(i), split(f), scale=scale,
-               initial_state=tuple(map(_per_batch, entering)), chunk_size=chunk_size, eps=eps,
-               impl=impl)
+               initial_state=entering, chunk_size=chunk_size, eps=eps,
+               segment_ids=None if documents is None else documents[0], impl=impl)
   return merge_segments(o, segments), (final if output_final_state else None)
 
 
@@ -312,7 +395,7 @@ _LOG_DECAYS = {"simple_gla": (0,), "gla": (0,), "gated_delta_rule": (0,), "kda":
 
 def sequence_parallel_linear(op: str, q, k, v, *gates, mesh, axis_name: str = "sequence",
                              batch_axes=None, layout: str = "contiguous", initial_state=None,
-                             output_final_state: bool = False, **options):
+                             output_final_state: bool = False, segment_ids=None, **options):
   """Runs linear op `op` on global arrays whose sequence axis is sharded over `axis_name`.
 
   Args:
@@ -326,6 +409,8 @@ def sequence_parallel_linear(op: str, q, k, v, *gates, mesh, axis_name: str = "s
     layout: "contiguous" or "zigzag".
     initial_state: the op's initial state (replicated over the sequence axis), or None.
     output_final_state: whether to return the final state.
+    segment_ids: None or int [B, T] in layout order, packed documents as the single-device op
+      takes them (a change of id between neighbours in the natural order starts a document).
     **options: the op's other keyword options (scale, chunk_size, impl, eps for mlstm).
 
   Returns:
@@ -336,10 +421,14 @@ def sequence_parallel_linear(op: str, q, k, v, *gates, mesh, axis_name: str = "s
   check_divisible(q.shape[1], mesh.shape[axis_name], layout, name="q sequence")
   for index in _LOG_DECAYS.get(op, ()):
     check_nonpositive(gates[index], "log-decay gate")
+  check_segment_ids(segment_ids, q.shape[0], q.shape[1])
   seq = P(batch_axes, axis_name)
   shard = functools.partial(SHARD_OPS[op], axis_name=axis_name, layout=layout,
                             output_final_state=True, **options)
   inputs = (q, k, v) + gates
+  if segment_ids is not None:  # passed last, by keyword
+    inputs += (jnp.asarray(segment_ids, jnp.int32),)
+    shard = lambda *xs, shard=shard, **kw: shard(*xs[:-1], segment_ids=xs[-1], **kw)
   if initial_state is None:
     run = lambda *xs: shard(*xs)
     args, in_specs = inputs, (seq,) * len(inputs)

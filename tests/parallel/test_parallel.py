@@ -227,6 +227,38 @@ def test_linear_ops_match_single_device(rng, op, layout):
   _check_values_and_grads(single, parallel, (state,) + inputs, rng, f"{op} {layout}")
 
 
+# Document starts (rows 0 and 1) at segment edges of both layouts on 4 devices (every 8 tokens),
+# inside segments, at two neighbouring tokens and at the last token; ids repeat on documents that
+# are not neighbours.
+LINEAR_STARTS = ({8, 16, 17, 40, 63}, {5, 32, 48, 49})
+
+
+@pytest.mark.parametrize("op,layout", _fast_or_slow(
+    [(op, layout) for op in SINGLE_OPS for layout in ("contiguous", "zigzag")],
+    fast=[("simple_gla", "contiguous"), ("gated_delta_rule", "zigzag"), ("mlstm", "contiguous")]))
+def test_linear_ops_with_segment_ids_match_single_device(rng, op, layout):
+  """Packed documents: a segment where a document starts (inside it or at its first token) drops
+  the entering state, which corrects only the segment's first document."""
+  inputs, state = _linear_inputs(rng, op)
+  ids = np.stack([np.cumsum([t in starts for t in range(T)]) % 2 for starts in LINEAR_STARTS])
+  ids = ids.astype(np.int32)
+  n = 4
+  mesh = sequence_mesh(n)
+  lay = functools.partial(to_layout, num_devices=n, layout=layout)
+
+  def single(state, *xs):
+    return SINGLE_OPS[op](*xs, initial_state=state, output_final_state=True, chunk_size=8,
+                          segment_ids=ids, impl="xla")
+
+  def parallel(state, *xs):
+    o, final = sequence_parallel_linear(op, *map(lay, xs), mesh=mesh, layout=layout,
+                                        initial_state=state, output_final_state=True,
+                                        chunk_size=8, segment_ids=lay(ids), impl="xla")
+    return from_layout(o, n, layout), final
+
+  _check_values_and_grads(single, parallel, (state,) + inputs, rng, f"{op} {layout} documents")
+
+
 def test_linear_without_initial_state_and_errors(rng):
   inputs, _ = _linear_inputs(rng, "simple_gla")
   mesh = sequence_mesh(8)

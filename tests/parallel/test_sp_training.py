@@ -87,6 +87,32 @@ def test_short_conv_matches_single_device(rng, layout):
   _check_values_and_grads(single, parallel, (params, x), rng, f"conv {layout}")
 
 
+def _documents(starts_per_row):
+  """int32 [B, T] segment ids changing at the given starts (ids repeat on documents that are not
+  neighbours)."""
+  return np.stack([np.cumsum([t in starts for t in range(T)]) % 2
+                   for starts in starts_per_row]).astype(np.int32)
+
+
+# Starts at zig-zag segment edges on 4 devices (every T / 8 tokens), inside segments, at
+# neighbouring tokens and within conv_size - 1 tokens of an edge.
+DOCUMENT_STARTS = ({T // 8, T // 8 + 1, 3 * T // 8 + 2, T - 1}, {5, T // 2, T // 2 + 2})
+
+
+def test_short_conv_with_segment_ids_matches_single_device(rng):
+  sp = _sequence_parallel()
+  conv = ShortConv(6, conv_size=4)
+  x = jnp.asarray(randn(rng, B, T, 6))
+  ids = _documents(DOCUMENT_STARTS)
+  params = conv.init(jax.random.key(0), x)
+  lay = lambda a: to_layout(a, SEQUENCE, "zigzag")
+  single = lambda params, x: conv.apply(params, x, segment_ids=ids)[0]
+  parallel = lambda params, x: from_layout(
+      conv.apply(params, lay(x), segment_ids=lay(ids), sequence_parallel=sp)[0], SEQUENCE,
+      "zigzag")
+  _check_values_and_grads(single, parallel, (params, x), rng, "conv documents")
+
+
 def test_short_conv_errors(rng):
   sp = _sequence_parallel(sequence=4)
   conv = ShortConv(6, conv_size=4)
@@ -131,6 +157,25 @@ def test_model_forward_matches_single_device(rng, case):
   logits = jax.jit(lambda p, t: model.apply(p, t, sequence_parallel=sp)[0])(
       params, to_layout(tokens, SEQUENCE, "zigzag"))
   want = jax.jit(lambda p, t: model.apply(p, t)[0])(params, tokens)
+  assert_rel_close(from_layout(logits, SEQUENCE, "zigzag"), want, TOL, f"{case} logits")
+
+
+@pytest.mark.parametrize("case", ["attention+gated_delta_rule",
+                                  pytest.param("gla+attention_ring", marks=slow)])
+def test_model_forward_with_documents_matches_single_device(rng, case):
+  """Packed documents (segment_ids and per-document positions, in layout order): attention and
+  the linear mixers with their short convolutions keep documents apart across devices."""
+  model, params, tokens, sp = _model_and_tokens(rng, case)
+  ids = _documents(DOCUMENT_STARTS)
+  positions = np.stack([np.arange(T) - np.maximum.accumulate(
+      np.where(np.r_[True, row[1:] != row[:-1]], np.arange(T), 0)) for row in ids])
+  positions = positions.astype(np.int32)
+  lay = lambda a: to_layout(a, SEQUENCE, "zigzag")
+  logits = jax.jit(lambda p, t, s, q: model.apply(p, t, segment_ids=s, positions=q,
+                                                  sequence_parallel=sp)[0])(
+      params, lay(tokens), lay(ids), lay(positions))
+  want = jax.jit(lambda p, t, s, q: model.apply(p, t, segment_ids=s, positions=q)[0])(
+      params, tokens, ids, positions)
   assert_rel_close(from_layout(logits, SEQUENCE, "zigzag"), want, TOL, f"{case} logits")
 
 
@@ -181,12 +226,13 @@ def _params(trainer):
 
 @pytest.mark.parametrize("pattern,sequence,segment_ids", [
     (("attention", "local"), 2, True),
-    pytest.param(("local", "gated_delta_rule"), 2, False, marks=slow),
+    pytest.param(("local", "gated_delta_rule"), 2, True, marks=slow),
     pytest.param(("rat", "attention"), 4, False, marks=slow)])
 def test_trainer_sequence_parallel_matches_single_device(corpus, tmp_path, pattern, sequence,
                                                          segment_ids):
   """Three AdamW steps with mesh data=2 x sequence=n equal one device; so does the evaluation.
-  Attention layers also take packed documents (segment_ids and per-document positions)."""
+  Attention and linear layers also take packed documents (segment_ids and per-document
+  positions)."""
   config = _run_config(corpus, pattern, MeshConfig(data=1), segment_ids)
   single = Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1])
   parallel = Trainer(dataclasses.replace(config, mesh=MeshConfig(data=2, sequence=sequence)),
