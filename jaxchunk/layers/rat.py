@@ -24,8 +24,8 @@ open chunk. Its `length` is a scalar (all rows at the same position, as `init_ra
 or int32 [B], one length per row (the serving engine's slots): decode steps take it as is, a
 prefill runs the op per row (vmap).
 
-Packed documents (`segment_ids`, training and evaluation forwards): every document is chunked
-and aggregated as if it ran alone (`jaxchunk.ops.rat.rat`'s segment_ids).
+Packed documents (`segment_ids`, training and evaluation forwards, sequence-parallel too): every
+document is chunked and aggregated as if it ran alone (`jaxchunk.ops.rat.rat`'s segment_ids).
 
 Sequence-parallel (an active `SequenceParallel`, no cache): x and positions are in the layout order
 of the sequence axis and the op runs as `SequenceParallel.rat` (chunk summaries shared across
@@ -105,16 +105,15 @@ class RATLayer(nn.Module):
     tokens by index and the rotary angle is the chunk index positions // rat_chunk_size. With a
     cache T == 1 is a decode step (`rat_step`), T > 1 a chunked prefill continuing the cached
     state; the cache keeps its capacity of chunk summaries. `segment_ids` [B,T] (packed
-    documents, no cache or sequence parallelism) start each document with an empty state and its
-    own chunk 0; pass positions restarting at 0 in each document, so that the rotary chunk index
-    is the document's.
+    documents, no cache; in layout order with `sequence_parallel`) start each document with an
+    empty state and its own chunk 0; pass positions restarting at 0 in each document, so that the
+    rotary chunk index is the document's.
     """
     cfg = self.config
     check_mixer_input(x, positions, cfg)
     sp = active_sequence_parallel(sequence_parallel, cache, "RATLayer")
-    if segment_ids is not None and (cache is not None or sp is not None):
-      raise ValueError("RATLayer: segment_ids (packed documents) cannot be combined with a "
-                       f"{'cache' if cache is not None else 'sequence_parallel'}")
+    if segment_ids is not None and cache is not None:
+      raise ValueError("RATLayer: segment_ids (packed documents) cannot be combined with a cache")
     if cfg.head_dim % 2:
       raise ValueError(f"RATLayer needs an even head_dim for its rotary positions, got {cfg.head_dim}")
     h, hk, dh, chunk = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rat_chunk_size
@@ -136,7 +135,7 @@ class RATLayer(nn.Module):
     k = apply_rotary(k, chunk_index, theta=cfg.rope_theta)
 
     if sp is not None:
-      o = sp.rat(q, k, v, f, chunk_size=chunk, impl=cfg.impl)
+      o = sp.rat(q, k, v, f, chunk_size=chunk, segment_ids=segment_ids, impl=cfg.impl)
       new_cache = None
     elif cache is None:
       o, _ = rat(q, k, v, f, chunk_size=chunk, segment_ids=segment_ids, impl=cfg.impl)

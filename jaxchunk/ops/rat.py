@@ -326,19 +326,27 @@ def _carry_in(prod, x, ends, x0):
   return x + prod * carry[:, :, None]
 
 
-@jax.checkpoint
-def _aggregate_documents(a, bk, bv, k0, v0):
-  """Running aggregates x_t = a_t * x_{t-1} + b_t of keys and values [B, N, C, Hk, D] (rows cut
-  into N blocks of C tokens), where a_t = 0 at every chunk start of the documents, continuing
-  from k0, v0 [B, Hk, D]: one scan per block and `_carry_in`. Rematerialised in the backward pass,
-  as `_aggregate`.
+def document_aggregates(a, bk, bv, entering, *, chunk_size: int):
+  """Running aggregates x_t = a_t * x_{t-1} + b_t of keys and values [B, T, Hk, D] (T a multiple
+  of C = chunk_size), where a_t = 0 at every chunk start of the documents: one scan per C-token
+  block and `_carry_in`.
+
+  `entering(k_end, v_end)` maps the aggregates [B, Hk, D] at the end of the last block to those
+  entering the first block, (k0, v0): `rat` returns its state's running aggregates, the
+  sequence-parallel op the end aggregates of the segment before. Returns (k_agg, v_agg [B, T, Hk,
+  D], k0, v0).
   """
-  prod, xk, xv = _linear_scan(a, bk, bv, 2)
-  return _carry_in(prod, xk, xk[:, :, -1], k0), _carry_in(prod, xv, xv[:, :, -1], v0)
+  b, t, hk, d = bk.shape
+  blocks = lambda x: x.reshape(b, t // chunk_size, chunk_size, hk, d)
+  prod, xk, xv = _linear_scan(blocks(a), blocks(bk), blocks(bv), 2)
+  k0, v0 = entering(xk[:, -1, -1], xv[:, -1, -1])
+  rows = lambda x: x.reshape(b, t, hk, d)
+  return (rows(_carry_in(prod, xk, xk[:, :, -1], k0)), rows(_carry_in(prod, xv, xv[:, :, -1], v0)),
+          k0, v0)
 
 
 def _aggregate_documents_pallas(gate, k, v, k0, v0, *, chunk_size: int, out_dtype: str):
-  """`_aggregate_documents` with the per-block scans by the kernels of
+  """`document_aggregates` with the per-block scans by the kernels of
   `pallas_kernels.gpu.rat_aggregate`.
 
   gate [B, T, Hk, D] (0 at the documents' chunk starts), k, v [B, T, Hk, D] with (1 - f) already
@@ -585,11 +593,12 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   # The first token continues the state's running aggregate (its gate is 0 at a chunk start, so
   # an empty state or one at a chunk's end adds nothing).
   if kernel_dtype is None:
-    nc = -(-t // c)
-    blocks = lambda x: jnp.pad(x, [(0, 0), (0, nc * c - t), (0, 0), (0, 0)]).reshape(
-        b, nc, c, hk, d)
-    k_agg, v_agg = (x.reshape(b, nc * c, hk, d)[:, :t] for x in _aggregate_documents(
-        blocks(gate), blocks((1 - f) * k), blocks((1 - f) * v), state.k_run, state.v_run))
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, -t % c), (0, 0), (0, 0)])
+    # Rematerialised in the backward pass, as `_aggregate`: only the inputs stay alive.
+    aggregate = jax.checkpoint(lambda a, bk, bv, k0, v0: document_aggregates(
+        a, bk, bv, lambda *_: (k0, v0), chunk_size=c)[:2])
+    k_agg, v_agg = (x[:, :t] for x in aggregate(pad(gate), pad((1 - f) * k), pad((1 - f) * v),
+                                                state.k_run, state.v_run))
     k_last, v_last = k_agg[:, -1], v_agg[:, -1]
   else:
     at_restart = lambda x: jnp.where(

@@ -230,7 +230,7 @@ def test_linear_ops_match_single_device(rng, op, layout):
 # Document starts (rows 0 and 1) at segment edges of both layouts on 4 devices (every 8 tokens),
 # inside segments, at two neighbouring tokens and at the last token; ids repeat on documents that
 # are not neighbours.
-LINEAR_STARTS = ({8, 16, 17, 40, 63}, {5, 32, 48, 49})
+DOCUMENT_STARTS = ({8, 16, 17, 40, 63}, {5, 32, 48, 49})
 
 
 @pytest.mark.parametrize("op,layout", _fast_or_slow(
@@ -240,7 +240,7 @@ def test_linear_ops_with_segment_ids_match_single_device(rng, op, layout):
   """Packed documents: a segment where a document starts (inside it or at its first token) drops
   the entering state, which corrects only the segment's first document."""
   inputs, state = _linear_inputs(rng, op)
-  ids = np.stack([np.cumsum([t in starts for t in range(T)]) % 2 for starts in LINEAR_STARTS])
+  ids = np.stack([np.cumsum([t in starts for t in range(T)]) % 2 for starts in DOCUMENT_STARTS])
   ids = ids.astype(np.int32)
   n = 4
   mesh = sequence_mesh(n)
@@ -294,6 +294,28 @@ def test_rat_matches_single_device(rng, layout):
     return from_layout(o, n, layout)
 
   _check_values_and_grads(single, parallel, (q, k, v, f), rng, f"rat {layout}")
+
+
+@pytest.mark.parametrize("layout", ["zigzag", pytest.param("contiguous", marks=slow)])
+def test_rat_with_segment_ids_matches_single_device(rng, layout):
+  """Packed documents: each chunked from its own start, chunks straddling segment edges (a
+  document starting at token 5 spans 5..8 across the edge at 8), starts at segment edges."""
+  q, k, v = _inputs(rng)
+  f = rng.uniform(0.1, 0.95, (B, T, HK, D)).astype(np.float32)
+  ids = np.stack([np.cumsum([t in starts for t in range(T)]) % 2 for starts in DOCUMENT_STARTS])
+  ids = ids.astype(np.int32)
+  n = 4
+  mesh = sequence_mesh(n)
+  lay = functools.partial(to_layout, num_devices=n, layout=layout)
+  single = lambda q, k, v, f: rat(q, k, v, f, chunk_size=4, block_size=8, segment_ids=ids,
+                                  impl="xla")[0]
+
+  def parallel(q, k, v, f):
+    o = sequence_parallel_rat(lay(q), lay(k), lay(v), lay(f), mesh=mesh, layout=layout,
+                              chunk_size=4, block_size=8, segment_ids=lay(ids), impl="xla")
+    return from_layout(o, n, layout)
+
+  _check_values_and_grads(single, parallel, (q, k, v, f), rng, f"rat {layout} documents")
 
 
 def test_rat_segments_must_be_whole_chunks(rng):

@@ -160,11 +160,11 @@ def test_model_forward_matches_single_device(rng, case):
   assert_rel_close(from_layout(logits, SEQUENCE, "zigzag"), want, TOL, f"{case} logits")
 
 
-@pytest.mark.parametrize("case", ["attention+gated_delta_rule",
+@pytest.mark.parametrize("case", ["attention+gated_delta_rule", "rat+local",
                                   pytest.param("gla+attention_ring", marks=slow)])
 def test_model_forward_with_documents_matches_single_device(rng, case):
-  """Packed documents (segment_ids and per-document positions, in layout order): attention and
-  the linear mixers with their short convolutions keep documents apart across devices."""
+  """Packed documents (segment_ids and per-document positions, in layout order): attention, RAT
+  and the linear mixers with their short convolutions keep documents apart across devices."""
   model, params, tokens, sp = _model_and_tokens(rng, case)
   ids = _documents(DOCUMENT_STARTS)
   positions = np.stack([np.arange(T) - np.maximum.accumulate(
