@@ -245,8 +245,10 @@ def sequence_parallel_rat(q, k, v, f, *, mesh, axis_name: str = "sequence", batc
                            out_specs=(seq,) * 4, check_vma=False)
 
   @jax.custom_vjp
-  def run(q, k, v, f):
+  def run(q, k, v, f, *ids):
     return forward(q, k, v, f, *ids)
 
-  run.defvjp(lambda *xs: (forward(*xs, *ids), xs), lambda xs, do: backward(*xs, *ids, do))
-  return run(q, k, v, f)
+  # The segment ids (integers) get no cotangent.
+  run.defvjp(lambda *xs: (forward(*xs), xs),
+             lambda xs, do: (*backward(*xs, do), *(None for _ in xs[4:])))
+  return run(q, k, v, f, *ids)
