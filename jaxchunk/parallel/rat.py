@@ -38,7 +38,7 @@ from jaxchunk.ops._common import (check_qkv, check_segment_ids, check_shape, com
                                   document_starts)
 from jaxchunk.ops.rat import RATState, document_aggregates, rat
 from jaxchunk.parallel.halo import halo_shard
-from jaxchunk.parallel.linear_scan import entering_states, merge_segments, split_segments
+from jaxchunk.parallel.linear_scan import entering_states, segment_documents, split_segments
 from jaxchunk.parallel.mesh import (check_divisible, check_layout, local_segments,
                                     segment_table)
 
@@ -71,12 +71,12 @@ def _document_positions(segment_ids, segments: int, *, axis_name: str, layout: s
   """
   b, t = segment_ids.shape
   ts = t // segments
-  ids = split_segments(segment_ids, segments)
-  before = jnp.swapaxes(halo_shard(segment_ids, 1, axis_name=axis_name, layout=layout)[:, :, 0],
-                        0, 1).reshape(-1)                           # the id before each segment
-  first = jnp.repeat(local_segments(axis_name, layout), b)          # [S*B] global segment index
-  starts = document_starts(ids).at[:, 0].set((ids[:, 0] != before) & (first > 0))
-  index = first[:, None] * ts + jnp.arange(ts, dtype=jnp.int32)     # global token index
+  ids, first_document, _ = segment_documents(segment_ids, segments, axis_name=axis_name,
+                                             layout=layout)
+  # Document starts, one at a segment's first token where the document there is new.
+  starts = document_starts(ids).at[:, 0].set(~first_document[:, 0])
+  segment = jnp.repeat(local_segments(axis_name, layout), b)        # [S*B] global segment index
+  index = segment[:, None] * ts + jnp.arange(ts, dtype=jnp.int32)   # global token index
   last_start = jnp.max(jnp.where(starts, index, -1), axis=1)
 
   def apply(summary, state):  # (start of the current document, documents before) after a segment
