@@ -329,6 +329,7 @@ def test_rat_segments_must_be_whole_chunks(rng):
 # A short training run.
 
 
+@slow  # ~24 s on 2 cores; tests/parallel/test_sp_training.py runs the Trainer sequence-parallel
 def test_sequence_parallel_training_run_matches_single_device(rng):
   """Three SGD steps of a tiny attention + gated-DeltaNet mixer on zig-zag sharded rows."""
   d_model = 16

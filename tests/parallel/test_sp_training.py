@@ -160,8 +160,11 @@ def test_model_forward_matches_single_device(rng, case):
   assert_rel_close(from_layout(logits, SEQUENCE, "zigzag"), want, TOL, f"{case} logits")
 
 
-@pytest.mark.parametrize("case", ["attention+gated_delta_rule", "rat+local",
-                                  pytest.param("gla+attention_ring", marks=slow)])
+# rat+local in the slow run: test_parallel.py checks sequence-parallel RAT with documents (values
+# and gradients) in the default run.
+@pytest.mark.parametrize("case", ["attention+gated_delta_rule",
+                                  *(pytest.param(c, marks=slow) for c in ("rat+local",
+                                                                           "gla+attention_ring"))])
 def test_model_forward_with_documents_matches_single_device(rng, case):
   """Packed documents (segment_ids and per-document positions, in layout order): attention, RAT
   and the linear mixers with their short convolutions keep documents apart across devices."""
