@@ -95,23 +95,30 @@ def train_flops(name: str, t: int) -> float:
   return 4.0 * HEAD_DIM * HEADS * keys
 
 
+def time_passes(label: str, fns, args, ct, reps: int, flops=None) -> tuple[float, float]:
+  """Median ms of (forward, forward+backward), printed as they come (with TFLOP/s when `flops`,
+  the two passes' matmul FLOPs, is given); NaN (printed) where a call fails."""
+  times = []
+  for i, (mode, fn) in enumerate(zip(("fwd", "fwd+bwd"), fns)):
+    try:
+      times.append(median_ms(fn, *args, ct, reps=reps))
+    except Exception as e:  # e.g. out of memory or no cuDNN: report and go on
+      print(f"{label} {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
+      times.append(float("nan"))
+    rate = "" if flops is None else f"  {flops[i] / times[-1] / 1e9:7.1f} TFLOP/s"
+    print(f"{label:28s} {mode:7s} {times[-1]:9.3f} ms{rate}", flush=True)
+  return tuple(times)
+
+
 def bench_training(lengths, reps: int):
   rows = []
   for t in lengths:
     args, ct = train_inputs(t, jax.random.key(t))
     times = {}
     for name in ("rat-pallas", "rat-xla", "cudnn"):
-      fwd, fwd_bwd = train_fns(name)
-      for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        try:
-          ms = median_ms(fn, *args, ct, reps=reps)
-        except Exception as e:  # e.g. out of memory or no cuDNN: report and go on
-          print(f"T={t} {name} {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
-          ms = float("nan")
-        flops = train_flops(name, t) * (1.0 if mode == "fwd" else 3.5)
-        times[(name, mode)] = ms
-        print(f"T={t:6d} {name:10s} {mode:7s} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s",
-              flush=True)
+      flops = (train_flops(name, t), 3.5 * train_flops(name, t))
+      passes = time_passes(f"T={t:6d} {name}", train_fns(name), args, ct, reps, flops=flops)
+      times.update({(name, mode): ms for mode, ms in zip(("fwd", "fwd+bwd"), passes)})
     for mode in ("fwd", "fwd+bwd"):
       cudnn, pallas, xla = (times[(n, mode)] for n in ("cudnn", "rat-pallas", "rat-xla"))
       rows.append((t, mode, pallas, xla, cudnn, cudnn / pallas, cudnn / xla,
@@ -121,19 +128,6 @@ def bench_training(lengths, reps: int):
   lines = [f"| {t} | {m} | {p:.3f} | {x:.3f} | {c:.3f} | {rp:.2f}x | {rx:.2f}x | {tf:.1f} |"
            for t, m, p, x, c, rp, rx, tf in rows]
   return "\n".join([header] + lines)
-
-
-def time_passes(label: str, fns, args, ct, reps: int) -> tuple[float, float]:
-  """Median ms of (forward, forward+backward); NaN (printed) where a call fails."""
-  times = []
-  for mode, fn in zip(("fwd", "fwd+bwd"), fns):
-    try:
-      times.append(median_ms(fn, *args, ct, reps=reps))
-    except Exception as e:  # e.g. out of memory: report and go on
-      print(f"{label} {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
-      times.append(float("nan"))
-    print(f"{label:28s} {mode:7s} {times[-1]:9.3f} ms", flush=True)
-  return tuple(times)
 
 
 def bench_packed(reps: int, batch: int = 8, t: int = 8192, documents: int = 16):

@@ -431,6 +431,17 @@ def _summary_blocks(k_sum, v_sum, *keys, block_size: int):
           *(blocks(widen(key, fill)) for key, fill in zip(keys, fills)))
 
 
+def _summary_slots(old, new, first_chunk, old_chunks: int, dtype):
+  """The Pallas kernels' summary buffer [B, old_chunks + M, Hk, D] in `dtype`: the state's first
+  `old_chunks` summaries (old [B, N, Hk, D]), overwritten from slot first_chunk by new [B, M, Hk,
+  D]; just `new` without old chunks."""
+  if not old_chunks:
+    return new.astype(dtype)
+  widen = [(0, 0), (0, new.shape[1]), (0, 0), (0, 0)]
+  return lax.dynamic_update_slice_in_dim(jnp.pad(old[:, :old_chunks].astype(dtype), widen),
+                                         new.astype(dtype), first_chunk, axis=1)
+
+
 def _attend_pallas(q, k_agg, v_agg, k_new, v_new, state: RATState, first_chunk, scale, *,
                    old_chunks: int, chunk_size: int, dtype):
   """The cross-chunk attention by the Pallas kernel (`pallas_kernels.gpu.rat`).
@@ -441,12 +452,10 @@ def _attend_pallas(q, k_agg, v_agg, k_new, v_new, state: RATState, first_chunk, 
   go to the kernel in `dtype` (q's input dtype); the scale is folded into q.
   """
   b, p, hk, g, d = q.shape
-  k_sum, v_sum = k_new, v_new
-  if old_chunks:
-    widen = [(0, 0), (0, k_new.shape[1]), (0, 0), (0, 0)]
-    put = lambda old, new: lax.dynamic_update_slice_in_dim(
-        jnp.pad(old[:, :old_chunks], widen), new.astype(old.dtype), first_chunk, axis=1)
-    k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
+  # New summaries are stored in the state's summary dtype, as a decode step would keep them.
+  put = lambda old, new: _summary_slots(old, new, first_chunk, old_chunks,
+                                        old.dtype if old_chunks else new.dtype)
+  k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
   cast = lambda x: x.astype(dtype)
   o = rat_kernel.rat_attention(cast((q * scale).reshape(b, p, hk * g, d)), cast(k_agg),
                                cast(v_agg), cast(k_sum), cast(v_sum), first_chunk,
@@ -642,12 +651,9 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   else:
     # Slots: the state's visible summaries (0 .. length // C - 1), then the new ones in order.
     first = state.length // c if continued else 0
-    k_sum, v_sum = k_new, v_new
-    if continued and old_chunks:
-      widen = [(0, 0), (0, m), (0, 0), (0, 0)]
-      put = lambda old, new: lax.dynamic_update_slice_in_dim(
-          jnp.pad(old[:, :old_chunks].astype(new.dtype), widen), new, first, axis=1)
-      k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
+    put = lambda old, new: _summary_slots(old, new, first, old_chunks if continued else 0,
+                                          new.dtype)
+    k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
     hi = first + before
     lo = jnp.where(doc == 0, 0, first + jnp.take_along_axis(before, start, axis=1))
     cast = lambda x: x.astype(kernel_dtype)

@@ -77,7 +77,7 @@ def _document_positions(segment_ids, segments: int, *, axis_name: str, layout: s
   starts = document_starts(ids).at[:, 0].set(~first_document[:, 0])
   segment = jnp.repeat(local_segments(axis_name, layout), b)        # [S*B] global segment index
   index = segment[:, None] * ts + jnp.arange(ts, dtype=jnp.int32)   # global token index
-  last_start = jnp.max(jnp.where(starts, index, -1), axis=1)
+  latest = lax.cummax(jnp.where(starts, index, -1), axis=1)         # the latest start so far
 
   def apply(summary, state):  # (start of the current document, documents before) after a segment
     last, count = summary
@@ -85,11 +85,11 @@ def _document_positions(segment_ids, segments: int, *, axis_name: str, layout: s
     return jnp.where(last >= 0, last, start), before + count
 
   per_segment = lambda x: x.reshape(segments, b)
-  summaries = (per_segment(last_start), per_segment(jnp.sum(starts, axis=1, dtype=jnp.int32)))
+  summaries = (per_segment(latest[:, -1]), per_segment(jnp.sum(starts, axis=1, dtype=jnp.int32)))
   initial = (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
   (start, count), _ = entering_states(summaries, initial, apply, axis_name=axis_name,
                                       layout=layout)
-  start = jnp.maximum(start.reshape(-1)[:, None], lax.cummax(jnp.where(starts, index, -1), axis=1))
+  start = jnp.maximum(start.reshape(-1)[:, None], latest)
   doc = count.reshape(-1)[:, None] + jnp.cumsum(starts, axis=1, dtype=jnp.int32)
   return doc, index - start
 
