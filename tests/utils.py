@@ -20,3 +20,11 @@ def assert_rel_close(out, ref, tol: float, what: str = "") -> None:
 def randn(rng: np.random.Generator, *shape, scale: float = 1.0) -> np.ndarray:
   """Fresh float32 normal samples (never zeros or ones)."""
   return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def alternating_segment_ids(starts_per_row, t: int) -> np.ndarray:
+  """int32 [B, T] segment ids of packed documents starting at the given token indices (one set
+  per row), alternating 0 1 0 1 ... so that equal ids also sit on documents that are not
+  neighbours."""
+  return np.stack([np.cumsum([i in starts for i in range(t)]) % 2
+                   for starts in starts_per_row]).astype(np.int32)

@@ -17,7 +17,8 @@ import pytest
 
 from jaxchunk.ops.rat import rat
 from tests.ops.test_rat import inputs, oracle, random_state
-from tests.utils import assert_rel_close, randn
+from tests.ops.test_segment_ids_linear import documents
+from tests.utils import alternating_segment_ids, assert_rel_close, randn
 
 B, T, H, HK, D, C = 2, 37, 4, 2, 8, 4
 CAPACITY = 5  # of the initial state
@@ -26,19 +27,7 @@ STARTS = ({5, 8, 9, 21, 30}, {1, 17, 36})  # document starts of rows 0 and 1
 
 def segment_ids():
   """int32 [B, T]: ids 0 1 0 1 ... (equal ids on non-adjacent documents) changing at STARTS."""
-  ids = np.zeros((B, T), np.int32)
-  for row, starts in enumerate(STARTS):
-    ids[row] = np.cumsum([t in starts for t in range(T)]) % 2
-  return ids
-
-
-def documents(ids):
-  """Per row, the [start, end) token ranges of its documents."""
-  rows = []
-  for row in ids:
-    edges = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
-    rows.append(list(zip(edges[:-1], edges[1:])))
-  return rows
+  return alternating_segment_ids(STARTS, T)
 
 
 def oracle_documents(q, k, v, f, ids, state):

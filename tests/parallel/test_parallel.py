@@ -20,7 +20,7 @@ from jaxchunk.parallel.mesh import from_layout, layout_permutation, sequence_mes
 from jaxchunk.parallel.rat import sequence_parallel_rat
 from jaxchunk.parallel.ring import needed_shifts, ring_attention
 from jaxchunk.parallel.ulysses import ulysses_attention
-from tests.utils import assert_rel_close, randn
+from tests.utils import alternating_segment_ids, assert_rel_close, randn
 
 B, T, H, HK, D = 2, 64, 4, 2, 8
 TOL = 1e-5
@@ -240,8 +240,7 @@ def test_linear_ops_with_segment_ids_match_single_device(rng, op, layout):
   """Packed documents: a segment where a document starts (inside it or at its first token) drops
   the entering state, which corrects only the segment's first document."""
   inputs, state = _linear_inputs(rng, op)
-  ids = np.stack([np.cumsum([t in starts for t in range(T)]) % 2 for starts in DOCUMENT_STARTS])
-  ids = ids.astype(np.int32)
+  ids = alternating_segment_ids(DOCUMENT_STARTS, T)
   n = 4
   mesh = sequence_mesh(n)
   lay = functools.partial(to_layout, num_devices=n, layout=layout)
@@ -302,8 +301,7 @@ def test_rat_with_segment_ids_matches_single_device(rng, layout):
   document starting at token 5 spans 5..8 across the edge at 8), starts at segment edges."""
   q, k, v = _inputs(rng)
   f = rng.uniform(0.1, 0.95, (B, T, HK, D)).astype(np.float32)
-  ids = np.stack([np.cumsum([t in starts for t in range(T)]) % 2 for starts in DOCUMENT_STARTS])
-  ids = ids.astype(np.int32)
+  ids = alternating_segment_ids(DOCUMENT_STARTS, T)
   n = 4
   mesh = sequence_mesh(n)
   lay = functools.partial(to_layout, num_devices=n, layout=layout)

@@ -18,7 +18,7 @@ from jaxchunk.parallel.halo import halo_sends, halo_shard, sequence_parallel_hal
 from jaxchunk.parallel.mesh import from_layout, layout_permutation, to_layout
 from jaxchunk.training import train_step as step_lib
 from jaxchunk.training.trainer import Trainer
-from tests.utils import assert_rel_close, randn
+from tests.utils import alternating_segment_ids, assert_rel_close, randn
 
 B, T, SEQUENCE = 2, 64, 4
 TOL = 1e-5
@@ -87,13 +87,6 @@ def test_short_conv_matches_single_device(rng, layout):
   _check_values_and_grads(single, parallel, (params, x), rng, f"conv {layout}")
 
 
-def _documents(starts_per_row):
-  """int32 [B, T] segment ids changing at the given starts (ids repeat on documents that are not
-  neighbours)."""
-  return np.stack([np.cumsum([t in starts for t in range(T)]) % 2
-                   for starts in starts_per_row]).astype(np.int32)
-
-
 # Starts at zig-zag segment edges on 4 devices (every T / 8 tokens), inside segments, at
 # neighbouring tokens and within conv_size - 1 tokens of an edge.
 DOCUMENT_STARTS = ({T // 8, T // 8 + 1, 3 * T // 8 + 2, T - 1}, {5, T // 2, T // 2 + 2})
@@ -103,7 +96,7 @@ def test_short_conv_with_segment_ids_matches_single_device(rng):
   sp = _sequence_parallel()
   conv = ShortConv(6, conv_size=4)
   x = jnp.asarray(randn(rng, B, T, 6))
-  ids = _documents(DOCUMENT_STARTS)
+  ids = alternating_segment_ids(DOCUMENT_STARTS, T)
   params = conv.init(jax.random.key(0), x)
   lay = lambda a: to_layout(a, SEQUENCE, "zigzag")
   single = lambda params, x: conv.apply(params, x, segment_ids=ids)[0]
@@ -169,7 +162,7 @@ def test_model_forward_with_documents_matches_single_device(rng, case):
   """Packed documents (segment_ids and per-document positions, in layout order): attention, RAT
   and the linear mixers with their short convolutions keep documents apart across devices."""
   model, params, tokens, sp = _model_and_tokens(rng, case)
-  ids = _documents(DOCUMENT_STARTS)
+  ids = alternating_segment_ids(DOCUMENT_STARTS, T)
   positions = np.stack([np.arange(T) - np.maximum.accumulate(
       np.where(np.r_[True, row[1:] != row[:-1]], np.arange(T), 0)) for row in ids])
   positions = positions.astype(np.int32)
