@@ -56,8 +56,9 @@ _POOL_KEYS = ("k_pages", "v_pages")
 # RAT's chunk-summary buffers. A decode step writes a row's buffer only at the slot of the chunk in
 # progress (length // chunk_size, when the token completes it). For a slot that is not decoding
 # (mid-prefill, or free) that slot is never read before its prefill completes the chunk and writes
-# the true summary there (free slots are reset before reuse), so a decode step need not restore
-# inactive rows of these buffers: copying them back would move the whole buffers every step.
+# the true summary there (a request's first prefill piece clears its row), so a decode step need
+# not restore inactive rows of these buffers: copying them back would move the whole buffers every
+# step.
 _SUMMARY_FIELDS = ("k_chunks", "v_chunks")
 
 
@@ -216,6 +217,12 @@ def _take_row(cache, slot):
       lambda path, x: x if _is_pool(path) else jax.lax.dynamic_slice_in_dim(x, slot, 1, 0), cache)
 
 
+def _clear_row_if(clear, row):
+  """`row` (from `_take_row`) with its per-slot leaves zeroed (the empty cache) where `clear`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _is_pool(path) else jnp.where(clear, jnp.zeros_like(x), x), row)
+
+
 def _put_row(cache, row, slot):
   """Writes a batch-1 view (from `_take_row`, updated) back; its pools replace the cache's."""
   return jax.tree_util.tree_map_with_path(
@@ -278,8 +285,6 @@ class Engine:
                                token_budget=config.budget, tables=tables,
                                prefill_first=config.prefill_first)
     self.cache = init_engine_cache(model.config, config)
-    self._empty_row = init_engine_cache(model.config,
-                                        dataclasses.replace(config, num_slots=1, num_pages=None))
     self.num_traces = 0
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
     self.num_mixed_steps = 0  # jitted calls that ran a decode and a prefill piece together
@@ -290,7 +295,6 @@ class Engine:
     self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=(1, 2))
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
     self._mixed = jax.jit(self._mixed_fn, donate_argnums=(1, 2))
-    self._reset = jax.jit(self._reset_fn, donate_argnums=0)
     self._requests: dict[int, Request] = {}
     self._outputs: dict[int, RequestOutput] = {}
     self._events: dict[int, list[StreamEvent]] = {}
@@ -361,9 +365,11 @@ class Engine:
   def _prefill_fn(self, variables, cache, last, slot, tokens, start, table_row, temperature, top_k,
                   top_p, seeds, counters):
     """tokens [1, C] of slot `slot` at positions start .. start + C - 1; table_row [1, pages].
+    A piece at start 0 (a request's first, after admission or preemption) starts from an empty
+    row: whatever an earlier request left in the slot is cleared in the same call.
     Returns (cache, last with the sample at `slot`, sample [], its log-prob [])."""
     self.num_traces += 1
-    row = _take_row(cache, slot)
+    row = _clear_row_if(start == 0, _take_row(cache, slot))
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, new = self._apply(variables, tokens, positions, row, table_row)
     cache = _put_row(cache, new, slot)
@@ -382,21 +388,15 @@ class Engine:
     cache, last, token, logprob = self._prefill_fn(variables, cache, last, *prefill_args)
     return cache, last, tokens, logprobs, token, logprob
 
-  def _reset_fn(self, cache, slot):
-    """Clears slot `slot` (its pages are cleared by being rewritten before they are read)."""
-    self.num_traces += 1
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x, e: x if _is_pool(path) else jax.lax.dynamic_update_slice_in_dim(x, e, slot, 0),
-        cache, self._empty_row)
-
   # ------------------------------------------------------------------------------------------
   # Host side.
 
   def warmup(self) -> None:
-    """Compiles every step shape (decode, each prefill piece length alone and with a decode,
-    reset) on slot 0.
+    """Compiles every step shape (decode, each prefill piece length alone and with a decode) on
+    slot 0.
 
-    Runs on the scratch page only and clears slot 0 afterwards; call it while the engine is idle.
+    Runs on the scratch page only (slot 0's row is cleared by its next request's first prefill
+    piece); call it while the engine is idle.
     """
     with self._lock:
       if self.scheduler.has_work():
@@ -419,7 +419,6 @@ class Engine:
         self.cache, self.last_tokens, *_ = self._mixed(self.variables, self.cache, self.last_tokens,
                                                        decode_args, prefill_args)
         length //= 2
-      self.cache = self._reset(self.cache, np.int32(0))
       jax.block_until_ready(self.last_tokens)
 
   def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
@@ -461,8 +460,6 @@ class Engine:
     """
     with self._lock:
       schedule = self.scheduler.schedule()
-      for slot in schedule.resets:
-        self.cache = self._reset(self.cache, np.int32(slot))
       results = []  # (request, row, tokens, logprobs): the request's tokens are tokens[..., row]
       pieces = schedule.prefills
       if schedule.decodes and pieces:  # one piece (the scheduler's rule): one call for both

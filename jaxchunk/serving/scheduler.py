@@ -97,7 +97,6 @@ class PrefillPiece:
 class Schedule:
   """The work of one engine step."""
 
-  resets: list[int]                 # slots to clear before anything runs (new admissions)
   decodes: list[Request]
   prefills: list[PrefillPiece]      # at most one when there are decodes
 
@@ -148,7 +147,7 @@ class Scheduler:
 
   def schedule(self) -> Schedule:
     """Admits requests and picks this step's decodes and prefill pieces."""
-    resets = self._admit()
+    self._admit()
     scheduled: set[int] = set()
     decodes: list[Request] = []
     prefills: list[PrefillPiece] = []
@@ -185,7 +184,7 @@ class Scheduler:
       request.num_computed += 1
     for piece in prefills:
       piece.request.num_computed += piece.length
-    return Schedule(resets, decodes, prefills)
+    return Schedule(decodes, prefills)
 
   def extend_decodes(self, decodes: list[Request], extra: int) -> bool:
     """Reserves `extra` more decode tokens for each of `decodes` when that can run now.
@@ -220,8 +219,7 @@ class Scheduler:
     request.status = Status.FINISHED
     request.finish_reason = reason
 
-  def _admit(self) -> list[int]:
-    resets = []
+  def _admit(self) -> None:
     for slot, occupant in enumerate(self.slots):
       if occupant is None and self.waiting:
         request = self.waiting.popleft()
@@ -229,8 +227,6 @@ class Scheduler:
         request.admit_order = self._admissions
         self._admissions += 1
         self.slots[slot] = request
-        resets.append(slot)
-    return resets
 
   def _reserve(self, request: Request, num_tokens: int, scheduled: set[int]) -> bool:
     """Pages for request's first num_tokens positions (with windowed attention, pages before the

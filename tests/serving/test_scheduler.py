@@ -40,7 +40,7 @@ def test_budget_puts_decodes_first_then_one_prefill_piece():
   running = Request(0, [1, 2], params, 0, 0.0, tokens=[1, 2])
   scheduler.add(running)
   first = scheduler.schedule()
-  assert [p.length for p in first.prefills] == [2] and first.resets == [0]
+  assert [p.length for p in first.prefills] == [2] and running.slot == 0
   running.tokens.append(3)
   running.status = running.status.DECODE
   scheduler.add(Request(1, list(range(20)), params, 0, 0.0, tokens=list(range(20))))
