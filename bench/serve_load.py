@@ -21,6 +21,11 @@ steady-state decode TBT, the time per token of a full decode batch, and the base
 column (a steady state has one step time, so p50 is its typical value; its p99 is in the table).
 TBT ratio = a run's TBT p99 / steady TBT p50.
 
+Where a tail comes from: the report counts each run's steps by kind (decodes only, decodes with
+one prefill piece in one call, pieces only) with their wall-time percentiles and lists the slowest
+steps that decoded; `--call-times REPS` also times each jitted call shape alone on the idle engine
+(the host's dispatch, and until its results are ready).
+
 Python's cyclic garbage collector is off while a run or the steady state is timed (collected and
 frozen before): its pauses land on random steps, as in any serving process that does not tune it,
 and would show in the p99 of both schedulers alike.
@@ -52,7 +57,7 @@ from report import versions, write_report
 from serve_decode import RESULTS, VERSIONED, preset_config
 
 # Sizes that --smoke replaces (argument name -> smoke value).
-SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
+SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0, call_times=2,
                   prompt_mean=24, output_mean=8, steady_steps=8)
 
 
@@ -85,12 +90,35 @@ def gc_paused():
     gc.unfreeze()
 
 
+STEP_KINDS = ("decode", "mixed", "prefill")  # decodes only / decodes + one piece / pieces only
+
+
+def step_kind(schedule) -> str | None:
+  """The kind of an engine step from its `Schedule` (None: it ran nothing)."""
+  if schedule.decodes:
+    return "mixed" if schedule.prefills else "decode"
+  return "prefill" if schedule.prefills else None
+
+
+def step_summary(steps: list[dict], slowest: int = 8) -> dict:
+  """Per step kind: count and wall-time p50/p90/p99 (ms); and the `slowest` steps that decoded."""
+  kinds = {}
+  for kind in STEP_KINDS:
+    walls = [s["wall_ms"] for s in steps if s["kind"] == kind]
+    if walls:
+      p50, p90, p99 = np.percentile(walls, [50, 90, 99])
+      kinds[kind] = {"steps": len(walls), "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
+  decoding = sorted((s for s in steps if s["kind"] != "prefill"), key=lambda s: -s["wall_ms"])
+  return {"kinds": kinds, "slowest": decoding[:slowest]}
+
+
 def run(engine: Engine, trace) -> dict:
-  """Replays `trace` against the engine in real time; returns the latency statistics."""
+  """Replays `trace` against the engine in real time; returns the latency statistics and a
+  summary of the steps (`step_summary`: wall time by kind, scheduling and token fetch included)."""
   arrivals, prompts, output_lens = trace
   start = time.perf_counter()
   ids, next_request = [], 0
-  mixed_steps = []  # wall time of the steps that ran decodes and a prefill piece in one call
+  steps = []  # one record per step that ran something
   while next_request < len(prompts) or engine.has_work():
     now = time.perf_counter() - start
     while next_request < len(prompts) and arrivals[next_request] <= now:
@@ -98,11 +126,14 @@ def run(engine: Engine, trace) -> dict:
                                SamplingParams(max_tokens=int(output_lens[next_request]))))
       next_request += 1
     if engine.has_work():
-      mixed = engine.num_mixed_steps
       step_start = time.perf_counter()
       engine.step()
-      if engine.num_mixed_steps > mixed:
-        mixed_steps.append(time.perf_counter() - step_start)
+      wall = time.perf_counter() - step_start
+      schedule = engine.last_schedule
+      if step_kind(schedule):
+        steps.append({"kind": step_kind(schedule), "wall_ms": 1e3 * wall,
+                      "decodes": len(schedule.decodes),
+                      "pieces": [[p.start, p.length] for p in schedule.prefills]})
     else:
       time.sleep(min(1e-3, max(0.0, arrivals[next_request] - now)))
   elapsed = time.perf_counter() - start
@@ -111,11 +142,9 @@ def run(engine: Engine, trace) -> dict:
   tbt = np.concatenate([np.diff(o.token_times) for o in outputs if len(o.token_times) > 1] or [[0]])
   tokens = sum(len(o.tokens) for o in outputs)
   (ttft_p50, ttft_p99), (tbt_p50, tbt_p99) = percentiles_ms(ttft), percentiles_ms(tbt)
-  mixed_p50, mixed_p99 = percentiles_ms(mixed_steps) if mixed_steps else (float("nan"),) * 2
   return {"requests": len(outputs), "output_tokens": tokens, "seconds": elapsed,
           "throughput_tok_s": tokens / elapsed, "ttft_p50_ms": ttft_p50, "ttft_p99_ms": ttft_p99,
-          "tbt_p50_ms": tbt_p50, "tbt_p99_ms": tbt_p99, "mixed_steps": len(mixed_steps),
-          "mixed_step_p50_ms": mixed_p50, "mixed_step_p99_ms": mixed_p99}
+          "tbt_p50_ms": tbt_p50, "tbt_p99_ms": tbt_p99, "steps": step_summary(steps)}
 
 
 def full_step(engine: Engine) -> None:
@@ -150,6 +179,57 @@ def steady_state(engine: Engine, rng, *, prompt_len: int, steps: int, vocab: int
           "tbt_p99_ms": tbt_p99, "throughput_tok_s": slots * steps / elapsed}
 
 
+def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
+  """Host and total time of each jitted call shape alone, on an idle engine: a decode of every slot
+  at `position`, and each prefill piece length at `position` alone and with that decode.
+
+  dispatch ms: until the call returns (the host's part: argument transfers and kernel launches);
+  total ms: until its results are ready (medians of `reps`). Runs on the scratch page and slot 1
+  (whose row its next request's first prefill piece clears).
+  """
+  slots = engine.config.num_slots
+  zeros = np.zeros((slots,), np.int32)
+  table = engine._table() * 0
+  decode_args = (zeros, np.zeros((slots,), bool), np.full((slots,), position, np.int32), table,
+                 np.ones((slots,), bool), *engine._sampling_arrays([None] * slots))
+
+  def prefill_args(length):
+    return (np.int32(min(1, slots - 1)), np.zeros((1, length), np.int32), np.int32(position),
+            table[:1], *engine._sampling_arrays([None]))
+
+  def call(kind, length):
+    if kind == "decode":
+      out = engine._decode(engine.variables, engine.cache, engine.last_tokens, *decode_args)
+    elif kind == "prefill":
+      out = engine._prefill(engine.variables, engine.cache, engine.last_tokens,
+                            *prefill_args(length))
+    else:
+      out = engine._mixed(engine.variables, engine.cache, engine.last_tokens, decode_args,
+                          prefill_args(length))
+    engine.cache, engine.last_tokens = out[:2]
+
+  shapes = [("decode", None)]
+  length = engine.config.chunk_size
+  while length >= 1:
+    shapes += [("prefill", length), ("mixed", length)]
+    length //= 2
+  times = {}
+  for kind, length in shapes:
+    dispatch, total = [], []
+    for _ in range(reps + 1):  # the first is untimed
+      jax.block_until_ready(engine.last_tokens)
+      start = time.perf_counter()
+      call(kind, length)
+      returned = time.perf_counter()
+      jax.block_until_ready(engine.last_tokens)
+      dispatch.append(returned - start)
+      total.append(time.perf_counter() - start)
+    name = kind if length is None else f"{kind} {length}"
+    times[name] = {"dispatch_ms": 1e3 * float(np.median(dispatch[1:])),
+                   "total_ms": 1e3 * float(np.median(total[1:]))}
+  return times
+
+
 def measure(args) -> dict:
   """Builds the model and the trace; runs the steady state and each scheduler on the trace."""
   config = preset_config(args.preset, smoke=args.smoke)
@@ -168,6 +248,9 @@ def measure(args) -> dict:
     engine.warmup()
     print(f"{name}: warm-up (compilation) {time.perf_counter() - start:.1f} s", flush=True)
     traces = engine.num_traces
+    if name == "chunked" and args.call_times:
+      results["calls"] = call_times(engine, position=min(int(args.prompt_mean), args.max_len // 2),
+                                    reps=args.call_times)
     if name == "chunked":
       with gc_paused():
         results["steady"] = steady_state(
@@ -182,23 +265,40 @@ def measure(args) -> dict:
 
 
 def render(results: dict) -> str:
-  """The markdown table: steady state, then each trace run; TBT p99 relative to steady TBT p50."""
+  """The markdown tables: steady state and each trace run (TBT p99 relative to steady TBT p50);
+  the steps of each run by kind, the slowest decoding steps of the chunked run, and the call
+  times when measured."""
   steady = results["steady"]
   base = steady["tbt_p50_ms"]
+  runs = [name for name in ("chunked", "prefill_first") if name in results]
   lines = ["| run | TTFT p50 ms | TTFT p99 ms | TBT p50 ms | TBT p99 ms | TBT p99 / steady p50 | "
-           "output tokens/s | mixed steps | mixed step ms p50 / p99 |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+           "output tokens/s |",
+           "|---|---:|---:|---:|---:|---:|---:|",
            f"| steady decode ({steady['slots']} slots, {steady['prompt']}-token prompts) | | | "
            f"{steady['tbt_p50_ms']:.2f} | {steady['tbt_p99_ms']:.2f} | "
-           f"{steady['tbt_p99_ms'] / base:.2f}x | {steady['throughput_tok_s']:,.0f} | | |"]
-  for name in ("chunked", "prefill_first"):
-    if name in results:
-      r = results[name]
-      mixed = (f"{r['mixed_steps']} | {r['mixed_step_p50_ms']:.2f} / {r['mixed_step_p99_ms']:.2f}"
-               if r["mixed_steps"] else "0 | |")
-      lines.append(f"| {name.replace('_', '-')} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
-                   f"{r['tbt_p50_ms']:.2f} | {r['tbt_p99_ms']:.2f} | {r['tbt_p99_ms'] / base:.2f}x | "
-                   f"{r['throughput_tok_s']:,.0f} | {mixed} |")
+           f"{steady['tbt_p99_ms'] / base:.2f}x | {steady['throughput_tok_s']:,.0f} |"]
+  for name in runs:
+    r = results[name]
+    lines.append(f"| {name.replace('_', '-')} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+                 f"{r['tbt_p50_ms']:.2f} | {r['tbt_p99_ms']:.2f} | {r['tbt_p99_ms'] / base:.2f}x | "
+                 f"{r['throughput_tok_s']:,.0f} |")
+  lines += ["", "Steps by kind (decode: decodes only; mixed: decodes and one prefill piece in one "
+            "call; prefill: pieces only); wall time per step, scheduling and token fetch included:",
+            "", "| run | kind | steps | ms p50 | ms p90 | ms p99 |", "|---|---|---:|---:|---:|---:|"]
+  for name in runs:
+    for kind, k in results[name]["steps"]["kinds"].items():
+      lines.append(f"| {name.replace('_', '-')} | {kind} | {k['steps']} | {k['p50_ms']:.2f} | "
+                   f"{k['p90_ms']:.2f} | {k['p99_ms']:.2f} |")
+  if "chunked" in results:
+    lines += ["", "Slowest steps that decoded (chunked): " + "; ".join(
+        f"{s['wall_ms']:.2f} ms ({s['decodes']} decodes, pieces (start, length) "
+        f"{[tuple(p) for p in s['pieces']]})" for s in results["chunked"]["steps"]["slowest"])]
+  if "calls" in results:
+    lines += ["", "Each jitted call alone on an idle engine (`--call-times`; medians): dispatch = "
+              "until the call returns, total = until its results are ready.", "",
+              "| call | dispatch ms | total ms |", "|---|---:|---:|"]
+    lines += [f"| {name} | {t['dispatch_ms']:.3f} | {t['total_ms']:.3f} |"
+              for name, t in results["calls"].items()]
   return "\n".join(lines)
 
 
@@ -220,6 +320,8 @@ def main(argv=None) -> str:
   parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also run the prefill-first scheduler on the same trace")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--call-times", type=int, default=0, metavar="REPS",
+                      help="also time each jitted call shape alone, REPS times (0: skip)")
   parser.add_argument("--out", default=RESULTS, help="folder of the report")
   args = parser.parse_args(argv)
   if args.smoke:
@@ -242,8 +344,7 @@ def main(argv=None) -> str:
             f"{args.page_size}; {args.requests} requests, Poisson {args.rate:g}/s, exponential "
             f"prompt (mean {args.prompt_mean:g}) and output (mean {args.output_mean:g}) lengths. "
             f"Steady decode: all slots decoding, no arrivals (its TBT p50 is the base of the "
-            f"ratio). Mixed steps: steps that decoded and ran a prefill piece in one call (their "
-            f"wall time, scheduling and token fetch included).\n\n{render(results)}\n\n"
+            f"ratio).\n\n{render(results)}\n\n"
             f"TBT p99 under arrivals / steady TBT p50: {ratios} (target for chunked <= 1.5x).\n")
   print("\n" + report, flush=True)
   return write_report(args.out, f"serve_load-{results['date']}{'-smoke' if args.smoke else ''}",

@@ -50,7 +50,7 @@ from jaxchunk.models.mor import MoRConfig, init_mor_cache
 from jaxchunk.ops.rat import RATState
 from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables
 from jaxchunk.serving.sampling import SamplingParams, sample_tokens
-from jaxchunk.serving.scheduler import PrefillPiece, Request, Scheduler, Status
+from jaxchunk.serving.scheduler import PrefillPiece, Request, Schedule, Scheduler, Status
 
 _POOL_KEYS = ("k_pages", "v_pages")
 # RAT's chunk-summary buffers. A decode step writes a row's buffer only at the slot of the chunk in
@@ -288,6 +288,7 @@ class Engine:
     self.num_traces = 0
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
     self.num_mixed_steps = 0  # jitted calls that ran a decode and a prefill piece together
+    self.last_schedule: Schedule | None = None  # the latest step's work (for monitoring)
     self.last_tokens = jnp.zeros((config.num_slots,), jnp.int32)  # each slot's latest sample
     # The previous step's results, not fetched yet: (request, row, tokens, logprobs) as `_process`.
     self._pending: list[tuple[Request, int | None, jax.Array, jax.Array]] = []
@@ -459,7 +460,7 @@ class Engine:
     device). A step with nothing to run only fetches.
     """
     with self._lock:
-      schedule = self.scheduler.schedule()
+      schedule = self.last_schedule = self.scheduler.schedule()
       results = []  # (request, row, tokens, logprobs): the request's tokens are tokens[..., row]
       pieces = schedule.prefills
       if schedule.decodes and pieces:  # one piece (the scheduler's rule): one call for both

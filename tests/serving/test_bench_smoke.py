@@ -73,7 +73,21 @@ def test_serve_load_smoke(tmp_path):
                     "throughput_tok_s", "seconds")
     assert run["ttft_p50_ms"] <= run["ttft_p99_ms"] and run["tbt_p50_ms"] <= run["tbt_p99_ms"]
     assert f"| {name.replace('_', '-')} |" in report
-  assert results["chunked"]["mixed_steps"] > 0 and results["prefill_first"]["mixed_steps"] == 0
-  assert_positive(results["chunked"], "mixed_step_p50_ms", "mixed_step_p99_ms")
+  # Chunked prefill runs decodes and a piece in one call; prefill-first never does.
+  kinds = {name: results[name]["steps"]["kinds"] for name in ("chunked", "prefill_first")}
+  assert {"decode", "mixed"} <= set(kinds["chunked"]) and "mixed" not in kinds["prefill_first"]
+  for summary in kinds.values():
+    for kind in summary.values():
+      assert kind["steps"] > 0 and 0 < kind["p50_ms"] <= kind["p90_ms"] <= kind["p99_ms"]
+  slowest = results["chunked"]["steps"]["slowest"]
+  assert slowest and all(s["decodes"] > 0 for s in slowest)
+  assert [s["wall_ms"] for s in slowest] == sorted((s["wall_ms"] for s in slowest), reverse=True)
+  # --call-times (smoke: 2 reps): the decode, and every piece length (chunk 4) alone and mixed.
+  calls = results["calls"]
+  assert list(calls) == ["decode", "prefill 4", "mixed 4", "prefill 2", "mixed 2", "prefill 1",
+                         "mixed 1"]
+  for times in calls.values():
+    assert 0 < times["dispatch_ms"] <= times["total_ms"]
+  assert "| mixed 4 |" in report and "| chunked | mixed |" in report
   # Both runs replay one trace: same requests, same greedy lengths.
   assert results["chunked"]["output_tokens"] == results["prefill_first"]["output_tokens"]
