@@ -57,8 +57,8 @@ from report import versions, write_report
 from serve_decode import RESULTS, VERSIONED, preset_config
 
 # Sizes that --smoke replaces (argument name -> smoke value).
-SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0, call_times=2,
-                  prompt_mean=24, output_mean=8, steady_steps=8)
+SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
+                  prompt_mean=24, output_mean=8, steady_steps=8, call_times=2)
 
 
 def make_trace(rng, args, vocab: int):
@@ -130,8 +130,9 @@ def run(engine: Engine, trace) -> dict:
       engine.step()
       wall = time.perf_counter() - step_start
       schedule = engine.last_schedule
-      if step_kind(schedule):
-        steps.append({"kind": step_kind(schedule), "wall_ms": 1e3 * wall,
+      kind = step_kind(schedule)
+      if kind:
+        steps.append({"kind": kind, "wall_ms": 1e3 * wall,
                       "decodes": len(schedule.decodes),
                       "pieces": [[p.start, p.length] for p in schedule.prefills]})
     else:
@@ -284,7 +285,8 @@ def render(results: dict) -> str:
                  f"{r['throughput_tok_s']:,.0f} |")
   lines += ["", "Steps by kind (decode: decodes only; mixed: decodes and one prefill piece in one "
             "call; prefill: pieces only); wall time per step, scheduling and token fetch included:",
-            "", "| run | kind | steps | ms p50 | ms p90 | ms p99 |", "|---|---|---:|---:|---:|---:|"]
+            "", "| run | kind | steps | ms p50 | ms p90 | ms p99 |",
+            "|---|---|---:|---:|---:|---:|"]
   for name in runs:
     for kind, k in results[name]["steps"]["kinds"].items():
       lines.append(f"| {name.replace('_', '-')} | {kind} | {k['steps']} | {k['p50_ms']:.2f} | "

@@ -202,7 +202,8 @@ def init_engine_cache(config: ModelConfig | MoRConfig, engine_config: EngineConf
       layers.append(init_rat_cache(config, slots, max_len, dtype))
     else:
       layers.append(init_linear_attention_cache(config, kind, slots, max_len, dtype))
-  # Distinct buffers for every leaf (the step functions donate the cache; empty caches are zeros).
+  # Distinct buffers for every leaf (the step functions donate the cache). Every leaf of an empty
+  # cache is zeros: `_clear_row_if` empties a slot's row by zeroing it.
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                       _per_slot_rat_lengths(tuple(layers), slots))
 
