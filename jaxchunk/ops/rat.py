@@ -555,6 +555,14 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
   return o, final
 
 
+def scatter_slots(x, slot, size: int, fill):
+  """x [B, T, ...] written into a new [B, size, ...] buffer of `fill` at slot [B, T] int (slots
+  >= size are dropped): e.g. the aggregates at the tokens that end a chunk, in token order."""
+  rows = jnp.arange(x.shape[0])[:, None]
+  return jnp.full((x.shape[0], size) + x.shape[2:], fill, x.dtype).at[rows, slot].set(
+      x, mode="drop")
+
+
 def _document_positions(starts, length):
   """Each token's document, that document's first token and the token's position in it.
 
@@ -620,14 +628,11 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
                                              state.v_run)
 
   m = -(-t // c)  # chunks completed by the new tokens, at most
-  rows = jnp.arange(b)[:, None]
   ends = (pos + 1) % c == 0  # the token completes chunk `chunk` of its document
   before = jnp.cumsum(ends, axis=1, dtype=jnp.int32) - ends  # summaries before each token
-  slot = jnp.where(ends, before, m)
-  gather = lambda x, fill: jnp.full((b, m) + x.shape[2:], fill, x.dtype).at[rows, slot].set(
-      x, mode="drop")
-  k_new, v_new = gather(k_agg, 0), gather(v_agg, 0)  # [B, M, Hk, D]
-  new_chunk, new_doc = gather(chunk, _NEVER), gather(doc, -1)  # [B, M]
+  gather = functools.partial(scatter_slots, slot=jnp.where(ends, before, m), size=m)
+  k_new, v_new = gather(k_agg, fill=0), gather(v_agg, fill=0)  # [B, M, Hk, D]
+  new_chunk, new_doc = gather(chunk, fill=_NEVER), gather(doc, fill=-1)  # [B, M]
 
   if kernel_dtype is None:
     k_sum, v_sum, sum_chunk, sum_doc = k_new, v_new, new_chunk, new_doc
@@ -668,6 +673,7 @@ def _rat_xla_documents(q, k, v, f, state: RATState, starts, scale, *, chunk_size
   n = state.k_chunks.shape[1]
   dst = jnp.where(new_doc == last_doc, new_chunk, n)  # out of bounds: dropped
   restarted = (last_doc > 0)[:, :, None, None]
+  rows = jnp.arange(b)[:, None]
   put = lambda old, new: jnp.where(restarted, 0, old).at[rows, dst].set(new.astype(old.dtype),
                                                                         mode="drop")
   final = RATState(put(state.k_chunks, k_new), put(state.v_chunks, v_new), k_last, v_last,

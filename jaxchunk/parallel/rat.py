@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxchunk.ops._common import (check_qkv, check_segment_ids, check_shape, compute_dtype,
                                   document_starts)
-from jaxchunk.ops.rat import RATState, document_aggregates, rat
+from jaxchunk.ops.rat import RATState, document_aggregates, rat, scatter_slots
 from jaxchunk.parallel.halo import halo_shard
 from jaxchunk.parallel.linear_scan import entering_states, segment_documents, split_segments
 from jaxchunk.parallel.mesh import (check_divisible, check_layout, local_segments,
@@ -126,18 +126,16 @@ def _rat_documents_shard(q, k, v, f, segment_ids, *, axis_name: str, layout: str
   m = ts // c + 1  # summaries a segment can hold
   ends = (pos + 1) % c == 0
   slot = jnp.where(ends, jnp.cumsum(ends, axis=1) - 1, m)
-  rows = jnp.arange(segments * b)[:, None]
-  gather_local = lambda x, fill: jnp.full((segments * b, m) + x.shape[2:], fill, x.dtype).at[
-      rows, slot].set(x, mode="drop")
+  gather_local = functools.partial(scatter_slots, slot=slot, size=m)
   order = np.argsort(segment_table(n, layout).reshape(-1))
 
   def gather(x):  # [S*B, m, ...] -> [B, n*S*m, ...] in sequence order
     x = lax.all_gather(x.reshape((segments, b, m) + x.shape[2:]), axis_name, tiled=True)[order]
     return jnp.swapaxes(x, 0, 1).reshape((b, n * segments * m) + x.shape[3:])
 
-  k_all, v_all = gather(gather_local(k_agg, 0)), gather(gather_local(v_agg, 0))
-  chunk_all = gather(gather_local(pos // c, -1))
-  doc_all = gather(gather_local(doc, -1))
+  k_all, v_all = gather(gather_local(k_agg, fill=0)), gather(gather_local(v_agg, fill=0))
+  chunk_all = gather(gather_local(pos // c, fill=-1))
+  doc_all = gather(gather_local(doc, fill=-1))
 
   # Each segment continues its entering document: that document's summaries in slots = their
   # chunk (later ones are ignored by the op: they sit at or past the entering position's chunk).
@@ -147,10 +145,8 @@ def _rat_documents_shard(q, k, v, f, segment_ids, *, axis_name: str, layout: str
     piece = lambda x: lax.slice_in_dim(x, s * ts, (s + 1) * ts, axis=1)
     at = lambda x: x[s * b:(s + 1) * b]
     mine = doc_all == at(doc)[:, :1]
-    dst = jnp.where(mine, chunk_all, capacity)
-    state_rows = jnp.arange(b)[:, None]
-    put = lambda x: jnp.zeros((b, capacity, hk, d), x.dtype).at[state_rows, dst].set(
-        x, mode="drop")
+    put = functools.partial(scatter_slots, slot=jnp.where(mine, chunk_all, capacity),
+                            size=capacity, fill=0)
     state = RATState(put(k_all), put(v_all), at(k_in), at(v_in), at(pos)[:, 0])
 
     def one_row(q, k, v, f, ids, state):
