@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxchunk.ops._common import check_segment_ids
+from jaxchunk.ops._common import check_segment_ids, document_starts
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
@@ -42,8 +42,7 @@ def causal_conv(x: jax.Array, kernel: jax.Array, history: jax.Array, ids: jax.Ar
   padded = jnp.concatenate([history, x], axis=-2)
   tap = lambda j: lax.slice_in_dim(padded, j, j + t, axis=-2)
   if ids is not None:
-    starts = lax.slice_in_dim(ids, 1, None, axis=-1) != lax.slice_in_dim(ids, 0, -1, axis=-1)
-    doc = jnp.cumsum(jnp.pad(starts, [(0, 0)] * (ids.ndim - 1) + [(1, 0)]), axis=-1)
+    doc = jnp.cumsum(document_starts(ids), axis=-1)
     doc_at = lambda j: lax.slice_in_dim(doc, j, j + t, axis=-1)
     read = tap
     tap = lambda j: jnp.where((doc_at(j) == doc_at(taps - 1))[..., None], read(j), 0)

@@ -152,14 +152,14 @@ def check_segment_ids(segment_ids, b: int, t: int) -> None:
 
 
 def document_starts(segment_ids):
-  """segment_ids [B, T] int -> starts [B, T] bool, True at each t > 0 whose id differs from that of
-  t - 1: a new document begins there and the recurrent state is reset to zero before token t.
+  """segment_ids [..., T] int -> starts [..., T] bool, True at each t > 0 whose id differs from that
+  of t - 1: a new document begins there and the recurrent state is reset to zero before token t.
 
   t = 0 is never a start: the row's first document continues from the initial state. Only changes
   between neighbours count, so equal ids in two separate runs are two documents.
   """
-  changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(changed, ((0, 0), (1, 0)))
+  changed = segment_ids[..., 1:] != segment_ids[..., :-1]
+  return jnp.pad(changed, ((0, 0),) * (segment_ids.ndim - 1) + ((1, 0),))
 
 
 def reset_state(state, start):
