@@ -3,10 +3,12 @@
   python bench/paged_decode.py                 # contexts 4K/32K/128K x batch 1/16/64
   python bench/paged_decode.py --quick         # 32K context, batch 16 only
   python bench/paged_decode.py --out DIR       # report folder (default bench/results)
+  python bench/paged_decode.py --heads 16,16,64 --window 512 --cases 4096x16,4096x64
+      # the local layers of rat_local_350m (window-512 MHA, D=64) at 4K context
 
-One decode token per row attends to its whole context in a paged KV pool (H=32 query heads, Hk=8
-kv heads, D=128, bf16, pages of 64 tokens, each row's pages scattered over the pool in random
-order). Methods, jitted:
+One decode token per row attends to its whole context (or, with --window W, its last W tokens) in
+a paged KV pool (default H=32 query heads, Hk=8 kv heads, D=128; bf16, pages of 64 tokens, each
+row's pages scattered over the pool in random order). Methods, jitted:
 
   pallas  jaxchunk.ops.paged_decode_attention(impl="pallas"): pallas_kernels/gpu/paged_attention.py
   xla     the same op with impl="xla" (gathers the pages into a contiguous copy, then attends);
@@ -14,8 +16,9 @@ order). Methods, jitted:
   cudnn   jax.nn.dot_product_attention(implementation="cudnn") on a contiguous (not paged) cache
           of the same size: the dense reference a paged kernel is measured against
 
-Bytes: the keys and values each row must read (batch * context * Hk * D * 2 bytes * 2); the query
-and output are negligible. The copy rate is the measured bandwidth of a 4 GiB device-to-device
+Bytes: the keys and values each row must read (batch * min(context, window) * Hk * D * 2 bytes
+* 2); the query and output are negligible. With a window, cuDNN attends to the same number of
+keys (a dense cache of the window's length). The copy rate is the measured bandwidth of a 4 GiB device-to-device
 `x + 1` (read + write) on the same GPU; the kernel's share of it is the headline figure (the issue's
 target: >= 70% at 32K context).
 
@@ -40,9 +43,8 @@ from jaxchunk.ops.paged_attention import paged_decode_attention
 from report import versions, write_report
 from timing import median_seconds
 
-HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 64
-CONTEXTS = (4096, 32768, 131072)
-BATCHES = (1, 16, 64)
+PAGE = 64
+CASES = tuple((b, c) for c in (4096, 32768, 131072) for b in (1, 16, 64))
 XLA_MAX_TOKENS = 1 << 20
 LOOP_CALLS = 40
 
@@ -54,17 +56,18 @@ def copy_bandwidth() -> float:
   return 2 * x.nbytes / seconds
 
 
-def paged_inputs(batch: int, context: int, seed: int = 0):
+def paged_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int,
+                 seed: int = 0):
   """q [B, H, D], pools [P, PAGE, Hk, D], page_table [B, W] (a random permutation), lengths [B]."""
   key = jax.random.PRNGKey(seed)
   kq, kk, kv = jax.random.split(key, 3)
   pages_per_row = context // PAGE
   num_pages = batch * pages_per_row
-  pool_shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
+  pool_shape = (num_pages, PAGE, kv_heads, head_dim)
   k_pages = jax.random.normal(kk, pool_shape, jnp.bfloat16)
   v_pages = jax.random.normal(kv, pool_shape, jnp.bfloat16)
   table = np.random.default_rng(seed).permutation(num_pages).reshape(batch, pages_per_row)
-  q = jax.random.normal(kq, (batch, HEADS, HEAD_DIM), jnp.bfloat16)
+  q = jax.random.normal(kq, (batch, heads, head_dim), jnp.bfloat16)
   lengths = jnp.full((batch,), context, jnp.int32)
   return q, k_pages, v_pages, jnp.asarray(table, jnp.int32), lengths
 
@@ -85,17 +88,22 @@ def device_ms(fn, q, *rest) -> float:
   return 1e3 * median_seconds(loop, q, *rest, repeats=5, warmup=1) / LOOP_CALLS
 
 
-def bench_case(batch: int, context: int) -> dict:
-  q, k_pages, v_pages, table, lengths = paged_inputs(batch, context)
+def bench_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int,
+               window: int | None) -> dict:
+  q, k_pages, v_pages, table, lengths = paged_inputs(batch, context, heads, kv_heads, head_dim)
   times = {}
-  times["pallas"] = device_ms(lambda q, *a: paged_decode_attention(q, *a, impl="pallas"),
-                             q, k_pages, v_pages, table, lengths)
+  times["pallas"] = device_ms(
+      lambda q, *a: paged_decode_attention(q, *a, window=window, impl="pallas"),
+      q, k_pages, v_pages, table, lengths)
   times["xla"] = None if batch * context > XLA_MAX_TOKENS else time_ms(
-      lambda *a: paged_decode_attention(*a, impl="xla"), q, k_pages, v_pages, table, lengths)
+      lambda *a: paged_decode_attention(*a, window=window, impl="xla"),
+      q, k_pages, v_pages, table, lengths)
   # The dense reference reads the same bytes from a contiguous cache (here: the pool itself,
-  # viewed as [B, context, Hk, D]; its order does not matter for the timing).
-  k = k_pages.reshape(batch, context, KV_HEADS, HEAD_DIM)
-  v = v_pages.reshape(batch, context, KV_HEADS, HEAD_DIM)
+  # viewed as [B, context, Hk, D], its last `window` keys with a window; the pool's order does
+  # not matter for the timing).
+  seen = context if window is None else min(window, context)
+  k = k_pages.reshape(batch, context, kv_heads, head_dim)[:, context - seen:]
+  v = v_pages.reshape(batch, context, kv_heads, head_dim)[:, context - seen:]
   dense = lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v,
                                                        implementation="cudnn")[:, 0]
   try:
@@ -113,18 +121,26 @@ def fmt(ms) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="32K context, batch 16 only")
+  parser.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
+  parser.add_argument("--window", type=int, default=None, help="sliding window (keys per query)")
+  parser.add_argument("--cases", default=None,
+                      help="CONTEXTxBATCH,... (default: 4K/32K/128K x batch 1/16/64)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results"))
   args = parser.parse_args()
-  cases = [(16, 32768)] if args.quick else [(b, c) for c in CONTEXTS for b in BATCHES]
+  heads, kv_heads, head_dim = (int(n) for n in args.heads.split(","))
+  cases = [(16, 32768)] if args.quick else CASES
+  if args.cases:
+    cases = [tuple(int(n) for n in case.split("x"))[::-1] for case in args.cases.split(",")]
   peak = copy_bandwidth()
   print(f"copy bandwidth: {peak / 1e12:.2f} TB/s", flush=True)
   header = ("| context | batch | KV MiB | pallas ms | xla ms | cuDNN (dense) ms | pallas TB/s "
             "| pallas % of copy rate | cuDNN TB/s |\n|---|---|---|---|---|---|---|---|---|")
   lines = []
   for batch, context in cases:
-    times = bench_case(batch, context)
-    kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
+    times = bench_case(batch, context, heads, kv_heads, head_dim, args.window)
+    seen = context if args.window is None else min(args.window, context)
+    kv_bytes = batch * seen * kv_heads * head_dim * 2 * 2
     rate = lambda ms: None if ms is None else kv_bytes / (ms * 1e-3)
     pallas_rate, cudnn_rate = rate(times["pallas"]), rate(times["cudnn"])
     line = (f"| {context} | {batch} | {kv_bytes / 2**20:.0f} | {fmt(times['pallas'])} "
@@ -134,11 +150,14 @@ def main():
     print(line, flush=True)
     lines.append(line)
   date = datetime.date.today().isoformat()
-  report = (f"# Paged decode attention, H={HEADS} Hk={KV_HEADS} D={HEAD_DIM} bf16, pages of {PAGE}"
+  window = "" if args.window is None else f", window {args.window}"
+  report = (f"# Paged decode attention, H={heads} Hk={kv_heads} D={head_dim}{window} bf16, "
+            f"pages of {PAGE}"
             f"\n\n{date}; {versions('jax', 'jaxlib')}; "
             f"measured copy rate {peak / 1e12:.2f} TB/s\n\n" + "\n".join([header] + lines) + "\n")
   print("\n" + report)
-  write_report(args.out, f"paged_decode-{date}{'-quick' if args.quick else ''}", report)
+  suffix = ("-quick" if args.quick else "") + ("" if args.window is None else f"-w{args.window}")
+  write_report(args.out, f"paged_decode-{date}{suffix}", report)
 
 
 if __name__ == "__main__":

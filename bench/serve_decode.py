@@ -105,8 +105,7 @@ def dispatch_decode(engine: Engine, running, many: bool) -> None:
   """Dispatches the engine's jitted decode (`many`: its multi-step decode) for the `running`
   requests without recording anything (their positions do not advance)."""
   decode = engine._decode_many if many else engine._decode
-  engine.cache, engine.last_tokens, *_ = decode(engine.variables, engine.cache, engine.last_tokens,
-                                                *engine._decode_args(running))
+  engine._run(decode, engine._decode_args(running))
 
 
 def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,

@@ -200,14 +200,11 @@ def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
 
   def call(kind, length):
     if kind == "decode":
-      out = engine._decode(engine.variables, engine.cache, engine.last_tokens, *decode_args)
+      engine._run(engine._decode, decode_args)
     elif kind == "prefill":
-      out = engine._prefill(engine.variables, engine.cache, engine.last_tokens,
-                            *prefill_args(length))
+      engine._run(engine._prefill, prefill_args(length))
     else:
-      out = engine._mixed(engine.variables, engine.cache, engine.last_tokens, decode_args,
-                          prefill_args(length))
-    engine.cache, engine.last_tokens = out[:2]
+      engine._run(engine._mixed, decode_args, prefill_args(length))
 
   shapes = [("decode", None)]
   length = engine.config.chunk_size

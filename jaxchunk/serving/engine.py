@@ -21,6 +21,10 @@ with kv_strategy "share_first" only the first recursion's). Jitted functions upd
   steps that have both: such a step costs one dispatch, and its device time is the decode's plus
   the piece's with nothing in between.
 
+A step's host arguments (tokens, positions, page tables, sampling parameters: 10 to 19 small
+arrays) travel to the device as one int32 vector (`_pack`), cut back into arrays inside the jitted
+function: each separate argument costs a transfer (~40 us on an H100 host).
+
 All sample the next token on device (`sampling.sample_tokens`) and keep each slot's latest sampled
 token in a device array (`last_tokens` [num_slots]) that a decode reads its input token from, so
 the host need not have fetched it. A step dispatches its calls, then fetches and records the
@@ -250,6 +254,47 @@ def _select_rows(active, new, old):
   return jax.tree_util.tree_map_with_path(select, new, old)
 
 
+def _pack(groups) -> tuple[np.ndarray, tuple]:
+  """Host arrays (tuples of int32 / uint32 / float32 / bool arrays or scalars) -> (one int32
+  vector of all their bits, the layout that `_unpack` cuts it back by).
+
+  A jitted call transfers each host argument separately (~40 us each on an H100 host); a step
+  has 10 to 19 of them, so they travel as one.
+  """
+  arrays = [np.asarray(a) for group in groups for a in group]
+  layout = tuple(tuple((np.shape(a), np.asarray(a).dtype.name) for a in group) for group in groups)
+  bits = []
+  for a in arrays:
+    a = a.astype(np.int32) if a.dtype == np.bool_ else a
+    if a.dtype.itemsize != 4:
+      raise ValueError(f"host arguments must have 4-byte dtypes or bool, got {a.dtype}")
+    bits.append(np.ascontiguousarray(a).reshape(-1).view(np.int32))
+  return np.concatenate(bits), layout
+
+
+def _unpack(packed, layout) -> list[tuple]:
+  """The argument groups of `_pack` from its int32 vector (in a jitted function)."""
+  groups, offset = [], 0
+  for group in layout:
+    arrays = []
+    for shape, dtype in group:
+      size = int(np.prod(shape, dtype=np.int64))
+      bits = packed[offset:offset + size].reshape(shape)
+      offset += size
+      arrays.append(bits != 0 if dtype == "bool"
+                    else jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype)))
+    groups.append(tuple(arrays))
+  return groups
+
+
+def _jit_packed(step):
+  """jax.jit of `step(variables, cache, last, *groups)` (groups: tuples of arrays) as a function
+  of (variables, cache, last, packed, layout) with `_pack`'s outputs; cache and last donated."""
+  return jax.jit(lambda variables, cache, last, packed, layout:
+                 step(variables, cache, last, *_unpack(packed, layout)),
+                 static_argnums=4, donate_argnums=(1, 2))
+
+
 class Engine:
   """Continuous-batching generation for a `LanguageModel` or a `MoRLanguageModel`.
 
@@ -293,10 +338,12 @@ class Engine:
     self.last_tokens = jnp.zeros((config.num_slots,), jnp.int32)  # each slot's latest sample
     # The previous step's results, not fetched yet: (request, row, tokens, logprobs) as `_process`.
     self._pending: list[tuple[Request, int | None, jax.Array, jax.Array]] = []
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
-    self._decode_many = jax.jit(self._decode_many_fn, donate_argnums=(1, 2))
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
-    self._mixed = jax.jit(self._mixed_fn, donate_argnums=(1, 2))
+    # The jitted steps, each called through `_run` with its host arrays packed (`_pack`).
+    self._decode = _jit_packed(lambda v, c, last, args: self._decode_fn(v, c, last, *args))
+    self._decode_many = _jit_packed(
+        lambda v, c, last, args: self._decode_many_fn(v, c, last, *args))
+    self._prefill = _jit_packed(lambda v, c, last, args: self._prefill_fn(v, c, last, *args))
+    self._mixed = _jit_packed(self._mixed_fn)
     self._requests: dict[int, Request] = {}
     self._outputs: dict[int, RequestOutput] = {}
     self._events: dict[int, list[StreamEvent]] = {}
@@ -406,20 +453,17 @@ class Engine:
       slots = self.config.num_slots
       zeros = np.zeros((slots,), np.int32)
       for decode in [self._decode] + [self._decode_many] * (self.config.decode_steps > 1):
-        self.cache, self.last_tokens, *_ = decode(
-            self.variables, self.cache, self.last_tokens, zeros, np.zeros((slots,), bool), zeros,
-            self._table(), np.ones((slots,), bool), *self._sampling_arrays([None] * slots))
+        self._run(decode, (zeros, np.zeros((slots,), bool), zeros, self._table(),
+                           np.ones((slots,), bool), *self._sampling_arrays([None] * slots)))
       inactive = np.zeros((slots,), bool)
       length = self.config.chunk_size
       while length >= 1:
         prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
                         self._table()[:1] * 0, *self._sampling_arrays([None]))
-        self.cache, self.last_tokens, *_ = self._prefill(self.variables, self.cache,
-                                                         self.last_tokens, *prefill_args)
+        self._run(self._prefill, prefill_args)
         decode_args = (zeros, inactive, zeros, self._table(), inactive,
                        *self._sampling_arrays([None] * slots))
-        self.cache, self.last_tokens, *_ = self._mixed(self.variables, self.cache, self.last_tokens,
-                                                       decode_args, prefill_args)
+        self._run(self._mixed, decode_args, prefill_args)
         length //= 2
       jax.block_until_ready(self.last_tokens)
 
@@ -468,9 +512,8 @@ class Engine:
         (piece,) = pieces
         pieces = []
         self.num_mixed_steps += 1
-        self.cache, self.last_tokens, tokens, logprobs, token, logprob = self._mixed(
-            self.variables, self.cache, self.last_tokens, self._decode_args(schedule.decodes),
-            self._prefill_args(piece))
+        tokens, logprobs, token, logprob = self._run(
+            self._mixed, self._decode_args(schedule.decodes), self._prefill_args(piece))
         results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
         if piece.completes:
           results.append((piece.request, None, token, logprob))
@@ -478,12 +521,10 @@ class Engine:
         many = self.scheduler.extend_decodes(schedule.decodes, self.config.decode_steps - 1)
         decode = self._decode_many if many else self._decode
         self.num_multi_step_decodes += many
-        self.cache, self.last_tokens, tokens, logprobs = decode(
-            self.variables, self.cache, self.last_tokens, *self._decode_args(schedule.decodes))
+        tokens, logprobs = self._run(decode, self._decode_args(schedule.decodes))
         results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
       for piece in pieces:
-        self.cache, self.last_tokens, token, logprob = self._prefill(
-            self.variables, self.cache, self.last_tokens, *self._prefill_args(piece))
+        token, logprob = self._run(self._prefill, self._prefill_args(piece))
         if piece.completes:
           results.append((piece.request, None, token, logprob))
       for request, _, tokens, _ in results:
@@ -572,6 +613,15 @@ class Engine:
     if any(t >= vocab for t in params.stop_tokens):
       raise ValueError(f"stop_tokens must lie in [0, {vocab})")
     return prompt
+
+  def _run(self, step, *groups):
+    """Runs a jitted step (`_decode`, `_decode_many`, `_prefill`, `_mixed`) on its host
+    arguments (one tuple of arrays per argument group), updating the cache and `last_tokens`;
+    returns the step's other outputs."""
+    packed, layout = _pack(groups)
+    self.cache, self.last_tokens, *outputs = step(self.variables, self.cache, self.last_tokens,
+                                                  packed, layout)
+    return outputs
 
   def _table(self) -> np.ndarray:
     if self.scheduler.tables is None:
