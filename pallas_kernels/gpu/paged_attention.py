@@ -56,10 +56,13 @@ from pallas_kernels.gpu.flash_common import BlockConfig, dot
 # (head_dim, operand width) -> configs for decode-shaped calls (all rows of a kv head fit one block
 # of 16) and for prefill-shaped calls. block_q counts rows (query tokens x group heads), block_k
 # key positions. Decode stages keep num_stages x (K + V tile) <= 128 KiB of shared memory.
+# Width 256 is also D=64 decode with 4 kv heads folded (`default_fold`): an H100 sweep of that call
+# (window 512, 4K context, batch 64; bench/results/paged_decode-2026-12-06-w512.md) put
+# (16, 32, 4, 4) at 65 us against 70 us for the earlier (16, 64, 4, 2).
 CONFIGS: dict[tuple[int, str], dict[str, BlockConfig]] = {
     (64, "16bit"): dict(decode=BlockConfig(16, 128, 4, 3), prefill=BlockConfig(64, 64, 4, 2)),
     (128, "16bit"): dict(decode=BlockConfig(16, 64, 4, 3), prefill=BlockConfig(64, 64, 4, 2)),
-    (256, "16bit"): dict(decode=BlockConfig(16, 64, 4, 2), prefill=BlockConfig(32, 32, 4, 2)),
+    (256, "16bit"): dict(decode=BlockConfig(16, 32, 4, 4), prefill=BlockConfig(32, 32, 4, 2)),
     (64, "float32"): dict(decode=BlockConfig(16, 64, 4, 2), prefill=BlockConfig(32, 32, 4, 2)),
     (128, "float32"): dict(decode=BlockConfig(16, 64, 4, 2), prefill=BlockConfig(32, 32, 4, 2)),
     (256, "float32"): dict(decode=BlockConfig(16, 32, 4, 2), prefill=BlockConfig(16, 16, 4, 1)),
