@@ -12,6 +12,7 @@ import pytest
 from jaxchunk.config import ModelConfig
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
+from jaxchunk.serving import engine as engine_module
 from jaxchunk.serving.tokenizer import ByteTokenizer
 
 MAX_LEN = 32
@@ -112,6 +113,25 @@ def test_greedy_matches_full_recompute(rng, pattern):
   assert len(set(map(tuple, (o.tokens for o in check_matches_reference(
       engine, pattern, rng, num_prompts=6, max_tokens=8))))) > 1
   assert engine.num_mixed_steps > mixed, "no step ran decodes and a prefill piece in one call"
+
+
+def test_host_arguments_round_trip_through_one_packed_vector(rng):
+  """`_pack` / `_unpack` (a step's host arguments as one int32 transfer) give back every array
+  bit for bit: floats, seeds >= 2**31, bools, scalars and 2-D tables, in their groups."""
+  decode = (rng.integers(0, 1000, (4,)).astype(np.int32), rng.random(4) < 0.5,
+            rng.integers(0, 9, (4, 3)).astype(np.int32), rng.standard_normal(4).astype(np.float32),
+            np.array([3, 2**31 + 5, 2**32 - 1, 7], np.uint32))
+  prefill = (np.int32(2), np.float32(0.37), np.array([[5, 6, 7]], np.int32))
+  packed, layout = engine_module._pack((decode, prefill))
+  assert packed.dtype == np.int32 and packed.ndim == 1
+  groups = jax.jit(engine_module._unpack, static_argnums=1)(packed, layout)
+  assert [len(g) for g in groups] == [len(decode), len(prefill)]
+  for want, got in zip(decode + prefill, groups[0] + groups[1]):
+    got = np.asarray(got)
+    assert got.dtype == np.asarray(want).dtype and got.shape == np.shape(want)
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="4-byte"):
+    engine_module._pack(((np.zeros(2, np.float64),),))
 
 
 def test_engine_packs_projections_once():
