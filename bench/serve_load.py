@@ -206,11 +206,8 @@ def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
     else:
       engine._run(engine._mixed, decode_args, prefill_args(length))
 
-  shapes = [("decode", None)]
-  length = engine.config.chunk_size
-  while length >= 1:
-    shapes += [("prefill", length), ("mixed", length)]
-    length //= 2
+  shapes = [("decode", None)] + [(kind, length) for length in engine.piece_lengths
+                                  for kind in ("prefill", "mixed")]
   times = {}
   for kind, length in shapes:
     dispatch, total = [], []

@@ -440,6 +440,12 @@ class Engine:
   # ------------------------------------------------------------------------------------------
   # Host side.
 
+  @property
+  def piece_lengths(self) -> list[int]:
+    """The prefill piece lengths the scheduler may pick (powers of two from chunk_size down to
+    1), each one compiled shape of the prefill and of the mixed call."""
+    return [self.config.chunk_size >> i for i in range(self.config.chunk_size.bit_length())]
+
   def warmup(self) -> None:
     """Compiles every step shape (decode, each prefill piece length alone and with a decode) on
     slot 0.
@@ -456,15 +462,13 @@ class Engine:
         self._run(decode, (zeros, np.zeros((slots,), bool), zeros, self._table(),
                            np.ones((slots,), bool), *self._sampling_arrays([None] * slots)))
       inactive = np.zeros((slots,), bool)
-      length = self.config.chunk_size
-      while length >= 1:
+      for length in self.piece_lengths:
         prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
                         self._table()[:1] * 0, *self._sampling_arrays([None]))
         self._run(self._prefill, prefill_args)
         decode_args = (zeros, inactive, zeros, self._table(), inactive,
                        *self._sampling_arrays([None] * slots))
         self._run(self._mixed, decode_args, prefill_args)
-        length //= 2
       jax.block_until_ready(self.last_tokens)
 
   def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
