@@ -57,6 +57,9 @@ from jaxchunk.serving.sampling import SamplingParams, sample_tokens
 from jaxchunk.serving.scheduler import PrefillPiece, Request, Schedule, Scheduler, Status
 
 _POOL_KEYS = ("k_pages", "v_pages")
+# Runs of every step shape in `Engine.warmup`: the first runs op by op, the second records the
+# CUDA graph, the third is the first replay.
+WARMUP_RUNS = 3
 # RAT's chunk-summary buffers. A decode step writes a row's buffer only at the slot of the chunk in
 # progress (length // chunk_size, when the token completes it). For a slot that is not decoding
 # (mid-prefill, or free) that slot is never read before its prefill completes the chunk and writes
@@ -446,29 +449,34 @@ class Engine:
     1), each one compiled shape of the prefill and of the mixed call."""
     return [self.config.chunk_size >> i for i in range(self.config.chunk_size.bit_length())]
 
-  def warmup(self) -> None:
-    """Compiles every step shape (decode, each prefill piece length alone and with a decode) on
-    slot 0.
+  def warmup(self, runs: int = WARMUP_RUNS) -> None:
+    """Compiles every step shape (decode, each prefill piece length alone and with a decode) and
+    runs each `runs` times on slot 0.
 
-    Runs on the scratch page only (slot 0's row is cleared by its next request's first prefill
-    piece); call it while the engine is idle.
+    On a GPU, XLA runs a new executable op by op the first time and records its CUDA graph (a few
+    ms to tens of ms for a model's step) the second; running every shape twice or more here keeps
+    both out of the steps that serve requests. Runs on the scratch page only (slot 0's row is
+    cleared by its next request's first prefill piece); call it while the engine is idle.
     """
+    if runs < 1:
+      raise ValueError(f"runs must be >= 1, got {runs}")
     with self._lock:
       if self.scheduler.has_work():
         raise RuntimeError("warmup() must run before any request is submitted")
       slots = self.config.num_slots
       zeros = np.zeros((slots,), np.int32)
-      for decode in [self._decode] + [self._decode_many] * (self.config.decode_steps > 1):
-        self._run(decode, (zeros, np.zeros((slots,), bool), zeros, self._table(),
-                           np.ones((slots,), bool), *self._sampling_arrays([None] * slots)))
       inactive = np.zeros((slots,), bool)
-      for length in self.piece_lengths:
-        prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
-                        self._table()[:1] * 0, *self._sampling_arrays([None]))
-        self._run(self._prefill, prefill_args)
-        decode_args = (zeros, inactive, zeros, self._table(), inactive,
-                       *self._sampling_arrays([None] * slots))
-        self._run(self._mixed, decode_args, prefill_args)
+      for _ in range(runs):
+        for decode in [self._decode] + [self._decode_many] * (self.config.decode_steps > 1):
+          self._run(decode, (zeros, inactive, zeros, self._table(), np.ones((slots,), bool),
+                             *self._sampling_arrays([None] * slots)))
+        for length in self.piece_lengths:
+          prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
+                          self._table()[:1] * 0, *self._sampling_arrays([None]))
+          self._run(self._prefill, prefill_args)
+          decode_args = (zeros, inactive, zeros, self._table(), inactive,
+                         *self._sampling_arrays([None] * slots))
+          self._run(self._mixed, decode_args, prefill_args)
       jax.block_until_ready(self.last_tokens)
 
   def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:

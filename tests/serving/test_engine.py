@@ -2,6 +2,7 @@
 RAT+local, GLA, Gated DeltaNet models; staggered arrivals, chunked prefill under a token budget,
 preemption), compilation counts, page accounting, sampling, streaming, cancellation, bad input."""
 
+import collections
 import functools
 
 import jax
@@ -223,6 +224,32 @@ def test_no_recompilation_in_200_requests(rng):
   assert [len(o.tokens) for o in outputs] == [p.max_tokens for p in params]
   assert engine.num_traces == traces
   assert engine.pool.num_free == engine.pool.capacity
+
+
+def test_warmup_runs_every_step_shape_and_compiles_once():
+  # A GPU records an executable's CUDA graph on its second run: warm-up must run each shape
+  # more than once, and a later warm-up (or request) must not compile again.
+  model, variables, _ = tiny_model(("rat", "local"))
+  engine = Engine(model, variables, ENGINE)
+  calls = collections.Counter()
+  run = engine._run
+  names = {id(engine._decode): "decode", id(engine._prefill): "prefill", id(engine._mixed): "mixed"}
+
+  def counting_run(step, *groups):
+    length = None if step is engine._decode else groups[-1][1].shape[1]  # the piece's tokens
+    calls[names[id(step)], length] += 1
+    return run(step, *groups)
+
+  engine._run = counting_run
+  engine.warmup(runs=2)
+  shapes = [("decode", None)] + [(kind, n) for n in engine.piece_lengths
+                                 for kind in ("prefill", "mixed")]
+  assert calls == {shape: 2 for shape in shapes}
+  traces = engine.num_traces
+  engine.warmup(runs=1)
+  assert engine.num_traces == traces
+  with pytest.raises(ValueError, match="runs"):
+    engine.warmup(runs=0)
 
 
 def test_seeded_sampling_is_reproducible_across_batches(rng):
