@@ -30,7 +30,8 @@ Python's cyclic garbage collector is off while a run or the steady state is time
 frozen before): its pauses land on random steps, as in any serving process that does not tune it,
 and would show in the p99 of both schedulers alike.
 
-Both engines compile every step shape (`Engine.warmup`) before their run; a persistent
+The chunked engine runs first unless `--baseline-first` (to check that the order does not change
+the comparison). Both engines compile every step shape (`Engine.warmup`) before their run; a persistent
 compilation cache in a temporary folder lets the second engine reuse the first one's executables
 (unless JAX_COMPILATION_CACHE_DIR names another folder). Writes serve_load-<date>.md and
 serve_load-<date>.json (`-smoke` added in smoke mode) to `--out`.
@@ -235,7 +236,8 @@ def measure(args) -> dict:
   results = {"args": vars(args), "date": datetime.date.today().isoformat(),
              "versions": versions(*VERSIONED), "layer_pattern": ",".join(config.layer_pattern)}
   print(results["versions"], flush=True)
-  for name, prefill_first in [("chunked", False)] + [("prefill_first", True)] * args.baseline:
+  runs = [("chunked", False)] + [("prefill_first", True)] * args.baseline
+  for name, prefill_first in (runs[::-1] if args.baseline_first else runs):
     engine = Engine(model, variables, EngineConfig(
         num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
         chunk_size=args.chunk_size, prefill_first=prefill_first))
@@ -315,6 +317,8 @@ def main(argv=None) -> str:
   parser.add_argument("--steady-steps", type=int, default=128, help="timed steady-state steps")
   parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also run the prefill-first scheduler on the same trace")
+  parser.add_argument("--baseline-first", action="store_true",
+                      help="run the prefill-first engine before the chunked one (order effects)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--call-times", type=int, default=0, metavar="REPS",
                       help="also time each jitted call shape alone, REPS times (0: skip)")

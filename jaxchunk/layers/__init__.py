@@ -3,6 +3,9 @@
 Every token mixer is `Mixer(config, ...)` with
 `__call__(x [B,T,d_model], *, positions [B,T], segment_ids=None, cache=None) -> (y, new_cache)`
 and a pure `init_<name>_cache(config, ..., batch, max_len, dtype)` building its empty cache.
+With a cache, `streams=((b_0, t_0), ...)` runs several batches laid out as one row [1, N, d_model]
+(`jaxchunk.layers.streams`: the serving engine's mixed steps), the cache a tuple of per-stream
+caches.
 """
 
 from jaxchunk.layers.attention import Attention, init_attention_cache

@@ -17,6 +17,12 @@ with the same causal, window and segment_ids masks; rotary embeddings use the gi
 A paged cache (for the serving engine) is {"k_pages", "v_pages": [num_pages, page_size, Hk, Dh],
 "page_table": int32 [B, pages_per_seq]}: the keys of row b at position p live in page
 page_table[b, p // page_size] (see `jaxchunk.ops.paged_attention`); pages are shared by all rows.
+
+Streams (`jaxchunk.layers.streams`, the serving engine's mixed steps): x [1, N, d_model] holds
+the tokens of several streams and the cache is a tuple of paged caches, one per stream, over the
+same pools (each with the stream's page table). Every stream's keys and values are written to
+the pools first, then each stream attends through its page table, so no pool is read before its
+last write; each returned cache holds the final pools.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchunk.layers import streams as streams_lib
 from jaxchunk.layers.packing import packed_projections
 from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
@@ -72,6 +79,21 @@ def _write_cache(cache: jax.Array, update: jax.Array, starts: jax.Array) -> jax.
   return jax.vmap(write_row)(cache, update.astype(cache.dtype), starts)
 
 
+def _attend_streams(q, k, v, positions, caches: tuple, streams, *, window, impl):
+  """Streams form of the paged branch: q [1,N,H,Dh], k/v [1,N,Hk,Dh], positions [1,N], one paged
+  cache per stream over the same pools. Returns (o [1,N,H,Dh], the per-stream new caches)."""
+  qs, ks, vs, ps = (streams_lib.split(a, streams) for a in (q, k, v, positions))
+  k_pages, v_pages = caches[0]["k_pages"], caches[0]["v_pages"]
+  for k_i, v_i, p_i, cache in zip(ks, vs, ps, caches):
+    k_pages, v_pages = paged_write(k_pages, v_pages, k_i, v_i, cache["page_table"], p_i)
+  o = streams_lib.join([
+      chunked_prefill_attention(q_i, k_pages, v_pages, cache["page_table"],
+                                p_i[:, 0].astype(jnp.int32), window=window, impl=impl)
+      for q_i, p_i, cache in zip(qs, ps, caches)])
+  return o, tuple({"k_pages": k_pages, "v_pages": v_pages, "page_table": cache["page_table"]}
+                  for cache in caches)
+
+
 def _check_cache(cache: dict, batch: int, config: ModelConfig) -> None:
   """Validates a dense {"k", "v"} or paged {"k_pages", "v_pages", "page_table"} KV cache."""
   hk, dh = config.num_kv_heads, config.head_dim
@@ -107,7 +129,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
-               sequence_parallel: SequenceParallel | None = None):
+               sequence_parallel: SequenceParallel | None = None,
+               streams: streams_lib.Streams | None = None):
     """x [B,T,d_model], positions [B,T] int32 -> (y [B,T,d_model], new cache or None).
 
     Without a cache the T tokens attend causally among themselves (within their document when
@@ -121,9 +144,15 @@ class Attention(nn.Module):
     check_mixer_input(x, positions, cfg)
     sp = active_sequence_parallel(sequence_parallel, cache, "Attention")
     h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if cache is not None:
-      if segment_ids is not None:
-        raise ValueError("Attention: segment_ids (packed documents) cannot be combined with a cache")
+    if cache is not None and segment_ids is not None:
+      raise ValueError("Attention: segment_ids (packed documents) cannot be combined with a cache")
+    if streams is not None:
+      streams_lib.check_streams(streams, x, cache)
+      for (b, _), stream_cache in zip(streams, cache):
+        if not isinstance(stream_cache, dict) or "page_table" not in stream_cache:
+          raise ValueError("Attention: streams need paged caches (k_pages, v_pages, page_table)")
+        _check_cache(stream_cache, b, cfg)
+    elif cache is not None:
       _check_cache(cache, x.shape[0], cfg)
     x = x.astype(jnp.dtype(cfg.dtype))
     packed = packed_projections(self, x, PACKED_NAME, [(h, dh), (hk, dh), (hk, dh)], cfg.dtype)
@@ -136,7 +165,10 @@ class Attention(nn.Module):
     q = apply_rotary(q, positions, theta=cfg.rope_theta)
     k = apply_rotary(k, positions, theta=cfg.rope_theta)
 
-    if sp is not None:
+    if streams is not None:
+      o, new_cache = _attend_streams(q, k, v, positions, cache, streams, window=self.window,
+                                     impl=cfg.impl)
+    elif sp is not None:
       o = sp.attention(q, k, v, causal=True, segment_ids=segment_ids, window=self.window)
       new_cache = None
     elif cache is None:

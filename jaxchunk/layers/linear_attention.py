@@ -33,6 +33,10 @@ Parameters and their logical axes:
 The cache is {"state": the op's recurrent state (float32), "conv": {"q", "k", "v"} short-conv caches
 (empty for kinds without short convs)}; its size does not grow with the sequence.
 
+Streams (`jaxchunk.layers.streams`, the serving engine's mixed steps): x [1, N, d_model] holds
+the tokens of several streams and the cache is a tuple of caches, one per stream; projections and
+gates run on all tokens, the short convolutions and the recurrence per stream.
+
 Packed documents (`segment_ids`, training and evaluation forwards, sequence-parallel too): the
 op's segment_ids reset the state at every document start, and no short-convolution tap reaches
 into an earlier document.
@@ -52,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchunk.layers import streams as streams_lib
 from jaxchunk.layers.conv import ShortConv, init_conv_cache
 from jaxchunk.config import LINEAR_KINDS, ModelConfig
 from jaxchunk.ops.delta_rule import (delta_rule, delta_rule_step, gated_delta_rule,
@@ -241,7 +246,8 @@ class LinearAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
-               sequence_parallel: SequenceParallel | None = None):
+               sequence_parallel: SequenceParallel | None = None,
+               streams: streams_lib.Streams | None = None):
     """x [B,T,d_model] -> (y [B,T,d_model], new cache or None).
 
     `positions` [B,T] is unused: the recurrence itself orders the tokens (in the layout order of
@@ -249,7 +255,8 @@ class LinearAttention(nn.Module):
     `init_linear_attention_cache` or a previous call) the layer continues from it: T == 1 takes the
     `<op>_step` decode path, T > 1 a chunked prefill from the cached state. `segment_ids` [B,T]
     (packed documents; no cache; in layout order with `sequence_parallel`) reset the state and the
-    short convolutions' history at every document start, as each document alone.
+    short convolutions' history at every document start, as each document alone. With `streams`
+    (see the module docstring) x is [1, N, d_model] and the cache a tuple of per-stream caches.
     """
     del positions
     cfg = self.config
@@ -260,7 +267,8 @@ class LinearAttention(nn.Module):
     if segment_ids is not None and cache is not None:
       raise ValueError(f"LinearAttention({self.kind!r}): segment_ids (packed documents) cannot be "
                        "combined with a cache")
-    b, t, _ = x.shape
+    if streams is not None:
+      streams_lib.check_streams(streams, x, cache)
     h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
     x = x.astype(dtype)
@@ -268,29 +276,34 @@ class LinearAttention(nn.Module):
     qkv = {"q": _dense(x, (h, dh), ("heads", "head_dim"), name="q_proj", config=cfg),
            "k": _dense(x, (hk, dh), ("kv_heads", "head_dim"), name="k_proj", config=cfg),
            "v": _dense(x, (hk, dh), ("kv_heads", "head_dim"), name="v_proj", config=cfg)}
-    new_conv = {}
+    gates = family.gates(self, x)
+    convs = {}
     if family.short_conv:
-      for name, (width, axis) in _conv_widths(cfg).items():
-        conv = ShortConv(width, cfg.conv_size, channel_axis=axis, dtype=dtype,
-                         param_dtype=jnp.dtype(cfg.param_dtype), name=f"{name}_conv")
-        y, new_conv[name] = conv(qkv[name].reshape(b, t, width),
+      convs = {name: ShortConv(width, cfg.conv_size, channel_axis=axis, dtype=dtype,
+                               param_dtype=jnp.dtype(cfg.param_dtype), name=f"{name}_conv")
+               for name, (width, axis) in _conv_widths(cfg).items()}
+
+    def mix(qkv, gates, cache):
+      """The sequence work on one batch: qkv {"q","k","v"} [B,T,heads,Dh], gates [B,T,...] ->
+      (o [B,T,H,Dh], new cache or None)."""
+      b, t = qkv["q"].shape[:2]
+      qkv, new_conv = dict(qkv), {}
+      for name, conv in convs.items():
+        y, new_conv[name] = conv(qkv[name].reshape(b, t, -1),
                                  cache=None if cache is None else cache["conv"][name],
                                  segment_ids=segment_ids, sequence_parallel=sp)
         qkv[name] = y.reshape(qkv[name].shape)
-    q, k, v = qkv["q"], qkv["k"], qkv["v"]
-    if family.qk_l2norm:
-      q, k = (_l2_normalize(z, cfg.norm_eps).astype(dtype) for z in (q, k))
-    gates = family.gates(self, x)
-
-    if sp is not None:
-      o, _ = sp.linear(self.kind, q, k, v, *gates, chunk_size=cfg.linear_chunk_size,
-                       segment_ids=segment_ids, impl=cfg.impl)
-      new_cache = None
-    elif cache is None:
-      o, _ = family.op(q, k, v, *gates, chunk_size=cfg.linear_chunk_size, segment_ids=segment_ids,
-                       impl=cfg.impl)
-      new_cache = None
-    else:
+      q, k, v = qkv["q"], qkv["k"], qkv["v"]
+      if family.qk_l2norm:
+        q, k = (_l2_normalize(z, cfg.norm_eps).astype(dtype) for z in (q, k))
+      if sp is not None:
+        o, _ = sp.linear(self.kind, q, k, v, *gates, chunk_size=cfg.linear_chunk_size,
+                         segment_ids=segment_ids, impl=cfg.impl)
+        return o, None
+      if cache is None:
+        o, _ = family.op(q, k, v, *gates, chunk_size=cfg.linear_chunk_size,
+                         segment_ids=segment_ids, impl=cfg.impl)
+        return o, None
       if t == 1:
         o, state = family.step(q[:, 0], k[:, 0], v[:, 0], *(g[:, 0] for g in gates),
                                cache["state"])
@@ -299,7 +312,17 @@ class LinearAttention(nn.Module):
         o, state = family.op(q, k, v, *gates, initial_state=cache["state"],
                              output_final_state=True, chunk_size=cfg.linear_chunk_size,
                              impl=cfg.impl)
-      new_cache = {"state": state, "conv": new_conv}
+      return o, {"state": state, "conv": new_conv}
+
+    if streams is None:
+      o, new_cache = mix(qkv, gates, cache)
+    else:
+      split = lambda a: streams_lib.split(a, streams)
+      qkv_parts = [dict(zip(qkv, parts)) for parts in zip(*map(split, qkv.values()))]
+      gate_parts = list(zip(*map(split, gates))) if gates else [()] * len(streams)
+      parts = [mix(*args) for args in zip(qkv_parts, gate_parts, cache)]
+      o = streams_lib.join([o_i for o_i, _ in parts])
+      new_cache = tuple(c for _, c in parts)
 
     o = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
                    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)),

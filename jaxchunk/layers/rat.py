@@ -27,6 +27,10 @@ prefill runs the op per row (vmap).
 Packed documents (`segment_ids`, training and evaluation forwards, sequence-parallel too): every
 document is chunked and aggregated as if it ran alone (`jaxchunk.ops.rat.rat`'s segment_ids).
 
+Streams (`jaxchunk.layers.streams`, the serving engine's mixed steps): x [1, N, d_model] holds
+the tokens of several streams and the cache is a tuple of `RATState`s, one per stream; each
+stream continues its own state as a call with that stream's shape would.
+
 Sequence-parallel (an active `SequenceParallel`, no cache): x and positions are in the layout order
 of the sequence axis and the op runs as `SequenceParallel.rat` (chunk summaries shared across
 devices); every segment of the layout must hold whole chunks.
@@ -38,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchunk.layers import streams as streams_lib
 from jaxchunk.layers.attention import check_mixer_input, project
 from jaxchunk.layers.packing import packed_projections
 from jaxchunk.layers.rotary import apply_rotary
@@ -90,6 +95,19 @@ def _per_row(op, q, k, v, f, state: RATState):
   return jax.vmap(row)(q, k, v, f, state)
 
 
+def _continue(q, k, v, f, state: RATState, *, chunk_size: int, impl: str):
+  """Continues `state` with q [B,T,H,Dh], k/v/f [B,T,Hk,Dh]: T == 1 a decode step (`rat_step`,
+  which takes one length per row itself), T > 1 a chunked prefill (per row when the lengths
+  are per row). Returns (o like q, the new state)."""
+  if q.shape[1] == 1:
+    o, new = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], state, chunk_size=chunk_size, impl=impl)
+    return o[:, None], new
+  prefill = lambda q, k, v, f, state: rat(
+      q, k, v, f, chunk_size=chunk_size, initial_state=state, output_final_state=True,
+      max_chunks=state.k_chunks.shape[1], impl=impl)
+  return _per_row(prefill, q, k, v, f, state)
+
+
 class RATLayer(nn.Module):
   """The RAT mixer; see the module docstring. `config.rat_chunk_size` is the chunk length."""
 
@@ -97,7 +115,8 @@ class RATLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids=None, cache=None,
-               sequence_parallel: SequenceParallel | None = None):
+               sequence_parallel: SequenceParallel | None = None,
+               streams: streams_lib.Streams | None = None):
     """x [B,T,d_model], positions [B,T] int32 -> (y [B,T,d_model], new `RATState` or None).
 
     `positions` must be the token indices of the sequence (0 .. T-1 without a cache, in the layout
@@ -107,10 +126,13 @@ class RATLayer(nn.Module):
     state; the cache keeps its capacity of chunk summaries. `segment_ids` [B,T] (packed
     documents, no cache; in layout order with `sequence_parallel`) start each document with an
     empty state and its own chunk 0; pass positions restarting at 0 in each document, so that the
-    rotary chunk index is the document's.
+    rotary chunk index is the document's. With `streams` (see the module docstring) x is
+    [1, N, d_model] and the cache a tuple of per-stream states.
     """
     cfg = self.config
     check_mixer_input(x, positions, cfg)
+    if streams is not None:
+      streams_lib.check_streams(streams, x, cache)
     sp = active_sequence_parallel(sequence_parallel, cache, "RATLayer")
     if segment_ids is not None and cache is not None:
       raise ValueError("RATLayer: segment_ids (packed documents) cannot be combined with a cache")
@@ -140,15 +162,13 @@ class RATLayer(nn.Module):
     elif cache is None:
       o, _ = rat(q, k, v, f, chunk_size=chunk, segment_ids=segment_ids, impl=cfg.impl)
       new_cache = None
-    elif x.shape[1] == 1:  # rat_step takes one length per row itself
-      o, new_cache = rat_step(q[:, 0], k[:, 0], v[:, 0], f[:, 0], cache, chunk_size=chunk,
-                              impl=cfg.impl)
-      o = o[:, None]
+    elif streams is not None:
+      parts = [_continue(*args, state, chunk_size=chunk, impl=cfg.impl) for *args, state in
+               zip(*(streams_lib.split(a, streams) for a in (q, k, v, f)), cache)]
+      o = streams_lib.join([o_i for o_i, _ in parts])
+      new_cache = tuple(state for _, state in parts)
     else:
-      prefill = lambda q, k, v, f, state: rat(
-          q, k, v, f, chunk_size=chunk, initial_state=state, output_final_state=True,
-          max_chunks=state.k_chunks.shape[1], impl=cfg.impl)
-      o, new_cache = _per_row(prefill, q, k, v, f, cache)
+      o, new_cache = _continue(q, k, v, f, cache, chunk_size=chunk, impl=cfg.impl)
     if packed is None:
       z = project(x, (h, dh), ("heads", "head_dim"), name="z_proj", config=cfg)
     o = (o.astype(jnp.float32) * nn.sigmoid(z.astype(jnp.float32))).astype(x.dtype)

@@ -10,6 +10,12 @@ and MLPs document their own (`jaxchunk.layers`).
 The cache is {"length": int32 [B], the tokens seen per row, "layers": tuple of per-layer mixer
 caches}; `init_cache` builds an empty one.
 
+Streams (`jaxchunk.layers.streams`): `model.apply(params, tokens [1, N], positions=[1, N],
+cache={"layers": per-layer tuples of per-stream caches}, streams=((S, 1), (1, L)))` runs several
+batches (the serving engine's decodes and a prefill piece) as one forward: per-token work once on
+all N tokens, each mixer's sequence work per stream. Returns (logits [1, N, vocab],
+{"layers": per-layer tuples of per-stream caches}).
+
 Sequence parallelism: `model.apply(params, tokens, positions=..., sequence_parallel=sp)` with a
 `jaxchunk.parallel.SequenceParallel` whose sequence axis is > 1 takes rows in its layout order
 (`sp.layout_batch`) sharded over that axis; every mixer then runs its sequence-parallel form and the
@@ -116,13 +122,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, segment_ids=None, cache=None,
-               sequence_parallel: SequenceParallel | None = None):
+               sequence_parallel: SequenceParallel | None = None, streams=None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mixer_norm")(x)
+    mixer_args = {} if streams is None else {"streams": streams}
     h, new_cache = make_mixer(cfg, self.kind, "mixer")(h, positions=positions,
                                                        segment_ids=segment_ids, cache=cache,
-                                                       sequence_parallel=sequence_parallel)
+                                                       sequence_parallel=sequence_parallel,
+                                                       **mixer_args)
     x = x + h.astype(x.dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlp_norm")(x)
     x = x + SwiGLU(cfg.mlp_hidden, dtype=dtype, param_dtype=param_dtype, name="mlp")(h).astype(x.dtype)
@@ -149,7 +157,7 @@ class LanguageModel(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, cache=None,
-               sequence_parallel: SequenceParallel | None = None):
+               sequence_parallel: SequenceParallel | None = None, streams=None):
     """tokens [B,T] int -> (logits [B,T,vocab] float32, new cache or None).
 
     `segment_ids` [B,T] marks packed documents (pass `positions` restarting at each document):
@@ -161,10 +169,14 @@ class LanguageModel(nn.Module):
     length + T.
     With an active `sequence_parallel` (no cache) tokens, segment_ids, positions and the logits
     are in its layout order; positions default to the natural positions in that order.
+    With `streams` (see the module docstring) tokens [1, N] hold several batches' tokens, and
+    positions [1, N] and a cache of per-stream layer caches are required.
     """
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must have shape [batch, seq], got {tokens.shape}")
+    if streams is not None:
+      return self._streams(tokens, positions, cache, streams)
     b, t = tokens.shape
     if cache is not None and len(cache["layers"]) != cfg.num_layers:
       raise ValueError(f"cache['layers'] must hold {cfg.num_layers} layer caches, "
@@ -186,6 +198,26 @@ class LanguageModel(nn.Module):
     if cache is None:
       return logits, None
     return logits, {"length": cache["length"] + t, "layers": tuple(new_layers)}
+
+  def _streams(self, tokens, positions, cache, streams):
+    """The streams forward; see the module docstring."""
+    cfg = self.config
+    if positions is None or cache is None:
+      raise ValueError("LanguageModel: streams need positions and a cache")
+    if jnp.shape(positions) != tokens.shape:
+      raise ValueError(f"positions must have the shape of tokens {tokens.shape}, "
+                       f"got {jnp.shape(positions)}")
+    if len(cache["layers"]) != cfg.num_layers:
+      raise ValueError(f"cache['layers'] must hold {cfg.num_layers} layer caches, "
+                       f"got {len(cache['layers'])}")
+    embed = embedding(cfg)
+    x = embed(tokens)
+    new_layers = []
+    for i, kind in enumerate(cfg.layer_pattern):
+      x, layer_cache = Block(cfg, kind, name=f"block_{i}")(
+          x, positions, None, cache["layers"][i], None, streams=tuple(map(tuple, streams)))
+      new_layers.append(layer_cache)
+    return output_logits(cfg, x, embed), {"layers": tuple(new_layers)}
 
   def pack_projections(self, variables: dict) -> dict:
     """`variables` (unboxed, if boxed) with each block's projections of one input packed into

@@ -18,8 +18,10 @@ with kv_strategy "share_first" only the first recursion's). Jitted functions upd
 - prefill: `length` tokens of one slot (its row of the cache is sliced out, continued and written
   back); lengths are powers of two up to `chunk_size`, one compilation each;
 - mixed: a decode and one prefill piece in one call (one compilation per piece length), for the
-  steps that have both: such a step costs one dispatch, and its device time is the decode's plus
-  the piece's with nothing in between.
+  steps that have both. For a `LanguageModel` they run as two streams of one forward
+  (`jaxchunk.layers.streams`): the norms, projections and MLPs run once on the S + L tokens (one
+  read of every weight, one launch of every per-token kernel), only the mixers' attention and
+  recurrences per stream. A recursive model runs the decode, then the piece.
 
 A step's host arguments (tokens, positions, page tables, sampling parameters: 10 to 19 small
 arrays) travel to the device as one int32 vector (`_pack`), cut back into arrays inside the jitted
@@ -381,12 +383,9 @@ class Engine:
                                           "layers": self._attach_tables(cache, table)})
     return logits, self._detach_tables(new["layers"])
 
-  def _decode_fn(self, variables, cache, last, tokens, from_last, positions, table, active,
-                 temperature, top_k, top_p, seeds, counters):
-    """One token for every slot: last/tokens/from_last/positions/active [S], table
-    [S, pages_per_seq]. A row's input token is last[row] where from_last, else tokens[row];
-    returns (cache, last with the active rows' samples, samples [S], their log-probs [S])."""
-    self.num_traces += 1
+  def _decode_inputs(self, last, tokens, from_last, positions, table, active):
+    """A decode's (tokens, positions, table) [S] / [S, pages]: a row's token is last[row] where
+    from_last; rows not active read and write the scratch page at the scratch position."""
     tokens = jnp.where(from_last, last, tokens)
     table = jnp.where(active[:, None], table, SCRATCH_PAGE)
     # Rows not decoding run at a scratch position: 0 for a LanguageModel (their page-table rows
@@ -394,6 +393,23 @@ class Engine:
     # (its dense caches have a slot there that no query reads). A routed recursion writes at its
     # token count instead, which the row's next real token overwrites (counts are restored).
     positions = jnp.where(active, positions, self._scratch_position)
+    return tokens, positions, table
+
+  def _prefill_row(self, cache, slot, start, length: int):
+    """(slot's row of the cache, cleared when start == 0, and the positions [1, length] of a
+    piece at `start`): a request's first piece starts from an empty row whatever an earlier
+    request left in the slot."""
+    row = _clear_row_if(start == 0, _take_row(cache, slot))
+    return row, start + jnp.arange(length, dtype=jnp.int32)[None]
+
+  def _decode_fn(self, variables, cache, last, tokens, from_last, positions, table, active,
+                 temperature, top_k, top_p, seeds, counters):
+    """One token for every slot: last/tokens/from_last/positions/active [S], table
+    [S, pages_per_seq]. A row's input token is last[row] where from_last, else tokens[row];
+    returns (cache, last with the active rows' samples, samples [S], their log-probs [S])."""
+    self.num_traces += 1
+    tokens, positions, table = self._decode_inputs(last, tokens, from_last, positions, table,
+                                                   active)
     logits, new = self._apply(variables, tokens[:, None], positions[:, None], cache, table)
     new_cache = _select_rows(active, new, cache)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
@@ -421,24 +437,55 @@ class Engine:
     row: whatever an earlier request left in the slot is cleared in the same call.
     Returns (cache, last with the sample at `slot`, sample [], its log-prob [])."""
     self.num_traces += 1
-    row = _clear_row_if(start == 0, _take_row(cache, slot))
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    row, positions = self._prefill_row(cache, slot, start, tokens.shape[1])
     logits, new = self._apply(variables, tokens, positions, row, table_row)
     cache = _put_row(cache, new, slot)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
     return cache, last.at[slot].set(next_tokens[0]), next_tokens[0], logprobs[0]
 
   def _mixed_fn(self, variables, cache, last, decode_args, prefill_args):
-    """`_decode_fn` then `_prefill_fn` (their arguments after `last`, as tuples) in one call;
+    """`_decode_fn` and `_prefill_fn` (their arguments after `last`, as tuples) in one call;
     returns (cache, last, decode tokens [S], decode logprobs [S], prefill token [], prefill
-    logprob [])."""
-    cache, last, tokens, logprobs = self._decode_fn(variables, cache, last, *decode_args)
-    # The prefill writes the pools and states the decode read; without an order between those
-    # reads and writes (the barrier makes the decode's results precede anything after it) XLA
-    # copies the pools instead of updating them in place.
-    cache, last, tokens, logprobs = jax.lax.optimization_barrier((cache, last, tokens, logprobs))
-    cache, last, token, logprob = self._prefill_fn(variables, cache, last, *prefill_args)
-    return cache, last, tokens, logprobs, token, logprob
+    logprob []).
+
+    A `LanguageModel` runs both as streams of one forward (`jaxchunk.layers.streams`): the
+    decodes [S, 1] and the piece [1, L] share every weight read and kernel launch of the per-token
+    work; the prefill continues its slot's row as it was before the step (the decode leaves an
+    inactive row as it was), and its row is written back after the decode's rows are selected.
+    A recursive model runs the decode, then the prefill.
+    """
+    if self.recursive:
+      cache, last, tokens, logprobs = self._decode_fn(variables, cache, last, *decode_args)
+      # The prefill writes the states the decode read; without an order between those reads and
+      # writes (the barrier makes the decode's results precede anything after it) XLA copies the
+      # states instead of updating them in place.
+      cache, last, tokens, logprobs = jax.lax.optimization_barrier((cache, last, tokens, logprobs))
+      cache, last, token, logprob = self._prefill_fn(variables, cache, last, *prefill_args)
+      return cache, last, tokens, logprobs, token, logprob
+    self.num_traces += 1
+    tokens, from_last, positions, table, active, *decode_sampling = decode_args
+    slot, piece, start, table_row, *prefill_sampling = prefill_args
+    row, piece_positions = self._prefill_row(cache, slot, start, piece.shape[1])
+    # The row is sliced out before anything updates the cache in place: without this order XLA
+    # would copy the per-slot buffers (RAT summaries, recurrent states) to keep them for the slice.
+    row, cache = jax.lax.optimization_barrier((row, cache))
+    tokens, positions, table = self._decode_inputs(last, tokens, from_last, positions, table,
+                                                   active)
+    decode_layers = self._attach_tables(cache, table)
+    row_layers = self._attach_tables(row, table_row)
+    num_slots, length = tokens.shape[0], piece.shape[1]
+    logits, new = self.model.apply(
+        variables, jnp.concatenate([tokens, piece[0]])[None],
+        positions=jnp.concatenate([positions, piece_positions[0]])[None],
+        cache={"layers": tuple(zip(decode_layers, row_layers))},
+        streams=((num_slots, 1), (1, length)))
+    new_decode = self._detach_tables(tuple(d for d, _ in new["layers"]))
+    new_row = self._detach_tables(tuple(r for _, r in new["layers"]))
+    cache = _put_row(_select_rows(active, new_decode, cache), new_row, slot)
+    next_tokens, logprobs = sample_tokens(logits[0, :num_slots], *decode_sampling)
+    token, logprob = sample_tokens(logits[0, -1:], *prefill_sampling)
+    last = jnp.where(active, next_tokens, last).at[slot].set(token[0])
+    return cache, last, next_tokens, logprobs, token[0], logprob[0]
 
   # ------------------------------------------------------------------------------------------
   # Host side.

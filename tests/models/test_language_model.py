@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.config import LINEAR_KINDS, ModelConfig
+from jaxchunk.config import ATTENTION_KINDS, LINEAR_KINDS, ModelConfig
 from jaxchunk.models.language_model import LanguageModel, init_cache
+from jaxchunk.serving.engine import EngineConfig, init_engine_cache
 from tests.utils import assert_rel_close
 
 TOL = 1e-5
@@ -164,6 +165,15 @@ def test_rejects_bad_arguments(rng):
                 cache=init_cache(cfg, 1, 16))
   with pytest.raises(ValueError, match="cache\\['layers'\\] must hold 2"):
     model.apply(variables, tokens, cache=init_cache(tiny_config(("rat",)), 1, 8))
+  with pytest.raises(ValueError, match="streams need positions and a cache"):
+    model.apply(variables, tokens, streams=((1, 8),))
+  positions = jnp.arange(8, dtype=jnp.int32)[None]
+  cache = init_cache(cfg, 1, 16)
+  with pytest.raises(ValueError, match="tuple of 2 per-stream caches"):  # one cache, two streams
+    model.apply(variables, tokens, positions=positions, cache=cache, streams=((1, 4), (2, 2)))
+  with pytest.raises(ValueError, match=r"x must have shape \[1, 9"):
+    model.apply(variables, tokens, positions=positions, streams=((1, 4), (1, 5)),
+                cache={"layers": tuple((c, c) for c in cache["layers"])})
 
 
 @pytest.mark.parametrize("remat", ["block", pytest.param("block_dots", marks=pytest.mark.slow)])
@@ -208,3 +218,62 @@ def test_packed_projections_match(rng):
   assert_rel_close(cached, full, TOL, "packed prefill + decode")
   with pytest.raises(ValueError, match="cannot pack in_proj: the parameters have no"):
     model.pack_projections(packed)
+
+
+STREAM_PATTERNS = [(("attention", "local", "rat"), "auto"),
+                   (("simple_gla", "gla", "mlstm"), "reference"),
+                   (("delta_rule", "gated_delta_rule", "kda"), "reference")]
+
+
+@pytest.mark.parametrize("case", STREAM_PATTERNS, ids=pattern_id)
+def test_streams_match_separate_calls(rng, case):
+  # The serving engine's mixed step: 3 slots decode one token while slot 3 prefills 4 tokens.
+  # As streams of one forward the logits and every cache must equal a decode call followed by a
+  # prefill call (the prefill seeing the pools the decode wrote). Random cache contents: pools,
+  # states and conv histories; RAT lengths match the positions.
+  pattern, impl = case
+  cfg = tiny_config(pattern, impl=impl)
+  model, variables, _ = init_model(cfg)
+  slots, decode_at, piece_at, piece_len = 4, 5, 3, 4
+  engine_config = EngineConfig(num_slots=slots, max_len=16, page_size=4)
+  lengths = np.array([decode_at] * 3 + [piece_at], np.int32)
+  layers = jax.tree.map(
+      lambda x: (jnp.asarray(lengths) if jnp.issubdtype(x.dtype, jnp.integer)
+                 else jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype)),
+      init_engine_cache(cfg, engine_config))
+  pages = engine_config.pages_per_seq
+  table = jnp.arange(1, 1 + slots * pages, dtype=jnp.int32).reshape(slots, pages)
+
+  def view(rows, pools_from):
+    """Rows `rows` of the per-slot caches; attention layers: pools of `pools_from` + tables."""
+    return tuple({"k_pages": p["k_pages"], "v_pages": p["v_pages"], "page_table": table[rows]}
+                 if kind in ATTENTION_KINDS else jax.tree.map(lambda x: x[rows], layer)
+                 for kind, layer, p in zip(pattern, layers, pools_from))
+
+  decode_tokens = random_tokens(rng, 3, 1, cfg)
+  piece = random_tokens(rng, 1, piece_len, cfg)
+  decode_positions = jnp.full((3, 1), decode_at, jnp.int32)
+  piece_positions = piece_at + jnp.arange(piece_len, dtype=jnp.int32)[None]
+  decode_rows, piece_rows = slice(0, 3), slice(3, 4)
+
+  call = lambda tokens, positions, cache: model.apply(variables, tokens, positions=positions,
+                                                      cache=cache)
+  logits_d, new_d = call(decode_tokens, decode_positions,
+                         {"length": lengths[:3], "layers": view(decode_rows, layers)})
+  logits_p, new_p = call(piece, piece_positions,
+                         {"length": lengths[3:], "layers": view(piece_rows, new_d["layers"])})
+  logits, new = jax.jit(functools.partial(model.apply, streams=((3, 1), (1, piece_len))))(
+      variables, jnp.concatenate([decode_tokens[:, 0], piece[0]])[None],
+      positions=jnp.concatenate([decode_positions[:, 0], piece_positions[0]])[None],
+      cache={"layers": tuple(zip(view(decode_rows, layers), view(piece_rows, layers)))})
+
+  assert_rel_close(logits[0, :3], logits_d[:, 0], TOL, "decode logits")
+  assert_rel_close(logits[0, 3:], logits_p[0], TOL, "prefill logits")
+  for i, (streams_caches, *separate) in enumerate(zip(new["layers"], new_d["layers"],
+                                                      new_p["layers"])):
+    for stream, (out, ref) in enumerate(zip(streams_caches, separate)):
+      if pattern[i] in ATTENTION_KINDS:  # the final pools: after the decode's and piece's writes
+        out, ref = (out["k_pages"], out["v_pages"]), (new_p["layers"][i]["k_pages"],
+                                                      new_p["layers"][i]["v_pages"])
+      for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        assert_rel_close(a, b, TOL, f"layer {i} ({pattern[i]}) stream {stream} cache")
