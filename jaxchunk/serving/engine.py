@@ -701,7 +701,7 @@ class Engine:
         top_k[i] = request.params.top_k
         top_p[i] = request.params.top_p
         seeds[i] = request.seed
-        counters[i] = len(request.generated) + request.pending
+        counters[i] = request.num_generated + request.pending
     return temperature, top_k, top_p, seeds, counters
 
   def _decode_args(self, requests: list[Request]) -> tuple:
@@ -745,7 +745,7 @@ class Engine:
         hits = [text.find(s) for s in request.params.stop if s in text]
         if hits:
           reason, text_end = "stop", min(hits)
-      if reason is None and (len(request.generated) >= request.params.max_tokens
+      if reason is None and (request.num_generated >= request.params.max_tokens
                              or len(request.tokens) >= self.config.max_len):
         reason = "length"
       self._emit(request, token, logprob, reason, text_end)

@@ -69,13 +69,18 @@ class Request:
 
   @property
   def generated(self) -> list[int]:
+    """The generated tokens (a copy: `num_generated` counts them without one)."""
     return self.tokens[len(self.prompt):]
+
+  @property
+  def num_generated(self) -> int:
+    return len(self.tokens) - len(self.prompt)
 
   def will_decode(self, max_len: int) -> bool:
     """Whether a decode step would produce a token this request keeps (not past its max_tokens
     or max_len, counting its pending tokens)."""
     return (self.status is Status.DECODE
-            and len(self.tokens) - len(self.prompt) + self.pending < self.params.max_tokens
+            and self.num_generated + self.pending < self.params.max_tokens
             and len(self.tokens) + self.pending < max_len)
 
 
