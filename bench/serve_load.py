@@ -102,10 +102,17 @@ def step_kind(schedule) -> str | None:
 
 
 def step_summary(steps: list[dict], slowest: int = 8) -> dict:
-  """Per step kind: count and wall-time p50/p90/p99 (ms); and the `slowest` steps that decoded."""
+  """Per step kind: count and wall-time p50/p90/p99 (ms), decode steps also split by the kind of
+  the step before them (a step fetches the previous step's tokens, so it waits for that step's
+  device work); and the `slowest` steps that decoded."""
+  groups = {kind: [s for s in steps if s["kind"] == kind] for kind in STEP_KINDS}
+  decodes = [(prev, s) for prev, s in zip([None] + steps[:-1], steps) if s["kind"] == "decode"]
+  groups["decode after decode"] = [s for prev, s in decodes if prev and prev["kind"] == "decode"]
+  groups["decode after mixed/prefill"] = [s for prev, s in decodes
+                                          if prev and prev["kind"] != "decode"]
   kinds = {}
-  for kind in STEP_KINDS:
-    walls = [s["wall_ms"] for s in steps if s["kind"] == kind]
+  for kind, group in groups.items():
+    walls = [s["wall_ms"] for s in group]
     if walls:
       p50, p90, p99 = np.percentile(walls, [50, 90, 99])
       kinds[kind] = {"steps": len(walls), "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
@@ -279,8 +286,9 @@ def render(results: dict) -> str:
     lines.append(f"| {name.replace('_', '-')} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
                  f"{r['tbt_p50_ms']:.2f} | {r['tbt_p99_ms']:.2f} | {r['tbt_p99_ms'] / base:.2f}x | "
                  f"{r['throughput_tok_s']:,.0f} |")
-  lines += ["", "Steps by kind (decode: decodes only; mixed: decodes and one prefill piece in one "
-            "call; prefill: pieces only); wall time per step, scheduling and token fetch included:",
+  lines += ["", "Steps by kind (decode: decodes only, also split by the step before it; mixed: "
+            "decodes and one prefill piece in one call; prefill: pieces only); wall time per "
+            "step, scheduling and token fetch included:",
             "", "| run | kind | steps | ms p50 | ms p90 | ms p99 |",
             "|---|---|---:|---:|---:|---:|"]
   for name in runs:

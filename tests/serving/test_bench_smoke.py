@@ -91,3 +91,19 @@ def test_serve_load_smoke(tmp_path):
   assert "| mixed 4 |" in report and "| chunked | mixed |" in report
   # Both runs replay one trace: same requests, same greedy lengths.
   assert results["chunked"]["output_tokens"] == results["prefill_first"]["output_tokens"]
+
+
+def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
+  monkeypatch.syspath_prepend(BENCH)
+  import serve_load  # noqa: PLC0415 (bench/ is not a package)
+  kinds = ["decode", "mixed", "decode", "decode", "prefill", "decode", "decode"]
+  walls = [2.0, 5.0, 4.0, 2.5, 9.0, 3.5, 2.2]
+  steps = [{"kind": k, "wall_ms": w, "decodes": int(k != "prefill"), "pieces": []}
+           for k, w in zip(kinds, walls)]
+  summary = serve_load.step_summary(steps, slowest=2)["kinds"]
+  assert summary["decode"]["steps"] == 5
+  assert summary["decode after decode"]["steps"] == 2  # steps 3 and 6
+  assert summary["decode after decode"]["p50_ms"] == pytest.approx((2.5 + 2.2) / 2)
+  assert summary["decode after mixed/prefill"]["steps"] == 2  # steps 2 and 5
+  assert summary["decode after mixed/prefill"]["p50_ms"] == pytest.approx((4.0 + 3.5) / 2)
+  assert summary["prefill"]["steps"] == 1 and summary["mixed"]["p99_ms"] == 5.0
