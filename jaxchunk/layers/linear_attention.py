@@ -283,11 +283,12 @@ class LinearAttention(nn.Module):
                                param_dtype=jnp.dtype(cfg.param_dtype), name=f"{name}_conv")
                for name, (width, axis) in _conv_widths(cfg).items()}
 
-    def mix(qkv, gates, cache):
-      """The sequence work on one batch: qkv {"q","k","v"} [B,T,heads,Dh], gates [B,T,...] ->
-      (o [B,T,H,Dh], new cache or None)."""
-      b, t = qkv["q"].shape[:2]
-      qkv, new_conv = dict(qkv), {}
+    def mix(q, k, v, *gates_and_cache):
+      """The sequence work on one batch: q [B,T,H,Dh], k/v [B,T,Hk,Dh], the gates [B,T,...] and
+      the cache -> (o [B,T,H,Dh], new cache or None)."""
+      *gates, cache = gates_and_cache
+      b, t = q.shape[:2]
+      qkv, new_conv = {"q": q, "k": k, "v": v}, {}
       for name, conv in convs.items():
         y, new_conv[name] = conv(qkv[name].reshape(b, t, -1),
                                  cache=None if cache is None else cache["conv"][name],
@@ -315,14 +316,10 @@ class LinearAttention(nn.Module):
       return o, {"state": state, "conv": new_conv}
 
     if streams is None:
-      o, new_cache = mix(qkv, gates, cache)
+      o, new_cache = mix(qkv["q"], qkv["k"], qkv["v"], *gates, cache)
     else:
-      split = lambda a: streams_lib.split(a, streams)
-      qkv_parts = [dict(zip(qkv, parts)) for parts in zip(*map(split, qkv.values()))]
-      gate_parts = list(zip(*map(split, gates))) if gates else [()] * len(streams)
-      parts = [mix(*args) for args in zip(qkv_parts, gate_parts, cache)]
-      o = streams_lib.join([o_i for o_i, _ in parts])
-      new_cache = tuple(c for _, c in parts)
+      o, new_cache = streams_lib.map_streams(mix, streams, cache, qkv["q"], qkv["k"], qkv["v"],
+                                             *gates)
 
     o = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
                    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)),

@@ -38,6 +38,8 @@ devices); every segment of the layout must hold whole chunks.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -163,10 +165,8 @@ class RATLayer(nn.Module):
       o, _ = rat(q, k, v, f, chunk_size=chunk, segment_ids=segment_ids, impl=cfg.impl)
       new_cache = None
     elif streams is not None:
-      parts = [_continue(*args, state, chunk_size=chunk, impl=cfg.impl) for *args, state in
-               zip(*(streams_lib.split(a, streams) for a in (q, k, v, f)), cache)]
-      o = streams_lib.join([o_i for o_i, _ in parts])
-      new_cache = tuple(state for _, state in parts)
+      o, new_cache = streams_lib.map_streams(
+          functools.partial(_continue, chunk_size=chunk, impl=cfg.impl), streams, cache, q, k, v, f)
     else:
       o, new_cache = _continue(q, k, v, f, cache, chunk_size=chunk, impl=cfg.impl)
     if packed is None:

@@ -10,12 +10,14 @@ recurrence, short convolutions) runs per stream, on the stream's own [b, t] shap
 `streams` is a static tuple of (batch, length) pairs, ((S, 1), (1, L)) for a mixed step; the row
 holds the streams one after another, each row-major (stream i's token (r, j) at offset
 sum_{i' < i} b_i' * t_i' + r * t_i + j). `split` cuts the row into the streams, `join` puts them
-back. A mixer called with `streams` takes a tuple of per-stream caches and returns one.
+back; `map_streams` runs a mixer's sequence work per stream. A mixer called with `streams` takes
+a tuple of per-stream caches and returns one.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,3 +56,12 @@ def join(parts: list[jax.Array]) -> jax.Array:
   """[x_i [b_i, t_i, ...]] -> x [1, N, ...] (the inverse of `split`)."""
   flat = [p.reshape((math.prod(p.shape[:2]),) + p.shape[2:]) for p in parts]
   return jnp.concatenate(flat, axis=0)[None]
+
+
+def map_streams(fn: Callable, streams: Streams, caches: tuple, *arrays: jax.Array):
+  """fn(*stream_arrays, cache) -> (out [b_i, t_i, ...], new cache) on each stream's part of
+  `arrays` (each [1, N, ...]) and its cache; returns (the outs joined [1, N, ...], the tuple of
+  new caches)."""
+  parts = [fn(*stream_arrays, cache)
+           for *stream_arrays, cache in zip(*(split(a, streams) for a in arrays), caches)]
+  return join([out for out, _ in parts]), tuple(cache for _, cache in parts)

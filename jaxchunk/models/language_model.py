@@ -126,11 +126,10 @@ class Block(nn.Module):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mixer_norm")(x)
-    mixer_args = {} if streams is None else {"streams": streams}
     h, new_cache = make_mixer(cfg, self.kind, "mixer")(h, positions=positions,
                                                        segment_ids=segment_ids, cache=cache,
                                                        sequence_parallel=sequence_parallel,
-                                                       **mixer_args)
+                                                       streams=streams)
     x = x + h.astype(x.dtype)
     h = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlp_norm")(x)
     x = x + SwiGLU(cfg.mlp_hidden, dtype=dtype, param_dtype=param_dtype, name="mlp")(h).astype(x.dtype)
