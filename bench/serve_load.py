@@ -21,6 +21,13 @@ steady-state decode TBT, the time per token of a full decode batch, and the base
 column (a steady state has one step time, so p50 is its typical value; its p99 is in the table).
 TBT ratio = a run's TBT p99 / steady TBT p50.
 
+The default trace keeps the decode batch busy while long prompts arrive: 8 arrivals a second of
+prompts of mean 1024 tokens and outputs of mean 512, about 11 requests decoding at once (Little's
+law at ~2.7 ms a step), so a prompt prefilled in one go (prefill-first) stalls about a dozen
+requests each time. Until 2026-12-06 it was 64 requests at 2/s with outputs of mean 128: one or two
+requests decoding, so the baseline's stalls touched ~1% of the gaps and barely reached its p99
+(`bench/results/serve_load-2026-12-06-seed1-baseline.md`).
+
 Where a tail comes from: the report counts each run's steps by kind (decodes only, decodes with
 one prefill piece in one call, pieces only) with their wall-time percentiles and lists the slowest
 steps that decoded; `--call-times REPS` also times each jitted call shape alone on the idle engine
@@ -318,10 +325,10 @@ def main(argv=None) -> str:
   parser.add_argument("--max-len", type=int, default=4096)
   parser.add_argument("--page-size", type=int, default=64)
   parser.add_argument("--chunk-size", type=int, default=128)
-  parser.add_argument("--requests", type=int, default=64)
-  parser.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
+  parser.add_argument("--requests", type=int, default=128)
+  parser.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second")
   parser.add_argument("--prompt-mean", type=float, default=1024)
-  parser.add_argument("--output-mean", type=float, default=128)
+  parser.add_argument("--output-mean", type=float, default=512)
   parser.add_argument("--steady-steps", type=int, default=128, help="timed steady-state steps")
   parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also run the prefill-first scheduler on the same trace")
