@@ -226,11 +226,10 @@ def test_no_recompilation_in_200_requests(rng):
   assert engine.pool.num_free == engine.pool.capacity
 
 
-def test_warmup_runs_every_step_shape_and_compiles_once():
+def test_warmup_runs_every_step_shape_and_compiles_once(monkeypatch):
   # A GPU records an executable's CUDA graph on its second run: warm-up must run each shape
-  # more than once, and a later warm-up (or request) must not compile again.
-  model, variables, _ = tiny_model(("rat", "local"))
-  engine = Engine(model, variables, ENGINE)
+  # more than once, and warming up again (or serving) must not compile.
+  engine = warm_engine(("rat", "local"))
   calls = collections.Counter()
   run = engine._run
   names = {id(engine._decode): "decode", id(engine._prefill): "prefill", id(engine._mixed): "mixed"}
@@ -240,13 +239,12 @@ def test_warmup_runs_every_step_shape_and_compiles_once():
     calls[names[id(step)], length] += 1
     return run(step, *groups)
 
-  engine._run = counting_run
+  monkeypatch.setattr(engine, "_run", counting_run)
+  traces = engine.num_traces
   engine.warmup(runs=2)
   shapes = [("decode", None)] + [(kind, n) for n in engine.piece_lengths
                                  for kind in ("prefill", "mixed")]
   assert calls == {shape: 2 for shape in shapes}
-  traces = engine.num_traces
-  engine.warmup(runs=1)
   assert engine.num_traces == traces
   with pytest.raises(ValueError, match="runs"):
     engine.warmup(runs=0)
