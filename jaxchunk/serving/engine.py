@@ -513,17 +513,18 @@ class Engine:
       slots = self.config.num_slots
       zeros = np.zeros((slots,), np.int32)
       inactive = np.zeros((slots,), bool)
+      sampling = self._sampling_arrays([None] * slots)
+      decode_args = (zeros, inactive, zeros, self._table(), np.ones((slots,), bool), *sampling)
+      mixed_decode_args = (zeros, inactive, zeros, self._table(), inactive, *sampling)
+      prefill_args = [(np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
+                       self._table()[:1] * 0, *self._sampling_arrays([None]))
+                      for length in self.piece_lengths]
       for _ in range(runs):
         for decode in [self._decode] + [self._decode_many] * (self.config.decode_steps > 1):
-          self._run(decode, (zeros, inactive, zeros, self._table(), np.ones((slots,), bool),
-                             *self._sampling_arrays([None] * slots)))
-        for length in self.piece_lengths:
-          prefill_args = (np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
-                          self._table()[:1] * 0, *self._sampling_arrays([None]))
-          self._run(self._prefill, prefill_args)
-          decode_args = (zeros, inactive, zeros, self._table(), inactive,
-                         *self._sampling_arrays([None] * slots))
-          self._run(self._mixed, decode_args, prefill_args)
+          self._run(decode, decode_args)
+        for piece_args in prefill_args:
+          self._run(self._prefill, piece_args)
+          self._run(self._mixed, mixed_decode_args, piece_args)
       jax.block_until_ready(self.last_tokens)
 
   def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
