@@ -24,9 +24,12 @@ logits come back in the same order. Training and evaluation only (no cache).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxchunk.layers import attention as attention_layer
 from jaxchunk.layers import mlp as mlp_layer
@@ -106,9 +109,14 @@ def output_logits(config: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Arr
   """
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   x = RMSNorm(config.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+  # The operands stay in their own (promoted) dtype and the products accumulate in float32: the
+  # same logits as float32 operands (bf16 values are exact in float32), without a float32 copy of
+  # the table or a float32 GEMM.
   if config.tie_embeddings:
-    return jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embed.embedding.astype(jnp.float32))
-  return nn.Dense(config.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
+    return jnp.einsum("btd,vd->btv", x, embed.embedding, preferred_element_type=jnp.float32)
+  return nn.Dense(config.vocab_size, use_bias=False, param_dtype=param_dtype,
+                  dot_general=functools.partial(lax.dot_general,
+                                                preferred_element_type=jnp.float32),
                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                            ("embed", "vocab")),
                   name="lm_head")(x)
