@@ -108,17 +108,18 @@ def dispatch_decode(engine: Engine, running, many: bool) -> None:
   engine._run(decode, engine._decode_args(running))
 
 
-def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,
-                    top: int = 25) -> dict[str, float]:
-  """GPU time per decode token (ms) of the `top` costliest kernels (by name) over `calls` calls of
-  `decode`, from a JAX profiler trace (perfetto JSON: device events of GPU processes)."""
+def profile_kernels(call, engine: Engine, calls: int, tokens_per_call: int, top: int = 25,
+                    label: str = "decode token") -> dict[str, float]:
+  """GPU time per `label` (ms: per call / tokens_per_call) of the `top` costliest kernels (by
+  name) over `calls` calls of `call`, from a JAX profiler trace (perfetto JSON: device events of
+  GPU processes)."""
   import glob
   import gzip
   folder = tempfile.mkdtemp(prefix="serve_decode_trace_")
   jax.block_until_ready(engine.cache)
   with jax.profiler.trace(folder, create_perfetto_trace=True):
     for _ in range(calls):
-      decode()
+      call()
     jax.block_until_ready(engine.cache)
   [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
   with gzip.open(path) as f:
@@ -132,7 +133,7 @@ def profile_kernels(decode, engine: Engine, calls: int, tokens_per_call: int,
       totals[e["name"]] = (totals.get(e["name"], 0.0)
                            + e.get("dur", 0.0) / 1e3 / (calls * tokens_per_call))
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-  print(f"GPU kernel time per decode token: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
+  print(f"GPU kernel time per {label}: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
         flush=True)
   for name, ms in ranked[:top]:
     print(f"  {ms:8.4f} ms  {name[:110]}", flush=True)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import datetime
 import gc
 import json
@@ -62,7 +63,7 @@ import numpy as np
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 from report import versions, write_report
-from serve_decode import RESULTS, VERSIONED, preset_config
+from serve_decode import RESULTS, VERSIONED, preset_config, profile_kernels
 
 # Sizes that --smoke replaces (argument name -> smoke value).
 SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
@@ -195,14 +196,11 @@ def steady_state(engine: Engine, rng, *, prompt_len: int, steps: int, vocab: int
           "tbt_p99_ms": tbt_p99, "throughput_tok_s": slots * steps / elapsed}
 
 
-def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
-  """Host and total time of each jitted call shape alone, on an idle engine: a decode of every slot
-  at `position`, and each prefill piece length at `position` alone and with that decode.
-
-  dispatch ms: until the call returns (the host's part: argument transfers and kernel launches);
-  total ms: until its results are ready (medians of `reps`). Runs on the scratch page and slot 1
-  (whose row its next request's first prefill piece clears).
-  """
+def call_shapes(engine: Engine, *, position: int) -> dict[str, callable]:
+  """Zero-argument dispatchers of each jitted call shape on an idle engine: a decode of every slot
+  at `position` ("decode"), and each prefill piece length at `position` alone ("prefill L") and
+  with that decode ("mixed L"). They run on the scratch page and slot 1 (whose row its next
+  request's first prefill piece clears)."""
   slots = engine.config.num_slots
   zeros = np.zeros((slots,), np.int32)
   table = engine._table() * 0
@@ -213,31 +211,44 @@ def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
     return (np.int32(min(1, slots - 1)), np.zeros((1, length), np.int32), np.int32(position),
             table[:1], *engine._sampling_arrays([None]))
 
-  def call(kind, length):
-    if kind == "decode":
-      engine._run(engine._decode, decode_args)
-    elif kind == "prefill":
-      engine._run(engine._prefill, prefill_args(length))
-    else:
-      engine._run(engine._mixed, decode_args, prefill_args(length))
+  shapes = {"decode": lambda: engine._run(engine._decode, decode_args)}
+  for length in engine.piece_lengths:
+    shapes[f"prefill {length}"] = functools.partial(engine._run, engine._prefill,
+                                                    prefill_args(length))
+    shapes[f"mixed {length}"] = functools.partial(engine._run, engine._mixed, decode_args,
+                                                  prefill_args(length))
+  return shapes
 
-  shapes = [("decode", None)] + [(kind, length) for length in engine.piece_lengths
-                                  for kind in ("prefill", "mixed")]
+
+def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
+  """Host and total time of each jitted call shape alone (`call_shapes`), on an idle engine.
+
+  dispatch ms: until the call returns (the host's part: argument transfers and kernel launches);
+  total ms: until its results are ready (medians of `reps`).
+  """
   times = {}
-  for kind, length in shapes:
+  for name, call in call_shapes(engine, position=position).items():
     dispatch, total = [], []
     for _ in range(reps + 1):  # the first is untimed
       jax.block_until_ready(engine.last_tokens)
       start = time.perf_counter()
-      call(kind, length)
+      call()
       returned = time.perf_counter()
       jax.block_until_ready(engine.last_tokens)
       dispatch.append(returned - start)
       total.append(time.perf_counter() - start)
-    name = kind if length is None else f"{kind} {length}"
     times[name] = {"dispatch_ms": 1e3 * float(np.median(dispatch[1:])),
                    "total_ms": 1e3 * float(np.median(total[1:]))}
   return times
+
+
+def profile_calls(engine: Engine, *, position: int, calls: int) -> dict[str, dict[str, float]]:
+  """GPU time per call (ms) of the costliest kernels of the decode, the longest prefill piece and
+  the mixed call with it (`call_shapes`), each over `calls` calls (profiler trace)."""
+  shapes = call_shapes(engine, position=position)
+  longest = engine.config.chunk_size
+  return {name: profile_kernels(shapes[name], engine, calls, 1, label=f"{name} call")
+          for name in ("decode", f"prefill {longest}", f"mixed {longest}")}
 
 
 def measure(args) -> dict:
@@ -262,6 +273,9 @@ def measure(args) -> dict:
     if name == "chunked" and args.call_times:
       results["calls"] = call_times(engine, position=min(int(args.prompt_mean), args.max_len // 2),
                                     reps=args.call_times)
+    if name == "chunked" and args.profile:
+      results["profile"] = profile_calls(
+          engine, position=min(int(args.prompt_mean), args.max_len // 2), calls=args.profile)
     if name == "chunked":
       with gc_paused():
         results["steady"] = steady_state(
@@ -312,6 +326,10 @@ def render(results: dict) -> str:
               "| call | dispatch ms | total ms |", "|---|---:|---:|"]
     lines += [f"| {name} | {t['dispatch_ms']:.3f} | {t['total_ms']:.3f} |"
               for name, t in results["calls"].items()]
+  for name, kernels in results.get("profile", {}).items():
+    lines += ["", f"Costliest GPU kernels of the {name} call (`--profile`; ms per call, "
+              f"{sum(kernels.values()):.3f} ms in these):", "", "| kernel | ms |", "|---|---:|"]
+    lines += [f"| `{kernel[:90]}` | {ms:.4f} |" for kernel, ms in kernels.items()]
   return "\n".join(lines)
 
 
@@ -337,6 +355,9 @@ def main(argv=None) -> str:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--call-times", type=int, default=0, metavar="REPS",
                       help="also time each jitted call shape alone, REPS times (0: skip)")
+  parser.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                      help="also print the costliest GPU kernels of the decode, prefill and mixed "
+                           "calls, over CALLS calls each (0: skip)")
   parser.add_argument("--out", default=RESULTS, help="folder of the report")
   args = parser.parse_args(argv)
   if args.smoke:
