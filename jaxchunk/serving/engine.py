@@ -479,6 +479,11 @@ class Engine:
         positions=jnp.concatenate([positions, piece_positions[0]])[None],
         cache={"layers": tuple(zip(decode_layers, row_layers))},
         streams=((num_slots, 1), (1, length)))
+    # The piece's row is written into the decode's new buffers in place. The barrier orders that
+    # write after every read of them in the forward (RAT's decode attention reads the summary
+    # buffers it has just appended to): without it XLA keeps the order by copying the buffers
+    # (on an H100, 0.31 ms of memcpy per mixed step of the 350M RAT+local preset).
+    logits, new = jax.lax.optimization_barrier((logits, new))
     new_decode = self._detach_tables(tuple(d for d, _ in new["layers"]))
     new_row = self._detach_tables(tuple(r for _, r in new["layers"]))
     cache = _put_row(_select_rows(active, new_decode, cache), new_row, slot)
