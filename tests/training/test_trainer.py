@@ -13,6 +13,7 @@ import pytest
 
 import configs
 from jaxchunk.training.trainer import Trainer
+from tests.training.conftest import make_tiny_config
 
 
 def one_device():
@@ -28,10 +29,19 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_train_writes_logs_plot_checkpoints_and_samples(tiny_config, tmp_path):
-  workdir = str(tmp_path / "run")
-  trainer = Trainer(tiny_config(), workdir, devices=one_device())
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+  """(trainer, workdir, summary) of one uninterrupted 6-step run of the tiny config, shared by the
+  output test and the resume test (which compares a crashed-and-resumed run against it)."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  trainer = Trainer(make_tiny_config(corpus), workdir, devices=one_device())
   summary = trainer.train()
+  yield trainer, workdir, summary
+  trainer.close()
+
+
+def test_train_writes_logs_plot_checkpoints_and_samples(straight_run):
+  trainer, workdir, summary = straight_run
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert records[-1]["loss"] < records[0]["loss"]
@@ -43,13 +53,12 @@ def test_train_writes_logs_plot_checkpoints_and_samples(tiny_config, tmp_path):
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 32
   text = trainer.sample("def ", max_new_tokens=8, temperature=0.0)
   assert text.startswith("def ") and len(text.encode()) >= 4
-  trainer.close()
 
 
-def test_resume_after_crash_is_bit_exact(tiny_config, tmp_path):
+def test_resume_after_crash_is_bit_exact(straight_run, tiny_config, tmp_path):
   config = tiny_config()
-  straight = Trainer(config, str(tmp_path / "straight"), devices=one_device())
-  straight.train()
+  straight, _, _ = straight_run
+  assert straight.config == config
   crashed = Trainer(config, str(tmp_path / "crashed"), devices=one_device())
   crashed.train(stop_after=5)               # checkpoints at 2 and 4; step 5 is lost
   crashed.close()
@@ -60,7 +69,6 @@ def test_resume_after_crash_is_bit_exact(tiny_config, tmp_path):
   assert_trees_equal(params_of(resumed), params_of(straight))
   losses = lambda t: [(r["step"], r["loss"]) for r in t._records]
   assert losses(resumed) == losses(straight)
-  straight.close()
   resumed.close()
 
 
