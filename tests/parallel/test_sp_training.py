@@ -2,6 +2,7 @@
 each sequence-parallel run equals the single-device run on the natural order (values and grads)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -135,12 +136,19 @@ def _model_config(pattern, **fields):
   return ModelConfig(**{**options, **fields})
 
 
+@functools.cache
+def _model_and_params(case):
+  """(model, params) of a case, initialised once (under jit) for all the tests of that case."""
+  model = LanguageModel(_model_config(MODEL_CASES[case][0]))
+  # the tokens only give init their shape
+  params = jax.jit(lambda key: model.init(key, jnp.zeros((B, T), jnp.int32)))(jax.random.key(0))
+  return model, params
+
+
 def _model_and_tokens(rng, case):
-  pattern, strategy = MODEL_CASES[case]
-  model = LanguageModel(_model_config(pattern))
+  model, params = _model_and_params(case)
   tokens = jnp.asarray(rng.integers(0, 256, (B, T)), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)
-  return model, params, tokens, _sequence_parallel(strategy=strategy)
+  return model, params, tokens, _sequence_parallel(strategy=MODEL_CASES[case][1])
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
