@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import datetime
+import functools
 import gc
 import json
 import sys
