@@ -224,6 +224,12 @@ def _step(state: RATState, token, *, chunk_size: int, scale: float):
   k_run, v_run = _run_update(k_run, v_run, k, v, f, lengths, chunk_size)
 
   n = k_chunks.shape[1]
+  if n:
+    # Append first: the append writes slot lengths // C, which this token does not see, so the
+    # attention reads the same values; in this order XLA appends in place (to donated buffers),
+    # where a read before the write makes it copy each buffer twice per step.
+    k_chunks = _append(k_chunks, k_run, lengths, chunk_size)
+    v_chunks = _append(v_chunks, v_run, lengths, chunk_size)
   visible = jnp.arange(n)[None, :] < (lengths // chunk_size)[:, None]  # [B, N]
   # Products and sums in the compute dtype, written as fused multiply-reduces over the buffer in its
   # [B, N, Hk, D] layout: a decode step reads each summary once (a batched dot would transpose it).
@@ -234,9 +240,6 @@ def _step(state: RATState, token, *, chunk_size: int, scale: float):
   p = jax.nn.softmax(jnp.concatenate([s_chunks, s_run[:, None]], axis=1), axis=1)
   o = (jnp.sum(p[:, :n, ..., None] * wide(v_chunks)[:, :, :, None], axis=1)
        + p[:, n, ..., None] * v_run[:, :, None])
-  if n:
-    k_chunks = _append(k_chunks, k_run, lengths, chunk_size)
-    v_chunks = _append(v_chunks, v_run, lengths, chunk_size)
   return RATState(k_chunks, v_chunks, k_run, v_run, length + 1), o
 
 
