@@ -4,6 +4,7 @@ preemption), compilation counts, page accounting, sampling, streaming, cancellat
 
 import collections
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,32 @@ def test_steps_dispatch_before_fetching(rng):
   while engine.has_work():
     engine.step()
   assert engine.pop_output(request_id).tokens == expected and request.pending == 0
+
+
+def test_steps_update_cache_buffers_in_place():
+  """The compiled decode and mixed steps of the RAT+local engine copy no page pool and no RAT
+  summary buffer. XLA copies a donated buffer when a read of it is not ordered before an in-place
+  write to it (RAT's decode attention and its summary append; the mixed step's write-back of the
+  prefill row): on an H100 that was 0.31 ms of a 350M model's 2.5 ms mixed step."""
+  engine = warm_engine(("rat", "local"))
+  hlo_dtype = {"float32": "f32", "bfloat16": "bf16"}
+  buffers = {f"{hlo_dtype[x.dtype.name]}[{','.join(map(str, x.shape))}]"
+             for x in jax.tree.leaves(engine.cache) if x.ndim == 4}
+  assert len(buffers) == 2  # the page pools and the summaries, of different shapes
+  slots = ENGINE.num_slots
+  zeros = np.zeros((slots,), np.int32)
+  decode_args = (zeros, np.zeros((slots,), bool), zeros, engine._table(), np.ones((slots,), bool),
+                 *engine._sampling_arrays([None] * slots))
+  prefill_args = (np.int32(1), np.zeros((1, ENGINE.chunk_size), np.int32), np.int32(4),
+                  engine._table()[:1], *engine._sampling_arrays([None]))
+  for step, groups in [(engine._decode, (decode_args,)),
+                       (engine._mixed, (decode_args, prefill_args))]:
+    packed, layout = engine_module._pack(groups)
+    hlo = step.lower(engine.variables, engine.cache, engine.last_tokens, packed,
+                     layout).compile().as_text()
+    copied = set(re.findall(r"= (\w+\[[\d,]*\])\{[^}]*\} copy\(", hlo))
+    assert copied, "no copies at all: the pattern no longer matches XLA's text"
+    assert not copied & buffers, copied & buffers
 
 
 def test_pages_behind_the_window_are_freed(rng):
