@@ -439,6 +439,9 @@ class Engine:
     self.num_traces += 1
     row, positions = self._prefill_row(cache, slot, start, tokens.shape[1])
     logits, new = self._apply(variables, tokens, positions, row, table_row)
+    # Orders the row's write-back after every read of the cache (as in `_mixed_fn`): RAT's
+    # attention reads the summaries the row started from.
+    logits, new = jax.lax.optimization_barrier((logits, new))
     cache = _put_row(cache, new, slot)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
     return cache, last.at[slot].set(next_tokens[0]), next_tokens[0], logprobs[0]
