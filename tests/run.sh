@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh test
-exec .venv/bin/python -m pytest -q -m "not slow" -n 2 --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -q -m "not slow" -n 2 "$@"

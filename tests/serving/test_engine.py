@@ -33,11 +33,6 @@ LOGPROB_TOL = {("gated_delta_rule",): 3e-2}
 DEFAULT_LOGPROB_TOL = 5e-4
 
 
-# One xdist worker runs this file (`--dist loadgroup` in tests/run.sh): its tests share the cached
-# warm engines below, which each worker would otherwise build and compile again.
-pytestmark = pytest.mark.xdist_group("engine")
-
-
 @functools.cache
 def tiny_model(pattern, vocab_size=64):
   """(model, variables, jitted log-probs (variables, tokens) of the full sequence) of a tiny
