@@ -201,15 +201,9 @@ def call_shapes(engine: Engine, *, position: int) -> dict[str, callable]:
   at `position` ("decode"), and each prefill piece length at `position` alone ("prefill L") and
   with that decode ("mixed L"). They run on the scratch page and slot 1 (whose row its next
   request's first prefill piece clears)."""
-  slots = engine.config.num_slots
-  zeros = np.zeros((slots,), np.int32)
-  table = engine._table() * 0
-  decode_args = (zeros, np.zeros((slots,), bool), np.full((slots,), position, np.int32), table,
-                 np.ones((slots,), bool), *engine._sampling_arrays([None] * slots))
-
-  def prefill_args(length):
-    return (np.int32(min(1, slots - 1)), np.zeros((1, length), np.int32), np.int32(position),
-            table[:1], *engine._sampling_arrays([None]))
+  decode_args = engine._idle_decode_args(position=position)
+  prefill_args = functools.partial(engine._idle_prefill_args,
+                                   slot=min(1, engine.config.num_slots - 1), start=position)
 
   shapes = {"decode": lambda: engine._run(engine._decode, decode_args)}
   for length in engine.piece_lengths:

@@ -519,15 +519,9 @@ class Engine:
     with self._lock:
       if self.scheduler.has_work():
         raise RuntimeError("warmup() must run before any request is submitted")
-      slots = self.config.num_slots
-      zeros = np.zeros((slots,), np.int32)
-      inactive = np.zeros((slots,), bool)
-      sampling = self._sampling_arrays([None] * slots)
-      decode_args = (zeros, inactive, zeros, self._table(), np.ones((slots,), bool), *sampling)
-      mixed_decode_args = (zeros, inactive, zeros, self._table(), inactive, *sampling)
-      prefill_args = [(np.int32(0), np.zeros((1, length), np.int32), np.int32(0),
-                       self._table()[:1] * 0, *self._sampling_arrays([None]))
-                      for length in self.piece_lengths]
+      decode_args = self._idle_decode_args()
+      mixed_decode_args = self._idle_decode_args(active=False)
+      prefill_args = [self._idle_prefill_args(length) for length in self.piece_lengths]
       for _ in range(runs):
         for decode in [self._decode] + [self._decode_many] * (self.config.decode_steps > 1):
           self._run(decode, decode_args)
@@ -730,6 +724,22 @@ class Engine:
       active[request.slot] = True
       rows[request.slot] = request
     return (tokens, from_last, positions, self._table(), active, *self._sampling_arrays(rows))
+
+  def _idle_decode_args(self, *, position: int = 0, active: bool = True) -> tuple:
+    """`_decode_fn`'s arguments after `last` on an idle engine (warm-up, benchmarks, tests): every
+    slot at `position` on the scratch page, greedy, `active` or not."""
+    slots = self.config.num_slots
+    zeros = np.zeros((slots,), np.int32)
+    return (zeros, np.zeros((slots,), bool), np.full((slots,), position, np.int32),
+            np.full((slots, self.config.pages_per_seq), SCRATCH_PAGE, np.int32),
+            np.full((slots,), active), *self._sampling_arrays([None] * slots))
+
+  def _idle_prefill_args(self, length: int, *, slot: int = 0, start: int = 0) -> tuple:
+    """`_prefill_fn`'s arguments after `last` on an idle engine: a piece of `length` tokens at
+    `start` on `slot`'s row and the scratch page, greedy."""
+    return (np.int32(slot), np.zeros((1, length), np.int32), np.int32(start),
+            np.full((1, self.config.pages_per_seq), SCRATCH_PAGE, np.int32),
+            *self._sampling_arrays([None]))
 
   def _prefill_args(self, piece: PrefillPiece) -> tuple:
     """The arguments of `_prefill_fn` after `last` for one prefill piece."""

@@ -199,12 +199,8 @@ def test_steps_update_cache_buffers_in_place():
   buffers = {f"{hlo_dtype[x.dtype.name]}[{','.join(map(str, x.shape))}]"
              for x in jax.tree.leaves(engine.cache) if x.ndim == 4}
   assert len(buffers) == 2  # the page pools and the summaries, of different shapes
-  slots = ENGINE.num_slots
-  zeros = np.zeros((slots,), np.int32)
-  decode_args = (zeros, np.zeros((slots,), bool), zeros, engine._table(), np.ones((slots,), bool),
-                 *engine._sampling_arrays([None] * slots))
-  prefill_args = (np.int32(1), np.zeros((1, ENGINE.chunk_size), np.int32), np.int32(4),
-                  engine._table()[:1], *engine._sampling_arrays([None]))
+  decode_args = engine._idle_decode_args()
+  prefill_args = engine._idle_prefill_args(ENGINE.chunk_size, slot=1, start=4)
   for step, groups in [(engine._prefill, (prefill_args,)),
                        (engine._mixed, (decode_args, prefill_args))]:
     packed, layout = engine_module._pack(groups)
