@@ -55,6 +55,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +197,7 @@ def steady_state(engine: Engine, rng, *, prompt_len: int, steps: int, vocab: int
           "tbt_p99_ms": tbt_p99, "throughput_tok_s": slots * steps / elapsed}
 
 
-def call_shapes(engine: Engine, *, position: int) -> dict[str, callable]:
+def call_shapes(engine: Engine, *, position: int) -> dict[str, Callable[[], object]]:
   """Zero-argument dispatchers of each jitted call shape on an idle engine: a decode of every slot
   at `position` ("decode"), and each prefill piece length at `position` alone ("prefill L") and
   with that decode ("mixed L"). They run on the scratch page and slot 1 (whose row its next
@@ -205,7 +206,7 @@ def call_shapes(engine: Engine, *, position: int) -> dict[str, callable]:
   prefill_args = functools.partial(engine._idle_prefill_args,
                                    slot=min(1, engine.config.num_slots - 1), start=position)
 
-  shapes = {"decode": lambda: engine._run(engine._decode, decode_args)}
+  shapes = {"decode": functools.partial(engine._run, engine._decode, decode_args)}
   for length in engine.piece_lengths:
     shapes[f"prefill {length}"] = functools.partial(engine._run, engine._prefill,
                                                     prefill_args(length))
@@ -255,6 +256,8 @@ def measure(args) -> dict:
   results = {"args": vars(args), "date": datetime.date.today().isoformat(),
              "versions": versions(*VERSIONED), "layer_pattern": ",".join(config.layer_pattern)}
   print(results["versions"], flush=True)
+  # The trace's typical context: the call shapes' position, the steady state's prompts.
+  context = min(int(args.prompt_mean), args.max_len // 2)
   runs = [("chunked", False)] + [("prefill_first", True)] * args.baseline
   for name, prefill_first in (runs[::-1] if args.baseline_first else runs):
     engine = Engine(model, variables, EngineConfig(
@@ -265,16 +268,13 @@ def measure(args) -> dict:
     print(f"{name}: warm-up (compilation) {time.perf_counter() - start:.1f} s", flush=True)
     traces = engine.num_traces
     if name == "chunked" and args.call_times:
-      results["calls"] = call_times(engine, position=min(int(args.prompt_mean), args.max_len // 2),
-                                    reps=args.call_times)
+      results["calls"] = call_times(engine, position=context, reps=args.call_times)
     if name == "chunked" and args.profile:
-      results["profile"] = profile_calls(
-          engine, position=min(int(args.prompt_mean), args.max_len // 2), calls=args.profile)
+      results["profile"] = profile_calls(engine, position=context, calls=args.profile)
     if name == "chunked":
       with gc_paused():
         results["steady"] = steady_state(
-            engine, rng, prompt_len=min(int(args.prompt_mean), args.max_len // 2),
-            steps=args.steady_steps, vocab=config.vocab_size)
+            engine, rng, prompt_len=context, steps=args.steady_steps, vocab=config.vocab_size)
       print("steady", json.dumps(results["steady"]), flush=True)
     with gc_paused():
       results[name] = run(engine, trace)
