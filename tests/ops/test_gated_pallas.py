@@ -44,7 +44,8 @@ def make_inputs(rng, per_channel, *, b=1, t=80, h=2, hk=2, gate_heads=2, d=64):
 
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("t,h,hk,gate_heads", [
-    (80, 2, 2, 2),    # T not a multiple of the chunk (64)
+    # T not a multiple of the chunk (64); slow: T = 317 below is ragged too (and spans 5 chunks)
+    pytest.param(80, 2, 2, 2, marks=pytest.mark.slow),
     (64, 4, 2, 2),    # GQA, gates on kv heads
     (20, 2, 2, 2),    # T shorter than one chunk
     (317, 2, 1, 1),   # 5 chunks, the last one ragged
@@ -106,7 +107,8 @@ def assert_values_and_gradients(rng, op, q, k, v, gate, s0):
 
 
 @pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize("t", [70, 20, 317])
+# T = 70 (ragged, 2 chunks) in the slow run: T = 317 is ragged too, over 5 chunks
+@pytest.mark.parametrize("t", [pytest.param(70, marks=pytest.mark.slow), 20, 317])
 def test_gradients_match_xla(rng, name, t):
   """Every input, incl. the gate (the dB = q dq - k dk identity, summed across chunks through the
   states) and the initial state; GQA with gates on kv heads; ragged T, shorter than one chunk, and
@@ -117,7 +119,9 @@ def test_gradients_match_xla(rng, name, t):
 
 
 @pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize("t", [64, 200])
+# T = 64 (one chunk) in the slow run: T = 200 runs the same kernels over 4 chunks (bf16 stored
+# chunk states between them)
+@pytest.mark.parametrize("t", [pytest.param(64, marks=pytest.mark.slow), 200])
 def test_bf16_gradients_match_float64(rng, name, t):
   """bf16 operands and bf16 stored chunk states; the decay gradient's cancelling sums stay at the
   other gradients' ~3e-3."""
