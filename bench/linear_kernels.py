@@ -16,6 +16,18 @@ w.r.t. q, k, v and the gates). Columns:
 - jla's Mosaic GPU kernels (pip: jax-linear-attention; `jla.ops.linear_attention(kind, q, k, v,
   impl="mosaic_gpu", g=..., beta=...)`).
 
+Triton autotuning (FLA's kernels try dozens of launch configs, each compiled) took longer than
+the per-op limit on a fresh machine in every run until 2026-12-06. Triton can keep its choices:
+FLA asks it to (`cache_results`), and each tuned kernel then leaves `<hash>/<kernel>.autotune.json`
+in TRITON_CACHE_DIR. Each FLA subprocess gets a fresh TRITON_CACHE_DIR seeded from `--fla_autotune`
+(default bench/results/fla_autotune, committed), and its new choices are copied back there, also
+when the subprocess hits its limit, so a later run on the same GPU kind and Triton version compiles
+only the chosen config of every kernel tuned before. On the device machine, where files come back
+only from $OUT:
+
+  cp -r bench/results/fla_autotune $OUT/ 2>/dev/null; python bench/linear_kernels.py \
+      --out $OUT --fla_autotune $OUT/fla_autotune     # then commit $OUT/fla_autotune here
+
 Missing peers print "n/a (not installed)". JAX times: jitted, `jax.block_until_ready`, 2 warm-up
 calls, median of 10 timed calls. Ratios are peer time / jaxchunk pallas time (> 1: we are faster).
 
@@ -31,9 +43,12 @@ import argparse
 import datetime
 import functools
 import json
+import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to the torch peers
 
@@ -171,7 +186,22 @@ def fla_worker(op: str, lengths, reps: int) -> None:
   print("FLA_RESULTS " + json.dumps(results), flush=True)
 
 
-def run_fla(op: str, lengths, reps: int, timeout_s: int) -> dict:
+def copy_autotune(src: str, dst: str) -> int:
+  """Copies Triton's autotune choices (`<hash>/<kernel>.autotune.json`) from cache folder `src` to
+  `dst`, keeping the hash folders; returns how many files were new there."""
+  new = 0
+  for path in glob.glob(os.path.join(src, "*", "*.autotune.json")):
+    target = os.path.join(dst, os.path.relpath(path, src))
+    if not os.path.exists(target):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copyfile(path, target)
+      new += 1
+  return new
+
+
+def run_fla(op: str, lengths, reps: int, timeout_s: int, autotune_dir: str | None = None) -> dict:
+  """FLA's times {"T mode": ms or reason} from a subprocess (`fla_worker`) limited to timeout_s,
+  with Triton's autotune choices seeded from and saved to `autotune_dir` (see the docstring)."""
   try:
     for module in ("torch", "mlstm_kernels" if op == "mlstm" else "fla"):
       __import__(module)
@@ -179,10 +209,18 @@ def run_fla(op: str, lengths, reps: int, timeout_s: int) -> dict:
     return {f"{t} {m}": "n/a (not installed)" for t in lengths for m in MODES}
   command = [sys.executable, __file__, "--fla_worker", op, "--lengths", *map(str, lengths),
              "--reps", str(reps)]
-  try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-  except subprocess.TimeoutExpired:
-    return {f"{t} {m}": f"timeout ({timeout_s} s)" for t in lengths for m in MODES}
+  with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
+    if autotune_dir:
+      copy_autotune(autotune_dir, cache)
+    env = dict(os.environ, TRITON_CACHE_DIR=cache)
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+      return {f"{t} {m}": f"timeout ({timeout_s} s)" for t in lengths for m in MODES}
+    finally:
+      if autotune_dir:
+        print(f"FLA {op}: {copy_autotune(cache, autotune_dir)} new autotune choices saved in "
+              f"{autotune_dir}", flush=True)
   for line in done.stdout.splitlines():
     if line.startswith("FLA_RESULTS "):
       return json.loads(line[len("FLA_RESULTS "):])
@@ -233,6 +271,9 @@ def main() -> None:
   parser.add_argument("--peer_timeout", type=int, default=300, help="seconds per FLA op")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results"), help="report folder")
+  parser.add_argument("--fla_autotune", default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "results", "fla_autotune"),
+      help="folder of Triton autotune choices: seeds each FLA run, receives its new ones ('' off)")
   parser.add_argument("--fla_worker", choices=OPS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
@@ -245,7 +286,7 @@ def main() -> None:
             "FLA ms | jla ms | xla/pallas | FLA/pallas | jla/pallas |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for op in args.ops:
-    fla = run_fla(op, args.lengths, args.reps, args.peer_timeout)
+    fla = run_fla(op, args.lengths, args.reps, args.peer_timeout, args.fla_autotune)
     for t in args.lengths:
       for mode in MODES:
         ours = run_jax("pallas", lambda: jaxchunk_fn(op, "pallas"), op, t, mode, args.reps)

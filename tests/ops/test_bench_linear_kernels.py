@@ -1,0 +1,29 @@
+"""bench/linear_kernels.py's keeping of Triton autotune choices between runs (the GPU parts run on
+the device machine only)."""
+
+import os
+
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+
+
+def test_copy_autotune_copies_only_new_choices(tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(BENCH)
+  import linear_kernels  # noqa: PLC0415 (bench/ is not a package)
+  cache, kept = tmp_path / "cache", tmp_path / "kept"
+  for folder, files in {"A1": ["chunk_fwd.autotune.json", "chunk_fwd.cubin"],
+                        "B2": ["chunk_bwd.autotune.json", "chunk_bwd.json"]}.items():
+    (cache / folder).mkdir(parents=True)
+    for name in files:
+      (cache / folder / name).write_text(f"{folder}/{name}")
+  assert linear_kernels.copy_autotune(str(cache), str(kept)) == 2
+  found = sorted(os.path.relpath(os.path.join(d, f), kept) for d, _, fs in os.walk(kept) for f in fs)
+  assert found == ["A1/chunk_fwd.autotune.json", "B2/chunk_bwd.autotune.json"]
+  assert (kept / "A1" / "chunk_fwd.autotune.json").read_text() == "A1/chunk_fwd.autotune.json"
+  # A second run's cache, seeded from `kept`, adds one choice: only that one is new.
+  (cache / "C3").mkdir()
+  (cache / "C3" / "chunk_dh.autotune.json").write_text("C3")
+  (cache / "A1" / "chunk_fwd.autotune.json").write_text("changed")
+  assert linear_kernels.copy_autotune(str(cache), str(kept)) == 1
+  assert (kept / "A1" / "chunk_fwd.autotune.json").read_text() == "A1/chunk_fwd.autotune.json"
+  assert linear_kernels.copy_autotune(str(tmp_path / "missing"), str(kept)) == 0
