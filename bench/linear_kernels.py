@@ -20,9 +20,10 @@ Triton autotuning (FLA's kernels try dozens of launch configs, each compiled) to
 the per-op limit on a fresh machine in every run until 2026-12-06. Triton can keep its choices:
 FLA asks it to (`cache_results`), and each tuned kernel then leaves `<hash>/<kernel>.autotune.json`
 in TRITON_CACHE_DIR. Each FLA subprocess gets a fresh TRITON_CACHE_DIR seeded from `--fla_autotune`
-(default bench/results/fla_autotune, committed), and its new choices are copied back there, also
-when the subprocess hits its limit, so a later run on the same GPU kind and Triton version compiles
-only the chosen config of every kernel tuned before. On the device machine, where files come back
+(default bench/results/fla_autotune: commit what a run saves there), and its new choices are
+copied back there, also when the subprocess hits its limit, so a later run on the same GPU
+architecture and Triton version (both are in the hash) compiles only the chosen config of every
+kernel tuned before. On the device machine, where files come back
 only from $OUT:
 
   cp -r bench/results/fla_autotune $OUT/ 2>/dev/null; python bench/linear_kernels.py \
