@@ -23,8 +23,7 @@ in TRITON_CACHE_DIR. Each FLA subprocess gets a fresh TRITON_CACHE_DIR seeded fr
 (default bench/results/fla_autotune: commit what a run saves there), and its new choices are
 copied back there, also when the subprocess hits its limit, so a later run on the same GPU
 architecture and Triton version (both are in the hash) compiles only the chosen config of every
-kernel tuned before. On the device machine, where files come back
-only from $OUT:
+kernel tuned before. On the device machine, where files come back only from $OUT:
 
   cp -r bench/results/fla_autotune $OUT/ 2>/dev/null; python bench/linear_kernels.py \
       --out $OUT --fla_autotune $OUT/fla_autotune     # then commit $OUT/fla_autotune here
@@ -43,8 +42,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import glob
+import json
 import os
 import shutil
 import subprocess
