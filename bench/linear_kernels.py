@@ -72,12 +72,12 @@ JLA_KINDS = {"simple_gla": "simple_gla", "gla": "gla", "gated_delta_rule": "gate
              "kda": "kda"}
 
 
-def inputs(op: str, t: int, seed: int = 0):
-  """NumPy inputs (q, k, v, gates...) for `op` at B = TOKENS // t: bf16-representable q, k, v
-  (keys L2-normalised for the delta rules), log-decays in [-0.5, -0.01], betas in (0, 1); for mlstm
-  input- and forget-gate pre-activations (i, f) [B, T, H]."""
+def inputs(op: str, t: int, seed: int = 0, batch: int | None = None):
+  """NumPy inputs (q, k, v, gates...) for `op` at B = batch or TOKENS // t: bf16-representable q,
+  k, v (keys L2-normalised for the delta rules), log-decays in [-0.5, -0.01], betas in (0, 1); for
+  mlstm input- and forget-gate pre-activations (i, f) [B, T, H]."""
   rng = np.random.default_rng(seed)
-  b = TOKENS // t
+  b = batch or TOKENS // t
   shape = (b, t, HEADS, HEAD_DIM)
   q, k, v = (rng.standard_normal(shape, np.float32) for _ in range(3))
   if op == "mlstm":
@@ -101,8 +101,8 @@ def timed_jax(fn, args, mode: str, reps: int) -> float:
   return 1e3 * median_seconds(grad, *args, repeats=reps, warmup=2)
 
 
-def jax_args(op: str, t: int):
-  q, k, v, *gates = inputs(op, t)
+def jax_args(op: str, t: int, batch: int | None = None):
+  q, k, v, *gates = inputs(op, t, batch=batch)
   return [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in gates]
 
 
