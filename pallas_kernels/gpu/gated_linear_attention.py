@@ -40,7 +40,11 @@ dB_t = q_t * dq_t - k_t * dk_t and da_t = sum_{s >= t} dB_s. The part of that su
 equals sum_e h_{c+1} * dh_c (shifting every later B by the same amount scales the state at the
 chunk end), which expands to e^(b_C) sum_e h * dh plus the column sums of k * e^(b_C - b) (v dh^T),
 both at hand; the kernel adds the reverse cumulative sum inside the chunk (summed over the key
-channels for a scalar decay).
+channels for a scalar decay). With `Config.split_grad` two kernels share that work: one writes dq,
+dv and the query part of dB (q dq, float32) to HBM, the other reads it and writes dk and the decay
+gradient. Each then keeps fewer values live: compiled for sm_90 (`bench/kernel_resources.py`) the
+GLA head-dim-128 gradient kernel spills 496 bytes per thread, the two split kernels 24 and 32,
+for one more read and write of a float32 [B, T, H, Dk] array.
 
 Packed documents (segment_ids): the kernels get each token's document index within its chunk
 (int32; 0 for the document running at the chunk start, +1 after each start) and mask, leaving the
@@ -95,6 +99,7 @@ class Config:
   state: Launch     # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
   output: Launch    # forward output (grid: batch, head, chunk, Dv block)
   grad: Launch      # dq, dk, dv and the decay gradient (grid: batch, head, chunk)
+  split_grad: bool = False  # two gradient kernels: dq and dv; dk and the decay gradient
 
 
 # Per (per-channel decay, head_dim_k); `_fit` clips the blocks to the head dims and narrows the
@@ -294,99 +299,165 @@ def _output_kernel(*refs, sub, scale, per_channel, dtype, segmented):
     o_ref[rows_i, :] = o.astype(o_ref.dtype)
 
 
-def _grad_kernel(*refs, sub, scale, per_channel, dtype, segmented):
+class _GradChunk:
+  """One chunk's operands in the gradient kernels, loaded block by block (operands are re-read,
+  not kept live): rows of `sub` tokens, q scaled, decays (`load_b`, a fresh loader per phase so
+  that no phase keeps another's decays live) and the packed-document masks (None without segment
+  ids)."""
+
+  def __init__(self, q_ref, k_ref, g_ref, doc_ref, *, sub, scale, dtype, per_channel):
+    self.n = q_ref.shape[0] // sub
+    self.rows = [pl.ds(i * sub, sub) for i in range(self.n)]
+    self.q_ref, self.k_ref, self.g_ref = q_ref, k_ref, g_ref
+    self.sub, self.scale, self.dtype, self.per_channel = sub, scale, dtype, per_channel
+    self.load_doc = _doc_loader(doc_ref, sub)
+    self.last_doc = None if doc_ref is None else jnp.max(doc_ref[...])
+
+  def load_q(self, i):
+    return self.q_ref[self.rows[i], :].astype(jnp.float32) * self.scale
+
+  def load_k(self, i):
+    return self.k_ref[self.rows[i], :].astype(jnp.float32)
+
+  def decays(self):
+    return _decay_loader(self.g_ref, self.sub, self.dtype)
+
+  def in_last(self, i):
+    return None if self.last_doc is None else self.load_doc(i) == self.last_doc
+
+  def in_first(self, i):
+    return None if self.last_doc is None else self.load_doc(i) == 0
+
+  def same(self, i, j):
+    return _same(self.load_doc(i), self.load_doc(j))
+
+  def factors(self, load_b, i, j):
+    """(qf, kf, weight) of the block pair (query rows i, key rows j), see `_intra_factors`."""
+    return _intra_factors(load_b(i), load_b(j), i == j, self.per_channel, self.same(i, j))
+
+
+def _dv_phase(c: _GradChunk, do_ref, dh_ref, dv_ref):
+  """dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j."""
+  load_b, dtype, per_channel = c.decays(), c.dtype, c.per_channel
+  b_last, _ = _last(load_b(c.n - 1), per_channel)
+  for j in range(c.n):
+    b_j, k_j = load_b(j), c.load_k(j)
+    dv = dot(_keep_rows(k_j * jnp.exp(_col(b_last - b_j, per_channel)), c.in_last(j)),
+             dh_ref[...], dtype)
+    for i in range(j, c.n):
+      qf, kf, weight = c.factors(load_b, i, j)
+      a = weight(dot(c.load_q(i) * qf, k_j * kf, dtype, trans_b=True))
+      dv = dv + dot(a, do_ref[c.rows[i], :], dtype, trans_a=True)
+    dv_ref[c.rows[j], :] = dv.astype(dv_ref.dtype)
+
+
+def _per_token(c: _GradChunk, x):
+  """A [sub, Dk] part of dB as the decay gradient's shape: itself per channel, else its row sums."""
+  return x if c.per_channel else jnp.sum(x, axis=1)
+
+
+def _dq_phase(c: _GradChunk, v_ref, do_ref, h_ref, dq_ref, load_b):
+  """dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i; returns dB's query part
+  per block (q * dq, the in-chunk products from the dot's rounded operands; float32 [sub, Dk] per
+  channel, [sub] for a scalar decay)."""
+  dtype, per_channel = c.dtype, c.per_channel
+  db = []
+  for i in range(c.n):
+    b_i, q_i = load_b(i), c.load_q(i)
+    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[c.rows[i], :], h_ref[...], dtype,
+                                               trans_b=True)
+    dq = _keep_rows(dq, c.in_first(i))
+    db_i = q_i * dq
+    for j in range(i + 1):
+      qf, kf, weight = c.factors(load_b, i, j)
+      da = weight(dot(do_ref[c.rows[i], :], v_ref[c.rows[j], :], dtype, trans_b=True))
+      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, c.load_k(j) * kf))
+      part = dot(_rounded(da, dtype), k_op, dtype)
+      dq = dq + part * qf
+      db_i = db_i + q_op * part
+    dq_ref[c.rows[i], :] = (dq * c.scale).astype(dq_ref.dtype)
+    db.append(_per_token(c, db_i))
+  return db
+
+
+def _dk_phase(c: _GradChunk, v_ref, do_ref, h_ref, dh_ref, dk_ref, db_ref, db, load_b):
+  """dk = e^(b_C - b) (v dh^T) + (dA^T q e^(b - r)) e^(r - b), per key block j, subtracting dB's
+  key part from `db` (the query part per block); then the decay gradient into db_ref: da_t =
+  sum_{s >= t} dB_s, the in-chunk reverse cumulative sum plus the part after the chunk,
+  sum_e h_{c+1} dh = e^(b_C) sum_e h dh + column sums of k e^(b_C - b) (v dh^T)."""
+  dtype, per_channel, n = c.dtype, c.per_channel, c.n
+  b_last, s_decay = _last(load_b(n - 1), per_channel)
+  hdh = h_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32)
+  after = (jnp.sum(hdh, axis=1)[None, :] * jnp.exp(b_last) if per_channel else
+           s_decay * jnp.sum(hdh))
+  if c.last_doc is not None:  # h reaches h_{c+1} only through a chunk with no document start
+    after = jnp.where(c.last_doc == 0, after, 0.0)
+  db = list(db)
+  for j in range(n):
+    b_j, k_j = load_b(j), c.load_k(j)
+    dk = jnp.exp(_col(b_last - b_j, per_channel)) * dot(v_ref[c.rows[j], :], dh_ref[...], dtype,
+                                                         trans_b=True)
+    dk = _keep_rows(dk, c.in_last(j))
+    after = after + (jnp.sum(k_j * dk, axis=0)[None, :] if per_channel else jnp.sum(k_j * dk))
+    db[j] = db[j] - _per_token(c, k_j * dk)
+    for i in range(j, n):
+      qf, kf, weight = c.factors(load_b, i, j)
+      da = weight(dot(do_ref[c.rows[i], :], v_ref[c.rows[j], :], dtype, trans_b=True))
+      q_op, k_op = (_rounded(x, dtype) for x in (c.load_q(i) * qf, k_j * kf))
+      part = dot(_rounded(da, dtype), q_op, dtype, trans_a=True)
+      dk = dk + part * kf
+      db[j] = db[j] - _per_token(c, k_op * part)
+    dk_ref[c.rows[j], :] = dk.astype(dk_ref.dtype)
+
+  if c.last_doc is not None:  # sums restart at each document start; `after` reaches the last one
+    for i in range(n):
+      total = _keep_rows(jnp.zeros_like(db[i]) + after, c.in_last(i))
+      total = total + _masked_sum(_triangular_mask(c.sub, True) & c.same(i, i), db[i], dtype)
+      for j in range(i + 1, n):
+        total = total + _masked_sum(c.same(i, j), db[j], dtype)
+      db_ref[c.rows[i], ...] = total
+    return
+  for i in reversed(range(n)):
+    db_ref[c.rows[i], ...] = _triangular_sum(db[i], dtype, reverse=True) + after
+    after = after + (jnp.sum(db[i], axis=0)[None, :] if per_channel else jnp.sum(db[i]))
+
+
+def _grad_kernel(*refs, sub, scale, per_channel, dtype, segmented, part):
   """Per (batch, head, chunk): q, k, dq, dk [C, Dk]; v, do, dv [C, Dv]; g, db [C] or [C, Dk]; doc
   [C] int32 (only if `segmented`); h (state at the chunk start), dh (gradient of the state at its
   end) [Dk, Dv].
 
   dq, dk, dv of the chunk and the gradient of the per-token log-decays (see the module docstring),
-  by blocks of `sub` rows, one output block at a time (operands are re-read, not kept live). dq
-  and dk below are the gradients w.r.t. scale * q and k. Segmented: the masks of the forward
-  mirrored (h and dq's state term: the chunk's first document; dh and the k, v state terms: its
-  last), and the decay gradient's sums stay inside each document.
+  by blocks of `sub` rows. dq and dk in the phases are the gradients w.r.t. scale * q and k.
+  Segmented: the masks of the forward mirrored (h and dq's state term: the chunk's first document;
+  dh and the k, v state terms: its last), and the decay gradient's sums stay inside each document.
+
+  `part` "all" runs every phase in one kernel. "dq_dv" and "dk" split them over two kernels (fewer
+  live values: no register spills) joined through HBM: "dq_dv" writes dq, dv and dB's query part
+  (float32, the decay gradient's shape) into its `dbq` output; "dk" reads that as `dbq` and writes
+  dk and the decay gradient.
   """
-  (q_ref, k_ref, v_ref, do_ref, g_ref, *doc_ref, h_ref, dh_ref,
-   dq_ref, dk_ref, dv_ref, db_ref) = refs
-  n = q_ref.shape[0] // sub
-  rows = [pl.ds(i * sub, sub) for i in range(n)]
-  load_q = lambda i: q_ref[rows[i], :].astype(jnp.float32) * scale
-  load_k = lambda i: k_ref[rows[i], :].astype(jnp.float32)
-  load_doc = _doc_loader(doc_ref[0] if segmented else None, sub)
-  last_doc = jnp.max(doc_ref[0][...]) if segmented else None
-  in_last = lambda i: None if last_doc is None else load_doc(i) == last_doc
-  in_first = lambda i: None if last_doc is None else load_doc(i) == 0
-  same = lambda i, j: _same(load_doc(i), load_doc(j))
-
-  # dv = mask(A)^T do + (k e^(b_C - b)) dh, per key block j.
-  load_b = _decay_loader(g_ref, sub, dtype)
-  b_last, _ = _last(load_b(n - 1), per_channel)
-  for j in range(n):
-    b_j, k_j = load_b(j), load_k(j)
-    dv = dot(_keep_rows(k_j * jnp.exp(_col(b_last - b_j, per_channel)), in_last(j)), dh_ref[...],
-             dtype)
-    for i in range(j, n):
-      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel, same(i, j))
-      a = weight(dot(load_q(i) * qf, k_j * kf, dtype, trans_b=True))
-      dv = dv + dot(a, do_ref[rows[i], :], dtype, trans_a=True)
-    dv_ref[rows[j], :] = dv.astype(dv_ref.dtype)
-
-  # dq = e^b (do h^T) + (dA k e^(r - b)) e^(b - r), per query block i; dB's query part. (A new
-  # loader: the decays are recomputed rather than kept live from the dv loop.)
-  load_b = _decay_loader(g_ref, sub, dtype)
-  db = []
-  for i in range(n):
-    b_i, q_i = load_b(i), load_q(i)
-    dq = jnp.exp(_col(b_i, per_channel)) * dot(do_ref[rows[i], :], h_ref[...], dtype, trans_b=True)
-    dq = _keep_rows(dq, in_first(i))
-    db_i = q_i * dq
-    for j in range(i + 1):
-      qf, kf, weight = _intra_factors(b_i, load_b(j), i == j, per_channel, same(i, j))
-      da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
-      q_op, k_op = (_rounded(x, dtype) for x in (q_i * qf, load_k(j) * kf))
-      part = dot(_rounded(da, dtype), k_op, dtype)
-      dq = dq + part * qf
-      db_i = db_i + q_op * part
-    dq_ref[rows[i], :] = (dq * scale).astype(dq_ref.dtype)
-    db.append(db_i)
-
-  # dk = e^(b_C - b) (v dh^T) + (dA^T q e^(b - r)) e^(r - b), per key block j; dB's key part, and
-  # the part of da after the chunk: sum_e h_{c+1} dh = e^(b_C) sum_e h dh + column sums of
-  # k e^(b_C - b) (v dh^T).
-  b_last, s_decay = _last(load_b(n - 1), per_channel)
-  hdh = h_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32)
-  after = (jnp.sum(hdh, axis=1)[None, :] * jnp.exp(b_last) if per_channel else
-           s_decay * jnp.sum(hdh))
-  if segmented:  # h reaches h_{c+1} only through a chunk with no document start
-    after = jnp.where(last_doc == 0, after, 0.0)
-  for j in range(n):
-    b_j, k_j = load_b(j), load_k(j)
-    dk = jnp.exp(_col(b_last - b_j, per_channel)) * dot(v_ref[rows[j], :], dh_ref[...], dtype,
-                                                         trans_b=True)
-    dk = _keep_rows(dk, in_last(j))
-    after = after + (jnp.sum(k_j * dk, axis=0)[None, :] if per_channel else jnp.sum(k_j * dk))
-    db[j] = db[j] - k_j * dk
-    for i in range(j, n):
-      qf, kf, weight = _intra_factors(load_b(i), b_j, i == j, per_channel, same(i, j))
-      da = weight(dot(do_ref[rows[i], :], v_ref[rows[j], :], dtype, trans_b=True))
-      q_op, k_op = (_rounded(x, dtype) for x in (load_q(i) * qf, k_j * kf))
-      part = dot(_rounded(da, dtype), q_op, dtype, trans_a=True)
-      dk = dk + part * kf
-      db[j] = db[j] - k_op * part
-    dk_ref[rows[j], :] = dk.astype(dk_ref.dtype)
-
-  # da_t = sum_{s >= t} dB_s: in-chunk reverse cumulative sum plus the part after the chunk.
-  db = [x if per_channel else jnp.sum(x, axis=1) for x in db]
-  if segmented:  # the sums restart at each document start; `after` reaches the last document only
-    for i in range(n):
-      total = _keep_rows(jnp.zeros_like(db[i]) + after, in_last(i))
-      total = total + _masked_sum(_triangular_mask(sub, True) & same(i, i), db[i], dtype)
-      for j in range(i + 1, n):
-        total = total + _masked_sum(same(i, j), db[j], dtype)
-      db_ref[rows[i], ...] = total
-    return
-  for i in reversed(range(n)):
-    db_ref[rows[i], ...] = _triangular_sum(db[i], dtype, reverse=True) + after
-    after = after + (jnp.sum(db[i], axis=0)[None, :] if per_channel else jnp.sum(db[i]))
+  if part == "all":
+    (q_ref, k_ref, v_ref, do_ref, g_ref, *doc_ref, h_ref, dh_ref,
+     dq_ref, dk_ref, dv_ref, db_ref) = refs
+  elif part == "dq_dv":
+    q_ref, k_ref, v_ref, do_ref, g_ref, *doc_ref, h_ref, dh_ref, dq_ref, dv_ref, dbq_ref = refs
+  else:
+    q_ref, k_ref, v_ref, do_ref, g_ref, *doc_ref, h_ref, dh_ref, dbq_ref, dk_ref, db_ref = refs
+  c = _GradChunk(q_ref, k_ref, g_ref, doc_ref[0] if segmented else None, sub=sub, scale=scale,
+                 dtype=dtype, per_channel=per_channel)
+  load_b = None
+  if part in ("all", "dq_dv"):
+    _dv_phase(c, do_ref, dh_ref, dv_ref)
+    load_b = c.decays()  # one kernel: the dk phase reuses the dq phase's decays
+    db = _dq_phase(c, v_ref, do_ref, h_ref, dq_ref, load_b)
+    if part == "dq_dv":
+      for i in range(c.n):
+        dbq_ref[c.rows[i], ...] = db[i]
+      return
+  else:
+    db = [dbq_ref[c.rows[i], ...] for i in range(c.n)]
+  _dk_phase(c, v_ref, do_ref, h_ref, dh_ref, dk_ref, db_ref, db, load_b or c.decays())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,6 +533,7 @@ def _output(q, k, v, g, doc, states, config, interpret, *, scale):
 
 
 def _grads(q, k, v, do, g, doc, states, dstates, config, interpret, *, scale):
+  """(dq, dk, dv, d log-decay float32) from one gradient kernel, or two with `config.split_grad`."""
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   chunk = config.chunk
@@ -469,18 +541,34 @@ def _grads(q, k, v, do, g, doc, states, dstates, config, interpret, *, scale):
   state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
   g_spec = _chunk_spec(chunk, dk if per_channel else None)
   doc_specs, docs = _doc_specs(doc, (chunk, lambda i, h, c: (i, c)))
-  return pl.pallas_call(
-      functools.partial(_grad_kernel, sub=config.sub_chunk, scale=scale, per_channel=per_channel,
-                        dtype=q.dtype, segmented=doc is not None),
-      grid=(batch, heads, t // chunk),
-      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-                _chunk_spec(chunk, dv), g_spec, *doc_specs, state_spec, state_spec),
-      out_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv), g_spec),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, jnp.float32)),
-      compiler_params=_params(config.grad),
-      interpret=interpret,
-  )(q, k, v, do, g, *docs, states, dstates)
+  in_specs = (_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
+              _chunk_spec(chunk, dv), g_spec, *doc_specs, state_spec, state_spec)
+  shapes = dict(dq=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                dk=jax.ShapeDtypeStruct(k.shape, k.dtype),
+                dv=jax.ShapeDtypeStruct(v.shape, v.dtype),
+                db=jax.ShapeDtypeStruct(g.shape, jnp.float32))
+  specs = dict(dq=_chunk_spec(chunk, dk), dk=_chunk_spec(chunk, dk), dv=_chunk_spec(chunk, dv),
+               db=g_spec)
+  operands = (q, k, v, do, g, *docs, states, dstates)
+
+  def call(part, outputs, extra=()):
+    return pl.pallas_call(
+        functools.partial(_grad_kernel, sub=config.sub_chunk, scale=scale,
+                          per_channel=per_channel, dtype=q.dtype, segmented=doc is not None,
+                          part=part),
+        grid=(batch, heads, t // chunk),
+        in_specs=in_specs + (g_spec,) * len(extra),
+        out_specs=tuple(specs[name] for name in outputs),
+        out_shape=tuple(shapes[name] for name in outputs),
+        compiler_params=_params(config.grad),
+        interpret=interpret,
+    )(*operands, *extra)
+
+  if not config.split_grad:
+    return call("all", ("dq", "dk", "dv", "db"))
+  dq, dv, dbq = call("dq_dv", ("dq", "dv", "db"))
+  dk, db = call("dk", ("dk", "db"), extra=(dbq,))
+  return dq, dk, dv, db
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

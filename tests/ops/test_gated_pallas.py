@@ -4,6 +4,8 @@ On CPU the kernels run in Pallas interpret mode; on a GPU the same tests run the
 kernels (float32 through full-precision dots: tolerance 1e-4 there, as the issue allows).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +189,23 @@ def test_segment_ids_match_oracle_and_xla(rng, name):
                     segment_ids=ids, impl="xla")
   assert_rel_close(o, o_xla, F32_TOL, "o vs xla")
   assert_rel_close(s, s_xla, F32_TOL, "final state vs xla")
+  assert_gradients_match_xla(rng, op, q, k, v, gate, s0, segment_ids=ids)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("segmented", [False, True])
+def test_split_gradient_kernels_match_xla(rng, monkeypatch, name, segmented):
+  """`split_grad` configs (dq and dv, then dk and the decay gradient, two kernels joined through
+  the query part of dB in HBM): gradients of every input against xla; ragged T over 3 chunks,
+  GQA, gates on kv heads, with and without packed documents."""
+  from pallas_kernels.gpu import gated_linear_attention as kernels
+  op, per_channel = OPS[name]
+  key = (per_channel, 64)
+  monkeypatch.setitem(kernels.CONFIGS, key,
+                      dataclasses.replace(kernels.CONFIGS[key], split_grad=True))
+  jax.clear_caches()  # the ops are jitted: drop traces made with the fused config
+  q, k, v, gate, s0 = make_inputs(rng, per_channel, b=2, t=SEGMENT_T, h=4, hk=2, gate_heads=2)
+  ids = packed_segment_ids(rng, SEGMENT_T, SEGMENT_STARTS) if segmented else None
   assert_gradients_match_xla(rng, op, q, k, v, gate, s0, segment_ids=ids)
 
 
