@@ -16,16 +16,23 @@ slice S in registers (the state's columns are independent):
 
   U = U_v - W S,    O = Qd S + P U,    S <- diag(g) S + Kd^T U.
 
-Backward: one kernel walks the chunks in reverse carrying dS (the gradient of the state after the
-chunk), reading each chunk's start state S saved by the forward ([Dk, Dv] float32 per chunk):
+Backward, in two kernels. The first walks the chunks in reverse per (batch, head, Dv block),
+carrying dS (the gradient of the state after the chunk); it stores dS per chunk ([Dk, Dv] float32,
+like the forward's chunk start states S) and dU (float32):
 
-  dU = P^T dO + Kd dS,  dP = mask(dO U^T),  dQd = dO S^T,  dKd = U dS^T,  dU_v = dU,
-  dW = -dU S^T,  db_C = g * rowsum(S * dS)  (summed over rows for a scalar g),
-  dS <- diag(g) dS + Qd^T dO - W^T dU.
+  dU = P^T dO + Kd dS,    dS <- diag(g) dS + Qd^T dO - W^T dU.
 
-dP, dQd, dKd, dW and db_C are sums over Dv: each Dv block writes its part and the wrapper adds them.
-Everything upstream of the factors (solve, decays, beta, GQA) is differentiated by JAX through the
-caller's XLA code.
+The second is fully parallel, one program per (batch, head, chunk) over the whole Dv (in blocks of
+`CHUNK_GRAD_LAUNCH` columns, summed in registers), with U = U_v - W S recomputed:
+
+  dP = mask(dO U^T),  dQd = dO S^T,  dKd = U dS^T,  dW = -dU S^T,  dU_v = dU,
+  db_C = g * rowsum(S * dS)  (summed over rows for a scalar g).
+
+dP, dQd, dKd, dW and db_C are sums over Dv; the second kernel forms them whole, so no float32 part
+per Dv block goes through HBM (at B=8, T=8K, H=16, D=128 with 32-column blocks those parts were
+7.5 GB for Gated DeltaNet and 9.7 GB for KDA, written and read back, against 1.6 GB for dS and
+dU). Everything upstream of the factors
+(solve, decays, beta, GQA) is differentiated by JAX through the caller's XLA code.
 
 Operands are stored in the input dtype (bf16 or float32); states and accumulation are float32.
 Float32 operands use full-precision (IEEE) dots; with bf16 the dots with the state, its gradient or
@@ -46,12 +53,17 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
 
 
-# Block sizes per head_dim_k (`fit_block_v` narrows block_v for small grids); with Dk = 128 a
-# 32-column state slice keeps the state, W and Kd in registers.
+# Block sizes of the sequential kernels per head_dim_k (`fit_block_v` narrows block_v for small
+# grids). With Dk = 128, a 32-column state slice over 8 warps keeps the state, W and Kd in
+# registers: compiled for sm_90 (`bench/kernel_resources.py`) neither the forward nor the backward
+# state pass spills (4 warps: the backward spills 640 bytes per thread).
 CONFIGS = {
     64: Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
-    128: Config(chunk=64, block_v=32, num_warps=4, num_stages=2),
+    128: Config(chunk=64, block_v=32, num_warps=8, num_stages=2),
 }
+# The backward's per-chunk kernel, per head_dim_k: (Dv columns per step of its loop over the
+# whole Dv, num_warps, num_stages).
+CHUNK_GRAD_LAUNCH = {64: (64, 4, 1), 128: (64, 8, 1)}
 def chunk_size(head_dim_k: int) -> int:
   """Tokens per chunk of the kernels for this key head dim (the caller's factors use it)."""
   return CONFIGS[head_dim_k].chunk
@@ -90,37 +102,58 @@ def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref,
   st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
 
-def _backward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, states_ref, do_ref, dst_ref,
-                     dw_ref, du_v_ref, dqd_ref, dkd_ref, dp_ref, db_ref, ds0_ref, *, chunk,
-                     num_chunks, per_channel, dtype):
+def _backward_state_kernel(qd_ref, kd_ref, w_ref, p_ref, b_ref, do_ref, dst_ref, dstates_ref,
+                           du_ref, ds0_ref, *, chunk, num_chunks, per_channel, dtype):
+  """Walks the chunks in reverse carrying dS, the gradient of the state after the chunk: stores
+  it per chunk and dU = P^T dO + Kd dS (float32), then dS <- diag(g) dS + Qd^T dO - W^T dU."""
   dk = w_ref.shape[-1]
-  causal = causal_mask(chunk)
-  rows_shape = (chunk, dk) if per_channel else (chunk,)
-  last_row = lax.broadcasted_iota(jnp.int32, rows_shape, 0) == chunk - 1
 
   def body(i, dstate):
     c = num_chunks - 1 - i
     rows = pl.ds(c * chunk, chunk)
-    state = states_ref[pl.ds(c * dk, dk), :]
-    w, qd, kd, p = w_ref[rows, :], qd_ref[rows, :], kd_ref[rows, :], p_ref[rows, :]
+    dstates_ref[pl.ds(c * dk, dk), :] = dstate
     do = do_ref[rows, :]
-    decay, decay_flat = _chunk_decay(b_ref[rows, ...], per_channel)
-    u = u_v_ref[rows, :].astype(jnp.float32) - dot(w, state, dtype, wide=True)
-    du = dot(p, do, dtype, trans_a=True) + dot(kd, dstate, dtype, wide=True)
-    dp_ref[rows, :] = jnp.where(causal, dot(do, u, dtype, trans_b=True), 0.0)
-    dqd_ref[rows, :] = dot(do, state, dtype, wide=True, trans_b=True)
-    dkd_ref[rows, :] = dot(u, dstate, dtype, wide=True, trans_b=True)
-    dw_ref[rows, :] = -dot(du, state, dtype, wide=True, trans_b=True)
-    du_v_ref[rows, :] = du.astype(du_v_ref.dtype)
-    if per_channel:
-      db_last = decay_flat * jnp.sum(state * dstate, axis=1)                # [Dk]
-      db_ref[rows, :] = jnp.where(last_row, db_last[None, :], 0.0)
-    else:
-      db_ref[rows] = jnp.where(last_row, decay_flat * jnp.sum(state * dstate), 0.0)
-    return (decay * dstate + dot(qd, do, dtype, wide=True, trans_a=True)
-            - dot(w, du, dtype, wide=True, trans_a=True))
+    decay, _ = _chunk_decay(b_ref[rows, ...], per_channel)
+    du = dot(p_ref[rows, :], do, dtype, trans_a=True) + dot(kd_ref[rows, :], dstate, dtype,
+                                                            wide=True)
+    du_ref[rows, :] = du
+    return (decay * dstate + dot(qd_ref[rows, :], do, dtype, wide=True, trans_a=True)
+            - dot(w_ref[rows, :], du, dtype, wide=True, trans_a=True))
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
+
+
+def _backward_chunk_kernel(w_ref, u_v_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, dw_ref,
+                           du_v_ref, dqd_ref, dkd_ref, dp_ref, db_ref, *, block_v, per_channel,
+                           dtype):
+  """One chunk, all of Dv (in blocks of `block_v` columns, summing): with its start state S and
+  dS (after it), U = U_v - W S and dP = mask(dO U^T), dQd = dO S^T, dKd = U dS^T, dW = -dU S^T,
+  and db_C = g * rowsum(S * dS) on the chunk's last row (0 on the others)."""
+  chunk, dk = w_ref.shape
+  w = w_ref[...]
+  dp = jnp.zeros((chunk, chunk), jnp.float32)
+  dqd = dkd = dw = jnp.zeros((chunk, dk), jnp.float32)
+  s_ds = jnp.zeros((dk,), jnp.float32)
+  for j in range(u_v_ref.shape[-1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    state, dstate = state_ref[:, cols], dstate_ref[:, cols]
+    do, du = do_ref[:, cols], du_ref[:, cols]
+    u = u_v_ref[:, cols].astype(jnp.float32) - dot(w, state, dtype, wide=True)
+    dp = dp + dot(do, u, dtype, trans_b=True)
+    dqd = dqd + dot(do, state, dtype, wide=True, trans_b=True)
+    dkd = dkd + dot(u, dstate, dtype, wide=True, trans_b=True)
+    dw = dw - dot(du, state, dtype, wide=True, trans_b=True)
+    du_v_ref[:, cols] = du.astype(du_v_ref.dtype)
+    s_ds = s_ds + jnp.sum(state * dstate, axis=1)
+  dp_ref[...] = jnp.where(causal_mask(chunk), dp, 0.0).astype(dp_ref.dtype)
+  dqd_ref[...] = dqd.astype(dqd_ref.dtype)
+  dkd_ref[...] = dkd.astype(dkd_ref.dtype)
+  dw_ref[...] = dw.astype(dw_ref.dtype)
+  _, decay = _chunk_decay(b_ref[...], per_channel)
+  rows_shape = (chunk, dk) if per_channel else (chunk,)
+  last_row = lax.broadcasted_iota(jnp.int32, rows_shape, 0) == chunk - 1
+  db_ref[...] = jnp.where(last_row, (decay * s_ds)[None, :] if per_channel else
+                          decay * jnp.sum(s_ds), 0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,10 +169,6 @@ def _specs(shapes: dict, names, block_v: int):
   def seq(last, v_blocked):
     return pl.BlockSpec((None, t, None, last), lambda b, h, j: (b, 0, h, j if v_blocked else 0))
 
-  def partial(*last):                 # [Dv blocks, B, T, H, *last] float32 parts summed outside
-    return pl.BlockSpec((None, None, t, None, *last),
-                        lambda b, h, j: (j, b, 0, h) + (0,) * len(last))
-
   per_channel = shapes["per_channel"]
   table = {
       "k": seq(dk, False),
@@ -150,9 +179,6 @@ def _specs(shapes: dict, names, block_v: int):
       "state": pl.BlockSpec((None, None, dk, block_v), lambda b, h, j: (b, h, 0, j)),
       "states": pl.BlockSpec((None, None, (t // chunk) * dk, block_v),
                              lambda b, h, j: (b, h, 0, j)),
-      "partial_k": partial(dk),
-      "partial_p": partial(chunk),
-      "partial_b": partial(dk) if per_channel else partial(),
   }
   return tuple(table[n] for n in names)
 
@@ -203,22 +229,45 @@ def _state_pass_forward(w, u_v, qd, kd, p, b, initial_state, config, interpret):
   return (o, final_state), (w, u_v, qd, kd, p, b, states)
 
 
+def _chunk_grads(w, u_v, b, states, dstates, do, du, config, interpret):
+  """The fully parallel part of the backward (`_backward_chunk_kernel`, grid: batch, head, chunk):
+  (dw, du_v, dqd, dkd in the operand dtype, dp likewise, db float32)."""
+  batch, t, heads, dk = w.shape
+  dv, chunk = u_v.shape[-1], config.chunk
+  per_channel = b.ndim == 4
+  block_v, num_warps, num_stages = CHUNK_GRAD_LAUNCH[dk]
+  rows = lambda last: pl.BlockSpec((None, chunk, None, last), lambda i, h, c: (i, c, h, 0))
+  b_spec = (rows(dk) if per_channel else
+            pl.BlockSpec((None, chunk, None), lambda i, h, c: (i, c, h)))
+  state = pl.BlockSpec((None, None, dk, dv), lambda i, h, c: (i, h, c, 0))
+  like = lambda x, dtype=w.dtype: jax.ShapeDtypeStruct(x.shape, dtype)
+  return pl.pallas_call(
+      functools.partial(_backward_chunk_kernel, block_v=min(block_v, dv), per_channel=per_channel,
+                        dtype=w.dtype),
+      grid=(batch, heads, t // chunk),
+      in_specs=(rows(dk), rows(dv), b_spec, state, state, rows(dv), rows(dv)),
+      out_specs=(rows(dk), rows(dv), rows(dk), rows(dk), rows(chunk), b_spec),
+      out_shape=(like(w), like(u_v), like(w), like(w),
+                 jax.ShapeDtypeStruct((batch, t, heads, chunk), w.dtype), like(b, jnp.float32)),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+  )(w, u_v, b, states, dstates, do, du)
+
+
 def _state_pass_backward(config, interpret, residuals, cotangents):
   w, u_v, qd, kd, p, b, states = residuals
   do, dfinal = cotangents
-  batch, t, heads, dk = w.shape
+  do = do.astype(w.dtype)
+  batch, _, heads, dk = w.shape
   dv = u_v.shape[-1]
-  num_v = dv // config.block_v
-  partial = lambda *last: jax.ShapeDtypeStruct((num_v, batch, t, heads, *last), jnp.float32)
-  dw, du_v, dqd, dkd, dp, db, dinitial = _call(
-      _backward_kernel, _FACTORS + ("states", "v", "state"),
-      ("partial_k", "v", "partial_k", "partial_k", "partial_p", "partial_b", "state"),
-      (partial(dk), jax.ShapeDtypeStruct(u_v.shape, u_v.dtype), partial(dk), partial(dk),
-       partial(config.chunk), partial(*b.shape[3:]),
-       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
-      w, u_v, p, b, config, interpret)(w, u_v, qd, kd, p, b, states, do.astype(w.dtype), dfinal)
-  dw, dqd, dkd, dp = (x.sum(0).astype(w.dtype) for x in (dw, dqd, dkd, dp))
-  return dw, du_v, dqd, dkd, dp, db.sum(0), dinitial
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  dstates, du, dinitial = _call(
+      _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
+      (f32(states.shape), f32(u_v.shape), f32((batch, heads, dk, dv))),
+      w, u_v, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
+  dw, du_v, dqd, dkd, dp, db = _chunk_grads(w, u_v, b, states, dstates, do, du, config,
+                                            interpret)
+  return dw, du_v, dqd, dkd, dp, db, dinitial
 
 
 _state_pass.defvjp(_state_pass_forward, _state_pass_backward)
