@@ -12,7 +12,8 @@ package compiles that TTIR for sm_90 (it bundles ptxas; no driver needed) and it
 reads the cubin. Use the GPU image's Triton (3.6.0: `pip install triton==3.6.0`).
 
 Columns, per distinct kernel: warps / stages, registers per thread (255 is the cap), spill stack
-bytes per thread and the local loads / stores that move it (spill traffic through L1/L2), SASS
+bytes per thread, shared memory (an H100 SM has 227 KiB: more does not launch), the local loads
+/ stores that move the spills (through L1/L2), SASS
 instructions, wgmma (HGMMA) and mma.sync (HMMA) instructions (Triton uses wgmma only for dots of
 at least 64 rows per warpgroup), exp2 (MUFU.EX2) and barriers. XLA compiles the same TTIR with
 its own bundled Triton, so the counts are a close proxy for the binary that runs, not that binary.
@@ -125,8 +126,8 @@ def main():
   parser.add_argument("--out", default=None, help="keep each kernel's TTIR, cubin and SASS here")
   args = parser.parse_args()
   workdir = args.out or tempfile.mkdtemp(prefix="kernel_resources_")
-  header = ("| op | kernel | warps | stages | regs | spill bytes | LDL | STL | instructions | "
-            "HGMMA | HMMA | MUFU.EX2 | BAR |")
+  header = ("| op | kernel | warps | stages | regs | spill bytes | shared KiB | LDL | STL | "
+            "instructions | HGMMA | HMMA | MUFU.EX2 | BAR |")
   print(header + "\n|" + "---|" * (header.count("|") - 1))
   for op in args.ops:
     folder = os.path.join(workdir, op)
@@ -134,7 +135,8 @@ def main():
     for i, kernel in enumerate(op_kernels(op, args.length, args.mode)):
       r = compile_sm90(kernel, os.path.join(folder, f"{i:02d}_{kernel['name']}"))
       print(f"| {op} | {kernel['name']} | {kernel['num_warps']} | {kernel['num_stages']} | "
-            f"{r['regs']} | {r['stack']} | {r['LDL']} | {r['STL']} | {r['instructions']} | "
+            f"{r['regs']} | {r['stack']} | {r['shared'] / 1024:.0f} | {r['LDL']} | {r['STL']} | "
+            f"{r['instructions']} | "
             f"{r['HGMMA']} | {r['HMMA']} | {r['MUFU.EX2']} | {r['BAR']} |", flush=True)
   if args.out:
     print(f"TTIR, cubin and SASS of each kernel under {workdir}", file=sys.stderr)
