@@ -31,8 +31,8 @@ The second is fully parallel, one program per (batch, head, chunk) over the whol
 dP, dQd, dKd, dW and db_C are sums over Dv; the second kernel forms them whole, so no float32 part
 per Dv block goes through HBM (at B=8, T=8K, H=16, D=128 with 32-column blocks those parts were
 7.5 GB for Gated DeltaNet and 9.7 GB for KDA, written and read back, against 1.6 GB for dS and
-dU). Everything upstream of the factors
-(solve, decays, beta, GQA) is differentiated by JAX through the caller's XLA code.
+dU). Everything upstream of the factors (solve, decays, beta, GQA) is differentiated by JAX
+through the caller's XLA code.
 
 Operands are stored in the input dtype (bf16 or float32); states and accumulation are float32.
 Float32 operands use full-precision (IEEE) dots; with bf16 the dots with the state, its gradient or
@@ -64,6 +64,8 @@ CONFIGS = {
 # The backward's per-chunk kernel, per head_dim_k: (Dv columns per step of its loop over the
 # whole Dv, num_warps, num_stages).
 CHUNK_GRAD_LAUNCH = {64: (64, 4, 1), 128: (64, 8, 1)}
+
+
 def chunk_size(head_dim_k: int) -> int:
   """Tokens per chunk of the kernels for this key head dim (the caller's factors use it)."""
   return CONFIGS[head_dim_k].chunk
