@@ -301,9 +301,9 @@ def _output_kernel(*refs, sub, scale, per_channel, dtype, segmented):
 
 class _GradChunk:
   """One chunk's operands in the gradient kernels, loaded block by block (operands are re-read,
-  not kept live): rows of `sub` tokens, q scaled, decays (`load_b`, a fresh loader per phase so
-  that no phase keeps another's decays live) and the packed-document masks (None without segment
-  ids)."""
+  not kept live): rows of `sub` tokens, q scaled, decays (`decays()` makes a loader; the dv phase
+  gets its own, so its decays are not kept live after it) and the packed-document masks (None
+  without segment ids)."""
 
   def __init__(self, q_ref, k_ref, g_ref, doc_ref, *, sub, scale, dtype, per_channel):
     self.n = q_ref.shape[0] // sub
