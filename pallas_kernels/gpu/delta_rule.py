@@ -23,15 +23,17 @@ like the forward's chunk start states S) and dU (float32):
   dU = P^T dO + Kd dS,    dS <- diag(g) dS + Qd^T dO - W^T dU.
 
 The second is fully parallel, one program per (batch, head, chunk) over the whole Dv (in blocks of
-`CHUNK_GRAD_LAUNCH` columns, summed in registers), with U = U_v - W S recomputed:
+`CHUNK_GRAD_LAUNCH` columns, summed in registers), with U as the forward stored it (float32, kept
+for the backward with the chunk start states; recomputing U = U_v - W S there doubled the kernel's
+instructions and spills on sm_90):
 
   dP = mask(dO U^T),  dQd = dO S^T,  dKd = U dS^T,  dW = -dU S^T,  dU_v = dU,
   db_C = g * rowsum(S * dS)  (summed over rows for a scalar g).
 
 dP, dQd, dKd, dW and db_C are sums over Dv; the second kernel forms them whole, so no float32 part
 per Dv block goes through HBM (at B=8, T=8K, H=16, D=128 with 32-column blocks those parts were
-7.5 GB for Gated DeltaNet and 9.7 GB for KDA, written and read back, against 1.6 GB for dS and
-dU). Everything upstream of the factors (solve, decays, beta, GQA) is differentiated by JAX
+7.5 GB for Gated DeltaNet and 9.7 GB for KDA, written and read back, against 2.1 GB for U, dS
+and dU). Everything upstream of the factors (solve, decays, beta, GQA) is differentiated by JAX
 through the caller's XLA code.
 
 Operands are stored in the input dtype (bf16 or float32); states and accumulation are float32.
@@ -88,15 +90,18 @@ def _chunk_decay(b, per_channel: bool):
 
 
 def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref, st_ref,
-                    *states_ref, chunk, num_chunks, per_channel, dtype):
+                    *saved_refs, chunk, num_chunks, per_channel, dtype):
+  """Walks the chunks in order; with `saved_refs` (states, u) it also stores each chunk's start
+  state and U (float32) for the backward."""
   dk = w_ref.shape[-1]
 
   def body(c, state):
     rows = pl.ds(c * chunk, chunk)
-    if states_ref:
-      states_ref[0][pl.ds(c * dk, dk), :] = state
     decay, _ = _chunk_decay(b_ref[rows, ...], per_channel)
     u = u_v_ref[rows, :].astype(jnp.float32) - dot(w_ref[rows, :], state, dtype, wide=True)
+    if saved_refs:
+      saved_refs[0][pl.ds(c * dk, dk), :] = state
+      saved_refs[1][rows, :] = u
     o = dot(qd_ref[rows, :], state, dtype, wide=True) + dot(p_ref[rows, :], u, dtype)
     o_ref[rows, :] = o.astype(o_ref.dtype)
     return decay * state + dot(kd_ref[rows, :], u, dtype, wide=True, trans_a=True)
@@ -125,22 +130,19 @@ def _backward_state_kernel(qd_ref, kd_ref, w_ref, p_ref, b_ref, do_ref, dst_ref,
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 
 
-def _backward_chunk_kernel(w_ref, u_v_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, dw_ref,
-                           du_v_ref, dqd_ref, dkd_ref, dp_ref, db_ref, *, block_v, per_channel,
-                           dtype):
-  """One chunk, all of Dv (in blocks of `block_v` columns, summing): with its start state S and
-  dS (after it), U = U_v - W S and dP = mask(dO U^T), dQd = dO S^T, dKd = U dS^T, dW = -dU S^T,
+def _backward_chunk_kernel(u_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, dw_ref, du_v_ref,
+                           dqd_ref, dkd_ref, dp_ref, db_ref, *, block_v, per_channel, dtype):
+  """One chunk, all of Dv (in blocks of `block_v` columns, summing): with its start state S, dS
+  (after it) and the forward's U, dP = mask(dO U^T), dQd = dO S^T, dKd = U dS^T, dW = -dU S^T,
   and db_C = g * rowsum(S * dS) on the chunk's last row (0 on the others)."""
-  chunk, dk = w_ref.shape
-  w = w_ref[...]
+  chunk, dk = dw_ref.shape
   dp = jnp.zeros((chunk, chunk), jnp.float32)
   dqd = dkd = dw = jnp.zeros((chunk, dk), jnp.float32)
   s_ds = jnp.zeros((dk,), jnp.float32)
-  for j in range(u_v_ref.shape[-1] // block_v):
+  for j in range(u_ref.shape[-1] // block_v):
     cols = pl.ds(j * block_v, block_v)
     state, dstate = state_ref[:, cols], dstate_ref[:, cols]
-    do, du = do_ref[:, cols], du_ref[:, cols]
-    u = u_v_ref[:, cols].astype(jnp.float32) - dot(w, state, dtype, wide=True)
+    do, du, u = do_ref[:, cols], du_ref[:, cols], u_ref[:, cols]
     dp = dp + dot(do, u, dtype, trans_b=True)
     dqd = dqd + dot(do, state, dtype, wide=True, trans_b=True)
     dkd = dkd + dot(u, dstate, dtype, wide=True, trans_b=True)
@@ -207,17 +209,18 @@ _FACTORS = ("k", "v", "k", "k", "p", "b")        # w, u_v, qd, kd, p, b
 
 
 def _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, *, save_states: bool):
-  """Runs the forward kernel. Returns (o, final state, chunk start states or None)."""
+  """Runs the forward kernel. Returns (o, final state, (chunk start states, U float32) or None)."""
   batch, t, heads, dk = w.shape
   dv = u_v.shape[-1]
-  out_names = ("v", "state") + (("states",) if save_states else ())
+  out_names = ("v", "state") + (("states", "v") if save_states else ())
   out_shape = (jax.ShapeDtypeStruct((batch, t, heads, dv), w.dtype),
                jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32))
   if save_states:
-    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), jnp.float32),)
-  outs = _call(_forward_kernel, _FACTORS + ("state",), out_names, out_shape, w, u_v, p, b, config,
-               interpret)(w, u_v, qd, kd, p, b, initial_state)
-  return outs if save_states else (*outs, None)
+    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, t, heads, dv), jnp.float32))
+  o, final_state, *saved = _call(_forward_kernel, _FACTORS + ("state",), out_names, out_shape, w,
+                                 u_v, p, b, config, interpret)(w, u_v, qd, kd, p, b, initial_state)
+  return o, final_state, (tuple(saved) if save_states else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -226,49 +229,49 @@ def _state_pass(w, u_v, qd, kd, p, b, initial_state, config, interpret):
 
 
 def _state_pass_forward(w, u_v, qd, kd, p, b, initial_state, config, interpret):
-  o, final_state, states = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
-                                    save_states=True)
-  return (o, final_state), (w, u_v, qd, kd, p, b, states)
+  o, final_state, (states, u) = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
+                                         save_states=True)
+  return (o, final_state), (w, qd, kd, p, b, states, u)
 
 
-def _chunk_grads(w, u_v, b, states, dstates, do, du, config, interpret):
+def _chunk_grads(u, b, states, dstates, do, du, config, interpret):
   """The fully parallel part of the backward (`_backward_chunk_kernel`, grid: batch, head, chunk):
-  (dw, du_v, dqd, dkd in the operand dtype, dp likewise, db float32)."""
-  batch, t, heads, dk = w.shape
-  dv, chunk = u_v.shape[-1], config.chunk
+  (dw, du_v, dqd, dkd in do's dtype (the operand dtype), dp likewise, db float32)."""
+  batch, t, heads, dv = u.shape
+  chunk = config.chunk
+  dk = states.shape[-2] // (t // chunk)
   per_channel = b.ndim == 4
   block_v, num_warps, num_stages = CHUNK_GRAD_LAUNCH[dk]
   rows = lambda last: pl.BlockSpec((None, chunk, None, last), lambda i, h, c: (i, c, h, 0))
   b_spec = (rows(dk) if per_channel else
             pl.BlockSpec((None, chunk, None), lambda i, h, c: (i, c, h)))
   state = pl.BlockSpec((None, None, dk, dv), lambda i, h, c: (i, h, c, 0))
-  like = lambda x, dtype=w.dtype: jax.ShapeDtypeStruct(x.shape, dtype)
+  shape = lambda last, dtype=do.dtype: jax.ShapeDtypeStruct((batch, t, heads, last), dtype)
   return pl.pallas_call(
       functools.partial(_backward_chunk_kernel, block_v=min(block_v, dv), per_channel=per_channel,
-                        dtype=w.dtype),
+                        dtype=do.dtype),
       grid=(batch, heads, t // chunk),
-      in_specs=(rows(dk), rows(dv), b_spec, state, state, rows(dv), rows(dv)),
+      in_specs=(rows(dv), b_spec, state, state, rows(dv), rows(dv)),
       out_specs=(rows(dk), rows(dv), rows(dk), rows(dk), rows(chunk), b_spec),
-      out_shape=(like(w), like(u_v), like(w), like(w),
-                 jax.ShapeDtypeStruct((batch, t, heads, chunk), w.dtype), like(b, jnp.float32)),
+      out_shape=(shape(dk), shape(dv), shape(dk), shape(dk), shape(chunk),
+                 jax.ShapeDtypeStruct(b.shape, jnp.float32)),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-  )(w, u_v, b, states, dstates, do, du)
+  )(u, b, states, dstates, do, du)
 
 
 def _state_pass_backward(config, interpret, residuals, cotangents):
-  w, u_v, qd, kd, p, b, states = residuals
+  w, qd, kd, p, b, states, u = residuals
   do, dfinal = cotangents
   do = do.astype(w.dtype)
   batch, _, heads, dk = w.shape
-  dv = u_v.shape[-1]
+  dv = u.shape[-1]
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   dstates, du, dinitial = _call(
       _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
-      (f32(states.shape), f32(u_v.shape), f32((batch, heads, dk, dv))),
-      w, u_v, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
-  dw, du_v, dqd, dkd, dp, db = _chunk_grads(w, u_v, b, states, dstates, do, du, config,
-                                            interpret)
+      (f32(states.shape), f32(u.shape), f32((batch, heads, dk, dv))),
+      w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
+  dw, du_v, dqd, dkd, dp, db = _chunk_grads(u, b, states, dstates, do, du, config, interpret)
   return dw, du_v, dqd, dkd, dp, db, dinitial
 
 
