@@ -34,19 +34,31 @@ import jax.numpy as jnp
 import linear_kernels
 
 SASS_COUNTS = ("LDL", "STL", "HGMMA", "HMMA", "MUFU.EX2", "BAR")
+# The table's columns after op, kernel, warps and stages: (heading, `compile_sm90` key).
+COLUMNS = (("regs", "regs"), ("spill bytes", "stack"), ("shared KiB", "shared_kib"),
+           ("LDL", "LDL"), ("STL", "STL"), ("instructions", "instructions"), ("HGMMA", "HGMMA"),
+           ("HMMA", "HMMA"), ("MUFU.EX2", "MUFU.EX2"), ("BAR", "BAR"))
 
 
 def triton_kernels(fn, *args) -> list[dict]:
   """The Triton kernels of `jit(fn)(*args)` lowered for an H100, in program order, each once:
-  dicts of name, num_warps, num_stages and ttir (text). `args` may be ShapeDtypeStructs."""
+  dicts of name, num_warps, num_stages and ttir (text). `args` may be ShapeDtypeStructs.
+
+  JAX's trace caches are cleared before and after: a trace made for the CPU (interpret mode, no
+  Triton kernels) must not be reused here, nor one made here (real kernels) on the CPU later."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.triton import dialect as tt_dialect
   from jax._src.pallas.triton import gpu_info, pallas_call_registration
 
   h100 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-  with mock.patch.object(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100), \
-       mock.patch.object(jax, "default_backend", lambda: "gpu"):
-    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+  jax.clear_caches()
+  try:
+    with mock.patch.object(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100), \
+         mock.patch.object(jax, "default_backend", lambda: "gpu"):
+      module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir(
+          "stablehlo")
+  finally:
+    jax.clear_caches()
   kernels, seen = [], set()
   with module.context as ctx:
     tt_dialect.register_dialect(ctx)
@@ -77,7 +89,7 @@ def triton_kernels(fn, *args) -> list[dict]:
 def compile_sm90(kernel: dict, stem: str) -> dict:
   """Compiles `kernel` (see `triton_kernels`) for sm_90 with the triton package, keeping its TTIR,
   cubin and SASS as `stem`.ttir / .cubin / .sass; returns its registers, spill stack bytes, shared
-  memory bytes, SASS instruction count and SASS_COUNTS."""
+  memory (KiB), SASS instruction count and SASS_COUNTS."""
   import triton
   from triton.backends.compiler import GPUTarget
 
@@ -101,7 +113,7 @@ def compile_sm90(kernel: dict, stem: str) -> dict:
   lines = [line for line in sass.splitlines() if line.strip().startswith("/*") and ";" in line]
   counts = {op: sum(op in line for line in lines) for op in SASS_COUNTS}
   return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]),
-              shared=compiled.metadata.shared, instructions=len(lines), **counts)
+              shared_kib=round(compiled.metadata.shared / 1024), instructions=len(lines), **counts)
 
 
 def op_kernels(op: str, t: int, mode: str) -> list[dict]:
@@ -126,18 +138,16 @@ def main():
   parser.add_argument("--out", default=None, help="keep each kernel's TTIR, cubin and SASS here")
   args = parser.parse_args()
   workdir = args.out or tempfile.mkdtemp(prefix="kernel_resources_")
-  header = ("| op | kernel | warps | stages | regs | spill bytes | shared KiB | LDL | STL | "
-            "instructions | HGMMA | HMMA | MUFU.EX2 | BAR |")
-  print(header + "\n|" + "---|" * (header.count("|") - 1))
+  headings = ("op", "kernel", "warps", "stages") + tuple(heading for heading, _ in COLUMNS)
+  print("| " + " | ".join(headings) + " |\n|" + "---|" * len(headings))
   for op in args.ops:
     folder = os.path.join(workdir, op)
     os.makedirs(folder, exist_ok=True)
     for i, kernel in enumerate(op_kernels(op, args.length, args.mode)):
-      r = compile_sm90(kernel, os.path.join(folder, f"{i:02d}_{kernel['name']}"))
-      print(f"| {op} | {kernel['name']} | {kernel['num_warps']} | {kernel['num_stages']} | "
-            f"{r['regs']} | {r['stack']} | {r['shared'] / 1024:.0f} | {r['LDL']} | {r['STL']} | "
-            f"{r['instructions']} | "
-            f"{r['HGMMA']} | {r['HMMA']} | {r['MUFU.EX2']} | {r['BAR']} |", flush=True)
+      result = compile_sm90(kernel, os.path.join(folder, f"{i:02d}_{kernel['name']}"))
+      cells = (op, kernel["name"], kernel["num_warps"], kernel["num_stages"],
+               *(result[key] for _, key in COLUMNS))
+      print("| " + " | ".join(map(str, cells)) + " |", flush=True)
   if args.out:
     print(f"TTIR, cubin and SASS of each kernel under {workdir}", file=sys.stderr)
 
