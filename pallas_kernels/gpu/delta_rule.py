@@ -208,29 +208,30 @@ def _call(kernel, in_names, out_names, out_shape, w, u_v, p, b, config, interpre
 _FACTORS = ("k", "v", "k", "k", "p", "b")        # w, u_v, qd, kd, p, b
 
 
-def _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, *, save_states: bool):
+def _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, *, save_residuals: bool):
   """Runs the forward kernel. Returns (o, final state, (chunk start states, U float32) or None)."""
   batch, t, heads, dk = w.shape
   dv = u_v.shape[-1]
-  out_names = ("v", "state") + (("states", "v") if save_states else ())
+  out_names = ("v", "state") + (("states", "v") if save_residuals else ())
   out_shape = (jax.ShapeDtypeStruct((batch, t, heads, dv), w.dtype),
                jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32))
-  if save_states:
+  if save_residuals:
     out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), jnp.float32),
                   jax.ShapeDtypeStruct((batch, t, heads, dv), jnp.float32))
   o, final_state, *saved = _call(_forward_kernel, _FACTORS + ("state",), out_names, out_shape, w,
                                  u_v, p, b, config, interpret)(w, u_v, qd, kd, p, b, initial_state)
-  return o, final_state, (tuple(saved) if save_states else None)
+  return o, final_state, (tuple(saved) if save_residuals else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _state_pass(w, u_v, qd, kd, p, b, initial_state, config, interpret):
-  return _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, save_states=False)[:2]
+  return _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
+                  save_residuals=False)[:2]
 
 
 def _state_pass_forward(w, u_v, qd, kd, p, b, initial_state, config, interpret):
   o, final_state, (states, u) = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
-                                         save_states=True)
+                                         save_residuals=True)
   return (o, final_state), (w, qd, kd, p, b, states, u)
 
 
