@@ -31,10 +31,9 @@ kernel tuned before. On the device machine, where files come back only from $OUT
 Missing peers print "n/a (not installed)". JAX times: jitted, `jax.block_until_ready`, 2 warm-up
 calls, median of 10 timed calls. Ratios are peer time / jaxchunk pallas time (> 1: we are faster).
 
-FLOPs and bytes of the jaxchunk gated kernels (per token and head, chunk C, head dim D, as the
-kernels run them, full C x C blocks): forward 4CD + 4D^2 (intra Q K^T and A V; q S and the state
-update); backward 10CD + 7D^2 (the dq kernel re-runs the state). Bytes: each input read once and
-each output written once (bf16 q, k, v, o and their gradients, float32 gates and gate gradients).
+TFLOP/s and GB/s: the FLOPs of the chunked algorithm the jaxchunk kernels run and the minimal
+bytes, per op (`kernel_counts`), over the jaxchunk pallas time: how far each kernel is from the
+H100's ~685 TFLOP/s bf16 matmul and ~2.8 TB/s copy ceilings.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
 LENGTHS = (2048, 8192, 32768)
 OPS = ("simple_gla", "gla", "gated_delta_rule", "kda", "mlstm")
 MODES = ("fwd", "fwd+bwd")
-CHUNKS = {"simple_gla": 64, "gla": 64}          # the Pallas kernels' chunk (CONFIGS table)
+CHUNKS = {op: 64 for op in OPS}                  # the Pallas kernels' chunk (their CONFIGS tables)
 FLA_FUNCTIONS = {"simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
                  "gla": ("fla.ops.gla", "chunk_gla"),
                  "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
@@ -233,25 +232,37 @@ def run_fla(op: str, lengths, reps: int, timeout_s: int, autotune_dir: str | Non
 
 
 def kernel_counts(op: str, t: int, mode: str):
-  """(FLOPs, minimal bytes) of the jaxchunk gated kernels (FLA's chunk algorithm), or None for
-  other ops.
+  """(FLOPs, minimal bytes) of the chunked algorithm the jaxchunk kernels run, per (op, mode).
 
-  Per token and head, with chunk C and head dim d: the forward's state pass 2d^2 and output
-  2d^2 + 4Cd (the full C x C score block and its product with v); the backward's reverse state
-  pass 2d^2 and gradient kernel 6d^2 + 12Cd (recomputed scores, dA twice, dq, dk, dv). Bytes: q, k, v,
-  o (and do, dq, dk, dv), the gates, and the per-chunk states h [d, d] in bf16, written once and
-  read once in the forward; in fwd + bwd also read by the gradient kernel, with dh written and read.
+  Per token and head, with chunk C and head dim d (full C x C blocks, as the kernels run them):
+
+  - gla, simple_gla, mlstm (FLA's chunk algorithm; TFLA's for mlstm, whose normaliser adds only
+    O(C + d)): forward 4Cd + 4d^2 (the state pass's k^T v 2d^2; the outputs' q S 2d^2, scores
+    q k^T 2Cd and their product with v 2Cd); backward 12Cd + 8d^2 (the reverse state pass 2d^2,
+    and the gradient kernel 6d^2 + 12Cd: recomputed scores, dA twice, dq, dk, dv).
+  - gated_delta_rule, kda (the WY / UT form): forward 10Cd + 6d^2 + 2C^2/3 (k k^T 2Cd, the
+    triangular solve 2C^2/3, W and U_v 4Cd; the state pass's W S and k^T U 4d^2; the outputs'
+    q S 2d^2 and q k^T, P U 4Cd); fwd + bwd three times the forward (each product's two
+    gradient products) plus the recomputed q k^T and k k^T (4Cd).
+
+  Bytes: q, k, v, o (and do, dq, dk, dv) in bf16, the float32 gates (and their gradients), and the
+  per-chunk states [d, d] in bf16, written once and read once in the forward; in fwd + bwd also
+  read by the gradient kernel, with dS written and read. Returns None for ops without a count.
   """
   if op not in CHUNKS:
     return None
   c, d = CHUNKS[op], HEAD_DIM
   rows = TOKENS * HEADS
-  gate_bytes = 4 * (d if op == "gla" else 1)
+  gate_bytes = 4 * {"gla": d, "simple_gla": 1, "mlstm": 2, "gated_delta_rule": 2, "kda": d + 1}[op]
   state_bytes = 2 * d * d / c
+  if op in ("gated_delta_rule", "kda"):
+    forward = 10 * c * d + 6 * d * d + 2 * c * c / 3
+    flops = forward if mode == "fwd" else 3 * forward + 4 * c * d
+  else:
+    flops = 4 * c * d + 4 * d * d if mode == "fwd" else 16 * c * d + 12 * d * d
   if mode == "fwd":
-    return rows * (4 * c * d + 4 * d * d), rows * (4 * 2 * d + gate_bytes + 2 * state_bytes)
-  return (rows * (16 * c * d + 12 * d * d),
-          rows * ((4 + 8) * 2 * d + 3 * gate_bytes + 5 * state_bytes))
+    return rows * flops, rows * (4 * 2 * d + gate_bytes + 2 * state_bytes)
+  return rows * flops, rows * ((4 + 8) * 2 * d + 3 * gate_bytes + 5 * state_bytes)
 
 
 def fmt(x) -> str:
@@ -317,7 +328,8 @@ def main() -> None:
       f"# Linear-attention kernels, {device}, {date}", "",
       f"H={HEADS}, D={HEAD_DIM}, B*T={TOKENS}, bf16 q/k/v, float32 gates. {', '.join(versions)}.",
       "Ratios: peer time / jaxchunk pallas time (> 1: jaxchunk faster). TFLOP/s and GB/s: the "
-      "jaxchunk gated kernels' FLOPs and minimal bytes (see bench/linear_kernels.py).", "",
+      "chunked algorithm's FLOPs and minimal bytes (`kernel_counts` in bench/linear_kernels.py) "
+      "over the jaxchunk pallas time.", "",
       *lines, ""])
   print("\n" + report)
   os.makedirs(args.out, exist_ok=True)
