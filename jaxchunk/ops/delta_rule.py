@@ -20,8 +20,9 @@ and substituting into u gives the unit lower-triangular system
   (I + M) U = diag(beta) (V - (K * exp(b)) S_0),
   M_ij = beta_i sum_d k_id k_jd exp(b_id - b_jd) for j < i, else 0.
 
-So U = U_v - W S_0 with U_v = A V, W = A (K * exp(b)) and A = (I + M)^{-1} diag(beta): one batched
-triangular solve per chunk, for all chunks in parallel. The state pass is a `lax.scan` over chunks:
+So U = U_v - W S_0 with U_v = A V, W = A (K * exp(b)) and A = (I + M)^{-1} diag(beta): one inverse of
+a unit lower-triangular matrix per chunk (`_unit_lower_inverse`, in matmuls), for all chunks in
+parallel. The state pass is a `lax.scan` over chunks:
 
   U = U_v - W S_0,    S_C = diag(exp(b_C)) S_0 + (K * exp(b_C - b))^T U,
 
@@ -60,7 +61,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 
 from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, check_segment_ids,
                                   check_step_qkv, compute_dtype,
@@ -118,6 +118,35 @@ def _reference(q, k, v, beta, log_decay, state, starts):
 # Chunked (WY / UT transform) form.
 
 
+def _unit_lower_inverse(strict):
+  """(I + L)^-1 for strictly lower-triangular L [..., C, C], in batched matmuls only.
+
+  Inverts the diagonal blocks by doubling, [[A, 0], [M, B]]^-1 = [[A^-1, 0], [-B^-1 M A^-1, B^-1]],
+  from 1 x 1 blocks to the whole (padded to a power of two with an identity block): log2(C)
+  levels of two small matmuls per block, block forward substitution in effect. It replaces a
+  batched `solve_triangular`, which XLA hands to cuBLAS trsm on GPUs, one small system at a time
+  on the CUDA cores (gated_delta_rule's forward took 14 ms there against jla's 0.76 ms,
+  bench/results/linear_kernels-2026-12-06-gdn.md).
+  """
+  c = strict.shape[-1]
+  size = 1 << (c - 1).bit_length()
+  lead = strict.shape[:-2]
+  strict = jnp.pad(strict, [(0, 0)] * len(lead) + [(0, size - c)] * 2)
+  inverse = jnp.ones((*lead, size, 1, 1), strict.dtype)          # the inverted diagonal blocks
+  block = 1
+  while block < size:
+    pairs = size // (2 * block)
+    tiles = strict.reshape(*lead, pairs, 2 * block, pairs, 2 * block)
+    lower = jnp.moveaxis(jnp.diagonal(tiles, axis1=-4, axis2=-2), -1, -3)[..., block:, :block]
+    upper_inv, lower_inv = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+    corner = -_einsum("...ij,...jk,...kl->...il", lower_inv, lower, upper_inv)
+    inverse = jnp.concatenate([
+        jnp.concatenate([upper_inv, jnp.zeros_like(upper_inv)], axis=-1),
+        jnp.concatenate([corner, lower_inv], axis=-1)], axis=-2)
+    block *= 2
+  return inverse[..., 0, :c, :c]
+
+
 def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):
   """The chunk-local factors of the chunked form (module docstring), for all chunks in parallel.
 
@@ -153,9 +182,8 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):
     strictly_lower, attention = strictly_lower & same, jnp.where(same, attention, 0)
     q_decayed, k_decayed = jnp.where(first, q_decayed, 0), jnp.where(first, k_decayed, 0)
     k_to_end = jnp.where(last, k_to_end, 0)
-  system = jnp.eye(chunk_size, dtype=q.dtype) + jnp.where(strictly_lower, beta * gram, 0)
-  solved = solve_triangular(system, beta * jnp.concatenate([v, k_decayed], axis=-1),
-                            lower=True, unit_diagonal=True)
+  inverse = _unit_lower_inverse(jnp.where(strictly_lower, beta * gram, 0))
+  solved = _einsum("...ij,...jd->...id", inverse, beta * jnp.concatenate([v, k_decayed], axis=-1))
   u_v, w = solved[..., :dv], solved[..., dv:]
   return w, u_v, q_decayed, k_to_end, attention, b
 

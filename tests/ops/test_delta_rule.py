@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.ops.delta_rule import (delta_rule, delta_rule_step, gated_delta_rule,
-                                     gated_delta_rule_step)
+from jaxchunk.ops.delta_rule import (_unit_lower_inverse, delta_rule, delta_rule_step,
+                                     gated_delta_rule, gated_delta_rule_step)
 from tests.ops import linear_oracle
 from tests.ops.linear_oracle import assert_gradients_match, loss_fn, oracle
 from tests.utils import assert_rel_close, randn
@@ -55,6 +55,15 @@ def test_forward_matches_oracle(rng, op, impl, t, chunk_size, h, hk, gate_heads,
   assert o.dtype == jnp.float32 and s.dtype == jnp.float32
   assert_rel_close(o, o_ref, 1e-5, "o")
   assert_rel_close(s, s_ref, 1e-5, "final state")
+
+
+@pytest.mark.parametrize("c", [1, 5, 16, 48, 64])
+def test_unit_lower_inverse_matches_float64(rng, c):
+  """The chunked form's (I + L)^-1 (matmuls by block doubling; C padded to a power of two) against
+  NumPy's float64 inverse, on strictly lower-triangular L scaled like beta * K K^T."""
+  strict = np.tril(rng.standard_normal((3, 2, c, c)), -1) * 0.3
+  got = _unit_lower_inverse(jnp.asarray(strict, jnp.float32))
+  assert_rel_close(got, np.linalg.inv(np.eye(c) + strict), 1e-5, f"inverse C={c}")
 
 
 @pytest.mark.parametrize("op", OPS)
