@@ -185,21 +185,32 @@ def _per_slot_rat_lengths(cache, slots: int):
 
 
 def init_engine_cache(config: ModelConfig | MoRConfig, engine_config: EngineConfig):
-  """The caches of all slots.
+  """The caches of all slots, every leaf zeros.
 
   `LanguageModel` (a ModelConfig): a tuple of per-layer caches, page pools
   {"k_pages", "v_pages": [pool_pages, page_size, Hk, D]} for attention, per-slot states otherwise.
   `MoRLanguageModel` (a MoRConfig): `init_mor_cache` for num_slots rows of max_len + 1 tokens
   without its "length" (dense keys/values [num_slots, max_len + 1, Hk, D], position max_len a
   scratch slot); every leaf has the slot axis first.
+
+  The layout is traced (`jax.eval_shape`) and each leaf then allocated once, as a distinct buffer
+  (the step functions donate the cache): building the caches and then copying them held two at
+  the peak (an H100 ran out of memory at 96 slots of 4K tokens). Every leaf of an empty cache is
+  zeros: `_clear_row_if` empties a slot's row by zeroing it.
   """
+  layout = jax.eval_shape(lambda: _cache_layout(config, engine_config))
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), layout)
+
+
+def _cache_layout(config: ModelConfig | MoRConfig, engine_config: EngineConfig):
+  """`init_engine_cache`'s tree, built from the model's cache initialisers (traced only)."""
   slots, max_len = engine_config.num_slots, engine_config.max_len
   if isinstance(config, MoRConfig):
     dtype = jnp.dtype(engine_config.cache_dtype or config.model.dtype)
     # One position more than max_len: the scratch position of slots a decode step does not serve.
     cache = init_mor_cache(config, slots, max_len + 1, dtype)
     del cache["length"]  # a step passes its positions instead
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), _per_slot_rat_lengths(cache, slots))
+    return _per_slot_rat_lengths(cache, slots)
   dtype = jnp.dtype(engine_config.cache_dtype or config.dtype)
   layers = []
   for kind in config.layer_pattern:
@@ -211,10 +222,7 @@ def init_engine_cache(config: ModelConfig | MoRConfig, engine_config: EngineConf
       layers.append(init_rat_cache(config, slots, max_len, dtype))
     else:
       layers.append(init_linear_attention_cache(config, kind, slots, max_len, dtype))
-  # Distinct buffers for every leaf (the step functions donate the cache). Every leaf of an empty
-  # cache is zeros: `_clear_row_if` empties a slot's row by zeroing it.
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                      _per_slot_rat_lengths(tuple(layers), slots))
+  return _per_slot_rat_lengths(tuple(layers), slots)
 
 
 def _is_pool(path) -> bool:
