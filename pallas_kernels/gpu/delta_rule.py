@@ -6,7 +6,7 @@ The caller (`jaxchunk.ops.delta_rule`) computes every chunk-local, fully paralle
 FLA's chunk kernels split chunk_h from the rest. For a chunk of C tokens with the cumulative
 log-decay b from the chunk start (inclusive) and its last row b_C:
 
-  W   [C, Dk]  and  U_v [C, Dv]   from the per-chunk triangular solve (W holds its factor e^b),
+  W   [C, Dk]  and  U_v [C, Dv]   from the per-chunk (I + M)^-1 (W holds its factor e^b),
   Qd = q * e^b  [C, Dk],   Kd = k * e^(b_C - b)  [C, Dk],
   P   [C, C]   the causal decayed scores, P_ij = sum_d q_id k_jd e^(b_id - b_jd) for j <= i,
   g  = e^(b_C)  one scalar, or one factor per key channel (a state row).
