@@ -118,6 +118,7 @@ def _reference(q, k, v, beta, log_decay, state, starts):
 # Chunked (WY / UT transform) form.
 
 
+@jax.custom_vjp
 def _unit_lower_inverse(strict):
   """(I + L)^-1 for strictly lower-triangular L [..., C, C], in batched matmuls only.
 
@@ -126,7 +127,8 @@ def _unit_lower_inverse(strict):
   levels of two small matmuls per block, block forward substitution in effect. It replaces a
   batched `solve_triangular`, which XLA hands to cuBLAS trsm on GPUs, one small system at a time
   on the CUDA cores (gated_delta_rule's forward took 14 ms there against jla's 0.76 ms,
-  bench/results/linear_kernels-2026-12-06-gdn.md).
+  bench/results/linear_kernels-2026-12-06-gdn.md). Only the strictly lower part of `strict` is
+  read. Gradient: d strict = tril(-X^T dX X^T, -1) with X the inverse (two matmuls).
   """
   c = strict.shape[-1]
   size = 1 << (c - 1).bit_length()
@@ -145,6 +147,19 @@ def _unit_lower_inverse(strict):
         jnp.concatenate([corner, lower_inv], axis=-1)], axis=-2)
     block *= 2
   return inverse[..., 0, :c, :c]
+
+
+def _unit_lower_inverse_fwd(strict):
+  inverse = _unit_lower_inverse(strict)
+  return inverse, inverse
+
+
+def _unit_lower_inverse_bwd(inverse, d_inverse):
+  transposed = jnp.swapaxes(inverse, -1, -2)
+  return (jnp.tril(-_einsum("...ij,...jk,...kl->...il", transposed, d_inverse, transposed), -1),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):

@@ -60,10 +60,18 @@ def test_forward_matches_oracle(rng, op, impl, t, chunk_size, h, hk, gate_heads,
 @pytest.mark.parametrize("c", [1, 5, 16, 48, 64])
 def test_unit_lower_inverse_matches_float64(rng, c):
   """The chunked form's (I + L)^-1 (matmuls by block doubling; C padded to a power of two) against
-  NumPy's float64 inverse, on strictly lower-triangular L scaled like beta * K K^T."""
+  NumPy's float64 inverse, and its custom gradient against autodiff of a triangular solve, on
+  strictly lower-triangular L scaled like beta * K K^T."""
   strict = np.tril(rng.standard_normal((3, 2, c, c)), -1) * 0.3
-  got = _unit_lower_inverse(jnp.asarray(strict, jnp.float32))
-  assert_rel_close(got, np.linalg.inv(np.eye(c) + strict), 1e-5, f"inverse C={c}")
+  strict = jnp.asarray(strict, jnp.float32)
+  assert_rel_close(_unit_lower_inverse(strict), np.linalg.inv(np.eye(c) + np.asarray(strict)),
+                   1e-5, f"inverse C={c}")
+  cotangent = randn(rng, *strict.shape)
+  loss = lambda inverse: lambda s: jnp.sum(inverse(s) * cotangent)
+  by_solve = lambda s: jax.scipy.linalg.solve_triangular(
+      jnp.eye(c) + jnp.tril(s, -1), jnp.broadcast_to(jnp.eye(c), s.shape), lower=True)
+  assert_rel_close(jax.grad(loss(_unit_lower_inverse))(strict), jax.grad(loss(by_solve))(strict),
+                   1e-5, f"inverse gradient C={c}")
 
 
 @pytest.mark.parametrize("op", OPS)
