@@ -209,15 +209,23 @@ def bench_presets(args) -> list[dict]:
     variables = jax.jit(lambda: model.init(jax.random.key(args.seed),
                                            jnp.zeros((1, 1), jnp.int32)))()
     for batch in (int(b) for b in args.batches.split(",")):
-      row = {"preset": preset, "params_m": count_params(variables) / 1e6}
-      row.update(decode_throughput(model, variables, batch=batch, context=args.context,
-                                   steps=args.steps, warmup_steps=args.warmup_steps,
-                                   chunk_size=args.chunk_size, page_size=args.page_size,
-                                   seed=args.seed, decode_steps=args.decode_steps,
-                                   profile=args.profile,
-                                   pack_projections=args.pack_projections))
+      row = {"preset": preset, "params_m": count_params(variables) / 1e6, "batch": batch,
+             "context": args.context}
+      try:
+        row.update(decode_throughput(model, variables, batch=batch, context=args.context,
+                                     steps=args.steps, warmup_steps=args.warmup_steps,
+                                     chunk_size=args.chunk_size, page_size=args.page_size,
+                                     seed=args.seed, decode_steps=args.decode_steps,
+                                     profile=args.profile,
+                                     pack_projections=args.pack_projections))
+      except jax.errors.JaxRuntimeError as err:  # the row says OOM; the other batches still run
+        if "RESOURCE_EXHAUSTED" not in str(err):
+          raise
+        row["oom"] = True
+      gc.collect()  # frees a failed engine's buffers (its frames held them in a cycle)
       base = next(r for r in rows + [row] if r["batch"] == batch)
-      row["vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
+      row["vs_first"] = (None if "oom" in row or "oom" in base
+                         else row["tokens_per_s"] / base["tokens_per_s"])
       rows.append(row)
       print(f"{preset} batch={batch}: {json.dumps(row)}", flush=True)
     del variables
@@ -231,12 +239,17 @@ def render_presets(rows: list[dict], args) -> str:
            f"jitted decode ms | tokens/s | vs {first} | cache GB |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
+    if "oom" in r:
+      lines.append(f"| {r['preset']} | {r['params_m']:.4g} | {r['batch']} | {r['context']} | "
+                   "OOM | | | | | | |")
+      continue
+    ratio = "-" if r["vs_first"] is None else f"{r['vs_first']:.2f}x"
     lines.append(f"| {r['preset']} | {r['params_m']:.4g} | {r['batch']} | {r['context']} | "
                  f"{r['fill_s']:.1f} | {r['step_ms_p50']:.2f} | {r['step_ms_p99']:.2f} | "
                  f"{r['device_step_ms']:.2f} | "
-                 f"{r['tokens_per_s']:,.0f} | {r['vs_first']:.2f}x | {r['cache_gb']:.4g} |")
-  ratios = ", ".join(f"{r['preset']} {r['vs_first']:.2f}x at batch {r['batch']}"
-                     for r in rows if r["preset"] != first)
+                 f"{r['tokens_per_s']:,.0f} | {ratio} | {r['cache_gb']:.4g} |")
+  ratios = ", ".join(f"{r['preset']} {r['vs_first']:.3f}x at batch {r['batch']}"
+                     for r in rows if r["preset"] != first and r["vs_first"] is not None)
   lines.append(f"\ntokens/s relative to {first} at equal batch: {ratios} (issue 7 target for "
                "RAT+local: >= 5x).")
   return "\n".join(lines)

@@ -107,3 +107,32 @@ def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
   assert summary["decode after mixed/prefill"]["steps"] == 2  # steps 2 and 5
   assert summary["decode after mixed/prefill"]["p50_ms"] == pytest.approx((4.0 + 3.5) / 2)
   assert summary["prefill"]["steps"] == 1 and summary["mixed"]["p99_ms"] == 5.0
+
+
+def test_serve_decode_lists_out_of_memory_and_goes_on(monkeypatch):
+  """A (preset, batch) that runs out of device memory is an OOM row; later batches and presets
+  still run, and ratios are left out where either side ran out."""
+  sys.path.insert(0, BENCH)
+  import jax
+  import serve_decode
+
+  def fake_throughput(model, variables, *, batch, context, **kwargs):
+    if batch == 4 and model.config.layer_pattern[0] == "attention":
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    rate = 1000.0 * batch * (3.0 if "rat" in model.config.layer_pattern else 1.0)
+    return {"batch": batch, "context": context, "fill_s": 0.5, "step_ms_p50": 2.0,
+            "step_ms_p99": 2.5, "device_step_ms": 1.0, "tokens_per_s": rate, "cache_gb": 0.1}
+
+  monkeypatch.setattr(serve_decode, "decode_throughput", fake_throughput)
+  args = serve_decode.argparse.Namespace(
+      presets="attention_350m,rat_local_350m", batches="2,4", smoke=True, seed=0, context=64,
+      steps=4, warmup_steps=1, chunk_size=32, page_size=16, decode_steps=2, profile=False,
+      pack_projections=True)
+  rows = serve_decode.bench_presets(args)
+  assert [(r["preset"], r["batch"], "oom" in r) for r in rows] == [
+      ("attention_350m", 2, False), ("attention_350m", 4, True),
+      ("rat_local_350m", 2, False), ("rat_local_350m", 4, False)]
+  assert [r["vs_first"] for r in rows] == [1.0, None, 3.0, None]
+  table = serve_decode.render_presets(rows, args)
+  assert "| attention_350m | " in table and " | 4 | 64 | OOM |" in table
+  assert "rat_local_350m 3.000x at batch 2" in table and "at batch 4" not in table
