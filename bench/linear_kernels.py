@@ -3,6 +3,7 @@
   python bench/linear_kernels.py                      # everything; writes bench/results/
   python bench/linear_kernels.py --quick              # T = 8K only, 3 timed calls (a smoke run)
   python bench/linear_kernels.py --ops simple_gla gla --lengths 8192
+  python bench/linear_kernels.py --quick --ops gated_delta_rule --profile   # + each call's kernels
 
 Ops: simple_gla, gla, gated_delta_rule, kda, mlstm; bf16 q/k/v, float32 gates, H=16, D=128,
 B*T = 64K tokens, T in {2K, 8K, 32K}; fwd, and fwd+bwd (value and gradients of sum(o * cotangent)
@@ -55,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import median_seconds
+from timing import median_seconds, profile_kernels
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 65536
 LENGTHS = (2048, 8192, 32768)
@@ -90,14 +91,27 @@ def inputs(op: str, t: int, seed: int = 0, batch: int | None = None):
   return q, k, v, g
 
 
-def timed_jax(fn, args, mode: str, reps: int) -> float:
-  """Times `fn(q, k, v, *gates) -> o` forward, or forward + gradients w.r.t. every input."""
+def jitted(fn, args, mode: str):
+  """`fn(q, k, v, *gates) -> o` jitted as the forward, or as forward + gradients w.r.t. every
+  input (of sum(o * a fixed random cotangent))."""
   if mode == "fwd":
-    return 1e3 * median_seconds(jax.jit(fn), *args, repeats=reps, warmup=2)
+    return jax.jit(fn)
   cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(args[0].shape), jnp.bfloat16)
   loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
-  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
-  return 1e3 * median_seconds(grad, *args, repeats=reps, warmup=2)
+  return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+
+
+def timed_jax(fn, args, mode: str, reps: int) -> float:
+  """Milliseconds of `jitted(fn, args, mode)` (median of `reps` calls after 2 warm-up calls)."""
+  return 1e3 * median_seconds(jitted(fn, args, mode), *args, repeats=reps, warmup=2)
+
+
+def profile_pallas(op: str, t: int, mode: str, calls: int = 5) -> dict[str, float]:
+  """The costliest GPU kernels (ms per call) of jaxchunk's pallas `op` at length `t`."""
+  args = jax_args(op, t)
+  call = jitted(jaxchunk_fn(op, "pallas"), args, mode)
+  jax.block_until_ready(call(*args))
+  return profile_kernels(lambda: call(*args), calls, label=f"{op} T={t} {mode} call", top=12)
 
 
 def jax_args(op: str, t: int, batch: int | None = None):
@@ -285,6 +299,8 @@ def main() -> None:
   parser.add_argument("--fla_autotune", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results", "fla_autotune"),
       help="folder of Triton autotune choices: seeds each FLA run, receives its new ones ('' off)")
+  parser.add_argument("--profile", action="store_true",
+                      help="also list the costliest GPU kernels of each jaxchunk pallas call")
   parser.add_argument("--fla_worker", choices=OPS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
@@ -315,6 +331,19 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
 
+  profiles = []
+  if args.profile:
+    for op in args.ops:
+      for t in args.lengths:
+        for mode in MODES:
+          kernels = profile_pallas(op, t, mode)
+          profiles += [f"### {op}, T={t}, {mode}: {sum(kernels.values()):.3f} ms in its "
+                       f"{len(kernels)} costliest kernels", "", "| kernel | ms per call |",
+                       "|---|---:|", *(f"| `{name[:90]}` | {ms:.4f} |"
+                                       for name, ms in kernels.items()), ""]
+    profiles = ["## GPU kernels of the jaxchunk pallas calls (`--profile`, profiler trace of 5 "
+                "calls)", "", *profiles]
+
   versions = [f"jax {jax.__version__}"]
   for name in ("torch", "triton", "fla", "jla", "mlstm_kernels"):
     try:
@@ -330,7 +359,7 @@ def main() -> None:
       "Ratios: peer time / jaxchunk pallas time (> 1: jaxchunk faster). TFLOP/s and GB/s: the "
       "chunked algorithm's FLOPs and minimal bytes (`kernel_counts` in bench/linear_kernels.py) "
       "over the jaxchunk pallas time.", "",
-      *lines, ""])
+      *lines, "", *profiles])
   print("\n" + report)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"linear_kernels-{date}{'-quick' if args.quick else ''}.md")

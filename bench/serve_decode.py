@@ -61,7 +61,7 @@ from jaxchunk.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
 from jaxchunk.serving.hf import load_llama  # noqa: E402
 from jaxchunk.serving.scheduler import Status  # noqa: E402
 from report import versions, write_report  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, profile_kernels  # noqa: E402
 
 PRESETS = ("attention_350m", "rat_local_350m")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -108,38 +108,6 @@ def dispatch_decode(engine: Engine, running, many: bool) -> None:
   engine._run(decode, engine._decode_args(running))
 
 
-def profile_kernels(call, engine: Engine, calls: int, tokens_per_call: int, top: int = 25,
-                    label: str = "decode token") -> dict[str, float]:
-  """GPU time per `label` (ms: per call / tokens_per_call) of the `top` costliest kernels (by
-  name) over `calls` calls of `call`, from a JAX profiler trace (perfetto JSON: device events of
-  GPU processes)."""
-  import glob
-  import gzip
-  folder = tempfile.mkdtemp(prefix="serve_decode_trace_")
-  jax.block_until_ready(engine.cache)
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    for _ in range(calls):
-      call()
-    jax.block_until_ready(engine.cache)
-  [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
-  with gzip.open(path) as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-         and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-  totals: dict[str, float] = {}
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu:
-      totals[e["name"]] = (totals.get(e["name"], 0.0)
-                           + e.get("dur", 0.0) / 1e3 / (calls * tokens_per_call))
-  ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-  print(f"GPU kernel time per {label}: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
-        flush=True)
-  for name, ms in ranked[:top]:
-    print(f"  {ms:8.4f} ms  {name[:110]}", flush=True)
-  return dict(ranked[:top])
-
-
 def decode_throughput(model: LanguageModel, variables, *, batch: int, context: int, steps: int,
                       warmup_steps: int, chunk_size: int, page_size: int, seed: int,
                       decode_steps: int = 1, profile: bool = False,
@@ -183,8 +151,9 @@ def decode_throughput(model: LanguageModel, variables, *, batch: int, context: i
     dispatch_decode(engine, running, many)
   jax.block_until_ready(engine.cache)
   device_ms = 1e3 * (time.perf_counter() - start) / (steps * decode_steps)
-  kernels = (profile_kernels(lambda: dispatch_decode(engine, running, many), engine, steps,
-                             decode_steps) if profile else None)
+  kernels = (profile_kernels(lambda: dispatch_decode(engine, running, many), steps,
+                             wait=lambda: engine.cache, per_call=decode_steps,
+                             label="decode token") if profile else None)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
   for request_id in ids:
     engine.cancel(request_id)

@@ -64,7 +64,8 @@ import numpy as np
 from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 from report import versions, write_report
-from serve_decode import RESULTS, VERSIONED, preset_config, profile_kernels
+from serve_decode import RESULTS, VERSIONED, preset_config
+from timing import profile_kernels
 
 # Sizes that --smoke replaces (argument name -> smoke value).
 SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
@@ -242,7 +243,7 @@ def profile_calls(engine: Engine, *, position: int, calls: int) -> dict[str, dic
   the mixed call with it (`call_shapes`), each over `calls` calls (profiler trace)."""
   shapes = call_shapes(engine, position=position)
   longest = engine.config.chunk_size
-  return {name: profile_kernels(shapes[name], engine, calls, 1, label=f"{name} call")
+  return {name: profile_kernels(shapes[name], calls, wait=lambda: engine.cache, label=f"{name} call")
           for name in ("decode", f"prefill {longest}", f"mixed {longest}")}
 
 

@@ -6,7 +6,12 @@ The scripts run as `python bench/<script>.py`, which puts bench/ on sys.path:
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -55,3 +60,41 @@ def call_loop(fn, calls: int):
       return jax.lax.optimization_barrier((x, total + probe))
     return jax.lax.fori_loop(0, calls, body, (first, jnp.float32(0)))
   return loop
+
+
+def profile_kernels(call, calls: int, *, wait=lambda: None, per_call: float = 1.0,
+                    label: str = "call", top: int = 25) -> dict[str, float]:
+  """GPU time per `label` (ms: per call / `per_call`) of the `top` costliest kernels (by name)
+  over `calls` calls of `call`, from a JAX profiler trace (perfetto JSON: the device events of GPU
+  processes; on a machine without a GPU the table is empty). `call()` dispatches the work and may
+  return arrays; the trace ends after the last call's outputs and `wait()`'s arrays (e.g. a
+  donated cache that each call replaces) are ready. Prints the table and returns it."""
+  folder = tempfile.mkdtemp(prefix="jaxchunk_trace_")
+  jax.block_until_ready(wait())
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
+    for _ in range(calls):
+      out = call()
+    jax.block_until_ready((out, wait()))
+  [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    events = json.load(f)
+  totals = kernel_totals(events["traceEvents"] if isinstance(events, dict) else events)
+  ranked = sorted(((name, ms / (calls * per_call)) for name, ms in totals.items()),
+                  key=lambda kv: -kv[1])
+  print(f"GPU kernel time per {label}: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
+        flush=True)
+  for name, ms in ranked[:top]:
+    print(f"  {ms:8.4f} ms  {name[:110]}", flush=True)
+  return dict(ranked[:top])
+
+
+def kernel_totals(events: list[dict]) -> dict[str, float]:
+  """Total milliseconds per kernel name of a perfetto trace's events: the complete ("X") events
+  of the processes named like a GPU (the trace's "process_name" metadata)."""
+  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+         and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  totals: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu:
+      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / 1e3
+  return totals

@@ -27,3 +27,27 @@ def test_copy_autotune_copies_only_new_choices(tmp_path, monkeypatch):
   assert linear_kernels.copy_autotune(str(cache), str(kept)) == 1
   assert (kept / "A1" / "chunk_fwd.autotune.json").read_text() == "A1/chunk_fwd.autotune.json"
   assert linear_kernels.copy_autotune(str(tmp_path / "missing"), str(kept)) == 0
+
+
+def test_kernel_totals_sums_gpu_events_only(monkeypatch):
+  """bench/timing.py's profile reading: complete events of GPU processes, summed per kernel."""
+  monkeypatch.syspath_prepend(BENCH)
+  import timing  # noqa: PLC0415
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 7, "name": "delta_rule_fwd", "dur": 1500.0},
+      {"ph": "X", "pid": 7, "name": "delta_rule_fwd", "dur": 500.0},
+      {"ph": "X", "pid": 7, "name": "gemm_fusion", "dur": 250.0},
+      {"ph": "X", "pid": 3, "name": "host_work", "dur": 9000.0},
+      {"ph": "i", "pid": 7, "name": "marker"},
+  ]
+  assert timing.kernel_totals(events) == {"delta_rule_fwd": 2.0, "gemm_fusion": 0.25}
+
+
+def test_profile_pallas_runs_on_cpu(monkeypatch):
+  """--profile's path end to end on CPU (interpret-mode kernels; no GPU events, so no rows)."""
+  monkeypatch.syspath_prepend(BENCH)
+  import linear_kernels  # noqa: PLC0415
+  monkeypatch.setattr(linear_kernels, "TOKENS", 128)
+  assert linear_kernels.profile_pallas("simple_gla", 64, "fwd", calls=1) == {}
