@@ -126,9 +126,9 @@ def _unit_lower_inverse(strict):
   from 1 x 1 blocks to the whole (padded to a power of two with an identity block): log2(C)
   levels of two small matmuls per block, block forward substitution in effect. It replaces a
   batched `solve_triangular`, which XLA hands to cuBLAS trsm on GPUs, one small system at a time
-  on the CUDA cores (gated_delta_rule's forward took 14 ms there against jla's 0.76 ms,
-  bench/results/linear_kernels-2026-12-06-gdn.md). Only the strictly lower part of `strict` is
-  read. Gradient: d strict = tril(-X^T dX X^T, -1) with X the inverse (two matmuls).
+  on the CUDA cores (with it, gated_delta_rule's forward took 14 ms on an H100 against jla's
+  0.76 ms: bench/results/linear_kernels-2026-12-06-gdn.md). Only the strictly lower part of
+  `strict` is read. Gradient: d strict = tril(-X^T dX X^T, -1) with X the inverse (two matmuls).
   """
   c = strict.shape[-1]
   size = 1 << (c - 1).bit_length()
