@@ -123,6 +123,11 @@ def test_serve_decode_lists_out_of_memory_and_goes_on(monkeypatch):
     return {"batch": batch, "context": context, "fill_s": 0.5, "step_ms_p50": 2.0,
             "step_ms_p99": 2.5, "device_step_ms": 1.0, "tokens_per_s": rate, "cache_gb": 0.1}
 
+  from jaxchunk.config import ModelConfig  # noqa: PLC0415
+  tiny = lambda preset, smoke: ModelConfig(  # noqa: E731 (one-layer models: init compiles fast)
+      vocab_size=64, d_model=16, layer_pattern=("rat",) if "rat" in preset else ("attention",),
+      num_heads=2, num_kv_heads=1, head_dim=8, mlp_hidden=32, rat_chunk_size=4)
+  monkeypatch.setattr(serve_decode, "preset_config", tiny)
   monkeypatch.setattr(serve_decode, "decode_throughput", fake_throughput)
   args = serve_decode.argparse.Namespace(
       presets="attention_350m,rat_local_350m", batches="2,4", smoke=True, seed=0, context=64,
