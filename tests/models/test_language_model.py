@@ -61,7 +61,11 @@ def run_pieces(apply, variables, tokens, pieces, cache):
   return jnp.concatenate(logits, axis=1), cache
 
 
-@pytest.mark.parametrize("case", PATTERNS, ids=pattern_id)
+# The six linear kinds together in the slow run here (their caches: the next test, default run).
+SHAPE_PATTERNS = PATTERNS[:2] + [pytest.param(PATTERNS[2], marks=pytest.mark.slow)] + PATTERNS[3:]
+
+
+@pytest.mark.parametrize("case", SHAPE_PATTERNS, ids=pattern_id)
 def test_shapes_jit_and_grad(rng, case):
   pattern, impl = case
   cfg = tiny_config(pattern, impl=impl)
@@ -221,9 +225,11 @@ def test_packed_projections_match(rng):
     model.pack_projections(packed)
 
 
-STREAM_PATTERNS = [(("attention", "local", "rat"), "auto"),
-                   (("simple_gla", "gla", "mlstm"), "reference"),
-                   (("delta_rule", "gated_delta_rule", "kda"), "reference")]
+# The linear kinds' streams in the slow run (their caches: test_cached_paths_match_full_sequence).
+STREAM_PATTERNS = [(("attention", "local", "rat"), "auto")] + [
+    pytest.param(case, marks=pytest.mark.slow) for case in [
+        (("simple_gla", "gla", "mlstm"), "reference"),
+        (("delta_rule", "gated_delta_rule", "kda"), "reference")]]
 
 
 @pytest.mark.parametrize("case", STREAM_PATTERNS, ids=pattern_id)

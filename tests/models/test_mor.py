@@ -122,7 +122,7 @@ def test_share_first_cache_is_smaller_than_recursion_wise():
 
 
 @pytest.mark.parametrize("router,kv_strategy", [
-    ("expert", "recursion"), ("token", "recursion"),
+    ("expert", "recursion"), pytest.param("token", "recursion", marks=pytest.mark.slow),
     pytest.param("token", "share_first", marks=pytest.mark.slow)])
 def test_training_loss_grad_and_capacity(rng, router, kv_strategy):
   config = mor_config(router, "middle_cycle", capacities=(1.0, 0.5, 0.25), kv_strategy=kv_strategy)

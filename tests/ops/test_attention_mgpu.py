@@ -99,7 +99,8 @@ def test_small_key_blocks(rng, monkeypatch, t, window):
                     what=f"64-row key blocks, window {window}")
 
 
-@pytest.mark.parametrize("programs, scale", [(1, None), (3, -0.2)])
+@pytest.mark.parametrize("programs, scale", [(1, None),
+                                             pytest.param(3, -0.2, marks=pytest.mark.slow)])
 def test_persistent_window_forward(rng, monkeypatch, programs, scale):
   """Windowed forwards run persistent: with fewer programs than the 6 tiles, a program walks
   several tiles (the key ring, the next tile's Q load and the output stores carry across tiles;

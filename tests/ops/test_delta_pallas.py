@@ -97,7 +97,7 @@ def test_gradients_match_xla(rng, name):
 
 
 @pytest.mark.parametrize("name", [pytest.param("delta_rule", marks=pytest.mark.slow),
-                                  "gated_delta_rule", "kda"])
+                                  "gated_delta_rule", pytest.param("kda", marks=pytest.mark.slow)])
 def test_packed_documents_match_xla(rng, name):
   """segment_ids over T = 150 (three kernel chunks of 64): documents starting mid-chunk, at a
   chunk's first token (64) and spanning chunk boundaries; values and every gradient against the

@@ -141,7 +141,8 @@ def test_bf16_gradients_match_float64(rng, name, t):
     assert_rel_close(np.asarray(g, np.float32), g_ref, BF16_TOL, what)
 
 
-@pytest.mark.parametrize("name", OPS)
+# simple GLA (one decay per token) in the slow run; GLA's per-channel decays in the default run.
+@pytest.mark.parametrize("name", [pytest.param("simple_gla", marks=pytest.mark.slow), "gla"])
 def test_strong_decays(rng, name):
   """Log-decays down to -5 per token: the per-channel kernel's off-diagonal blocks of A factor
   e^(b_i - b_j) through the query block's first row (factors <= 1), the diagonal blocks through
@@ -171,7 +172,8 @@ def packed_segment_ids(rng, t, forced):
   return (3 + np.cumsum(starts, axis=1) % 2).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", OPS)
+# simple GLA in the slow run (its kernels with segment_ids: test_segment_ids_linear.py, default run).
+@pytest.mark.parametrize("name", ["gla", pytest.param("simple_gla", marks=pytest.mark.slow)])
 def test_segment_ids_match_oracle_and_xla(rng, name):
   """segment_ids inside the kernels: o and the final state against the float64 oracle (with
   resets) and the xla path; gradients of every input against xla. GQA, gates on kv heads, an

@@ -133,6 +133,7 @@ def test_chunked_prefill_continues_state(rng):
     assert_rel_close(x, x_ref, F32_TOL, f"final {what}")
 
 
+@pytest.mark.slow  # the xla path's jit / vmap test runs in the default run
 def test_jit_and_vmap(rng):
   """jit of the forward; vmap of the gradient (the kernels' per-Dv-block terms under batching)."""
   q, k, v, i, f, _ = make_inputs(rng, b=2, t=64, h=1, hk=1, gate_heads=1)
