@@ -191,7 +191,7 @@ def bench_presets(args) -> list[dict]:
         if "RESOURCE_EXHAUSTED" not in str(err):
           raise
         row["oom"] = True
-      gc.collect()  # frees a failed engine's buffers (its frames held them in a cycle)
+        gc.collect()  # frees the failed engine's buffers (its frames held them in a cycle)
       base = next(r for r in rows + [row] if r["batch"] == batch)
       row["vs_first"] = (None if "oom" in row or "oom" in base
                          else row["tokens_per_s"] / base["tokens_per_s"])
