@@ -81,7 +81,8 @@ def profile_kernels(call, calls: int, *, wait=lambda: None, per_call: float = 1.
   totals = kernel_totals(events["traceEvents"] if isinstance(events, dict) else events)
   ranked = sorted(((name, ms / (calls * per_call)) for name, ms in totals.items()),
                   key=lambda kv: -kv[1])
-  print(f"GPU kernel time per {label}: {sum(totals.values()):.3f} ms in {len(totals)} kernels",
+  print(f"GPU kernel time per {label}: {sum(totals.values()) / (calls * per_call):.3f} ms in "
+        f"{len(totals)} kernels",
         flush=True)
   for name, ms in ranked[:top]:
     print(f"  {ms:8.4f} ms  {name[:110]}", flush=True)

@@ -106,22 +106,24 @@ def _reference(q, k, v, log_decay, state, starts):
 # Chunked form.
 
 
-def _scalar_decay_attention(q, k, b):
+def _scalar_decay_attention(q, k, b, einsum=_einsum):
   """Intra-chunk attention with one log-decay per token.
 
-  q, k [..., C, Dk]; b [..., C, 1] cumulative log-decay. Returns A [..., C, C] with
-  A_ij = (q_i . k_j) exp(b_i - b_j) for i >= j and 0 above the diagonal.
+  q, k [..., C, Dk]; b [..., C, 1] cumulative log-decay; `einsum` forms the products (default:
+  float32 at full precision). Returns A [..., C, C] with A_ij = (q_i . k_j) exp(b_i - b_j) for
+  i >= j and 0 above the diagonal.
   """
   c = q.shape[-2]
   causal = jnp.tril(jnp.ones((c, c), bool))
   exponent = jnp.where(causal, b[..., :, 0][..., :, None] - b[..., :, 0][..., None, :], -jnp.inf)
-  return _einsum("...id,...jd->...ij", q, k) * jnp.exp(exponent)
+  return einsum("...id,...jd->...ij", q, k) * jnp.exp(exponent)
 
 
-def _channel_decay_attention(q, k, b, sub_chunk: int):
+def _channel_decay_attention(q, k, b, sub_chunk: int, einsum=_einsum):
   """Intra-chunk attention with per-channel log-decays, by secondary chunking (module docstring).
 
-  q, k, b [..., C, Dk] with b the cumulative log-decay; C a multiple of `sub_chunk`. Returns
+  q, k, b [..., C, Dk] with b the cumulative log-decay; C a multiple of `sub_chunk`; `einsum` as
+  in `_scalar_decay_attention`. Returns
   A [..., C, C] with A_ij = sum_d q_id k_jd exp(b_id - b_jd) for i >= j and 0 above the diagonal.
   """
   *lead, c, dk = q.shape
@@ -132,11 +134,11 @@ def _channel_decay_attention(q, k, b, sub_chunk: int):
   q_rel = q * jnp.exp(b - ref[..., :, None, :])                              # [..., n, c, Dk]
   k_exponent = jnp.where(earlier, ref[..., :, None, None, :] - b[..., None, :, :, :], -jnp.inf)
   k_rel = k[..., None, :, :, :] * jnp.exp(k_exponent)                        # [..., I, J, c, Dk]
-  off_diagonal = _einsum("...Iid,...IJjd->...IiJj", q_rel, k_rel)
+  off_diagonal = einsum("...Iid,...IJjd->...IiJj", q_rel, k_rel)
 
   causal = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool))[:, :, None]
   diag_exponent = jnp.where(causal, b[..., :, :, None, :] - b[..., :, None, :, :], -jnp.inf)
-  diagonal = _einsum("...Iid,...Ijd,...Iijd->...Iij", q, k, jnp.exp(diag_exponent))
+  diagonal = einsum("...Iid,...Ijd,...Iijd->...Iij", q, k, jnp.exp(diag_exponent))
 
   same_block = jnp.eye(n, dtype=bool)[:, None, :, None]
   a = jnp.where(same_block, diagonal[..., :, :, None, :], off_diagonal)

@@ -45,7 +45,8 @@ The "pallas" path (GPU, or interpret mode on CPU) computes the same chunk-local 
 Q * exp(b), K * exp(b_C - b), P) in XLA at the chunk size of the kernel's config table, and runs
 the state pass and the outputs in `pallas_kernels.gpu.delta_rule` (`chunk_size` sets the xla
 path's chunk only); the factors go to the kernel in q's dtype (bf16 or float32), head dims 64 and
-128. JAX differentiates the factors; the kernel has its own backward for the state pass. Packed
+128, and their products (the decayed attention matrices, W and U_v) take operands in that dtype
+with float32 accumulation, as FLA's kernels do (the inverse stays float32). JAX differentiates the factors; the kernel has its own backward for the state pass. Packed
 documents take the same masked factors, and a chunk where a document starts passes b_C = -inf, so
 that the kernel's decay e^(b_C) of the carried state is 0.
 
@@ -162,11 +163,21 @@ def _unit_lower_inverse_bwd(inverse, d_inverse):
 _unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
-def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):
+def _operand_einsum(dtype):
+  """An einsum with operands cast to `dtype` and float32 results (full precision for float32)."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return _einsum
+  return lambda spec, *operands: jnp.einsum(spec, *(x.astype(dtype) for x in operands),
+                                            preferred_element_type=jnp.float32)
+
+
+def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul_dtype=None):
   """The chunk-local factors of the chunked form (module docstring), for all chunks in parallel.
 
   Shapes as `_reference`; masks None (one document) or the packed-document masks of
-  `_document_masks`. T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and
+  `_document_masks`. `matmul_dtype` (None: float32) is the operand dtype of the products forming
+  the attention matrices and W, U_v (bf16 for bf16 inputs, as FLA's kernels; the inverse stays
+  float32). T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and
   log-decay 0, which leaves the state unchanged. Returns, with N chunks of C tokens, arrays laid out
   [B, N, H, C, *]: w [..,Dk], u_v [..,Dv], q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b)
   [..,Dk], attention P [..,C] and the cumulative log-decay b [..,Dk or 1].
@@ -182,13 +193,14 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):
 
   q, k, v, beta, log_decay = map(to_chunks, padded)
   b = jnp.cumsum(log_decay, axis=-2)
+  einsum = _operand_einsum(matmul_dtype)
   if per_channel:
     sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
-    gram = _channel_decay_attention(k, k, b, sub_chunk)
-    attention = _channel_decay_attention(q, k, b, sub_chunk)
+    gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
+    attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
   else:
-    gram = _scalar_decay_attention(k, k, b)
-    attention = _scalar_decay_attention(q, k, b)
+    gram = _scalar_decay_attention(k, k, b, einsum)
+    attention = _scalar_decay_attention(q, k, b, einsum)
 
   q_decayed, k_decayed, k_to_end = q * jnp.exp(b), k * jnp.exp(b), k * jnp.exp(b[..., -1:, :] - b)
   strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), bool), -1)
@@ -198,7 +210,7 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None):
     q_decayed, k_decayed = jnp.where(first, q_decayed, 0), jnp.where(first, k_decayed, 0)
     k_to_end = jnp.where(last, k_to_end, 0)
   inverse = _unit_lower_inverse(jnp.where(strictly_lower, beta * gram, 0))
-  solved = _einsum("...ij,...jd->...id", inverse, beta * jnp.concatenate([v, k_decayed], axis=-1))
+  solved = einsum("...ij,...jd->...id", inverse, beta * jnp.concatenate([v, k_decayed], axis=-1))
   u_v, w = solved[..., :dv], solved[..., dv:]
   return w, u_v, q_decayed, k_to_end, attention, b
 
@@ -245,15 +257,15 @@ def _pallas_unsupported(q, k, v) -> str | None:
 @functools.partial(jax.jit, static_argnames="operand_dtype")
 def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
   """As `_chunked` with the state pass and outputs in the Pallas kernel
-  (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size. The factors are computed in
-  float32 and handed to the kernel in `operand_dtype` (q's dtype before casting); o comes back in
-  it. Packed documents (starts [B,T] bool) need no kernel change: the factors carry their masks,
+  (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size. The factors' products take
+  `operand_dtype` operands (q's dtype before casting) with float32 accumulation, and the factors
+  go to the kernel in that dtype; o comes back in it. Packed documents (starts [B,T] bool) need no kernel change: the factors carry their masks,
   and a chunk where a document starts gets b_C = -inf, so the kernel's state decay e^(b_C) drops
   the state carried into it."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
   masks = None if starts is None else _document_masks(starts, chunk)
-  *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks)
+  *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype)
   if masks is not None:
     b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
   w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, (*factors, b))

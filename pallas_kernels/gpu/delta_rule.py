@@ -17,14 +17,14 @@ slice S in registers (the state's columns are independent):
   U = U_v - W S,    O = Qd S + P U,    S <- diag(g) S + Kd^T U.
 
 Backward, in two kernels. The first walks the chunks in reverse per (batch, head, Dv block),
-carrying dS (the gradient of the state after the chunk); it stores dS per chunk ([Dk, Dv] float32,
-like the forward's chunk start states S) and dU (float32):
+carrying dS (the gradient of the state after the chunk); it stores dS per chunk ([Dk, Dv], like
+the forward's chunk start states S) and dU:
 
   dU = P^T dO + Kd dS,    dS <- diag(g) dS + Qd^T dO - W^T dU.
 
 The second is fully parallel, one program per (batch, head, chunk) over the whole Dv (in blocks of
-`CHUNK_GRAD_LAUNCH` columns, summed in registers), with U as the forward stored it (float32, kept
-for the backward with the chunk start states; recomputing U = U_v - W S there doubled the kernel's
+`CHUNK_GRAD_LAUNCH` columns, summed in registers), with U as the forward stored it (kept for the
+backward with the chunk start states; recomputing U = U_v - W S there doubled the kernel's
 instructions and spills on sm_90):
 
   dP = mask(dO U^T),  dQd = dO S^T,  dKd = U dS^T,  dW = -dU S^T,  dU_v = dU,
@@ -36,10 +36,15 @@ per Dv block goes through HBM (at B=8, T=8K, H=16, D=128 with 32-column blocks t
 and dU). Everything upstream of the factors (solve, decays, beta, GQA) is differentiated by JAX
 through the caller's XLA code.
 
-Operands are stored in the input dtype (bf16 or float32); states and accumulation are float32.
-Float32 operands use full-precision (IEEE) dots; with bf16 the dots with the state, its gradient or
-the state update keep float32 operands (tf32 on the GPU) and the others (P U, P^T dO, dO U^T) use
-bf16, as in `gated_linear_attention`. This module never imports jaxchunk.
+Operands are stored in the input dtype (bf16 or float32), and so are the backward's residuals
+(chunk start states S, U, dS per chunk, dU: bf16 halves their traffic, as FLA stores h); the carried
+state, dS and all accumulation are float32. Float32 operands use full-precision (IEEE) dots; bf16
+operands use bf16 dots throughout, the state and its gradient rounded to bf16 as dot operands.
+Unlike GLA (`gated_linear_attention`, whose decay gradient q dq - k dk cancels), the delta rule's
+decay gradient comes from g * rowsum(S * dS) in float32, and the float64 errors of every output and
+gradient of gated_delta_rule, delta_rule and kda at T = 256 stay within 5.8e-3 (3.3e-3 to 4.8e-3
+with tf32 state dots and float32 residuals and factors; H100: fwd+bwd 28.5 -> 16.2 ms,
+bench/results/linear_kernels-2026-12-06-gdn-precision.md). This module never imports jaxchunk.
 """
 
 from __future__ import annotations
@@ -98,13 +103,13 @@ def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref,
   def body(c, state):
     rows = pl.ds(c * chunk, chunk)
     decay, _ = _chunk_decay(b_ref[rows, ...], per_channel)
-    u = u_v_ref[rows, :].astype(jnp.float32) - dot(w_ref[rows, :], state, dtype, wide=True)
+    u = u_v_ref[rows, :].astype(jnp.float32) - dot(w_ref[rows, :], state, dtype)
     if saved_refs:
-      saved_refs[0][pl.ds(c * dk, dk), :] = state
-      saved_refs[1][rows, :] = u
-    o = dot(qd_ref[rows, :], state, dtype, wide=True) + dot(p_ref[rows, :], u, dtype)
+      saved_refs[0][pl.ds(c * dk, dk), :] = state.astype(saved_refs[0].dtype)
+      saved_refs[1][rows, :] = u.astype(saved_refs[1].dtype)
+    o = dot(qd_ref[rows, :], state, dtype) + dot(p_ref[rows, :], u, dtype)
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    return decay * state + dot(kd_ref[rows, :], u, dtype, wide=True, trans_a=True)
+    return decay * state + dot(kd_ref[rows, :], u, dtype, trans_a=True)
 
   st_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
@@ -118,14 +123,13 @@ def _backward_state_kernel(qd_ref, kd_ref, w_ref, p_ref, b_ref, do_ref, dst_ref,
   def body(i, dstate):
     c = num_chunks - 1 - i
     rows = pl.ds(c * chunk, chunk)
-    dstates_ref[pl.ds(c * dk, dk), :] = dstate
+    dstates_ref[pl.ds(c * dk, dk), :] = dstate.astype(dstates_ref.dtype)
     do = do_ref[rows, :]
     decay, _ = _chunk_decay(b_ref[rows, ...], per_channel)
-    du = dot(p_ref[rows, :], do, dtype, trans_a=True) + dot(kd_ref[rows, :], dstate, dtype,
-                                                            wide=True)
-    du_ref[rows, :] = du
-    return (decay * dstate + dot(qd_ref[rows, :], do, dtype, wide=True, trans_a=True)
-            - dot(w_ref[rows, :], du, dtype, wide=True, trans_a=True))
+    du = dot(p_ref[rows, :], do, dtype, trans_a=True) + dot(kd_ref[rows, :], dstate, dtype)
+    du_ref[rows, :] = du.astype(du_ref.dtype)
+    return (decay * dstate + dot(qd_ref[rows, :], do, dtype, trans_a=True)
+            - dot(w_ref[rows, :], du, dtype, trans_a=True))
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 
@@ -144,11 +148,11 @@ def _backward_chunk_kernel(u_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, 
     state, dstate = state_ref[:, cols], dstate_ref[:, cols]
     do, du, u = do_ref[:, cols], du_ref[:, cols], u_ref[:, cols]
     dp = dp + dot(do, u, dtype, trans_b=True)
-    dqd = dqd + dot(do, state, dtype, wide=True, trans_b=True)
-    dkd = dkd + dot(u, dstate, dtype, wide=True, trans_b=True)
-    dw = dw - dot(du, state, dtype, wide=True, trans_b=True)
+    dqd = dqd + dot(do, state, dtype, trans_b=True)
+    dkd = dkd + dot(u, dstate, dtype, trans_b=True)
+    dw = dw - dot(du, state, dtype, trans_b=True)
     du_v_ref[:, cols] = du.astype(du_v_ref.dtype)
-    s_ds = s_ds + jnp.sum(state * dstate, axis=1)
+    s_ds = s_ds + jnp.sum(state.astype(jnp.float32) * dstate.astype(jnp.float32), axis=1)
   dp_ref[...] = jnp.where(causal_mask(chunk), dp, 0.0).astype(dp_ref.dtype)
   dqd_ref[...] = dqd.astype(dqd_ref.dtype)
   dkd_ref[...] = dkd.astype(dkd_ref.dtype)
@@ -216,8 +220,9 @@ def _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, *, save_res
   out_shape = (jax.ShapeDtypeStruct((batch, t, heads, dv), w.dtype),
                jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32))
   if save_residuals:
-    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), jnp.float32),
-                  jax.ShapeDtypeStruct((batch, t, heads, dv), jnp.float32))
+    saved = w.dtype
+    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), saved),
+                  jax.ShapeDtypeStruct((batch, t, heads, dv), saved))
   o, final_state, *saved = _call(_forward_kernel, _FACTORS + ("state",), out_names, out_shape, w,
                                  u_v, p, b, config, interpret)(w, u_v, qd, kd, p, b, initial_state)
   return o, final_state, (tuple(saved) if save_residuals else None)
@@ -267,10 +272,11 @@ def _state_pass_backward(config, interpret, residuals, cotangents):
   do = do.astype(w.dtype)
   batch, _, heads, dk = w.shape
   dv = u.shape[-1]
-  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  operand = lambda shape: jax.ShapeDtypeStruct(shape, w.dtype)
   dstates, du, dinitial = _call(
       _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
-      (f32(states.shape), f32(u.shape), f32((batch, heads, dk, dv))),
+      (operand(states.shape), operand(u.shape),
+       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
       w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
   dw, du_v, dqd, dkd, dp, db = _chunk_grads(u, b, states, dstates, do, du, config, interpret)
   return dw, du_v, dqd, dkd, dp, db, dinitial

@@ -29,7 +29,7 @@ def test_gradient_accumulation_matches_one_batch(tiny_config, tmp_path):
 
 def test_eight_devices_match_one(tiny_config, tmp_path):
   assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
-  config = tiny_config(run=dict(steps=3, eval_every=3))
+  config = tiny_config(run=dict(steps=3, eval_every=3, checkpoint_every=3))
   single = Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1])
   single.train()
   sharded_config = dataclasses.replace(config, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
