@@ -46,12 +46,14 @@ def spread_router_biases(params, rng):
   return dict(params, recursion=recursion)
 
 
+# The default run covers both routers, both sharings and both KV strategies; fixed depth (no
+# router: every token kept, the routers' path with nothing dropped) is in the slow run.
 CASES = [
-    ("expert", "cycle", ("attention",), "recursion"),
     ("token", "middle_cycle", ("attention",), "recursion"),
-    (None, "middle_cycle", ("attention",), "recursion"),
     ("expert", "middle_cycle", ("local",), "share_first"),
     ("token", "cycle", ("attention",), "share_first"),
+    pytest.param("expert", "cycle", ("attention",), "recursion", marks=pytest.mark.slow),
+    pytest.param(None, "middle_cycle", ("attention",), "recursion", marks=pytest.mark.slow),
     pytest.param("expert", "cycle", ("attention", "local"), "share_first", marks=pytest.mark.slow),
     pytest.param("token", "middle_cycle", ("local",), "share_first", marks=pytest.mark.slow),
     pytest.param(None, "cycle", ("attention", "local"), "share_first", marks=pytest.mark.slow),

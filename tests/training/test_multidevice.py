@@ -27,9 +27,12 @@ def test_gradient_accumulation_matches_one_batch(tiny_config, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_eight_devices_match_one(tiny_config, tmp_path):
+# One local-attention layer in the default run; RAT's layer compiles for twice as long on CPU.
+@pytest.mark.parametrize("pattern", [("local",), pytest.param(("rat", "local"), marks=pytest.mark.slow)])
+def test_eight_devices_match_one(tiny_config, tmp_path, pattern):
   assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
-  config = tiny_config(run=dict(steps=3, eval_every=3, checkpoint_every=3))
+  config = tiny_config(model=dict(layer_pattern=pattern),
+                       run=dict(steps=3, eval_every=3, checkpoint_every=3))
   single = Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1])
   single.train()
   sharded_config = dataclasses.replace(config, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
