@@ -4,9 +4,9 @@
   python bench/kernel_resources.py --ops gla --out /tmp/kr  # also keeps each kernel's TTIR / SASS
 
 GPU time is scarce; a kernel that spills registers or misses Hopper's wgmma shows it before any
-timing. This script lowers an op's forward and backward for an H100 on any machine: `jit(...)
-.trace(...).lower(lowering_platforms=("cuda",))`, with Pallas told it targets an H100 and jaxchunk
-told it runs on a GPU (so `impl="pallas"` emits real Triton kernels, not interpret mode). Each
+timing. This script lowers an op's forward and backward for an H100 on any machine
+(`pallas_kernels.gpu.h100_lowering`: `impl="pallas"` emits real Triton kernels, not interpret
+mode). Each
 `pallas_call` becomes a custom call holding its Triton IR (TTIR), warps and stages; the `triton`
 package compiles that TTIR for sm_90 (it bundles ptxas; no driver needed) and its `cuobjdump`
 reads the cubin. Use the GPU image's Triton (3.6.0: `pip install triton==3.6.0`).
@@ -26,12 +26,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 
 import linear_kernels
+from pallas_kernels.gpu.h100_lowering import lower_for_h100
 
 SASS_COUNTS = ("LDL", "STL", "HGMMA", "HMMA", "MUFU.EX2", "BAR")
 # The table's columns after op, kernel, warps and stages: (heading, `compile_sm90` key).
@@ -41,24 +40,13 @@ COLUMNS = (("regs", "regs"), ("spill bytes", "stack"), ("shared KiB", "shared_ki
 
 
 def triton_kernels(fn, *args) -> list[dict]:
-  """The Triton kernels of `jit(fn)(*args)` lowered for an H100, in program order, each once:
-  dicts of name, num_warps, num_stages and ttir (text). `args` may be ShapeDtypeStructs.
-
-  JAX's trace caches are cleared before and after: a trace made for the CPU (interpret mode, no
-  Triton kernels) must not be reused here, nor one made here (real kernels) on the CPU later."""
+  """The Triton kernels of `jit(fn)(*args)` lowered for an H100 (`lower_for_h100`), in program
+  order, each once: dicts of name, num_warps, num_stages and ttir (text). `args` may be
+  ShapeDtypeStructs."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.triton import dialect as tt_dialect
-  from jax._src.pallas.triton import gpu_info, pallas_call_registration
 
-  h100 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-  jax.clear_caches()
-  try:
-    with mock.patch.object(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100), \
-         mock.patch.object(jax, "default_backend", lambda: "gpu"):
-      module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir(
-          "stablehlo")
-  finally:
-    jax.clear_caches()
+  module = lower_for_h100(fn, *args).compiler_ir("stablehlo")
   kernels, seen = [], set()
   with module.context as ctx:
     tt_dialect.register_dialect(ctx)

@@ -232,7 +232,7 @@ def test_packed_documents_match_xla(rng):
 def test_kernels_lower_for_cuda(segmented, monkeypatch):
   """Forward and both backward kernels lower to Triton IR for an H100 (on CPU), with and without
   segment_ids (the document mask is a static flag: two kernel variants)."""
-  from tests.ops.triton_lowering import lower_for_gpu
+  from pallas_kernels.gpu.h100_lowering import lower_for_h100
   b, t, h, d = 1, 128, 2, 64
   qkv = tuple(jnp.zeros((b, t, h, d), jnp.bfloat16) for _ in range(3))
   gates = (jnp.zeros((b, t, h), jnp.float32), jnp.full((b, t, h), 2.0, jnp.float32))
@@ -241,6 +241,6 @@ def test_kernels_lower_for_cuda(segmented, monkeypatch):
   def loss(*args):
     return jnp.sum(mlstm(*args, segment_ids=ids, impl="pallas")[0].astype(jnp.float32))
 
-  text = lower_for_gpu(lambda *args: (loss(*args), jax.grad(loss, argnums=range(5))(*args)),
-                       *qkv, *gates)
+  text = lower_for_h100(lambda *args: (loss(*args), jax.grad(loss, argnums=range(5))(*args)),
+                        *qkv, *gates).as_text()
   assert text.count("__gpu$xla.gpu.triton") >= 3, "expected the forward and 2 backward kernels"

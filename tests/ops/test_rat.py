@@ -8,7 +8,7 @@ import pytest
 from jaxchunk.ops.rat import RATState, rat, rat_init_state, rat_step
 from jaxchunk.ops._common import pallas_interpret
 from pallas_kernels.gpu import rat_decode as rat_decode_kernel
-from tests.ops.triton_lowering import lower_for_gpu
+from pallas_kernels.gpu.h100_lowering import lower_for_h100
 from tests.utils import assert_rel_close, randn
 
 
@@ -380,7 +380,7 @@ def test_decode_kernel_lowers_for_gpu(d, q_dtype, summary_dtype, num_splits):
   q = jnp.zeros((2, 4, d), q_dtype)
   run = jnp.zeros((2, 2, d), jnp.float32)
   chunks = jnp.zeros((2, 37, 2, d), summary_dtype)
-  text = lower_for_gpu(lambda *xs: rat_decode_kernel.rat_decode_attention(
+  text = lower_for_h100(lambda *xs: rat_decode_kernel.rat_decode_attention(
       *xs, scale=0.1, num_splits=num_splits), q, run, run, chunks, chunks,
-      jnp.zeros((2,), jnp.int32))
+      jnp.zeros((2,), jnp.int32)).as_text()
   assert "rat_decode_attention" in text

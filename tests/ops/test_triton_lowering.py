@@ -1,6 +1,6 @@
 """Every Triton (pl.pallas_call) kernel, forward and backward, lowers to Triton IR for an H100.
 
-Runs on CPU (`tests/ops/triton_lowering.py`): catches lowering errors that interpret mode cannot
+Runs on CPU (`pallas_kernels.gpu.h100_lowering`): catches lowering errors that interpret mode cannot
 see before the code reaches the GPU machine. Small shapes, bf16 where the kernels take it.
 """
 
@@ -11,7 +11,7 @@ import pytest
 from jaxchunk import ops
 from jaxchunk.ops.paged_attention import chunked_prefill_attention, paged_decode_attention
 from jaxchunk.ops.rat import rat, rat_init_state, rat_step
-from tests.ops.triton_lowering import lower_for_gpu
+from pallas_kernels.gpu.h100_lowering import lower_for_h100
 
 B, T, H, HK, D = 1, 64, 2, 1, 64
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call of a lowered Triton kernel
@@ -70,7 +70,7 @@ CASES = {
 def test_forward_and_backward_lower(name, monkeypatch):
   monkeypatch.setenv("JAXCHUNK_FLASH_KERNEL", "triton")
   op, args = CASES[name]
-  text = lower_for_gpu(loss_and_grads(op, *args), *args)
+  text = lower_for_h100(loss_and_grads(op, *args), *args).as_text()
   assert text.count(TRITON_CALL) >= 2, "expected forward and backward Triton kernels"
 
 
@@ -81,8 +81,9 @@ def test_serving_kernels_lower():
   decode = lambda q: paged_decode_attention(q, pages, pages, table, lengths, impl="pallas")
   prefill = lambda q: chunked_prefill_attention(q, pages, pages, table, lengths - 8,
                                                 impl="pallas")
-  assert TRITON_CALL in lower_for_gpu(decode, x(1, H, D))
-  assert TRITON_CALL in lower_for_gpu(prefill, x(1, 8, H, D))
+  assert TRITON_CALL in lower_for_h100(decode, x(1, H, D)).as_text()
+  assert TRITON_CALL in lower_for_h100(prefill, x(1, 8, H, D)).as_text()
   state = rat_init_state(1, HK, D, 4, dtype=jnp.bfloat16)
   step = lambda q, k, v, f: rat_step(q, k, v, f, state, chunk_size=16, impl="pallas")[0]
-  assert TRITON_CALL in lower_for_gpu(step, x(1, H, D), x(1, HK, D), x(1, HK, D), gate(1, HK, D))
+  assert TRITON_CALL in lower_for_h100(step, x(1, H, D), x(1, HK, D), x(1, HK, D),
+                                        gate(1, HK, D)).as_text()
