@@ -46,9 +46,10 @@ Q * exp(b), K * exp(b_C - b), P) in XLA at the chunk size of the kernel's config
 the state pass and the outputs in `pallas_kernels.gpu.delta_rule` (`chunk_size` sets the xla
 path's chunk only); the factors go to the kernel in q's dtype (bf16 or float32), head dims 64 and
 128, and their products (the decayed attention matrices, W and U_v) take operands in that dtype
-with float32 accumulation, as FLA's kernels do (the inverse stays float32). JAX differentiates the factors; the kernel has its own backward for the state pass. Packed
-documents take the same masked factors, and a chunk where a document starts passes b_C = -inf, so
-that the kernel's decay e^(b_C) of the carried state is 0.
+with float32 accumulation, as FLA's kernels do (the inverse stays float32). JAX differentiates
+the factors; the kernel has its own backward for the state pass. Packed documents take the same
+masked factors, and a chunk where a document starts passes b_C = -inf, so that the kernel's decay
+e^(b_C) of the carried state is 0.
 
 Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
 enabled), so the reference path can serve as a float64 oracle.
@@ -259,9 +260,9 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
   """As `_chunked` with the state pass and outputs in the Pallas kernel
   (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size. The factors' products take
   `operand_dtype` operands (q's dtype before casting) with float32 accumulation, and the factors
-  go to the kernel in that dtype; o comes back in it. Packed documents (starts [B,T] bool) need no kernel change: the factors carry their masks,
-  and a chunk where a document starts gets b_C = -inf, so the kernel's state decay e^(b_C) drops
-  the state carried into it."""
+  go to the kernel in that dtype; o comes back in it. Packed documents (starts [B,T] bool) need no
+  kernel change: the factors carry their masks, and a chunk where a document starts gets
+  b_C = -inf, so the kernel's state decay e^(b_C) drops the state carried into it."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
   masks = None if starts is None else _document_masks(starts, chunk)

@@ -41,10 +41,12 @@ Operands are stored in the input dtype (bf16 or float32), and so are the backwar
 state, dS and all accumulation are float32. Float32 operands use full-precision (IEEE) dots; bf16
 operands use bf16 dots throughout, the state and its gradient rounded to bf16 as dot operands.
 Unlike GLA (`gated_linear_attention`, whose decay gradient q dq - k dk cancels), the delta rule's
-decay gradient comes from g * rowsum(S * dS) in float32, and the float64 errors of every output and
-gradient of gated_delta_rule, delta_rule and kda at T = 256 stay within 5.8e-3 (3.3e-3 to 4.8e-3
-with tf32 state dots and float32 residuals and factors; H100: fwd+bwd 28.5 -> 16.2 ms,
-bench/results/linear_kernels-2026-12-06-gdn-precision.md). This module never imports jaxchunk.
+decay gradient comes from g * rowsum(S * dS), summed in float32 from the stored S and dS, and the
+float64 errors of every output and gradient of gated_delta_rule, delta_rule and kda at T = 256
+stay within 5.7e-3 (2.6e-3 to 4.8e-3 with tf32 state dots and float32 residuals and factors;
+H100: Gated DeltaNet fwd+bwd 28.5 -> 16.2 ms with all three, including the caller's bf16 factor
+products: bench/results/linear_kernels-2026-12-06-gdn-precision.md). This module never imports
+jaxchunk.
 """
 
 from __future__ import annotations

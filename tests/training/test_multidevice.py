@@ -28,7 +28,8 @@ def test_gradient_accumulation_matches_one_batch(tiny_config, tmp_path):
 
 
 # One local-attention layer in the default run; RAT's layer compiles for twice as long on CPU.
-@pytest.mark.parametrize("pattern", [("local",), pytest.param(("rat", "local"), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("pattern", [("local",),
+                                     pytest.param(("rat", "local"), marks=pytest.mark.slow)])
 def test_eight_devices_match_one(tiny_config, tmp_path, pattern):
   assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
   config = tiny_config(model=dict(layer_pattern=pattern),
