@@ -6,10 +6,9 @@
 GPU time is scarce; a kernel that spills registers or misses Hopper's wgmma shows it before any
 timing. This script lowers an op's forward and backward for an H100 on any machine
 (`pallas_kernels.gpu.h100_lowering`: `impl="pallas"` emits real Triton kernels, not interpret
-mode). Each
-`pallas_call` becomes a custom call holding its Triton IR (TTIR), warps and stages; the `triton`
-package compiles that TTIR for sm_90 (it bundles ptxas; no driver needed) and its `cuobjdump`
-reads the cubin. Use the GPU image's Triton (3.6.0: `pip install triton==3.6.0`).
+mode). Each `pallas_call` becomes a custom call holding its Triton IR (TTIR), warps and stages;
+the `triton` package compiles that TTIR for sm_90 (it bundles ptxas; no driver needed) and its
+`cuobjdump` reads the cubin. Use the GPU image's Triton (3.6.0: `pip install triton==3.6.0`).
 
 Columns, per distinct kernel: warps / stages, registers per thread (255 is the cap), spill stack
 bytes per thread, shared memory (an H100 SM has 227 KiB: more does not launch), the local loads
@@ -26,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+
 import jax
 import jax.numpy as jnp
 

@@ -99,7 +99,7 @@ def _chunk_decay(b, per_channel: bool):
 def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref, st_ref,
                     *saved_refs, chunk, num_chunks, per_channel, dtype):
   """Walks the chunks in order; with `saved_refs` (states, u) it also stores each chunk's start
-  state and U (float32) for the backward."""
+  state and U (in the refs' dtype, the operand dtype) for the backward."""
   dk = w_ref.shape[-1]
 
   def body(c, state):
@@ -119,7 +119,8 @@ def _forward_kernel(w_ref, u_v_ref, qd_ref, kd_ref, p_ref, b_ref, s0_ref, o_ref,
 def _backward_state_kernel(qd_ref, kd_ref, w_ref, p_ref, b_ref, do_ref, dst_ref, dstates_ref,
                            du_ref, ds0_ref, *, chunk, num_chunks, per_channel, dtype):
   """Walks the chunks in reverse carrying dS, the gradient of the state after the chunk: stores
-  it per chunk and dU = P^T dO + Kd dS (float32), then dS <- diag(g) dS + Qd^T dO - W^T dU."""
+  it per chunk and dU = P^T dO + Kd dS (in the operand dtype; dS is carried in float32), then
+  dS <- diag(g) dS + Qd^T dO - W^T dU."""
   dk = w_ref.shape[-1]
 
   def body(i, dstate):
@@ -168,7 +169,8 @@ def _backward_chunk_kernel(u_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, 
 
 # ------------------------------------------------------------------------------------------------
 # pallas_call wrappers. Arrays: w, qd, kd [B,T,H,Dk]; u_v, o [B,T,H,Dv]; p [B,T,H,C]; b [B,T,H] or
-# [B,T,H,Dk] float32; states [B,H,Dk,Dv] float32; chunk start states [B,H,N*Dk,Dv] float32.
+# [B,T,H,Dk] float32; states [B,H,Dk,Dv] float32; chunk start states [B,H,N*Dk,Dv] in the operand
+# dtype.
 # T is a multiple of the chunk C.
 
 
@@ -215,16 +217,16 @@ _FACTORS = ("k", "v", "k", "k", "p", "b")        # w, u_v, qd, kd, p, b
 
 
 def _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret, *, save_residuals: bool):
-  """Runs the forward kernel. Returns (o, final state, (chunk start states, U float32) or None)."""
+  """Runs the forward kernel. Returns (o, final state, (chunk start states, U) in the operand
+  dtype, or None)."""
   batch, t, heads, dk = w.shape
   dv = u_v.shape[-1]
   out_names = ("v", "state") + (("states", "v") if save_residuals else ())
   out_shape = (jax.ShapeDtypeStruct((batch, t, heads, dv), w.dtype),
                jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32))
   if save_residuals:
-    saved = w.dtype
-    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), saved),
-                  jax.ShapeDtypeStruct((batch, t, heads, dv), saved))
+    out_shape += (jax.ShapeDtypeStruct((batch, heads, (t // config.chunk) * dk, dv), w.dtype),
+                  jax.ShapeDtypeStruct((batch, t, heads, dv), w.dtype))
   o, final_state, *saved = _call(_forward_kernel, _FACTORS + ("state",), out_names, out_shape, w,
                                  u_v, p, b, config, interpret)(w, u_v, qd, kd, p, b, initial_state)
   return o, final_state, (tuple(saved) if save_residuals else None)

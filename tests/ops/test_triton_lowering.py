@@ -1,7 +1,7 @@
 """Every Triton (pl.pallas_call) kernel, forward and backward, lowers to Triton IR for an H100.
 
-Runs on CPU (`pallas_kernels.gpu.h100_lowering`): catches lowering errors that interpret mode cannot
-see before the code reaches the GPU machine. Small shapes, bf16 where the kernels take it.
+Runs on CPU (`pallas_kernels.gpu.h100_lowering`): catches lowering errors that interpret mode
+cannot see before the code reaches the GPU machine. Small shapes, bf16 where the kernels take it.
 """
 
 import jax

@@ -19,9 +19,8 @@ from jaxchunk.serving.tokenizer import ByteTokenizer
 
 MAX_LEN = 32
 ENGINE = EngineConfig(num_slots=3, max_len=MAX_LEN, page_size=4, chunk_size=4, token_budget=6)
-# attention and RAT+local in the default run; the other models (about 30 s of compilation each on
-# CPU) in the slow run.
-# The default run has RAT+local; the attention model's greedy match runs by default in
+# RAT+local in the default run; the other models (about 20-30 s of compilation each on CPU) in the
+# slow run. The attention model's greedy match also runs by default, in
 # test_preemption_under_page_pressure (same reference, pages preempted and recomputed).
 PATTERNS = [("rat", "local")] + [
     pytest.param(p, marks=pytest.mark.slow)
