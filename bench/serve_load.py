@@ -112,9 +112,10 @@ def step_kind(schedule) -> str | None:
 
 
 def step_summary(steps: list[dict], slowest: int = 8) -> dict:
-  """Per step kind: count and wall-time p50/p90/p99 (ms), decode steps also split by the kind of
-  the step before them (a step fetches the previous step's tokens, so it waits for that step's
-  device work); and the `slowest` steps that decoded."""
+  """Per step kind: count, wall-time p50/p90/p99 (ms) and the p50 and p99 of each part of the
+  step (`Engine.last_step_times`), decode steps also split by the kind of the step before them
+  (a step fetches the previous step's tokens, so it waits for that step's device work); and the
+  `slowest` steps that decoded."""
   groups = {kind: [s for s in steps if s["kind"] == kind] for kind in STEP_KINDS}
   decodes = [(prev, s) for prev, s in zip([None] + steps[:-1], steps) if s["kind"] == "decode"]
   groups["decode after decode"] = [s for prev, s in decodes if prev and prev["kind"] == "decode"]
@@ -125,7 +126,11 @@ def step_summary(steps: list[dict], slowest: int = 8) -> dict:
     walls = [s["wall_ms"] for s in group]
     if walls:
       p50, p90, p99 = np.percentile(walls, [50, 90, 99])
-      kinds[kind] = {"steps": len(walls), "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
+      parts = {part: [float(x) for x in np.percentile([s["parts_ms"][part] for s in group],
+                                                      [50, 99])]
+               for part in group[0]["parts_ms"]}
+      kinds[kind] = {"steps": len(walls), "p50_ms": p50, "p90_ms": p90, "p99_ms": p99,
+                     "parts_p50_p99_ms": parts}
   decoding = sorted((s for s in steps if s["kind"] != "prefill"), key=lambda s: -s["wall_ms"])
   return {"kinds": kinds, "slowest": decoding[:slowest]}
 
@@ -151,6 +156,7 @@ def run(engine: Engine, trace) -> dict:
       kind = step_kind(schedule)
       if kind:
         steps.append({"kind": kind, "wall_ms": 1e3 * wall,
+                      "parts_ms": {k: 1e3 * v for k, v in engine.last_step_times.items()},
                       "decodes": len(schedule.decodes),
                       "pieces": [[p.start, p.length] for p in schedule.prefills]})
     else:
@@ -311,6 +317,15 @@ def render(results: dict) -> str:
     for kind, k in results[name]["steps"]["kinds"].items():
       lines.append(f"| {name.replace('_', '-')} | {kind} | {k['steps']} | {k['p50_ms']:.2f} | "
                    f"{k['p90_ms']:.2f} | {k['p99_ms']:.2f} |")
+  parts = list(results[runs[0]]["steps"]["kinds"]["decode"]["parts_p50_p99_ms"])
+  lines += ["", "The host's time in each part of a step (`Engine.last_step_times`; ms, p50 / p99): "
+            "schedule; dispatch (the jitted calls until they return); fetch (waiting for the "
+            "previous step's samples, so the device's time shows here); record.", "",
+            "| run | kind | " + " | ".join(parts) + " |", "|---|---|" + "---:|" * len(parts)]
+  for name in runs:
+    for kind, k in results[name]["steps"]["kinds"].items():
+      lines.append(f"| {name.replace('_', '-')} | {kind} | " + " | ".join(
+          f"{p50:.2f} / {p99:.2f}" for p50, p99 in k["parts_p50_p99_ms"].values()) + " |")
   if "chunked" in results:
     lines += ["", "Slowest steps that decoded (chunked): " + "; ".join(
         f"{s['wall_ms']:.2f} ms ({s['decodes']} decodes, pieces (start, length) "

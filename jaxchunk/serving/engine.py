@@ -300,6 +300,26 @@ def _unpack(packed, layout) -> list[tuple]:
   return groups
 
 
+def _samples(tokens, logprobs):
+  """Sampled tokens [..., n] and their log-probs [..., n] as one int32 array [..., 2, n] (the
+  log-probs' bits in row 1), fetched by the host in one transfer."""
+  return jnp.stack([tokens.astype(jnp.int32),
+                    jax.lax.bitcast_convert_type(logprobs.astype(jnp.float32), jnp.int32)], -2)
+
+
+def _with_samples(cache, last, *samples):
+  """(cache, last, `_samples` of the step's samples): (tokens, logprobs) of any shape [..., n],
+  or a prefill's (token [], logprob []) -> [2, 1], or a mixed step's (decode tokens [n], logprobs
+  [n], piece token [], logprob []) -> [2, n + 1]."""
+  if len(samples) == 4:
+    tokens, logprobs, token, logprob = samples
+    samples = jnp.append(tokens, token), jnp.append(logprobs, logprob)
+  tokens, logprobs = samples
+  if tokens.ndim == 0:
+    tokens, logprobs = tokens[None], logprobs[None]
+  return cache, last, _samples(tokens, logprobs)
+
+
 def _jit_packed(step):
   """jax.jit of `step(variables, cache, last, *groups)` (groups: tuples of arrays) as a function
   of (variables, cache, last, packed, layout) with `_pack`'s outputs; cache and last donated."""
@@ -348,15 +368,21 @@ class Engine:
     self.num_multi_step_decodes = 0  # jitted calls that ran `decode_steps` decode tokens
     self.num_mixed_steps = 0  # jitted calls that ran a decode and a prefill piece together
     self.last_schedule: Schedule | None = None  # the latest step's work (for monitoring)
+    self.last_step_times: dict[str, float] = {}  # where the latest step's host time went
     self.last_tokens = jnp.zeros((config.num_slots,), jnp.int32)  # each slot's latest sample
-    # The previous step's results, not fetched yet: (request, row, tokens, logprobs) as `_process`.
-    self._pending: list[tuple[Request, int | None, jax.Array, jax.Array]] = []
-    # The jitted steps, each called through `_run` with its host arrays packed (`_pack`).
-    self._decode = _jit_packed(lambda v, c, last, args: self._decode_fn(v, c, last, *args))
+    # The previous step's results, not fetched yet: (request, column, samples) as in `step`.
+    self._pending: list[tuple[Request, int, jax.Array]] = []
+    # The jitted steps, each called through `_run` with its host arrays packed (`_pack`); each
+    # returns (cache, last, samples) with its tokens and log-probs as one array (`_samples`): a
+    # decode's [2, num_slots], a multi-step decode's [steps, 2, num_slots], a prefill's [2, 1],
+    # a mixed step's [2, num_slots + 1] (the piece's in the last column).
+    self._decode = _jit_packed(
+        lambda v, c, last, args: _with_samples(*self._decode_fn(v, c, last, *args)))
     self._decode_many = _jit_packed(
-        lambda v, c, last, args: self._decode_many_fn(v, c, last, *args))
-    self._prefill = _jit_packed(lambda v, c, last, args: self._prefill_fn(v, c, last, *args))
-    self._mixed = _jit_packed(self._mixed_fn)
+        lambda v, c, last, args: _with_samples(*self._decode_many_fn(v, c, last, *args)))
+    self._prefill = _jit_packed(
+        lambda v, c, last, args: _with_samples(*self._prefill_fn(v, c, last, *args)))
+    self._mixed = _jit_packed(lambda *args: _with_samples(*self._mixed_fn(*args)))
     self._requests: dict[int, Request] = {}
     self._outputs: dict[int, RequestOutput] = {}
     self._events: dict[int, list[StreamEvent]] = {}
@@ -573,48 +599,67 @@ class Engine:
 
     The step's calls are dispatched first; then the previous step's tokens are fetched and
     recorded while the device runs this one (its decodes read their input tokens from the
-    device). A step with nothing to run only fetches.
+    device). A step with nothing to run only fetches. `last_step_times` holds the host's seconds
+    in each part of the step: "schedule", "dispatch" (argument packing and the jitted calls until
+    they return), "fetch" (waiting for the previous step's samples) and "record" (appending them
+    to their requests).
     """
     with self._lock:
+      start = self.clock()
       schedule = self.last_schedule = self.scheduler.schedule()
-      results = []  # (request, row, tokens, logprobs): the request's tokens are tokens[..., row]
+      scheduled = self.clock()
+      # (request, column, samples): the request's tokens and log-probs are samples[..., :, column]
+      results = []
       pieces = schedule.prefills
       if schedule.decodes and pieces:  # one piece (the scheduler's rule): one call for both
         (piece,) = pieces
         pieces = []
         self.num_mixed_steps += 1
-        tokens, logprobs, token, logprob = self._run(
-            self._mixed, self._decode_args(schedule.decodes), self._prefill_args(piece))
-        results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
+        samples = self._run(self._mixed, self._decode_args(schedule.decodes),
+                            self._prefill_args(piece))
+        results.extend((request, request.slot, samples) for request in schedule.decodes)
         if piece.completes:
-          results.append((piece.request, None, token, logprob))
+          results.append((piece.request, -1, samples))
       elif schedule.decodes:
         many = self.scheduler.extend_decodes(schedule.decodes, self.config.decode_steps - 1)
         decode = self._decode_many if many else self._decode
         self.num_multi_step_decodes += many
-        tokens, logprobs = self._run(decode, self._decode_args(schedule.decodes))
-        results.extend((request, request.slot, tokens, logprobs) for request in schedule.decodes)
+        samples = self._run(decode, self._decode_args(schedule.decodes))
+        results.extend((request, request.slot, samples) for request in schedule.decodes)
       for piece in pieces:
-        token, logprob = self._run(self._prefill, self._prefill_args(piece))
+        samples = self._run(self._prefill, self._prefill_args(piece))
         if piece.completes:
-          results.append((piece.request, None, token, logprob))
-      for request, _, tokens, _ in results:
-        request.pending += tokens.shape[0] if tokens.ndim == 2 else 1
+          results.append((piece.request, 0, samples))
+      for request, _, samples in results:
+        request.pending += samples.shape[0] if samples.ndim == 3 else 1
         if request.status is Status.PREFILL:  # its prompt is in the cache: it decodes next
           request.status = Status.DECODE
+      dispatched = self.clock()
       previous, self._pending = self._pending, results
-      return self._process(previous)
+      fetched = self._fetch(previous)
+      done = self.clock()
+      events = self._process(previous, fetched, done)
+      self.last_step_times = {"schedule": scheduled - start, "dispatch": dispatched - scheduled,
+                              "fetch": done - dispatched, "record": self.clock() - done}
+      return events
 
-  def _process(self, results) -> list[StreamEvent]:
-    """Fetches a step's tokens, records them per request; returns the events produced."""
+  @staticmethod
+  def _fetch(results) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """A step's samples on the host, by id of their device array: (tokens, logprobs), each
+    [..., n] (one transfer per array, started when the step was dispatched)."""
     fetched = {}
-    now = self.clock()
-    for request, row, tokens, logprobs in results:
-      if id(tokens) not in fetched:  # one device-to-host copy per step output
-        fetched[id(tokens)] = np.asarray(tokens), np.asarray(logprobs)
-      tokens, logprobs = fetched[id(tokens)]
-      if row is not None:
-        tokens, logprobs = tokens[..., row], logprobs[..., row]
+    for _, _, samples in results:
+      if id(samples) not in fetched:
+        host = np.asarray(samples)
+        fetched[id(samples)] = host[..., 0, :], host[..., 1, :].view(np.float32)
+    return fetched
+
+  def _process(self, results, fetched, now: float) -> list[StreamEvent]:
+    """Records a step's fetched samples (`_fetch`) per request at time `now`; returns the events
+    produced."""
+    for request, column, samples in results:
+      tokens, logprobs = fetched[id(samples)]
+      tokens, logprobs = tokens[..., column], logprobs[..., column]
       tokens, logprobs = np.atleast_1d(tokens), np.atleast_1d(logprobs)
       request.pending -= len(tokens)
       for token, logprob in zip(tokens, logprobs):
@@ -685,14 +730,16 @@ class Engine:
       raise ValueError(f"stop_tokens must lie in [0, {vocab})")
     return prompt
 
-  def _run(self, step, *groups):
+  def _run(self, step, *groups) -> jax.Array:
     """Runs a jitted step (`_decode`, `_decode_many`, `_prefill`, `_mixed`) on its host
     arguments (one tuple of arrays per argument group), updating the cache and `last_tokens`;
-    returns the step's other outputs."""
+    returns the step's samples (`_samples`), whose copy to the host starts as soon as the
+    device has computed them."""
     packed, layout = _pack(groups)
-    self.cache, self.last_tokens, *outputs = step(self.variables, self.cache, self.last_tokens,
-                                                  packed, layout)
-    return outputs
+    self.cache, self.last_tokens, samples = step(self.variables, self.cache, self.last_tokens,
+                                                 packed, layout)
+    samples.copy_to_host_async()
+    return samples
 
   def _table(self) -> np.ndarray:
     if self.scheduler.tables is None:

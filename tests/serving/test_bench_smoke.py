@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
@@ -98,8 +99,8 @@ def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
   import serve_load  # noqa: PLC0415 (bench/ is not a package)
   kinds = ["decode", "mixed", "decode", "decode", "prefill", "decode", "decode"]
   walls = [2.0, 5.0, 4.0, 2.5, 9.0, 3.5, 2.2]
-  steps = [{"kind": k, "wall_ms": w, "decodes": int(k != "prefill"), "pieces": []}
-           for k, w in zip(kinds, walls)]
+  steps = [{"kind": k, "wall_ms": w, "decodes": int(k != "prefill"), "pieces": [],
+            "parts_ms": {"dispatch": 0.5 * w, "fetch": 0.25 * w}} for k, w in zip(kinds, walls)]
   summary = serve_load.step_summary(steps, slowest=2)["kinds"]
   assert summary["decode"]["steps"] == 5
   assert summary["decode after decode"]["steps"] == 2  # steps 3 and 6
@@ -107,6 +108,9 @@ def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
   assert summary["decode after mixed/prefill"]["steps"] == 2  # steps 2 and 5
   assert summary["decode after mixed/prefill"]["p50_ms"] == pytest.approx((4.0 + 3.5) / 2)
   assert summary["prefill"]["steps"] == 1 and summary["mixed"]["p99_ms"] == 5.0
+  parts = summary["decode after decode"]["parts_p50_p99_ms"]
+  assert parts["dispatch"][0] == pytest.approx((2.5 + 2.2) / 4)
+  assert parts["fetch"][1] == pytest.approx(0.25 * np.percentile([2.5, 2.2], 99))
 
 
 def test_serve_decode_lists_out_of_memory_and_goes_on(monkeypatch):

@@ -185,6 +185,9 @@ def test_steps_dispatch_before_fetching(rng):
   assert request.pending == 1 and not request.generated
   events = engine.step()  # the first decode was dispatched before the first token was fetched
   assert [e.token for e in events] == expected[:1] and request.pending == 1
+  times = engine.last_step_times  # where the step's host time went
+  assert list(times) == ["schedule", "dispatch", "fetch", "record"]
+  assert all(t >= 0 for t in times.values()) and times["dispatch"] > 0
   while engine.has_work():
     engine.step()
   assert engine.pop_output(request_id).tokens == expected and request.pending == 0
