@@ -73,13 +73,14 @@ SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, 
 
 
 def make_trace(rng, args, vocab: int):
-  """(arrival offsets in s, prompt token lists, output lengths) of a Poisson trace."""
+  """(arrival offsets in s, prompts (int arrays: the engine checks an array of a thousand tokens
+  in ~0.05 ms, a list of NumPy scalars in ~0.2), output lengths) of a Poisson trace."""
   gaps = rng.exponential(1.0 / args.rate, size=args.requests)
   prompt_lens = np.clip(rng.exponential(args.prompt_mean, size=args.requests).astype(int), 1,
                         args.max_len // 2)
   output_lens = np.clip(rng.exponential(args.output_mean, size=args.requests).astype(int), 1,
                         args.max_len // 2)
-  prompts = [list(rng.integers(0, vocab, size=n)) for n in prompt_lens]
+  prompts = [rng.integers(0, vocab, size=n) for n in prompt_lens]
   return np.cumsum(gaps), prompts, output_lens
 
 

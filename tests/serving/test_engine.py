@@ -362,8 +362,9 @@ def test_bad_input_raises_and_engine_continues():
     engine.submit([1] * 30, SamplingParams(max_tokens=5))
   with pytest.raises(ValueError, match=r"\[0, 64\)"):
     engine.submit([1, 64])
-  with pytest.raises(ValueError, match="token ids"):
-    engine.submit(["a", "b"])
+  for bad in (["a", "b"], [1.5, 2.0], [[1, 2], [3]], 7):
+    with pytest.raises(ValueError, match="token ids"):
+      engine.submit(bad)
   with pytest.raises(ValueError, match="tokenizer"):
     engine.submit([1], SamplingParams(stop=("x",)))
   with pytest.raises(ValueError, match="temperature"):
@@ -377,3 +378,4 @@ def test_bad_input_raises_and_engine_continues():
   with pytest.raises(ValueError, match="num_pages"):
     EngineConfig(max_len=32, page_size=4, num_pages=5)
   assert len(engine.generate([[5, 6]], SamplingParams(max_tokens=3))[0].tokens) == 3
+  assert engine.generate([np.array([5, 6])], SamplingParams(max_tokens=3))[0].prompt == [5, 6]
