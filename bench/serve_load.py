@@ -29,9 +29,10 @@ requests decoding, so the baseline's stalls touched ~1% of the gaps and barely r
 (`bench/results/serve_load-2026-12-06-seed1-baseline.md`).
 
 Where a tail comes from: the report counts each run's steps by kind (decodes only, decodes with
-one prefill piece in one call, pieces only) with their wall-time percentiles and lists the slowest
-steps that decoded; `--call-times REPS` also times each jitted call shape alone on the idle engine
-(the host's dispatch, and until its results are ready).
+one prefill piece in one call, pieces only) with their wall-time percentiles and the p50 / p99 of
+each part of a step's host time (schedule, dispatch, fetch, record: `Engine.last_step_times`), and
+lists the slowest steps that decoded; `--call-times REPS` also times each jitted call shape alone
+on the idle engine (the host's dispatch, and until its results are ready).
 
 Python's cyclic garbage collector is off while a run or the steady state is timed (collected and
 frozen before): its pauses land on random steps, as in any serving process that does not tune it,
@@ -318,7 +319,7 @@ def render(results: dict) -> str:
     for kind, k in results[name]["steps"]["kinds"].items():
       lines.append(f"| {name.replace('_', '-')} | {kind} | {k['steps']} | {k['p50_ms']:.2f} | "
                    f"{k['p90_ms']:.2f} | {k['p99_ms']:.2f} |")
-  parts = list(results[runs[0]]["steps"]["kinds"]["decode"]["parts_p50_p99_ms"])
+  parts = list(next(iter(results[runs[0]]["steps"]["kinds"].values()))["parts_p50_p99_ms"])
   lines += ["", "The host's time in each part of a step (`Engine.last_step_times`; ms, p50 / p99): "
             "schedule; dispatch (the jitted calls until they return); fetch (waiting for the "
             "previous step's samples, so the device's time shows here); record.", "",
