@@ -307,16 +307,8 @@ def _samples(tokens, logprobs):
                     jax.lax.bitcast_convert_type(logprobs.astype(jnp.float32), jnp.int32)], -2)
 
 
-def _with_samples(cache, last, *samples):
-  """(cache, last, `_samples` of the step's samples): (tokens, logprobs) of any shape [..., n],
-  or a prefill's (token [], logprob []) -> [2, 1], or a mixed step's (decode tokens [n], logprobs
-  [n], piece token [], logprob []) -> [2, n + 1]."""
-  if len(samples) == 4:
-    tokens, logprobs, token, logprob = samples
-    samples = jnp.append(tokens, token), jnp.append(logprobs, logprob)
-  tokens, logprobs = samples
-  if tokens.ndim == 0:
-    tokens, logprobs = tokens[None], logprobs[None]
+def _with_samples(cache, last, tokens, logprobs):
+  """A step function's outputs with its tokens and log-probs [..., n] as one `_samples` array."""
   return cache, last, _samples(tokens, logprobs)
 
 
@@ -469,7 +461,7 @@ class Engine:
     """tokens [1, C] of slot `slot` at positions start .. start + C - 1; table_row [1, pages].
     A piece at start 0 (a request's first, after admission or preemption) starts from an empty
     row: whatever an earlier request left in the slot is cleared in the same call.
-    Returns (cache, last with the sample at `slot`, sample [], its log-prob [])."""
+    Returns (cache, last with the sample at `slot`, sample [1], its log-prob [1])."""
     self.num_traces += 1
     row, positions = self._prefill_row(cache, slot, start, tokens.shape[1])
     logits, new = self._apply(variables, tokens, positions, row, table_row)
@@ -478,12 +470,11 @@ class Engine:
     logits, new = jax.lax.optimization_barrier((logits, new))
     cache = _put_row(cache, new, slot)
     next_tokens, logprobs = sample_tokens(logits[:, -1], temperature, top_k, top_p, seeds, counters)
-    return cache, last.at[slot].set(next_tokens[0]), next_tokens[0], logprobs[0]
+    return cache, last.at[slot].set(next_tokens[0]), next_tokens, logprobs
 
   def _mixed_fn(self, variables, cache, last, decode_args, prefill_args):
     """`_decode_fn` and `_prefill_fn` (their arguments after `last`, as tuples) in one call;
-    returns (cache, last, decode tokens [S], decode logprobs [S], prefill token [], prefill
-    logprob []).
+    returns (cache, last, tokens [S + 1], logprobs [S + 1]): the decode's, then the piece's.
 
     A `LanguageModel` runs both as streams of one forward (`jaxchunk.layers.streams`): the
     decodes [S, 1] and the piece [1, L] share every weight read and kernel launch of the per-token
@@ -498,7 +489,7 @@ class Engine:
       # states instead of updating them in place.
       cache, last, tokens, logprobs = jax.lax.optimization_barrier((cache, last, tokens, logprobs))
       cache, last, token, logprob = self._prefill_fn(variables, cache, last, *prefill_args)
-      return cache, last, tokens, logprobs, token, logprob
+      return cache, last, jnp.append(tokens, token), jnp.append(logprobs, logprob)
     self.num_traces += 1
     tokens, from_last, positions, table, active, *decode_sampling = decode_args
     slot, piece, start, table_row, *prefill_sampling = prefill_args
@@ -528,7 +519,7 @@ class Engine:
     next_tokens, logprobs = sample_tokens(logits[0, :num_slots], *decode_sampling)
     token, logprob = sample_tokens(logits[0, -1:], *prefill_sampling)
     last = jnp.where(active, next_tokens, last).at[slot].set(token[0])
-    return cache, last, next_tokens, logprobs, token[0], logprob[0]
+    return cache, last, jnp.append(next_tokens, token), jnp.append(logprobs, logprob)
 
   # ------------------------------------------------------------------------------------------
   # Host side.
@@ -720,11 +711,12 @@ class Engine:
       tokens = np.asarray(prompt)
     except (TypeError, ValueError):
       tokens = None
-    if tokens is None or tokens.ndim != 1 or not (np.issubdtype(tokens.dtype, np.integer)
-                                                   or tokens.size == 0):
+    if tokens is None or tokens.ndim != 1:
       raise ValueError("prompt must be a sequence of token ids")
     if not tokens.size:
       raise ValueError("prompt is empty")
+    if not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError("prompt must be a sequence of token ids")
     if tokens.min() < 0 or tokens.max() >= vocab:
       raise ValueError(f"prompt token ids must lie in [0, {vocab})")
     prompt = tokens.tolist()
