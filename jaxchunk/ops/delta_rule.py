@@ -265,6 +265,13 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
   b_C = -inf, so the kernel's state decay e^(b_C) drops the state carried into it."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
+  if starts is None and log_decay.shape[-1] == 1:  # the fused factor kernels
+    q, k, v, beta, log_decay = (pad_seq(x, chunk)[0] for x in (q, k, v, beta, log_decay[..., 0]))
+    factors = delta_kernel.delta_rule_factors(
+        *(x.astype(operand_dtype) for x in (q, k, v)), beta, log_decay,
+        interpret=pallas_interpret())
+    o, state = delta_kernel.delta_rule_chunks(*factors, state, interpret=pallas_interpret())
+    return o[:, :t], state
   masks = None if starts is None else _document_masks(starts, chunk)
   *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype)
   if masks is not None:

@@ -319,3 +319,250 @@ def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, 
   return _state_pass(w, u_v, q_decayed, k_to_end, attention,
                      log_decay_cumsum.astype(jnp.float32), initial_state.astype(jnp.float32),
                      config, interpret)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunk-local factors for a scalar decay and one document per row, fused (`delta_rule_factors`):
+# one program per (batch, head, chunk) reads q, k, v, beta and the log-decays once and writes the
+# factors of `delta_rule_chunks`; the backward program reads them once more with the factors'
+# cotangents. With b the chunk's cumulative log-decay, E_ij = e^(b_i - b_j) (j < i: "strict";
+# j <= i: "causal"; 0 elsewhere, the exponent masked before `exp`), G = (k k^T) * E_strict,
+# A = (I + diag(beta) G)^-1, X_v = diag(beta) v and X_k = diag(beta e^b) k:
+#
+#   w = A X_k,  u_v = A X_v,  qd = q e^b,  kd = k e^(b_C - b),  P = (q k^T) * E_causal.
+#
+# Backward, from dw, du_v, dqd, dkd, dP and db (the state kernel's gradient of b_C):
+#
+#   dA = du_v X_v^T + dw X_k^T,  dX = A^T [du_v | dw],  dM = -A^T dA A^T (strictly lower),
+#   dG = diag(beta) dM,  dbeta = rowsum(dX_v v + dX_k k e^b + dM G),
+#   dk = beta e^b dX_k + (dG E) k + (dG E)^T k + (dP E)^T q + dkd e^(b_C - b),
+#   dq = (dP E) k + dqd e^b,  dv = beta dX_v,
+#
+# and the gradient of b collects every e^(...) factor: rowsum(x * dx) - colsum(x * dx) for the
+# pair matrices G, P (x the matrix, dx its cotangent), rowsum for the row factors e^b, minus
+# rowsum(kd dkd) with its sum on b_C; the log-decays' gradient is its reverse cumulative sum. The
+# inverse is kept for the backward ([C, C] float32 per chunk). Products with a [C, D] operand take
+# operands in the input dtype (bf16 or float32), as the XLA factors do; the inverse and its
+# gradient multiply float32 [C, C] matrices (TF32x3 on the GPU, full precision in interpret mode).
+
+
+def _iota(n: int, axis: int):
+  return lax.broadcasted_iota(jnp.int32, (n, n), axis)
+
+
+def _cumsum(x, *, reverse: bool = False):
+  """Inclusive cumulative sum of x [n] (from the last entry with `reverse`), by a masked sum."""
+  n = x.shape[0]
+  rows, cols = _iota(n, 0), _iota(n, 1)
+  take = cols >= rows if reverse else cols <= rows
+  return jnp.sum(jnp.where(take, x[None, :], 0.0), axis=1)
+
+
+def _pair_decay(b, *, strict: bool):
+  """E [n, n]: e^(b_i - b_j) for j < i (`strict`) or j <= i, else 0 (masked before `exp`)."""
+  n = b.shape[0]
+  rows, cols = _iota(n, 0), _iota(n, 1)
+  keep = rows > cols if strict else rows >= cols
+  return jnp.exp(jnp.where(keep, b[:, None] - b[None, :], -jnp.inf))
+
+
+def _matrix_dot(interpret: bool):
+  """a @ b for float32 [C, C] matrices: TF32x3 tensor-core dots compiled (float32 accuracy),
+  full-precision dots in interpret mode (XLA on CPU has no TF32 algorithm)."""
+  precision = (lax.Precision.HIGHEST if interpret else
+               lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+  return lambda a, b, **kw: plgpu.dot(a, b, precision=precision, **kw)
+
+
+def _unit_lower_inverse(strict, matrix_dot):
+  """(I + L)^-1 [n, n] float32 for the strictly lower-triangular L = `strict` (n a power of two),
+  by doubling: with D the inverses of the diagonal blocks of size s, those of size 2s are
+  D - D L_s D, where L_s keeps L's lower-left s x s block of each 2s x 2s diagonal block (block
+  forward substitution, two matmuls per level)."""
+  n = strict.shape[0]
+  rows, cols = _iota(n, 0), _iota(n, 1)
+  inverse = None
+  size = 1
+  while size < n:
+    lower_left = ((rows // (2 * size) == cols // (2 * size)) & ((rows // size) % 2 == 1)
+                  & ((cols // size) % 2 == 0))
+    part = jnp.where(lower_left, strict, 0.0)
+    if inverse is None:  # D = I
+      inverse = jnp.where(rows == cols, 1.0, 0.0) - part
+    else:
+      inverse = inverse - matrix_dot(inverse, matrix_dot(part, inverse))
+    size *= 2
+  return inverse
+
+
+class _FactorChunk:
+  """One chunk's decays and the products both factor kernels form: b, e^b, e^(b_C - b), beta,
+  E_strict, E_causal, and G = (k k^T) E_strict."""
+
+  def __init__(self, k_ref, beta_ref, a_ref, dtype):
+    self.b = _cumsum(a_ref[...].astype(jnp.float32))
+    self.eb = jnp.exp(self.b)
+    self.to_end = jnp.exp(row(self.b, self.b.shape[0] - 1) - self.b)
+    self.beta = beta_ref[...].astype(jnp.float32)
+    self.strict = _pair_decay(self.b, strict=True)
+    self.causal = _pair_decay(self.b, strict=False)
+    self.gram = dot(k_ref[...], k_ref[...], dtype, trans_b=True) * self.strict
+
+
+def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref, kd_ref, p_ref,
+                   b_ref, inverse_ref, *, dtype, interpret):
+  """Per (batch, head, chunk): q (scaled), k [C, Dk]; v [C, Dv]; beta, a (log-decays) [C]. Writes
+  w, qd, kd [C, Dk], u_v [C, Dv], P [C, C] in the operand dtype, b [C] and A [C, C] float32."""
+  c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
+  inverse = _unit_lower_inverse(c.beta[:, None] * c.gram, _matrix_dot(interpret))
+  k = k_ref[...].astype(jnp.float32)
+  w_ref[...] = dot(inverse, (c.beta * c.eb)[:, None] * k, dtype).astype(w_ref.dtype)
+  u_v_ref[...] = dot(inverse, c.beta[:, None] * v_ref[...].astype(jnp.float32),
+                     dtype).astype(u_v_ref.dtype)
+  qd_ref[...] = (q_ref[...].astype(jnp.float32) * c.eb[:, None]).astype(qd_ref.dtype)
+  kd_ref[...] = (k * c.to_end[:, None]).astype(kd_ref.dtype)
+  p_ref[...] = (dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal).astype(p_ref.dtype)
+  b_ref[...] = c.b
+  inverse_ref[...] = inverse
+
+
+def _pair_grad(x, dx):
+  """The gradient of b through a pair matrix x_ij ~ e^(b_i - b_j) with cotangent dx: [n]."""
+  xdx = x * dx
+  return jnp.sum(xdx, axis=1) - jnp.sum(xdx, axis=0)
+
+
+def _factor_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, dw_ref, du_v_ref,
+                        dqd_ref, dkd_ref, dp_ref, db_ref, dq_ref, dk_ref, dv_ref, dbeta_ref,
+                        da_ref, *, dtype, interpret):
+  """Per (batch, head, chunk): the forward's inputs and inverse, the cotangents of its outputs
+  (dw, dqd, dkd [C, Dk], du_v [C, Dv], dP [C, C] in the operand dtype, db [C] float32). Writes
+  dq, dk [C, Dk] and dv [C, Dv] in the operand dtype, dbeta and da [C] float32."""
+  matrix_dot = _matrix_dot(interpret)
+  c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
+  n = c.b.shape[0]
+  inverse = inverse_ref[...]
+  k = k_ref[...].astype(jnp.float32)
+  v = v_ref[...].astype(jnp.float32)
+  x_k = (c.beta * c.eb)[:, None] * k
+  x_v = c.beta[:, None] * v
+  d_inverse = (dot(du_v_ref[...], x_v, dtype, trans_b=True)
+               + dot(dw_ref[...], x_k, dtype, trans_b=True))
+  dx_v = dot(inverse, du_v_ref[...], dtype, trans_a=True)
+  dx_k = dot(inverse, dw_ref[...], dtype, trans_a=True)
+  dv_ref[...] = (c.beta[:, None] * dx_v).astype(dv_ref.dtype)
+  dxk_k = jnp.sum(dx_k * k, axis=1)
+  dbeta = jnp.sum(dx_v * v, axis=1) + c.eb * dxk_k
+  db = c.beta * c.eb * dxk_k
+  dk = (c.beta * c.eb)[:, None] * dx_k
+
+  d_m = -matrix_dot(inverse, matrix_dot(d_inverse, inverse, trans_b=True), trans_a=True)
+  d_m = jnp.where(_iota(n, 0) > _iota(n, 1), d_m, 0.0)
+  dbeta = dbeta + jnp.sum(d_m * c.gram, axis=1)
+  d_gram = c.beta[:, None] * d_m
+  db = db + _pair_grad(c.gram, d_gram)
+  d_kk = d_gram * c.strict
+  dk = dk + dot(d_kk, k_ref[...], dtype) + dot(d_kk, k_ref[...], dtype, trans_a=True)
+
+  dp = jnp.where(_iota(n, 0) >= _iota(n, 1), dp_ref[...].astype(jnp.float32), 0.0)
+  db = db + _pair_grad(dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal, dp)
+  d_qk = dp * c.causal
+  dk = dk + dot(d_qk, q_ref[...], dtype, trans_a=True)
+  dqd = dqd_ref[...].astype(jnp.float32)
+  dq = dot(d_qk, k_ref[...], dtype) + dqd * c.eb[:, None]
+  db = db + c.eb * jnp.sum(dqd * q_ref[...].astype(jnp.float32), axis=1)
+  dkd = dkd_ref[...].astype(jnp.float32)
+  to_end = c.to_end * jnp.sum(dkd * k, axis=1)
+  dk = dk + dkd * c.to_end[:, None]
+  last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
+  db = db - to_end + jnp.where(last, jnp.sum(to_end), 0.0) + db_ref[...]
+
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dbeta_ref[...] = dbeta
+  da_ref[...] = _cumsum(db, reverse=True)
+
+
+# Per head_dim_k: (num_warps, num_stages) of the factor kernels (forward, backward).
+FACTOR_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((4, 1), (8, 1))}
+
+
+def _factor_call(kernel, operands, out_shape, launch, interpret):
+  """pallas_call over the grid (batch, head, chunk): operands and outputs [B, T, H] (one value per
+  token) or [B, T, H, D] (D the last dim), one chunk per program."""
+  batch, t, heads = operands[0].shape[:3]
+  chunk = CONFIGS[operands[0].shape[-1]].chunk
+
+  def spec(x):
+    if len(x.shape) == 3:
+      return pl.BlockSpec((None, chunk, None), lambda i, h, c: (i, c, h))
+    return pl.BlockSpec((None, chunk, None, x.shape[-1]), lambda i, h, c: (i, c, h, 0))
+
+  num_warps, num_stages = launch
+  return pl.pallas_call(
+      functools.partial(kernel, dtype=operands[0].dtype, interpret=interpret),
+      grid=(batch, heads, t // chunk),
+      in_specs=tuple(spec(x) for x in operands),
+      out_specs=tuple(spec(x) for x in out_shape),
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+  )(*operands)
+
+
+def _factors_forward(q, k, v, beta, log_decay, interpret):
+  batch, t, heads, dk = q.shape
+  chunk = CONFIGS[dk].chunk
+  like = lambda x, last=None, dtype=None: jax.ShapeDtypeStruct(
+      x.shape[:3] + ((x.shape[-1],) if last is None else (last,)), dtype or x.dtype)
+  per_token = jax.ShapeDtypeStruct((batch, t, heads), jnp.float32)
+  out_shape = (like(k), like(v), like(q), like(k), like(q, chunk), per_token,
+               like(q, chunk, jnp.float32))
+  *factors, inverse = _factor_call(_factor_kernel, (q, k, v, beta, log_decay), out_shape,
+                                   FACTOR_LAUNCH[dk][0], interpret)
+  return tuple(factors), (q, k, v, beta, log_decay, inverse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _factors(q, k, v, beta, log_decay, interpret):
+  return _factors_forward(q, k, v, beta, log_decay, interpret)[0]
+
+
+def _factors_backward(interpret, residuals, cotangents):
+  q, k, v, beta, log_decay, inverse = residuals
+  dw, du_v, dqd, dkd, dp, db = cotangents
+  operand = lambda x: x.astype(q.dtype)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return _factor_call(
+      _factor_grad_kernel,
+      (q, k, v, beta, log_decay, inverse, operand(dw), operand(du_v), operand(dqd),
+       operand(dkd), operand(dp), db.astype(jnp.float32)),
+      (shape(q), shape(k), shape(v), shape(beta), shape(log_decay)),
+      FACTOR_LAUNCH[q.shape[-1]][1], interpret)
+
+
+_factors.defvjp(_factors_forward, _factors_backward)
+
+
+def delta_rule_factors(q, k, v, beta, log_decay, *, interpret: bool = False):
+  """The chunk-local factors of `delta_rule_chunks` for a scalar (or no) decay and one document
+  per row, in one fused kernel (and one for their gradients), differentiable in every input.
+
+  Args:
+    q: [B, T, H, Dk] (already scaled); k: [B, T, H, Dk]; v: [B, T, H, Dv]: one dtype, bf16 or
+      float32 (the operand dtype). Dk, Dv in `chunk_common.HEAD_DIMS`.
+    beta: [B, T, H] float32.
+    log_decay: [B, T, H] float32 per-token log-decays (<= 0; zeros for DeltaNet).
+    interpret: run the kernels in Pallas interpret mode (CPU tests).
+  T must be a multiple of C = `chunk_size(Dk)`.
+
+  Returns:
+    (w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum), the arguments of
+    `delta_rule_chunks` before the initial state: [B, T, H, Dk], [B, T, H, Dv], [B, T, H, Dk],
+    [B, T, H, Dk], [B, T, H, C] in the operand dtype and [B, T, H] float32.
+  """
+  dk = q.shape[-1]
+  if q.shape[1] % CONFIGS[dk].chunk:
+    raise ValueError(f"delta_rule_factors: T ({q.shape[1]}) must be a multiple of "
+                     f"{CONFIGS[dk].chunk}")
+  return _factors(q, k, v, beta.astype(jnp.float32), log_decay.astype(jnp.float32), interpret)

@@ -5,6 +5,8 @@ kernel (float32 through full-precision dots: tolerance 1e-4 there, as the issue 
 is the float64 token-by-token recurrence of linear_oracle.py.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,10 @@ import pytest
 from jaxchunk.ops.delta_rule import delta_rule, gated_delta_rule, gated_delta_rule_step
 from jaxchunk.ops.kda import kda
 from tests.ops import linear_oracle
+from pallas_kernels.gpu import delta_rule as delta_kernel
 from tests.utils import assert_rel_close, randn
+
+delta_module = importlib.import_module("jaxchunk.ops.delta_rule")  # the op shadows the module
 
 F32_TOL = 1e-5 if jax.default_backend() == "cpu" else 1e-4
 BF16_TOL = 1e-2
@@ -228,3 +233,30 @@ def test_head_dim_128_and_batch(rng, name):
   grads_xla = jax.grad(_loss(name, "xla", ct, proj), argnums)(q, k, v, g, beta, s0)
   for i, grad, grad_xla in zip(argnums, grads, grads_xla):
     assert_rel_close(grad, grad_xla, F32_TOL, f"d{NAMES[i]}")
+
+
+def test_fused_factors_match_xla_factors(rng):
+  """The fused factor kernels (scalar decay, one document) against the XLA factors of the xla
+  path: every factor, and the gradients of a random projection of all six w.r.t. q, k, v, beta
+  and the log-decays, over two chunks."""
+  q, k, v, g, beta, _ = make_inputs(rng, "gated_delta_rule", t=128, h=2, hk=2, gate_heads=2)
+
+  def xla(q, k, v, beta, g):
+    *factors, b = delta_module._chunk_factors(q, k, v, beta, g[..., None], 64)
+    return tuple(map(delta_module._from_chunks, factors)) + (delta_module._from_chunks(b)[..., 0],)
+
+  def fused(q, k, v, beta, g):
+    return delta_kernel.delta_rule_factors(q, k, v, beta, g, interpret=True)
+
+  expected = xla(q, k, v, beta, g)
+  for name, out, ref in zip(("w", "u_v", "qd", "kd", "P", "b"), fused(q, k, v, beta, g), expected):
+    assert_rel_close(out, ref, F32_TOL, name)
+  cts = [randn(rng, *x.shape) for x in expected]
+
+  def loss(factors):
+    return lambda *args: sum(jnp.sum(x * ct) for x, ct in zip(factors(*args), cts))
+
+  grads = jax.grad(loss(fused), range(5))(q, k, v, beta, g)
+  for name, grad, ref in zip(("q", "k", "v", "beta", "g"), grads,
+                             jax.grad(loss(xla), range(5))(q, k, v, beta, g)):
+    assert_rel_close(grad, ref, F32_TOL, f"d{name}")
