@@ -246,7 +246,8 @@ def test_fused_factors_match_xla_factors(rng):
     return tuple(map(delta_module._from_chunks, factors)) + (delta_module._from_chunks(b)[..., 0],)
 
   def fused(q, k, v, beta, g):
-    return delta_kernel.delta_rule_factors(q, k, v, beta, g, interpret=True)
+    return delta_kernel.delta_rule_factors(q, k, v, beta, g,
+                                           interpret=jax.default_backend() == "cpu")
 
   expected = xla(q, k, v, beta, g)
   for name, out, ref in zip(("w", "u_v", "qd", "kd", "P", "b"), fused(q, k, v, beta, g), expected):
