@@ -41,15 +41,17 @@ document, the S_0 terms of W (K * exp(b)) and of O (Q * exp(b)) only the rows of
 document, and S_C keeps diag(exp(b_C)) S_0 only without a start inside the chunk and sums
 K * exp(b_C - b) over the chunk's last document only (`_gated_chunk._document_masks`).
 
-The "pallas" path (GPU, or interpret mode on CPU) computes the same chunk-local factors (W, U_v,
-Q * exp(b), K * exp(b_C - b), P) in XLA at the chunk size of the kernel's config table, and runs
-the state pass and the outputs in `pallas_kernels.gpu.delta_rule` (`chunk_size` sets the xla
-path's chunk only); the factors go to the kernel in q's dtype (bf16 or float32), head dims 64 and
-128, and their products (the decayed attention matrices, W and U_v) take operands in that dtype
-with float32 accumulation, as FLA's kernels do (the inverse stays float32). JAX differentiates
-the factors; the kernel has its own backward for the state pass. Packed documents take the same
-masked factors, and a chunk where a document starts passes b_C = -inf, so that the kernel's decay
-e^(b_C) of the carried state is 0.
+The "pallas" path (GPU, or interpret mode on CPU) runs the state pass and the outputs in
+`pallas_kernels.gpu.delta_rule`, at the chunk size of the kernel's config table (`chunk_size`
+sets the xla path's chunk only), head dims 64 and 128, operands in q's dtype (bf16 or float32).
+With a scalar (or no) decay and no segment ids, the chunk-local factors (W, U_v, Q * exp(b),
+K * exp(b_C - b), P) and their gradients come from fused kernels too
+(`scalar_decay_delta_rule`). Otherwise (`kda`, packed documents) XLA forms them here, their
+products (the decayed attention matrices, W and U_v) with operands in that dtype and float32
+accumulation, as FLA's kernels do (the inverse stays float32), and JAX differentiates them; the
+kernel has its own backward for the state pass. Packed documents take the same masked factors,
+and a chunk where a document starts passes b_C = -inf, so that the kernel's decay e^(b_C) of the
+carried state is 0.
 
 Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
 enabled), so the reference path can serve as a float64 oracle.
@@ -267,10 +269,9 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
   chunk = delta_kernel.chunk_size(q.shape[-1])
   if starts is None and log_decay.shape[-1] == 1:  # the fused factor kernels
     q, k, v, beta, log_decay = (pad_seq(x, chunk)[0] for x in (q, k, v, beta, log_decay[..., 0]))
-    factors = delta_kernel.delta_rule_factors(
-        *(x.astype(operand_dtype) for x in (q, k, v)), beta, log_decay,
+    o, state = delta_kernel.scalar_decay_delta_rule(
+        *(x.astype(operand_dtype) for x in (q, k, v)), beta, log_decay, state,
         interpret=pallas_interpret())
-    o, state = delta_kernel.delta_rule_chunks(*factors, state, interpret=pallas_interpret())
     return o[:, :t], state
   masks = None if starts is None else _document_masks(starts, chunk)
   *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype)

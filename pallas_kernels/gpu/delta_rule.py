@@ -2,8 +2,11 @@
 sequential state pass and the outputs of the chunked WY / UT form, forward and backward, wired
 with `jax.custom_vjp`.
 
-The caller (`jaxchunk.ops.delta_rule`) computes every chunk-local, fully parallel factor in XLA, as
-FLA's chunk kernels split chunk_h from the rest. For a chunk of C tokens with the cumulative
+`delta_rule_chunks` takes the chunk-local, fully parallel factors from its caller
+(`jaxchunk.ops.delta_rule` forms them in XLA for per-channel decays (KDA) and packed documents);
+`scalar_decay_delta_rule` (a scalar or no decay, one document per row: Gated DeltaNet, DeltaNet)
+forms them in a fused kernel of its own and carries their gradients back in the backward's
+per-chunk kernel (the section of that name below). For a chunk of C tokens with the cumulative
 log-decay b from the chunk start (inclusive) and its last row b_C:
 
   W   [C, Dk]  and  U_v [C, Dv]   from the per-chunk (I + M)^-1 (W holds its factor e^b),
@@ -137,12 +140,11 @@ def _backward_state_kernel(qd_ref, kd_ref, w_ref, p_ref, b_ref, do_ref, dst_ref,
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, dst_ref[...].astype(jnp.float32))
 
 
-def _backward_chunk_kernel(u_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, dw_ref, du_v_ref,
-                           dqd_ref, dkd_ref, dp_ref, db_ref, *, block_v, per_channel, dtype):
-  """One chunk, all of Dv (in blocks of `block_v` columns, summing): with its start state S, dS
-  (after it) and the forward's U, dP = mask(dO U^T), dQd = dO S^T, dKd = U dS^T, dW = -dU S^T,
-  and db_C = g * rowsum(S * dS) on the chunk's last row (0 on the others)."""
-  chunk, dk = dw_ref.shape
+def _chunk_cotangents(u_ref, state_ref, dstate_ref, do_ref, du_ref, *, block_v, dtype):
+  """The cotangents of one chunk's factors, summed over all of Dv in blocks of `block_v` columns:
+  with its start state S, dS (after it) and the forward's U, (dW = -dU S^T, dQd = dO S^T,
+  dKd = U dS^T [C, Dk], dP = mask(dO U^T) [C, C], rowsum(S * dS) [Dk]), float32. dU_v is dU."""
+  chunk, dk = u_ref.shape[0], state_ref.shape[0]
   dp = jnp.zeros((chunk, chunk), jnp.float32)
   dqd = dkd = dw = jnp.zeros((chunk, dk), jnp.float32)
   s_ds = jnp.zeros((dk,), jnp.float32)
@@ -154,9 +156,19 @@ def _backward_chunk_kernel(u_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, 
     dqd = dqd + dot(do, state, dtype, trans_b=True)
     dkd = dkd + dot(u, dstate, dtype, trans_b=True)
     dw = dw - dot(du, state, dtype, trans_b=True)
-    du_v_ref[:, cols] = du.astype(du_v_ref.dtype)
     s_ds = s_ds + jnp.sum(state.astype(jnp.float32) * dstate.astype(jnp.float32), axis=1)
-  dp_ref[...] = jnp.where(causal_mask(chunk), dp, 0.0).astype(dp_ref.dtype)
+  return dw, dqd, dkd, jnp.where(causal_mask(chunk), dp, 0.0), s_ds
+
+
+def _backward_chunk_kernel(u_ref, b_ref, state_ref, dstate_ref, do_ref, du_ref, dw_ref, du_v_ref,
+                           dqd_ref, dkd_ref, dp_ref, db_ref, *, block_v, per_channel, dtype):
+  """One chunk, all of Dv: writes the cotangents of `_chunk_cotangents`, dU_v = dU, and
+  db_C = g * rowsum(S * dS) on the chunk's last row (0 on the others)."""
+  chunk, dk = dw_ref.shape
+  dw, dqd, dkd, dp, s_ds = _chunk_cotangents(u_ref, state_ref, dstate_ref, do_ref, du_ref,
+                                             block_v=block_v, dtype=dtype)
+  du_v_ref[...] = du_ref[...]
+  dp_ref[...] = dp.astype(dp_ref.dtype)
   dqd_ref[...] = dqd.astype(dqd_ref.dtype)
   dkd_ref[...] = dkd.astype(dkd_ref.dtype)
   dw_ref[...] = dw.astype(dw_ref.dtype)
@@ -322,16 +334,17 @@ def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, 
 
 
 # ------------------------------------------------------------------------------------------------
-# Chunk-local factors for a scalar decay and one document per row, fused (`delta_rule_factors`):
-# one program per (batch, head, chunk) reads q, k, v, beta and the log-decays once and writes the
-# factors of `delta_rule_chunks`; the backward program reads them once more with the factors'
-# cotangents. With b the chunk's cumulative log-decay, E_ij = e^(b_i - b_j) (j < i: "strict";
-# j <= i: "causal"; 0 elsewhere, the exponent masked before `exp`), G = (k k^T) * E_strict,
-# A = (I + diag(beta) G)^-1, X_v = diag(beta) v and X_k = diag(beta e^b) k:
+# A scalar (or no) decay and one document per row (`scalar_decay_delta_rule`): the chunk-local
+# factors come from a fused kernel too, one program per (batch, head, chunk) that reads q, k, v,
+# beta and the log-decays once. With b the chunk's cumulative log-decay, E_ij = e^(b_i - b_j)
+# (j < i: "strict"; j <= i: "causal"; 0 elsewhere, the exponent masked before `exp`),
+# G = (k k^T) * E_strict, A = (I + diag(beta) G)^-1, X_v = diag(beta) v and X_k = diag(beta e^b) k:
 #
 #   w = A X_k,  u_v = A X_v,  qd = q e^b,  kd = k e^(b_C - b),  P = (q k^T) * E_causal.
 #
-# Backward, from dw, du_v, dqd, dkd, dP and db (the state kernel's gradient of b_C):
+# The backward runs the reverse state pass, then one kernel per (batch, head, chunk) that forms
+# the factors' cotangents (`_chunk_cotangents`, kept in registers instead of going through HBM)
+# and carries them back to the inputs:
 #
 #   dA = du_v X_v^T + dw X_k^T,  dX = A^T [du_v | dw],  dM = -A^T dA A^T (strictly lower),
 #   dG = diag(beta) dM,  dbeta = rowsum(dX_v v + dX_k k e^b + dM G),
@@ -340,10 +353,11 @@ def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, 
 #
 # and the gradient of b collects every e^(...) factor: rowsum(x * dx) - colsum(x * dx) for the
 # pair matrices G, P (x the matrix, dx its cotangent), rowsum for the row factors e^b, minus
-# rowsum(kd dkd) with its sum on b_C; the log-decays' gradient is its reverse cumulative sum. The
-# inverse is kept for the backward ([C, C] float32 per chunk). Products with a [C, D] operand take
-# operands in the input dtype (bf16 or float32), as the XLA factors do; the inverse and its
-# gradient multiply float32 [C, C] matrices (TF32x3 on the GPU, full precision in interpret mode).
+# rowsum(kd dkd) with its sum and e^(b_C) rowsum(S * dS) on b_C; the log-decays' gradient is its
+# reverse cumulative sum. The inverse A is kept for the backward ([C, C] float32 per chunk).
+# Products with a [C, D] operand take operands in the input dtype (bf16 or float32), as the XLA
+# factors do; the inverse and its gradient multiply float32 [C, C] matrices (TF32x3 on the GPU,
+# full precision in interpret mode).
 
 
 def _iota(n: int, axis: int):
@@ -396,8 +410,8 @@ def _unit_lower_inverse(strict, matrix_dot):
 
 
 class _FactorChunk:
-  """One chunk's decays and the products both factor kernels form: b, e^b, e^(b_C - b), beta,
-  E_strict, E_causal, and G = (k k^T) E_strict."""
+  """One chunk's decays and the products both scalar-decay kernels form: b, e^b, e^(b_C - b),
+  beta, E_strict, E_causal, and G = (k k^T) E_strict."""
 
   def __init__(self, k_ref, beta_ref, a_ref, dtype):
     self.b = _cumsum(a_ref[...].astype(jnp.float32))
@@ -432,12 +446,15 @@ def _pair_grad(x, dx):
   return jnp.sum(xdx, axis=1) - jnp.sum(xdx, axis=0)
 
 
-def _factor_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, dw_ref, du_v_ref,
-                        dqd_ref, dkd_ref, dp_ref, db_ref, dq_ref, dk_ref, dv_ref, dbeta_ref,
-                        da_ref, *, dtype, interpret):
-  """Per (batch, head, chunk): the forward's inputs and inverse, the cotangents of its outputs
-  (dw, dqd, dkd [C, Dk], du_v [C, Dv], dP [C, C] in the operand dtype, db [C] float32). Writes
-  dq, dk [C, Dk] and dv [C, Dv] in the operand dtype, dbeta and da [C] float32."""
+def _scalar_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref, state_ref,
+                        dstate_ref, do_ref, du_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, da_ref, *,
+                        block_v, dtype, interpret):
+  """Per (batch, head, chunk): the forward's inputs (q, k [C, Dk], v [C, Dv], beta, a [C]), its
+  inverse A [C, C] and U [C, Dv], the chunk's start state S and the gradient dS of the state after
+  it [Dk, Dv], dO and dU [C, Dv]. Writes dq, dk [C, Dk] and dv [C, Dv] in the operand dtype,
+  dbeta and da [C] float32 (see above)."""
+  dw, dqd, dkd, dp, s_ds = _chunk_cotangents(u_ref, state_ref, dstate_ref, do_ref, du_ref,
+                                             block_v=block_v, dtype=dtype)
   matrix_dot = _matrix_dot(interpret)
   c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
   n = c.b.shape[0]
@@ -446,10 +463,9 @@ def _factor_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, dw_re
   v = v_ref[...].astype(jnp.float32)
   x_k = (c.beta * c.eb)[:, None] * k
   x_v = c.beta[:, None] * v
-  d_inverse = (dot(du_v_ref[...], x_v, dtype, trans_b=True)
-               + dot(dw_ref[...], x_k, dtype, trans_b=True))
-  dx_v = dot(inverse, du_v_ref[...], dtype, trans_a=True)
-  dx_k = dot(inverse, dw_ref[...], dtype, trans_a=True)
+  d_inverse = dot(du_ref[...], x_v, dtype, trans_b=True) + dot(dw, x_k, dtype, trans_b=True)
+  dx_v = dot(inverse, du_ref[...], dtype, trans_a=True)
+  dx_k = dot(inverse, dw, dtype, trans_a=True)
   dv_ref[...] = (c.beta[:, None] * dx_v).astype(dv_ref.dtype)
   dxk_k = jnp.sum(dx_k * k, axis=1)
   dbeta = jnp.sum(dx_v * v, axis=1) + c.eb * dxk_k
@@ -464,18 +480,16 @@ def _factor_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, dw_re
   d_kk = d_gram * c.strict
   dk = dk + dot(d_kk, k_ref[...], dtype) + dot(d_kk, k_ref[...], dtype, trans_a=True)
 
-  dp = jnp.where(_iota(n, 0) >= _iota(n, 1), dp_ref[...].astype(jnp.float32), 0.0)
   db = db + _pair_grad(dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal, dp)
   d_qk = dp * c.causal
   dk = dk + dot(d_qk, q_ref[...], dtype, trans_a=True)
-  dqd = dqd_ref[...].astype(jnp.float32)
   dq = dot(d_qk, k_ref[...], dtype) + dqd * c.eb[:, None]
   db = db + c.eb * jnp.sum(dqd * q_ref[...].astype(jnp.float32), axis=1)
-  dkd = dkd_ref[...].astype(jnp.float32)
   to_end = c.to_end * jnp.sum(dkd * k, axis=1)
   dk = dk + dkd * c.to_end[:, None]
   last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
-  db = db - to_end + jnp.where(last, jnp.sum(to_end), 0.0) + db_ref[...]
+  db_last = jnp.sum(to_end) + row(c.eb, n - 1) * jnp.sum(s_ds)
+  db = db - to_end + jnp.where(last, db_last, 0.0)
 
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -483,86 +497,116 @@ def _factor_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, dw_re
   da_ref[...] = _cumsum(db, reverse=True)
 
 
-# Per head_dim_k: (num_warps, num_stages) of the factor kernels (forward, backward).
-FACTOR_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((4, 1), (8, 1))}
+# Per head_dim_k: (num_warps, num_stages) of the factor kernel and of the backward's per-chunk
+# kernel.
+SCALAR_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((4, 1), (8, 1))}
 
 
-def _factor_call(kernel, operands, out_shape, launch, interpret):
-  """pallas_call over the grid (batch, head, chunk): operands and outputs [B, T, H] (one value per
-  token) or [B, T, H, D] (D the last dim), one chunk per program."""
-  batch, t, heads = operands[0].shape[:3]
-  chunk = CONFIGS[operands[0].shape[-1]].chunk
+def _per_chunk_spec(x, chunk: int):
+  """BlockSpec of one chunk of x [B, T, H] or [B, T, H, D] over the grid (batch, head, chunk)."""
+  if len(x.shape) == 3:
+    return pl.BlockSpec((None, chunk, None), lambda i, h, c: (i, c, h))
+  return pl.BlockSpec((None, chunk, None, x.shape[-1]), lambda i, h, c: (i, c, h, 0))
 
-  def spec(x):
-    if len(x.shape) == 3:
-      return pl.BlockSpec((None, chunk, None), lambda i, h, c: (i, c, h))
-    return pl.BlockSpec((None, chunk, None, x.shape[-1]), lambda i, h, c: (i, c, h, 0))
 
-  num_warps, num_stages = launch
+def _factors(q, k, v, beta, log_decay, interpret):
+  """(w, u_v, qd, kd, P, b, A) of `_factor_kernel` for every chunk: [B, T, H, *] (P and A with C
+  columns), b [B, T, H]."""
+  batch, t, heads, dk = q.shape
+  chunk = CONFIGS[dk].chunk
+  like = lambda x, last=None, dtype=None: jax.ShapeDtypeStruct(
+      x.shape[:3] + ((x.shape[-1],) if last is None else (last,)), dtype or x.dtype)
+  out_shape = (like(k), like(v), like(q), like(k), like(q, chunk),
+               jax.ShapeDtypeStruct((batch, t, heads), jnp.float32), like(q, chunk, jnp.float32))
+  operands = (q, k, v, beta, log_decay)
+  num_warps, num_stages = SCALAR_LAUNCH[dk][0]
   return pl.pallas_call(
-      functools.partial(kernel, dtype=operands[0].dtype, interpret=interpret),
+      functools.partial(_factor_kernel, dtype=q.dtype, interpret=interpret),
       grid=(batch, heads, t // chunk),
-      in_specs=tuple(spec(x) for x in operands),
-      out_specs=tuple(spec(x) for x in out_shape),
+      in_specs=tuple(_per_chunk_spec(x, chunk) for x in operands),
+      out_specs=tuple(_per_chunk_spec(x, chunk) for x in out_shape),
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
   )(*operands)
 
 
-def _factors_forward(q, k, v, beta, log_decay, interpret):
+def _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret):
+  """(dq, dk, dv, dbeta, dlog_decay) of `_scalar_grad_kernel` for every chunk."""
   batch, t, heads, dk = q.shape
+  dv = v.shape[-1]
   chunk = CONFIGS[dk].chunk
-  like = lambda x, last=None, dtype=None: jax.ShapeDtypeStruct(
-      x.shape[:3] + ((x.shape[-1],) if last is None else (last,)), dtype or x.dtype)
-  per_token = jax.ShapeDtypeStruct((batch, t, heads), jnp.float32)
-  out_shape = (like(k), like(v), like(q), like(k), like(q, chunk), per_token,
-               like(q, chunk, jnp.float32))
-  *factors, inverse = _factor_call(_factor_kernel, (q, k, v, beta, log_decay), out_shape,
-                                   FACTOR_LAUNCH[dk][0], interpret)
-  return tuple(factors), (q, k, v, beta, log_decay, inverse)
+  state = pl.BlockSpec((None, None, dk, dv), lambda i, h, c: (i, h, c, 0))
+  operands = (q, k, v, beta, log_decay, inverse, u, states, dstates, do, du)
+  in_specs = tuple(state if x is states or x is dstates else _per_chunk_spec(x, chunk)
+                   for x in operands)
+  out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, beta, log_decay))
+  num_warps, num_stages = SCALAR_LAUNCH[dk][1]
+  return pl.pallas_call(
+      functools.partial(_scalar_grad_kernel, block_v=min(CHUNK_GRAD_LAUNCH[dk][0], dv),
+                        dtype=q.dtype, interpret=interpret),
+      grid=(batch, heads, t // chunk),
+      in_specs=in_specs,
+      out_specs=tuple(_per_chunk_spec(x, chunk) for x in out_shape),
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+  )(*operands)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _factors(q, k, v, beta, log_decay, interpret):
-  return _factors_forward(q, k, v, beta, log_decay, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _scalar_delta(q, k, v, beta, log_decay, initial_state, config, interpret):
+  *factors, _ = _factors(q, k, v, beta, log_decay, interpret)
+  return _forward(*factors, initial_state, config, interpret, save_residuals=False)[:2]
 
 
-def _factors_backward(interpret, residuals, cotangents):
-  q, k, v, beta, log_decay, inverse = residuals
-  dw, du_v, dqd, dkd, dp, db = cotangents
-  operand = lambda x: x.astype(q.dtype)
-  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return _factor_call(
-      _factor_grad_kernel,
-      (q, k, v, beta, log_decay, inverse, operand(dw), operand(du_v), operand(dqd),
-       operand(dkd), operand(dp), db.astype(jnp.float32)),
-      (shape(q), shape(k), shape(v), shape(beta), shape(log_decay)),
-      FACTOR_LAUNCH[q.shape[-1]][1], interpret)
+def _scalar_delta_forward(q, k, v, beta, log_decay, initial_state, config, interpret):
+  w, u_v, qd, kd, p, b, inverse = _factors(q, k, v, beta, log_decay, interpret)
+  o, final_state, (states, u) = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
+                                         save_residuals=True)
+  return (o, final_state), (q, k, v, beta, log_decay, inverse, w, qd, kd, p, b, states, u)
 
 
-_factors.defvjp(_factors_forward, _factors_backward)
+def _scalar_delta_backward(config, interpret, residuals, cotangents):
+  q, k, v, beta, log_decay, inverse, w, qd, kd, p, b, states, u = residuals
+  do, dfinal = cotangents
+  do = do.astype(w.dtype)
+  batch, _, heads, dk = w.shape
+  dv = u.shape[-1]
+  operand = lambda shape: jax.ShapeDtypeStruct(shape, w.dtype)
+  dstates, du, dinitial = _call(
+      _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
+      (operand(states.shape), operand(u.shape),
+       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
+      w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
+  grads = _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret)
+  return (*grads, dinitial)
 
 
-def delta_rule_factors(q, k, v, beta, log_decay, *, interpret: bool = False):
-  """The chunk-local factors of `delta_rule_chunks` for a scalar (or no) decay and one document
-  per row, in one fused kernel (and one for their gradients), differentiable in every input.
+_scalar_delta.defvjp(_scalar_delta_forward, _scalar_delta_backward)
+
+
+def scalar_decay_delta_rule(q, k, v, beta, log_decay, initial_state, *,
+                            interpret: bool = False):
+  """The chunked delta rule with a scalar (or no) decay per head and token and one document per
+  row, factors included (module docstring and the section above), differentiable in every input.
 
   Args:
     q: [B, T, H, Dk] (already scaled); k: [B, T, H, Dk]; v: [B, T, H, Dv]: one dtype, bf16 or
       float32 (the operand dtype). Dk, Dv in `chunk_common.HEAD_DIMS`.
     beta: [B, T, H] float32.
     log_decay: [B, T, H] float32 per-token log-decays (<= 0; zeros for DeltaNet).
+    initial_state: [B, H, Dk, Dv] float32.
     interpret: run the kernels in Pallas interpret mode (CPU tests).
   T must be a multiple of C = `chunk_size(Dk)`.
 
   Returns:
-    (w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum), the arguments of
-    `delta_rule_chunks` before the initial state: [B, T, H, Dk], [B, T, H, Dv], [B, T, H, Dk],
-    [B, T, H, Dk], [B, T, H, C] in the operand dtype and [B, T, H] float32.
+    (o [B, T, H, Dv] in the operand dtype, final state [B, H, Dk, Dv] float32).
   """
-  dk = q.shape[-1]
-  if q.shape[1] % CONFIGS[dk].chunk:
-    raise ValueError(f"delta_rule_factors: T ({q.shape[1]}) must be a multiple of "
+  batch, t, heads, dk = q.shape
+  if t % CONFIGS[dk].chunk:
+    raise ValueError(f"scalar_decay_delta_rule: T ({t}) must be a multiple of "
                      f"{CONFIGS[dk].chunk}")
-  return _factors(q, k, v, beta.astype(jnp.float32), log_decay.astype(jnp.float32), interpret)
+  config = _config(batch, heads, dk, v.shape[-1])
+  return _scalar_delta(q, k, v, beta.astype(jnp.float32), log_decay.astype(jnp.float32),
+                       initial_state.astype(jnp.float32), config, interpret)
