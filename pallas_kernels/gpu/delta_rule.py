@@ -424,9 +424,10 @@ class _FactorChunk:
 
 
 def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref, kd_ref, p_ref,
-                   b_ref, inverse_ref, *, dtype, interpret):
+                   b_ref, *inverse_ref, dtype, interpret):
   """Per (batch, head, chunk): q (scaled), k [C, Dk]; v [C, Dv]; beta, a (log-decays) [C]. Writes
-  w, qd, kd [C, Dk], u_v [C, Dv], P [C, C] in the operand dtype, b [C] and A [C, C] float32."""
+  w, qd, kd [C, Dk], u_v [C, Dv], P [C, C] in the operand dtype, b [C] and, given its ref (for
+  the backward), A [C, C] float32."""
   c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
   inverse = _unit_lower_inverse(c.beta[:, None] * c.gram, _matrix_dot(interpret))
   k = k_ref[...].astype(jnp.float32)
@@ -437,7 +438,8 @@ def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref,
   kd_ref[...] = (k * c.to_end[:, None]).astype(kd_ref.dtype)
   p_ref[...] = (dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal).astype(p_ref.dtype)
   b_ref[...] = c.b
-  inverse_ref[...] = inverse
+  if inverse_ref:
+    inverse_ref[0][...] = inverse
 
 
 def _pair_grad(x, dx):
@@ -509,15 +511,17 @@ def _per_chunk_spec(x, chunk: int):
   return pl.BlockSpec((None, chunk, None, x.shape[-1]), lambda i, h, c: (i, c, h, 0))
 
 
-def _factors(q, k, v, beta, log_decay, interpret):
-  """(w, u_v, qd, kd, P, b, A) of `_factor_kernel` for every chunk: [B, T, H, *] (P and A with C
-  columns), b [B, T, H]."""
+def _factors(q, k, v, beta, log_decay, interpret, *, save_inverse: bool):
+  """(w, u_v, qd, kd, P, b) of `_factor_kernel` for every chunk, and A with `save_inverse`:
+  [B, T, H, *] (P and A with C columns), b [B, T, H]."""
   batch, t, heads, dk = q.shape
   chunk = CONFIGS[dk].chunk
   like = lambda x, last=None, dtype=None: jax.ShapeDtypeStruct(
       x.shape[:3] + ((x.shape[-1],) if last is None else (last,)), dtype or x.dtype)
   out_shape = (like(k), like(v), like(q), like(k), like(q, chunk),
-               jax.ShapeDtypeStruct((batch, t, heads), jnp.float32), like(q, chunk, jnp.float32))
+               jax.ShapeDtypeStruct((batch, t, heads), jnp.float32))
+  if save_inverse:
+    out_shape += (like(q, chunk, jnp.float32),)
   operands = (q, k, v, beta, log_decay)
   num_warps, num_stages = SCALAR_LAUNCH[dk][0]
   return pl.pallas_call(
@@ -556,12 +560,13 @@ def _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _scalar_delta(q, k, v, beta, log_decay, initial_state, config, interpret):
-  *factors, _ = _factors(q, k, v, beta, log_decay, interpret)
+  factors = _factors(q, k, v, beta, log_decay, interpret, save_inverse=False)
   return _forward(*factors, initial_state, config, interpret, save_residuals=False)[:2]
 
 
 def _scalar_delta_forward(q, k, v, beta, log_decay, initial_state, config, interpret):
-  w, u_v, qd, kd, p, b, inverse = _factors(q, k, v, beta, log_decay, interpret)
+  w, u_v, qd, kd, p, b, inverse = _factors(q, k, v, beta, log_decay, interpret,
+                                           save_inverse=True)
   o, final_state, (states, u) = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
                                          save_residuals=True)
   return (o, final_state), (q, k, v, beta, log_decay, inverse, w, qd, kd, p, b, states, u)
