@@ -410,17 +410,24 @@ def _unit_lower_inverse(strict, matrix_dot):
 
 
 class _FactorChunk:
-  """One chunk's decays and the products both scalar-decay kernels form: b, e^b, e^(b_C - b),
-  beta, E_strict, E_causal, and G = (k k^T) E_strict."""
+  """One chunk's decays and the products both scalar-decay kernels form: b, e^b, e^(b_C - b) and
+  beta; E_strict, E_causal and G = (k k^T) E_strict are formed where used (not kept live)."""
 
   def __init__(self, k_ref, beta_ref, a_ref, dtype):
+    self.k_ref, self.dtype = k_ref, dtype
     self.b = _cumsum(a_ref[...].astype(jnp.float32))
     self.eb = jnp.exp(self.b)
     self.to_end = jnp.exp(row(self.b, self.b.shape[0] - 1) - self.b)
     self.beta = beta_ref[...].astype(jnp.float32)
-    self.strict = _pair_decay(self.b, strict=True)
-    self.causal = _pair_decay(self.b, strict=False)
-    self.gram = dot(k_ref[...], k_ref[...], dtype, trans_b=True) * self.strict
+
+  def strict(self):
+    return _pair_decay(self.b, strict=True)
+
+  def causal(self):
+    return _pair_decay(self.b, strict=False)
+
+  def gram(self):
+    return dot(self.k_ref[...], self.k_ref[...], self.dtype, trans_b=True) * self.strict()
 
 
 def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref, kd_ref, p_ref,
@@ -429,14 +436,15 @@ def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref,
   w, qd, kd [C, Dk], u_v [C, Dv], P [C, C] in the operand dtype, b [C] and, given its ref (for
   the backward), A [C, C] float32."""
   c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
-  inverse = _unit_lower_inverse(c.beta[:, None] * c.gram, _matrix_dot(interpret))
+  inverse = _unit_lower_inverse(c.beta[:, None] * c.gram(), _matrix_dot(interpret))
   k = k_ref[...].astype(jnp.float32)
   w_ref[...] = dot(inverse, (c.beta * c.eb)[:, None] * k, dtype).astype(w_ref.dtype)
   u_v_ref[...] = dot(inverse, c.beta[:, None] * v_ref[...].astype(jnp.float32),
                      dtype).astype(u_v_ref.dtype)
   qd_ref[...] = (q_ref[...].astype(jnp.float32) * c.eb[:, None]).astype(qd_ref.dtype)
   kd_ref[...] = (k * c.to_end[:, None]).astype(kd_ref.dtype)
-  p_ref[...] = (dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal).astype(p_ref.dtype)
+  p_ref[...] = (dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal()).astype(
+      p_ref.dtype)
   b_ref[...] = c.b
   if inverse_ref:
     inverse_ref[0][...] = inverse
@@ -448,60 +456,87 @@ def _pair_grad(x, dx):
   return jnp.sum(xdx, axis=1) - jnp.sum(xdx, axis=0)
 
 
+def _v_sum(product, refs, block_v: int):
+  """sum over the Dv blocks j of `product(*(ref[:, block j] for ref in refs))`: the refs' last
+  dim is Dv, read `block_v` columns at a time."""
+  total = None
+  for j in range(refs[0].shape[-1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    part = product(*(ref[:, cols] for ref in refs))
+    total = part if total is None else total + part
+  return total
+
+
 def _scalar_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref, state_ref,
                         dstate_ref, do_ref, du_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, da_ref, *,
                         block_v, dtype, interpret):
   """Per (batch, head, chunk): the forward's inputs (q, k [C, Dk], v [C, Dv], beta, a [C]), its
   inverse A [C, C] and U [C, Dv], the chunk's start state S and the gradient dS of the state after
   it [Dk, Dv], dO and dU [C, Dv]. Writes dq, dk [C, Dk] and dv [C, Dv] in the operand dtype,
-  dbeta and da [C] float32 (see above)."""
-  dw, dqd, dkd, dp, s_ds = _chunk_cotangents(u_ref, state_ref, dstate_ref, do_ref, du_ref,
-                                             block_v=block_v, dtype=dtype)
+  dbeta and da [C] float32 (see above).
+
+  Each factor's cotangent is formed (a sum over Dv blocks) where it is used and dropped after, so
+  that few [C, D] float32 values are live at once (register spills)."""
   matrix_dot = _matrix_dot(interpret)
+  v_sum = functools.partial(_v_sum, block_v=block_v)
+  f32 = lambda ref: ref[...].astype(jnp.float32)
   c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
   n = c.b.shape[0]
   inverse = inverse_ref[...]
-  k = k_ref[...].astype(jnp.float32)
-  v = v_ref[...].astype(jnp.float32)
-  x_k = (c.beta * c.eb)[:, None] * k
-  x_v = c.beta[:, None] * v
-  d_inverse = dot(du_ref[...], x_v, dtype, trans_b=True) + dot(dw, x_k, dtype, trans_b=True)
-  dx_v = dot(inverse, du_ref[...], dtype, trans_a=True)
+
+  # w = A X_k, u_v = A X_v: dX = A^T [dw | du_v], dA = dw X_k^T + du_v X_v^T.
+  dw = -v_sum(lambda du, s: dot(du, s, dtype, trans_b=True), (du_ref, state_ref))
+  d_inverse = dot(dw, (c.beta * c.eb)[:, None] * f32(k_ref), dtype, trans_b=True)
   dx_k = dot(inverse, dw, dtype, trans_a=True)
-  dv_ref[...] = (c.beta[:, None] * dx_v).astype(dv_ref.dtype)
-  dxk_k = jnp.sum(dx_k * k, axis=1)
-  dbeta = jnp.sum(dx_v * v, axis=1) + c.eb * dxk_k
+  dxk_k = jnp.sum(dx_k * f32(k_ref), axis=1)
+  dbeta = c.eb * dxk_k
   db = c.beta * c.eb * dxk_k
   dk = (c.beta * c.eb)[:, None] * dx_k
+  d_inverse = d_inverse + dot(du_ref[...], c.beta[:, None] * f32(v_ref), dtype, trans_b=True)
+  dx_v = dot(inverse, du_ref[...], dtype, trans_a=True)
+  dv_ref[...] = (c.beta[:, None] * dx_v).astype(dv_ref.dtype)
+  dbeta = dbeta + jnp.sum(dx_v * f32(v_ref), axis=1)
 
+  # A = (I + M)^-1, M = diag(beta) G.
   d_m = -matrix_dot(inverse, matrix_dot(d_inverse, inverse, trans_b=True), trans_a=True)
   d_m = jnp.where(_iota(n, 0) > _iota(n, 1), d_m, 0.0)
-  dbeta = dbeta + jnp.sum(d_m * c.gram, axis=1)
+  gram = c.gram()
+  dbeta = dbeta + jnp.sum(d_m * gram, axis=1)
   d_gram = c.beta[:, None] * d_m
-  db = db + _pair_grad(c.gram, d_gram)
-  d_kk = d_gram * c.strict
+  db = db + _pair_grad(gram, d_gram)
+  d_kk = d_gram * c.strict()
   dk = dk + dot(d_kk, k_ref[...], dtype) + dot(d_kk, k_ref[...], dtype, trans_a=True)
 
-  db = db + _pair_grad(dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal, dp)
-  d_qk = dp * c.causal
+  # P and qd: dP = mask(dO U^T), dQd = dO S^T.
+  dp = v_sum(lambda do, u: dot(do, u, dtype, trans_b=True), (do_ref, u_ref))
+  dp = jnp.where(causal_mask(n), dp, 0.0)
+  causal = c.causal()
+  db = db + _pair_grad(dot(q_ref[...], k_ref[...], dtype, trans_b=True) * causal, dp)
+  d_qk = dp * causal
   dk = dk + dot(d_qk, q_ref[...], dtype, trans_a=True)
-  dq = dot(d_qk, k_ref[...], dtype) + dqd * c.eb[:, None]
-  db = db + c.eb * jnp.sum(dqd * q_ref[...].astype(jnp.float32), axis=1)
-  to_end = c.to_end * jnp.sum(dkd * k, axis=1)
-  dk = dk + dkd * c.to_end[:, None]
-  last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
-  db_last = jnp.sum(to_end) + row(c.eb, n - 1) * jnp.sum(s_ds)
-  db = db - to_end + jnp.where(last, db_last, 0.0)
+  dq = dot(d_qk, k_ref[...], dtype)
+  dqd = v_sum(lambda do, s: dot(do, s, dtype, trans_b=True), (do_ref, state_ref))
+  dq_ref[...] = (dq + dqd * c.eb[:, None]).astype(dq_ref.dtype)
+  db = db + c.eb * jnp.sum(dqd * f32(q_ref), axis=1)
 
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-  dk_ref[...] = dk.astype(dk_ref.dtype)
+  # kd, and b_C through the carried state: dKd = U dS^T, e^(b_C) rowsum(S * dS).
+  dkd = v_sum(lambda u, ds: dot(u, ds, dtype, trans_b=True), (u_ref, dstate_ref))
+  dk_ref[...] = (dk + dkd * c.to_end[:, None]).astype(dk_ref.dtype)
+  to_end = c.to_end * jnp.sum(dkd * f32(k_ref), axis=1)
+  s_ds = v_sum(lambda s, ds: jnp.sum(s.astype(jnp.float32) * ds.astype(jnp.float32)),
+               (state_ref, dstate_ref))
+  last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
+  db = db - to_end + jnp.where(last, jnp.sum(to_end) + row(c.eb, n - 1) * s_ds, 0.0)
+
   dbeta_ref[...] = dbeta
   da_ref[...] = _cumsum(db, reverse=True)
 
 
 # Per head_dim_k: (num_warps, num_stages) of the factor kernel and of the backward's per-chunk
-# kernel.
-SCALAR_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((4, 1), (8, 1))}
+# kernel. Compiled for sm_90 at Dk = 128 (`bench/kernel_resources.py`, no timing yet): the factor
+# kernel spills 184 bytes per thread with 8 warps (304 with 4), the gradient kernel 528 with 8
+# (952 with 16, which caps it at 128 registers).
+SCALAR_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((8, 1), (8, 1))}
 
 
 def _per_chunk_spec(x, chunk: int):
