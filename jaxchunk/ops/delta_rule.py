@@ -259,24 +259,26 @@ def _pallas_unsupported(q, k, v) -> str | None:
 
 @functools.partial(jax.jit, static_argnames="operand_dtype")
 def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
-  """As `_chunked` with the state pass and outputs in the Pallas kernel
-  (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size. The factors' products take
-  `operand_dtype` operands (q's dtype before casting) with float32 accumulation, and the factors
-  go to the kernel in that dtype; o comes back in it. Packed documents (starts [B,T] bool) need no
-  kernel change: the factors carry their masks, and a chunk where a document starts gets
-  b_C = -inf, so the kernel's state decay e^(b_C) drops the state carried into it."""
+  """As `_chunked` with the state pass and outputs in the Pallas kernels
+  (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size, in `operand_dtype` (q's dtype
+  before casting; o comes back in it). One document per row (starts None): the factors too
+  (`fused_delta_rule`). Packed documents (starts [B,T] bool): the factors from XLA here, their
+  products with `operand_dtype` operands and float32 accumulation, carrying the documents' masks;
+  a chunk where a document starts gets b_C = -inf, so the kernel's state decay e^(b_C) drops the
+  state carried into it."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
-  if starts is None and log_decay.shape[-1] == 1:  # the fused factor kernels
-    q, k, v, beta, log_decay = (pad_seq(x, chunk)[0] for x in (q, k, v, beta, log_decay[..., 0]))
-    o, state = delta_kernel.scalar_decay_delta_rule(
+  if starts is None:  # the fused factor kernels
+    if log_decay.shape[-1] == 1:
+      log_decay = log_decay[..., 0]
+    q, k, v, beta, log_decay = (pad_seq(x, chunk)[0] for x in (q, k, v, beta, log_decay))
+    o, state = delta_kernel.fused_delta_rule(
         *(x.astype(operand_dtype) for x in (q, k, v)), beta, log_decay, state,
         interpret=pallas_interpret())
     return o[:, :t], state
-  masks = None if starts is None else _document_masks(starts, chunk)
+  masks = _document_masks(starts, chunk)
   *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype)
-  if masks is not None:
-    b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
+  b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
   w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, (*factors, b))
   if b.shape[-1] == 1:
     b = b[..., 0]

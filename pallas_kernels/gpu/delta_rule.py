@@ -3,11 +3,11 @@ sequential state pass and the outputs of the chunked WY / UT form, forward and b
 with `jax.custom_vjp`.
 
 `delta_rule_chunks` takes the chunk-local, fully parallel factors from its caller
-(`jaxchunk.ops.delta_rule` forms them in XLA for per-channel decays (KDA) and packed documents);
-`scalar_decay_delta_rule` (a scalar or no decay, one document per row: Gated DeltaNet, DeltaNet)
-forms them in a fused kernel of its own and carries their gradients back in the backward's
-per-chunk kernel (the section of that name below). For a chunk of C tokens with the cumulative
-log-decay b from the chunk start (inclusive) and its last row b_C:
+(`jaxchunk.ops.delta_rule` forms them in XLA for packed documents); `fused_delta_rule` (one
+document per row: DeltaNet, Gated DeltaNet, KDA) forms them in a fused kernel of its own and
+carries their gradients back in the backward's per-chunk kernel (the section "One document per
+row" below). For a chunk of C tokens with the cumulative log-decay b from the chunk start
+(inclusive) and its last row b_C:
 
   W   [C, Dk]  and  U_v [C, Dv]   from the per-chunk (I + M)^-1 (W holds its factor e^b),
   Qd = q * e^b  [C, Dk],   Kd = k * e^(b_C - b)  [C, Dk],
@@ -334,30 +334,33 @@ def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, 
 
 
 # ------------------------------------------------------------------------------------------------
-# A scalar (or no) decay and one document per row (`scalar_decay_delta_rule`): the chunk-local
-# factors come from a fused kernel too, one program per (batch, head, chunk) that reads q, k, v,
-# beta and the log-decays once. With b the chunk's cumulative log-decay, E_ij = e^(b_i - b_j)
-# (j < i: "strict"; j <= i: "causal"; 0 elsewhere, the exponent masked before `exp`),
-# G = (k k^T) * E_strict, A = (I + diag(beta) G)^-1, X_v = diag(beta) v and X_k = diag(beta e^b) k:
+# One document per row (`fused_delta_rule`): the chunk-local factors come from a fused kernel
+# too, one program per (batch, head, chunk) that reads q, k, v, beta and the log-decays once.
+# With b the chunk's cumulative log-decay, E_ij = e^(b_i - b_j) (j < i: "strict"; j <= i:
+# "causal"; 0 elsewhere, the exponent masked before `exp`), G = (k k^T) * E_strict,
+# A = (I + diag(beta) G)^-1, X_v = diag(beta) v and X_k = diag(beta) e^b k (a scalar decay; per
+# key channel, G_ij = sum_d k_id k_jd e^(b_id - b_jd) and likewise P, see `_channel_decay`):
 #
 #   w = A X_k,  u_v = A X_v,  qd = q e^b,  kd = k e^(b_C - b),  P = (q k^T) * E_causal.
 #
 # The backward runs the reverse state pass, then one kernel per (batch, head, chunk) that forms
-# the factors' cotangents (`_chunk_cotangents`, kept in registers instead of going through HBM)
-# and carries them back to the inputs:
+# the factors' cotangents from the stored states, U, dS and dU (as `_chunk_cotangents` does, but
+# in registers instead of through HBM) and carries them back to the inputs:
 #
 #   dA = du_v X_v^T + dw X_k^T,  dX = A^T [du_v | dw],  dM = -A^T dA A^T (strictly lower),
 #   dG = diag(beta) dM,  dbeta = rowsum(dX_v v + dX_k k e^b + dM G),
 #   dk = beta e^b dX_k + (dG E) k + (dG E)^T k + (dP E)^T q + dkd e^(b_C - b),
 #   dq = (dP E) k + dqd e^b,  dv = beta dX_v,
 #
-# and the gradient of b collects every e^(...) factor: rowsum(x * dx) - colsum(x * dx) for the
-# pair matrices G, P (x the matrix, dx its cotangent), rowsum for the row factors e^b, minus
-# rowsum(kd dkd) with its sum and e^(b_C) rowsum(S * dS) on b_C; the log-decays' gradient is its
-# reverse cumulative sum. The inverse A is kept for the backward ([C, C] float32 per chunk).
-# Products with a [C, D] operand take operands in the input dtype (bf16 or float32), as the XLA
-# factors do; the inverse and its gradient multiply float32 [C, C] matrices (TF32x3 on the GPU,
-# full precision in interpret mode).
+# and the gradient of b collects every e^(...) factor: for a pair matrix x_ij = sum_d x_id y_jd
+# e^(b_id - b_jd) with cotangent d, x * dx - y * dy (dx, dy its gradients w.r.t. x and y; for a
+# scalar decay the row sums minus the column sums of the matrix times d), x * dx for the row
+# factors e^b, minus kd * dkd with its column sums and e^(b_C) rowsum(S * dS) on b_C; the
+# log-decays' gradient is its reverse cumulative sum. The inverse A is kept for the backward
+# ([C, C] float32 per chunk). Products with a [C, D] operand take operands in the input dtype
+# (bf16 or float32), as the XLA factors do; the inverse, its gradient and the per-channel
+# cumulative sums multiply float32 matrices (TF32x3 on the GPU, full precision in interpret
+# mode).
 
 
 def _iota(n: int, axis: int):
@@ -410,15 +413,19 @@ def _unit_lower_inverse(strict, matrix_dot):
 
 
 class _FactorChunk:
-  """One chunk's decays and the products both scalar-decay kernels form: b, e^b, e^(b_C - b) and
-  beta; E_strict, E_causal and G = (k k^T) E_strict are formed where used (not kept live)."""
+  """One chunk's scalar decays: b [C], beta [C], and e^b, e^(b_C - b) [C, 1], E_strict, E_causal
+  and G = (k k^T) E_strict [C, C], formed where used (not kept live)."""
 
   def __init__(self, k_ref, beta_ref, a_ref, dtype):
     self.k_ref, self.dtype = k_ref, dtype
     self.b = _cumsum(a_ref[...].astype(jnp.float32))
-    self.eb = jnp.exp(self.b)
-    self.to_end = jnp.exp(row(self.b, self.b.shape[0] - 1) - self.b)
     self.beta = beta_ref[...].astype(jnp.float32)
+
+  def eb(self):
+    return jnp.exp(self.b)[:, None]
+
+  def to_end(self):
+    return jnp.exp(row(self.b, self.b.shape[0] - 1) - self.b)[:, None]
 
   def strict(self):
     return _pair_decay(self.b, strict=True)
@@ -432,17 +439,17 @@ class _FactorChunk:
 
 def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref, kd_ref, p_ref,
                    b_ref, *inverse_ref, dtype, interpret):
-  """Per (batch, head, chunk): q (scaled), k [C, Dk]; v [C, Dv]; beta, a (log-decays) [C]. Writes
-  w, qd, kd [C, Dk], u_v [C, Dv], P [C, C] in the operand dtype, b [C] and, given its ref (for
-  the backward), A [C, C] float32."""
+  """Per (batch, head, chunk), scalar decay: q (scaled), k [C, Dk]; v [C, Dv]; beta, a
+  (log-decays) [C]. Writes w, qd, kd [C, Dk], u_v [C, Dv], P [C, C] in the operand dtype, b [C]
+  and, given its ref (for the backward), A [C, C] float32."""
   c = _FactorChunk(k_ref, beta_ref, a_ref, dtype)
   inverse = _unit_lower_inverse(c.beta[:, None] * c.gram(), _matrix_dot(interpret))
   k = k_ref[...].astype(jnp.float32)
-  w_ref[...] = dot(inverse, (c.beta * c.eb)[:, None] * k, dtype).astype(w_ref.dtype)
+  w_ref[...] = dot(inverse, c.beta[:, None] * c.eb() * k, dtype).astype(w_ref.dtype)
   u_v_ref[...] = dot(inverse, c.beta[:, None] * v_ref[...].astype(jnp.float32),
                      dtype).astype(u_v_ref.dtype)
-  qd_ref[...] = (q_ref[...].astype(jnp.float32) * c.eb[:, None]).astype(qd_ref.dtype)
-  kd_ref[...] = (k * c.to_end[:, None]).astype(kd_ref.dtype)
+  qd_ref[...] = (q_ref[...].astype(jnp.float32) * c.eb()).astype(qd_ref.dtype)
+  kd_ref[...] = (k * c.to_end()).astype(kd_ref.dtype)
   p_ref[...] = (dot(q_ref[...], k_ref[...], dtype, trans_b=True) * c.causal()).astype(
       p_ref.dtype)
   b_ref[...] = c.b
@@ -451,18 +458,19 @@ def _factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref,
 
 
 def _pair_grad(x, dx):
-  """The gradient of b through a pair matrix x_ij ~ e^(b_i - b_j) with cotangent dx: [n]."""
+  """The gradient of b through a scalar-decay pair matrix x_ij ~ e^(b_i - b_j) with cotangent dx:
+  [n]."""
   xdx = x * dx
   return jnp.sum(xdx, axis=1) - jnp.sum(xdx, axis=0)
 
 
-def _v_sum(product, refs, block_v: int):
-  """sum over the Dv blocks j of `product(*(ref[:, block j] for ref in refs))`: the refs' last
-  dim is Dv, read `block_v` columns at a time."""
+def _v_sum(product, refs, block_v: int, rows=None):
+  """sum over the Dv blocks j of `product(*(ref[rows, block j] for ref in refs))`: the refs' last
+  dim is Dv, read `block_v` columns at a time (`rows`: a pl.ds of rows, None: all)."""
   total = None
   for j in range(refs[0].shape[-1] // block_v):
     cols = pl.ds(j * block_v, block_v)
-    part = product(*(ref[:, cols] for ref in refs))
+    part = product(*(ref[(slice(None) if rows is None else rows), cols] for ref in refs))
     total = part if total is None else total + part
   return total
 
@@ -470,10 +478,10 @@ def _v_sum(product, refs, block_v: int):
 def _scalar_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref, state_ref,
                         dstate_ref, do_ref, du_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, da_ref, *,
                         block_v, dtype, interpret):
-  """Per (batch, head, chunk): the forward's inputs (q, k [C, Dk], v [C, Dv], beta, a [C]), its
-  inverse A [C, C] and U [C, Dv], the chunk's start state S and the gradient dS of the state after
-  it [Dk, Dv], dO and dU [C, Dv]. Writes dq, dk [C, Dk] and dv [C, Dv] in the operand dtype,
-  dbeta and da [C] float32 (see above).
+  """Per (batch, head, chunk), scalar decay: the forward's inputs (q, k [C, Dk], v [C, Dv], beta,
+  a [C]), its inverse A [C, C] and U [C, Dv], the chunk's start state S and the gradient dS of the
+  state after it [Dk, Dv], dO and dU [C, Dv]. Writes dq, dk [C, Dk] and dv [C, Dv] in the operand
+  dtype, dbeta and da [C] float32 (see above).
 
   Each factor's cotangent is formed (a sum over Dv blocks) where it is used and dropped after, so
   that few [C, D] float32 values are live at once (register spills)."""
@@ -486,12 +494,12 @@ def _scalar_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref
 
   # w = A X_k, u_v = A X_v: dX = A^T [dw | du_v], dA = dw X_k^T + du_v X_v^T.
   dw = -v_sum(lambda du, s: dot(du, s, dtype, trans_b=True), (du_ref, state_ref))
-  d_inverse = dot(dw, (c.beta * c.eb)[:, None] * f32(k_ref), dtype, trans_b=True)
+  d_inverse = dot(dw, c.beta[:, None] * c.eb() * f32(k_ref), dtype, trans_b=True)
   dx_k = dot(inverse, dw, dtype, trans_a=True)
-  dxk_k = jnp.sum(dx_k * f32(k_ref), axis=1)
-  dbeta = c.eb * dxk_k
-  db = c.beta * c.eb * dxk_k
-  dk = (c.beta * c.eb)[:, None] * dx_k
+  dxk_k = jnp.sum(dx_k * c.eb() * f32(k_ref), axis=1)
+  dbeta = dxk_k
+  db = c.beta * dxk_k
+  dk = c.beta[:, None] * c.eb() * dx_k
   d_inverse = d_inverse + dot(du_ref[...], c.beta[:, None] * f32(v_ref), dtype, trans_b=True)
   dx_v = dot(inverse, du_ref[...], dtype, trans_a=True)
   dv_ref[...] = (c.beta[:, None] * dx_v).astype(dv_ref.dtype)
@@ -516,27 +524,177 @@ def _scalar_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref
   dk = dk + dot(d_qk, q_ref[...], dtype, trans_a=True)
   dq = dot(d_qk, k_ref[...], dtype)
   dqd = v_sum(lambda do, s: dot(do, s, dtype, trans_b=True), (do_ref, state_ref))
-  dq_ref[...] = (dq + dqd * c.eb[:, None]).astype(dq_ref.dtype)
-  db = db + c.eb * jnp.sum(dqd * f32(q_ref), axis=1)
+  dq_ref[...] = (dq + dqd * c.eb()).astype(dq_ref.dtype)
+  db = db + jnp.sum(dqd * f32(q_ref) * c.eb(), axis=1)
 
   # kd, and b_C through the carried state: dKd = U dS^T, e^(b_C) rowsum(S * dS).
   dkd = v_sum(lambda u, ds: dot(u, ds, dtype, trans_b=True), (u_ref, dstate_ref))
-  dk_ref[...] = (dk + dkd * c.to_end[:, None]).astype(dk_ref.dtype)
-  to_end = c.to_end * jnp.sum(dkd * f32(k_ref), axis=1)
+  dk_ref[...] = (dk + dkd * c.to_end()).astype(dk_ref.dtype)
+  to_end = jnp.sum(dkd * f32(k_ref) * c.to_end(), axis=1)
   s_ds = v_sum(lambda s, ds: jnp.sum(s.astype(jnp.float32) * ds.astype(jnp.float32)),
                (state_ref, dstate_ref))
   last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
-  db = db - to_end + jnp.where(last, jnp.sum(to_end) + row(c.eb, n - 1) * s_ds, 0.0)
+  db = db - to_end + jnp.where(last, jnp.sum(to_end) + jnp.exp(row(c.b, n - 1)) * s_ds, 0.0)
 
   dbeta_ref[...] = dbeta
   da_ref[...] = _cumsum(db, reverse=True)
 
 
-# Per head_dim_k: (num_warps, num_stages) of the factor kernel and of the backward's per-chunk
-# kernel. Compiled for sm_90 at Dk = 128 (`bench/kernel_resources.py`, no timing yet): the factor
-# kernel spills 184 bytes per thread with 8 warps (304 with 4), the gradient kernel 528 with 8
-# (952 with 16, which caps it at 128 registers).
-SCALAR_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((8, 1), (8, 1))}
+# Per key channel (KDA): b, e^b and the pair matrices x_ij = sum_d x_id y_jd e^(b_id - b_jd) are
+# [C, Dk]-wide, so the kernels work through Dk in blocks of `CHANNEL_BLOCK` columns (fewer live
+# float32 values: no [C, Dk] value is kept across blocks; the pair matrices sum over them). A
+# pair matrix's block of columns is a sum over row blocks of `PAIR_SUB`: block (I, J), J <= I, is
+# (x e^(b - r)) (y e^(r - b))^T restricted to rows I and J, with r the decay at the first row of
+# I (J < I: both factors <= 1) or at its middle row (J = I: finite while the decay over half a
+# block is above -88), as the GLA kernels' per-channel blocks; each is one [C, C] matmul of
+# operands zeroed outside its rows (the exponent masked to -inf before `exp`).
+
+
+def _channel_decay(a_ref, cols, matrix_dot):
+  """b [C, BK] float32: the cumulative log-decays of the columns `cols` of a_ref [C, Dk]."""
+  a = a_ref[:, cols].astype(jnp.float32)
+  rows, tri_cols = _iota(a.shape[0], 0), _iota(a.shape[0], 1)
+  return matrix_dot(jnp.where(tri_cols <= rows, 1.0, 0.0), a)
+
+
+def _channel_blocks(b):
+  """(left, right) [C, BK] factor pairs of the row blocks of a pair matrix (see above)."""
+  n, width = b.shape
+  blocks = lax.broadcasted_iota(jnp.int32, (n, width), 0) // PAIR_SUB
+  for i in range(n // PAIR_SUB):
+    for j in range(i + 1):
+      r = row(b, i * PAIR_SUB + (PAIR_SUB // 2 if i == j else 0))[None, :]
+      yield (jnp.exp(jnp.where(blocks == i, b - r, -jnp.inf)),
+             jnp.exp(jnp.where(blocks == j, r - b, -jnp.inf)))
+
+
+def _channel_pair(x, y, b, dtype):
+  """One column block's part of the pair matrix of x, y [C, BK] (float32) with decays b: [C, C],
+  unmasked (the caller masks the sum over blocks)."""
+  return sum(dot(x * left, y * right, dtype, trans_b=True) for left, right in _channel_blocks(b))
+
+
+def _channel_pair_grads(d_pair, x, y, b, dtype):
+  """(dx, dy) [C, BK] of one column block of the pair matrix of x, y for its cotangent `d_pair`
+  [C, C] (masked like the matrix)."""
+  dx = dy = 0.0
+  for left, right in _channel_blocks(b):
+    dx = dx + dot(d_pair, y * right, dtype) * left
+    dy = dy + dot(d_pair, x * left, dtype, trans_a=True) * right
+  return dx, dy
+
+
+def _column_blocks(width: int):
+  return [pl.ds(j * CHANNEL_BLOCK, CHANNEL_BLOCK) for j in range(width // CHANNEL_BLOCK)]
+
+
+def _channel_factor_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, w_ref, u_v_ref, qd_ref, kd_ref,
+                           p_ref, b_ref, *inverse_ref, dtype, interpret):
+  """As `_factor_kernel` with per-channel log-decays a [C, Dk] (b [C, Dk])."""
+  matrix_dot = _matrix_dot(interpret)
+  n = q_ref.shape[0]
+  beta = beta_ref[...].astype(jnp.float32)[:, None]
+  gram = p = 0.0
+  for cols in _column_blocks(k_ref.shape[-1]):
+    b = _channel_decay(a_ref, cols, matrix_dot)
+    q, k = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32)
+    gram = gram + _channel_pair(k, k, b, dtype)
+    p = p + _channel_pair(q, k, b, dtype)
+    qd_ref[:, cols] = (q * jnp.exp(b)).astype(qd_ref.dtype)
+    kd_ref[:, cols] = (k * jnp.exp(row(b, n - 1)[None, :] - b)).astype(kd_ref.dtype)
+    b_ref[:, cols] = b
+  p_ref[...] = jnp.where(causal_mask(n), p, 0.0).astype(p_ref.dtype)
+  inverse = _unit_lower_inverse(beta * jnp.where(_iota(n, 0) > _iota(n, 1), gram, 0.0),
+                                matrix_dot)
+  u_v_ref[...] = dot(inverse, beta * v_ref[...].astype(jnp.float32), dtype).astype(u_v_ref.dtype)
+  for cols in _column_blocks(k_ref.shape[-1]):
+    x_k = beta * jnp.exp(b_ref[:, cols]) * k_ref[:, cols].astype(jnp.float32)
+    w_ref[:, cols] = dot(inverse, x_k, dtype).astype(w_ref.dtype)
+  if inverse_ref:
+    inverse_ref[0][...] = inverse
+
+
+def _channel_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref, state_ref,
+                         dstate_ref, do_ref, du_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, da_ref, *,
+                         block_v, dtype, interpret):
+  """As `_scalar_grad_kernel` with per-channel log-decays a [C, Dk] (da [C, Dk]). First the
+  [C, C] cotangents, summed over the blocks of Dk (dA, through it dM and dG, and dP), then one
+  pass per block of Dk for its columns of dq, dk and da."""
+  matrix_dot = _matrix_dot(interpret)
+  v_sum = functools.partial(_v_sum, block_v=block_v)
+  f32 = lambda ref, cols: ref[:, cols].astype(jnp.float32)
+  n = q_ref.shape[0]
+  beta = beta_ref[...].astype(jnp.float32)[:, None]
+  inverse = inverse_ref[...]
+
+  # dA = dw X_k^T + du_v X_v^T (dw summed per block of Dk); dv; dM; dG; dP.
+  v = v_ref[...].astype(jnp.float32)
+  d_inverse = dot(du_ref[...], beta * v, dtype, trans_b=True)
+  dx_v = dot(inverse, du_ref[...], dtype, trans_a=True)
+  dv_ref[...] = (beta * dx_v).astype(dv_ref.dtype)
+  dbeta = jnp.sum(dx_v * v, axis=1)
+  gram = 0.0
+  for cols in _column_blocks(k_ref.shape[-1]):
+    b, k = _channel_decay(a_ref, cols, matrix_dot), f32(k_ref, cols)
+    dw_j = -_dv_sum_rows(du_ref, state_ref, cols, block_v, dtype)
+    d_inverse = d_inverse + dot(dw_j, beta * jnp.exp(b) * k, dtype, trans_b=True)
+    gram = gram + _channel_pair(k, k, b, dtype)
+  strict = _iota(n, 0) > _iota(n, 1)
+  d_m = -matrix_dot(inverse, matrix_dot(d_inverse, inverse, trans_b=True), trans_a=True)
+  d_m = jnp.where(strict, d_m, 0.0)
+  dbeta = dbeta + jnp.sum(d_m * jnp.where(strict, gram, 0.0), axis=1)
+  d_gram = beta * d_m
+  dp = v_sum(lambda do, u: dot(do, u, dtype, trans_b=True), (do_ref, u_ref))
+  dp = jnp.where(causal_mask(n), dp, 0.0)
+
+  last = lax.broadcasted_iota(jnp.int32, (n, CHANNEL_BLOCK), 0) == n - 1
+  for cols in _column_blocks(k_ref.shape[-1]):
+    b, k, q = _channel_decay(a_ref, cols, matrix_dot), f32(k_ref, cols), f32(q_ref, cols)
+    eb, to_end = jnp.exp(b), jnp.exp(row(b, n - 1)[None, :] - b)
+    dx_k = dot(inverse, -_dv_sum_rows(du_ref, state_ref, cols, block_v, dtype), dtype,
+               trans_a=True)
+    dbeta = dbeta + jnp.sum(dx_k * eb * k, axis=1)
+    dk = beta * eb * dx_k
+    db = dk * k
+    dx, dy = _channel_pair_grads(d_gram, k, k, b, dtype)
+    dk = dk + dx + dy
+    db = db + k * (dx - dy)
+    dq, dy = _channel_pair_grads(dp, q, k, b, dtype)
+    dk = dk + dy
+    db = db + q * dq - k * dy
+    dqd = _dv_sum_rows(do_ref, state_ref, cols, block_v, dtype)
+    dq_ref[:, cols] = (dq + dqd * eb).astype(dq_ref.dtype)
+    db = db + dqd * q * eb
+    dkd = _dv_sum_rows(u_ref, dstate_ref, cols, block_v, dtype)
+    dk_ref[:, cols] = (dk + dkd * to_end).astype(dk_ref.dtype)
+    to_end_db = dkd * k * to_end
+    s_ds = _v_sum(lambda s, ds: jnp.sum(s.astype(jnp.float32) * ds.astype(jnp.float32), axis=1),
+                  (state_ref, dstate_ref), block_v, rows=cols)
+    db = db - to_end_db + jnp.where(
+        last, (jnp.sum(to_end_db, axis=0) + jnp.exp(row(b, n - 1)) * s_ds)[None, :], 0.0)
+    da_ref[:, cols] = matrix_dot(jnp.where(_iota(n, 1) >= _iota(n, 0), 1.0, 0.0), db)
+  dbeta_ref[...] = dbeta
+
+
+def _dv_sum_rows(x_ref, state_ref, cols, block_v: int, dtype):
+  """x S[cols]^T [C, BK]: x_ref [C, Dv] times the rows `cols` of state_ref [Dk, Dv] transposed,
+  summed over Dv blocks."""
+  total = None
+  for j in range(x_ref.shape[-1] // block_v):
+    v_cols = pl.ds(j * block_v, block_v)
+    part = dot(x_ref[:, v_cols], state_ref[cols, v_cols], dtype, trans_b=True)
+    total = part if total is None else total + part
+  return total
+
+
+# Per head_dim_k: (num_warps, num_stages) of the factor kernels and of the backward's per-chunk
+# kernels. Compiled for sm_90 at Dk = 128 (`bench/kernel_resources.py`; no timing yet), bytes
+# spilled per thread: scalar decay, the factor kernel 224 with 8 warps (304 with 4), the gradient
+# kernel 392 with 8 (952 with 16, which caps it at 128 registers); per channel with 32-column
+# blocks, 1672 and 2464 (64-column blocks: 1288 and 3904; one [C, Dk] pass: 1888 and 7480).
+PAIR_SUB = 32       # rows per block of a per-channel pair matrix
+CHANNEL_BLOCK = 32  # key channels per block of the per-channel kernels
+FUSED_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((8, 1), (8, 1))}
 
 
 def _per_chunk_spec(x, chunk: int):
@@ -547,20 +705,22 @@ def _per_chunk_spec(x, chunk: int):
 
 
 def _factors(q, k, v, beta, log_decay, interpret, *, save_inverse: bool):
-  """(w, u_v, qd, kd, P, b) of `_factor_kernel` for every chunk, and A with `save_inverse`:
+  """(w, u_v, qd, kd, P, b) of `_factor_kernel` (`_channel_factor_kernel` for per-channel decays)
+  for every chunk, and A with `save_inverse`:
   [B, T, H, *] (P and A with C columns), b [B, T, H]."""
   batch, t, heads, dk = q.shape
   chunk = CONFIGS[dk].chunk
   like = lambda x, last=None, dtype=None: jax.ShapeDtypeStruct(
       x.shape[:3] + ((x.shape[-1],) if last is None else (last,)), dtype or x.dtype)
   out_shape = (like(k), like(v), like(q), like(k), like(q, chunk),
-               jax.ShapeDtypeStruct((batch, t, heads), jnp.float32))
+               jax.ShapeDtypeStruct(log_decay.shape, jnp.float32))
   if save_inverse:
     out_shape += (like(q, chunk, jnp.float32),)
   operands = (q, k, v, beta, log_decay)
-  num_warps, num_stages = SCALAR_LAUNCH[dk][0]
+  num_warps, num_stages = FUSED_LAUNCH[dk][0]
   return pl.pallas_call(
-      functools.partial(_factor_kernel, dtype=q.dtype, interpret=interpret),
+      functools.partial(_channel_factor_kernel if log_decay.ndim == 4 else _factor_kernel,
+                        dtype=q.dtype, interpret=interpret),
       grid=(batch, heads, t // chunk),
       in_specs=tuple(_per_chunk_spec(x, chunk) for x in operands),
       out_specs=tuple(_per_chunk_spec(x, chunk) for x in out_shape),
@@ -570,8 +730,9 @@ def _factors(q, k, v, beta, log_decay, interpret, *, save_inverse: bool):
   )(*operands)
 
 
-def _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret):
-  """(dq, dk, dv, dbeta, dlog_decay) of `_scalar_grad_kernel` for every chunk."""
+def _fused_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret):
+  """(dq, dk, dv, dbeta, dlog_decay) of `_scalar_grad_kernel` or `_channel_grad_kernel` for every
+  chunk."""
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   chunk = CONFIGS[dk].chunk
@@ -580,9 +741,10 @@ def _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du,
   in_specs = tuple(state if x is states or x is dstates else _per_chunk_spec(x, chunk)
                    for x in operands)
   out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, beta, log_decay))
-  num_warps, num_stages = SCALAR_LAUNCH[dk][1]
+  num_warps, num_stages = FUSED_LAUNCH[dk][1]
   return pl.pallas_call(
-      functools.partial(_scalar_grad_kernel, block_v=min(CHUNK_GRAD_LAUNCH[dk][0], dv),
+      functools.partial(_channel_grad_kernel if log_decay.ndim == 4 else _scalar_grad_kernel,
+                        block_v=min(CHUNK_GRAD_LAUNCH[dk][0], dv),
                         dtype=q.dtype, interpret=interpret),
       grid=(batch, heads, t // chunk),
       in_specs=in_specs,
@@ -594,12 +756,12 @@ def _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _scalar_delta(q, k, v, beta, log_decay, initial_state, config, interpret):
+def _fused_delta(q, k, v, beta, log_decay, initial_state, config, interpret):
   factors = _factors(q, k, v, beta, log_decay, interpret, save_inverse=False)
   return _forward(*factors, initial_state, config, interpret, save_residuals=False)[:2]
 
 
-def _scalar_delta_forward(q, k, v, beta, log_decay, initial_state, config, interpret):
+def _fused_delta_forward(q, k, v, beta, log_decay, initial_state, config, interpret):
   w, u_v, qd, kd, p, b, inverse = _factors(q, k, v, beta, log_decay, interpret,
                                            save_inverse=True)
   o, final_state, (states, u) = _forward(w, u_v, qd, kd, p, b, initial_state, config, interpret,
@@ -607,7 +769,7 @@ def _scalar_delta_forward(q, k, v, beta, log_decay, initial_state, config, inter
   return (o, final_state), (q, k, v, beta, log_decay, inverse, w, qd, kd, p, b, states, u)
 
 
-def _scalar_delta_backward(config, interpret, residuals, cotangents):
+def _fused_delta_backward(config, interpret, residuals, cotangents):
   q, k, v, beta, log_decay, inverse, w, qd, kd, p, b, states, u = residuals
   do, dfinal = cotangents
   do = do.astype(w.dtype)
@@ -619,23 +781,23 @@ def _scalar_delta_backward(config, interpret, residuals, cotangents):
       (operand(states.shape), operand(u.shape),
        jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
       w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
-  grads = _scalar_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret)
+  grads = _fused_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret)
   return (*grads, dinitial)
 
 
-_scalar_delta.defvjp(_scalar_delta_forward, _scalar_delta_backward)
+_fused_delta.defvjp(_fused_delta_forward, _fused_delta_backward)
 
 
-def scalar_decay_delta_rule(q, k, v, beta, log_decay, initial_state, *,
-                            interpret: bool = False):
-  """The chunked delta rule with a scalar (or no) decay per head and token and one document per
-  row, factors included (module docstring and the section above), differentiable in every input.
+def fused_delta_rule(q, k, v, beta, log_decay, initial_state, *, interpret: bool = False):
+  """The chunked delta rule with one document per row, factors included (module docstring and
+  the section above), differentiable in every input.
 
   Args:
     q: [B, T, H, Dk] (already scaled); k: [B, T, H, Dk]; v: [B, T, H, Dv]: one dtype, bf16 or
       float32 (the operand dtype). Dk, Dv in `chunk_common.HEAD_DIMS`.
     beta: [B, T, H] float32.
-    log_decay: [B, T, H] float32 per-token log-decays (<= 0; zeros for DeltaNet).
+    log_decay: [B, T, H] float32 per-token log-decays (<= 0; zeros for DeltaNet), or
+      [B, T, H, Dk] per key channel (KDA).
     initial_state: [B, H, Dk, Dv] float32.
     interpret: run the kernels in Pallas interpret mode (CPU tests).
   T must be a multiple of C = `chunk_size(Dk)`.
@@ -645,8 +807,7 @@ def scalar_decay_delta_rule(q, k, v, beta, log_decay, initial_state, *,
   """
   batch, t, heads, dk = q.shape
   if t % CONFIGS[dk].chunk:
-    raise ValueError(f"scalar_decay_delta_rule: T ({t}) must be a multiple of "
-                     f"{CONFIGS[dk].chunk}")
+    raise ValueError(f"fused_delta_rule: T ({t}) must be a multiple of {CONFIGS[dk].chunk}")
   config = _config(batch, heads, dk, v.shape[-1])
-  return _scalar_delta(q, k, v, beta.astype(jnp.float32), log_decay.astype(jnp.float32),
-                       initial_state.astype(jnp.float32), config, interpret)
+  return _fused_delta(q, k, v, beta.astype(jnp.float32), log_decay.astype(jnp.float32),
+                      initial_state.astype(jnp.float32), config, interpret)

@@ -235,13 +235,16 @@ def test_head_dim_128_and_batch(rng, name):
     assert_rel_close(grad, grad_xla, F32_TOL, f"d{NAMES[i]}")
 
 
-def test_fused_factors_match_xla_factors(rng):
-  """The factor kernel of the scalar-decay path (one document) against the XLA factors of the xla
-  path, every factor over two chunks (their gradients: the op tests above)."""
-  q, k, v, g, beta, _ = make_inputs(rng, "gated_delta_rule", t=128, h=2, hk=2, gate_heads=2)
-  *expected, b = delta_module._chunk_factors(q, k, v, beta, g[..., None], 64)
-  expected = (*map(delta_module._from_chunks, expected), delta_module._from_chunks(b)[..., 0])
+@pytest.mark.parametrize("name", ["gated_delta_rule", "kda"])
+def test_fused_factors_match_xla_factors(rng, name):
+  """The factor kernels of the one-document path (scalar and per-channel decays) against the XLA
+  factors of the xla path, every factor over two chunks (their gradients: the op tests above)."""
+  q, k, v, g, beta, _ = make_inputs(rng, name, t=128, h=2, hk=2, gate_heads=2)
+  gate = g if name == "kda" else g[..., None]
+  *expected, b = delta_module._chunk_factors(q, k, v, beta, gate, 64)
+  b = delta_module._from_chunks(b)
+  expected = (*map(delta_module._from_chunks, expected), b if name == "kda" else b[..., 0])
   fused = delta_kernel._factors(q, k, v, beta, g, jax.default_backend() == "cpu",
                                 save_inverse=False)
-  for name, out, ref in zip(("w", "u_v", "qd", "kd", "P", "b"), fused, expected):
-    assert_rel_close(out, ref, F32_TOL, name)
+  for factor, out, ref in zip(("w", "u_v", "qd", "kd", "P", "b"), fused, expected):
+    assert_rel_close(out, ref, F32_TOL, f"{name} {factor}")
