@@ -44,12 +44,12 @@ K * exp(b_C - b) over the chunk's last document only (`_gated_chunk._document_ma
 The "pallas" path (GPU, or interpret mode on CPU) runs the state pass and the outputs in
 `pallas_kernels.gpu.delta_rule`, at the chunk size of the kernel's config table (`chunk_size`
 sets the xla path's chunk only), head dims 64 and 128, operands in q's dtype (bf16 or float32).
-With a scalar (or no) decay and no segment ids, the chunk-local factors (W, U_v, Q * exp(b),
-K * exp(b_C - b), P) and their gradients come from fused kernels too
-(`scalar_decay_delta_rule`). Otherwise (`kda`, packed documents) XLA forms them here, their
-products (the decayed attention matrices, W and U_v) with operands in that dtype and float32
+XLA forms the chunk-local factors (W, U_v, Q * exp(b), K * exp(b_C - b), P) here, their products
+(the decayed attention matrices, W and U_v) with operands in that dtype and float32
 accumulation, as FLA's kernels do (the inverse stays float32), and JAX differentiates them; the
-kernel has its own backward for the state pass. Packed documents take the same masked factors,
+kernel has its own backward for the state pass. With `FUSED_FACTORS` (off until timed faster)
+and no segment ids, the factors and their gradients come from fused kernels instead
+(`fused_delta_rule`). Packed documents take the same masked factors,
 and a chunk where a document starts passes b_C = -inf, so that the kernel's decay e^(b_C) of the
 carried state is 0.
 
@@ -257,18 +257,29 @@ def _pallas_unsupported(q, k, v) -> str | None:
   return chunk_common.unsupported_reason(q.shape[-1], v.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames="operand_dtype")
-def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
+# Whether the "pallas" path takes its chunk-local factors from the fused factor kernels
+# (`fused_delta_rule`) for one document per row. Off: on an H100 (B=8, T=8K, H=16, D=128, bf16;
+# bench/results/linear_kernels-2026-12-07-fused-factors.md) they were slower than the XLA factors,
+# their inverse's products in TF32x3 (Gated DeltaNet fwd 9.7 against 5.4 ms, fwd+bwd 18.6 against
+# 16.6; KDA 24.7 / 80.3 against 13.2 / 71.2). With TF32 products for bf16 inputs (since) the
+# factor kernel's profile fell from 7.6 to 2.3 ms, which would put the forward ahead; not yet
+# timed end to end, so the measured path stays the default.
+FUSED_FACTORS = False
+
+
+@functools.partial(jax.jit, static_argnames=("operand_dtype", "fused_factors"))
+def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
+                    fused_factors: bool):
   """As `_chunked` with the state pass and outputs in the Pallas kernels
   (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size, in `operand_dtype` (q's dtype
-  before casting; o comes back in it). One document per row (starts None): the factors too
-  (`fused_delta_rule`). Packed documents (starts [B,T] bool): the factors from XLA here, their
+  before casting; o comes back in it). With `fused_factors` and one document per row (starts
+  None): the factors too (`fused_delta_rule`). Otherwise, and for packed documents (starts [B,T] bool): the factors from XLA here, their
   products with `operand_dtype` operands and float32 accumulation, carrying the documents' masks;
   a chunk where a document starts gets b_C = -inf, so the kernel's state decay e^(b_C) drops the
   state carried into it."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
-  if starts is None:  # the fused factor kernels
+  if fused_factors and starts is None:
     if log_decay.shape[-1] == 1:
       log_decay = log_decay[..., 0]
     q, k, v, beta, log_decay = (pad_seq(x, chunk)[0] for x in (q, k, v, beta, log_decay))
@@ -276,9 +287,10 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype):
         *(x.astype(operand_dtype) for x in (q, k, v)), beta, log_decay, state,
         interpret=pallas_interpret())
     return o[:, :t], state
-  masks = _document_masks(starts, chunk)
+  masks = None if starts is None else _document_masks(starts, chunk)
   *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype)
-  b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
+  if masks is not None:
+    b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
   w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, (*factors, b))
   if b.shape[-1] == 1:
     b = b[..., 0]
@@ -335,7 +347,8 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
       starts = jnp.zeros((b, t), bool)
     o, state = _reference(q, k, v, beta, log_decay, state, starts)
   elif path == "pallas":
-    o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype)
+    o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype,
+                               fused_factors=FUSED_FACTORS)
   else:
     o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size)
   return o.astype(out_dtype), (state if output_final_state else None)

@@ -4,6 +4,8 @@ Runs on CPU (`pallas_kernels.gpu.h100_lowering`): catches lowering errors that i
 cannot see before the code reaches the GPU machine. Small shapes, bf16 where the kernels take it.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -72,6 +74,18 @@ def test_forward_and_backward_lower(name, monkeypatch):
   op, args = CASES[name]
   text = lower_for_h100(loss_and_grads(op, *args), *args).as_text()
   assert text.count(TRITON_CALL) >= 2, "expected forward and backward Triton kernels"
+
+
+@pytest.mark.parametrize("name, kernels", [
+    ("gated_delta_rule", ("_factor_kernel", "_scalar_grad_kernel")),
+    ("kda", ("_channel_factor_kernel", "_channel_grad_kernel"))])
+def test_fused_delta_factor_kernels_lower(name, kernels, monkeypatch):
+  """The delta rules' fused factor kernels (off by default) and their gradient kernels."""
+  monkeypatch.setattr(importlib.import_module("jaxchunk.ops.delta_rule"), "FUSED_FACTORS", True)
+  op, args = CASES[name]
+  text = lower_for_h100(loss_and_grads(op, *args), *args).as_text()
+  for kernel in kernels:
+    assert kernel in text, f"{kernel} was not lowered"
 
 
 def test_serving_kernels_lower():
