@@ -47,11 +47,10 @@ sets the xla path's chunk only), head dims 64 and 128, operands in q's dtype (bf
 XLA forms the chunk-local factors (W, U_v, Q * exp(b), K * exp(b_C - b), P) here, their products
 (the decayed attention matrices, W and U_v) with operands in that dtype and float32
 accumulation, as FLA's kernels do (the inverse stays float32), and JAX differentiates them; the
-kernel has its own backward for the state pass. With `FUSED_FACTORS` (off until timed faster)
-and no segment ids, the factors and their gradients come from fused kernels instead
-(`fused_delta_rule`). Packed documents take the same masked factors,
+kernel has its own backward for the state pass. Packed documents take the same masked factors,
 and a chunk where a document starts passes b_C = -inf, so that the kernel's decay e^(b_C) of the
-carried state is 0.
+carried state is 0. With `FUSED_FACTORS` (off until timed faster) and no segment ids, the
+factors and their gradients come from fused kernels instead (`fused_delta_rule`).
 
 Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
 enabled), so the reference path can serve as a float64 oracle.
@@ -273,10 +272,10 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
   """As `_chunked` with the state pass and outputs in the Pallas kernels
   (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size, in `operand_dtype` (q's dtype
   before casting; o comes back in it). With `fused_factors` and one document per row (starts
-  None): the factors too (`fused_delta_rule`). Otherwise, and for packed documents (starts [B,T] bool): the factors from XLA here, their
-  products with `operand_dtype` operands and float32 accumulation, carrying the documents' masks;
-  a chunk where a document starts gets b_C = -inf, so the kernel's state decay e^(b_C) drops the
-  state carried into it."""
+  None) the factors come from kernels too (`fused_delta_rule`). Otherwise XLA forms them here,
+  their products with `operand_dtype` operands and float32 accumulation; packed documents (starts
+  [B,T] bool) carry their masks, and a chunk where a document starts gets b_C = -inf, so the
+  kernel's state decay e^(b_C) drops the state carried into it."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
   if fused_factors and starts is None:

@@ -14,8 +14,8 @@ import pytest
 
 from jaxchunk.ops.delta_rule import delta_rule, gated_delta_rule, gated_delta_rule_step
 from jaxchunk.ops.kda import kda
-from tests.ops import linear_oracle
 from pallas_kernels.gpu import delta_rule as delta_kernel
+from tests.ops import linear_oracle
 from tests.utils import assert_rel_close, randn
 
 delta_module = importlib.import_module("jaxchunk.ops.delta_rule")  # the op shadows the module
@@ -237,8 +237,8 @@ def test_head_dim_128_and_batch(rng, name):
 
 @pytest.mark.parametrize("name", ["gated_delta_rule", "kda"])
 def test_fused_factors_match_xla_factors(rng, name):
-  """The factor kernels of the one-document path (scalar and per-channel decays) against the XLA
-  factors of the xla path, every factor over two chunks (their gradients: the op tests above)."""
+  """The fused factor kernels (scalar and per-channel decays) against the XLA factors of the xla
+  path, every factor over two chunks (their gradients: `test_fused_factor_path_matches_xla`)."""
   q, k, v, g, beta, _ = make_inputs(rng, name, t=128, h=2, hk=2, gate_heads=2)
   gate = g if name == "kda" else g[..., None]
   *expected, b = delta_module._chunk_factors(q, k, v, beta, gate, 64)
