@@ -66,12 +66,15 @@ from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_
 
 
 # Block sizes of the sequential kernels per head_dim_k (`fit_block_v` narrows block_v for small
-# grids). With Dk = 128, a 32-column state slice over 8 warps keeps the state, W and Kd in
-# registers: compiled for sm_90 (`bench/kernel_resources.py`) neither the forward nor the backward
-# state pass spills (4 warps: the backward spills 640 bytes per thread).
+# grids). With Dk = 128 each program reads W, Qd, Kd and P once per chunk, so Dv / block_v times
+# over: 64-column state slices over 8 warps took Gated DeltaNet fwd+bwd from 18.6 to 17.0 ms on an
+# H100 against 32 columns (fwd 9.7 -> 9.0; bench/results/linear_kernels-2026-12-07-fused-factors.md,
+# the same state-pass kernels with the fused factors), and compiled for sm_90
+# (`bench/kernel_resources.py`) neither state pass spills at 64 columns, for Gated DeltaNet or
+# KDA (192-222 registers; 4 warps at 32 columns: the backward spills 640 bytes per thread).
 CONFIGS = {
     64: Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
-    128: Config(chunk=64, block_v=32, num_warps=8, num_stages=2),
+    128: Config(chunk=64, block_v=64, num_warps=8, num_stages=2),
 }
 # The backward's per-chunk kernel, per head_dim_k: (Dv columns per step of its loop over the
 # whole Dv, num_warps, num_stages).
