@@ -285,18 +285,24 @@ def _chunk_grads(u, b, states, dstates, do, du, config, interpret):
   )(u, b, states, dstates, do, du)
 
 
+def _reverse_state_pass(w, qd, kd, p, b, u, do, dfinal, config, interpret):
+  """`_backward_state_kernel` over every (batch, head, Dv block): (dS per chunk [B,H,N*Dk,Dv] and
+  dU [B,T,H,Dv] in the operand dtype, the initial state's gradient [B,H,Dk,Dv] float32)."""
+  batch, t, heads, dk = w.shape
+  dv = u.shape[-1]
+  operand = lambda shape: jax.ShapeDtypeStruct(shape, w.dtype)
+  return _call(
+      _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
+      (operand((batch, heads, (t // config.chunk) * dk, dv)), operand(u.shape),
+       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
+      w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
+
+
 def _state_pass_backward(config, interpret, residuals, cotangents):
   w, qd, kd, p, b, states, u = residuals
   do, dfinal = cotangents
   do = do.astype(w.dtype)
-  batch, _, heads, dk = w.shape
-  dv = u.shape[-1]
-  operand = lambda shape: jax.ShapeDtypeStruct(shape, w.dtype)
-  dstates, du, dinitial = _call(
-      _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
-      (operand(states.shape), operand(u.shape),
-       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
-      w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
+  dstates, du, dinitial = _reverse_state_pass(w, qd, kd, p, b, u, do, dfinal, config, interpret)
   dw, du_v, dqd, dkd, dp, db = _chunk_grads(u, b, states, dstates, do, du, config, interpret)
   return dw, du_v, dqd, dkd, dp, db, dinitial
 
@@ -797,14 +803,7 @@ def _fused_delta_backward(config, interpret, residuals, cotangents):
   q, k, v, beta, log_decay, inverse, w, qd, kd, p, b, states, u = residuals
   do, dfinal = cotangents
   do = do.astype(w.dtype)
-  batch, _, heads, dk = w.shape
-  dv = u.shape[-1]
-  operand = lambda shape: jax.ShapeDtypeStruct(shape, w.dtype)
-  dstates, du, dinitial = _call(
-      _backward_state_kernel, ("k", "k", "k", "p", "b", "v", "state"), ("states", "v", "state"),
-      (operand(states.shape), operand(u.shape),
-       jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
-      w, u, p, b, config, interpret)(qd, kd, w, p, b, do, dfinal)
+  dstates, du, dinitial = _reverse_state_pass(w, qd, kd, p, b, u, do, dfinal, config, interpret)
   grads = _fused_grads(q, k, v, beta, log_decay, inverse, u, states, dstates, do, du, interpret)
   return (*grads, dinitial)
 

@@ -219,20 +219,27 @@ def test_bad_arguments_raise_before_the_kernel(rng):
     kda(q, k, v, -g, beta, impl="pallas")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", OPS)
-def test_head_dim_128_and_batch(rng, name):
-  q, k, v, g, beta, s0 = make_inputs(rng, name, b=2, t=200, h=2, hk=1, gate_heads=1, d=128)
-  o, s = run(name, q, k, v, g, beta, initial_state=s0, output_final_state=True, impl="pallas")
-  o_ref, s_ref = oracle(name, q, k, v, g, beta, 128 ** -0.5, s0)
-  assert_rel_close(o, o_ref, F32_TOL, "o")
-  assert_rel_close(s, s_ref, F32_TOL, "final state")
+def _check_against_oracle_and_xla(rng, name, inputs):
+  """The pallas op's values (scale 0.3) against the oracle and every gradient against xla."""
+  q, k, v, g, beta, s0 = inputs
+  o, s = run(name, q, k, v, g, beta, scale=0.3, initial_state=s0, output_final_state=True,
+             impl="pallas")
+  o_ref, s_ref = oracle(name, q, k, v, g, beta, 0.3, s0)
+  assert_rel_close(o, o_ref, F32_TOL, "o vs oracle")
+  assert_rel_close(s, s_ref, F32_TOL, "final state vs oracle")
   ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
   argnums = _argnums(name)
   grads = jax.grad(_loss(name, "pallas", ct, proj), argnums)(q, k, v, g, beta, s0)
   grads_xla = jax.grad(_loss(name, "xla", ct, proj), argnums)(q, k, v, g, beta, s0)
   for i, grad, grad_xla in zip(argnums, grads, grads_xla):
     assert_rel_close(grad, grad_xla, F32_TOL, f"d{NAMES[i]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OPS)
+def test_head_dim_128_and_batch(rng, name):
+  _check_against_oracle_and_xla(
+      rng, name, make_inputs(rng, name, b=2, t=200, h=2, hk=1, gate_heads=1, d=128))
 
 
 @pytest.mark.parametrize("name", ["gated_delta_rule", "kda"])
@@ -258,20 +265,10 @@ def fused_factors(monkeypatch):
 
 @pytest.mark.parametrize("name", OPS)
 def test_fused_factor_path_matches_xla(rng, name, fused_factors):
-  """Values (also against the oracle) and every gradient of the fused-factor pallas path against
-  the xla path; GQA, ragged T over two kernel chunks."""
-  q, k, v, g, beta, s0 = make_inputs(rng, name, t=100, h=2, hk=1, gate_heads=2)
-  o, s = run(name, q, k, v, g, beta, scale=0.3, initial_state=s0, output_final_state=True,
-             impl="pallas")
-  o_ref, s_ref = oracle(name, q, k, v, g, beta, 0.3, s0)
-  assert_rel_close(o, o_ref, F32_TOL, "o vs oracle")
-  assert_rel_close(s, s_ref, F32_TOL, "final state vs oracle")
-  ct, proj = randn(rng, *q.shape), randn(rng, *s0.shape)
-  argnums = _argnums(name)
-  grads = jax.grad(_loss(name, "pallas", ct, proj), argnums)(q, k, v, g, beta, s0)
-  grads_xla = jax.grad(_loss(name, "xla", ct, proj), argnums)(q, k, v, g, beta, s0)
-  for i, grad, grad_xla in zip(argnums, grads, grads_xla):
-    assert_rel_close(grad, grad_xla, F32_TOL, f"d{NAMES[i]}")
+  """Values against the oracle and every gradient against the xla path, with the factors from
+  the fused kernels; GQA, ragged T over two kernel chunks."""
+  _check_against_oracle_and_xla(
+      rng, name, make_inputs(rng, name, t=100, h=2, hk=1, gate_heads=2))
 
 
 @pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("kda", marks=pytest.mark.slow)])
