@@ -367,9 +367,9 @@ def delta_rule_chunks(w, u_v, q_decayed, k_to_end, attention, log_decay_cumsum, 
 # factors e^b, minus kd * dkd with its column sums and e^(b_C) rowsum(S * dS) on b_C; the
 # log-decays' gradient is its reverse cumulative sum. The inverse A is kept for the backward
 # ([C, C] float32 per chunk). Products with a [C, D] operand take operands in the input dtype
-# (bf16 or float32), as the XLA factors do; the inverse, its gradient and the per-channel
-# cumulative sums multiply float32 matrices (TF32x3 on the GPU, full precision in interpret
-# mode).
+# (bf16 or float32), as the XLA factors do. The inverse and its gradient multiply float32 [C, C]
+# matrices in TF32 for bf16 inputs and at float32 accuracy (TF32x3) for float32 ones
+# (`_inverse_dot`), the per-channel cumulative sums at float32 accuracy (`_matrix_dot`).
 
 
 def _iota(n: int, axis: int):
