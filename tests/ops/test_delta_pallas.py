@@ -263,7 +263,8 @@ def fused_factors(monkeypatch):
   monkeypatch.setattr(delta_module, "FUSED_FACTORS", True)
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", [pytest.param("delta_rule", marks=pytest.mark.slow),
+                                  "gated_delta_rule", pytest.param("kda", marks=pytest.mark.slow)])
 def test_fused_factor_path_matches_xla(rng, name, fused_factors):
   """Values against the oracle and every gradient against the xla path, with the factors from
   the fused kernels; GQA, ragged T over two kernel chunks."""
