@@ -1,6 +1,7 @@
 """Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
-mLSTM): their block config and head-dim support, the dot precision rule, the in-chunk causal mask,
-row extraction without value indexing and the per-chunk document index of packed documents. This
+mLSTM): their block config and head-dim support, the dot precision rule, the in-chunk causal and
+triangular masks, operand rounding, row extraction without value indexing and the per-chunk
+document index of packed documents. This
 module never imports jaxchunk.
 """
 
@@ -62,6 +63,24 @@ def row(x, index: int):
   """Row `index` of x [C] or [C, Dk] (a scalar or [Dk]), by a masked sum (no value indexing)."""
   rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
   return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0)
+
+
+def triangular_mask(n: int, *, reverse: bool):
+  """[n, n] boolean: column <= row (a cumulative sum from the first row as a masked sum or a
+  matmul), or column >= row with `reverse` (from the last row)."""
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return cols >= rows if reverse else cols <= rows
+
+
+def round_mantissa(x, bits: int):
+  """float32 x rounded to `bits` mantissa bits (to nearest even), kept in float32: the operand a
+  bf16 (7 bits) or TF32 (10 bits) dot sees. By integer ops: XLA may elide a float32 -> bf16 ->
+  float32 round trip (interpret mode)."""
+  drop = 23 - bits
+  raw = lax.bitcast_convert_type(x, jnp.uint32)
+  raw = raw + (jnp.uint32((1 << (drop - 1)) - 1) + ((raw >> drop) & jnp.uint32(1)))
+  return lax.bitcast_convert_type(raw & jnp.uint32((0xFFFFFFFF >> drop) << drop), jnp.float32)
 
 
 def causal_mask(chunk: int):

@@ -62,7 +62,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import Config, causal_mask, dot, fit_block_v, row
+from pallas_kernels.gpu.chunk_common import (Config, causal_mask, dot, fit_block_v,
+                                             round_mantissa, row, triangular_mask)
 
 
 # Block sizes of the sequential kernels per head_dim_k (`fit_block_v` narrows block_v for small
@@ -378,10 +379,7 @@ def _iota(n: int, axis: int):
 
 def _cumsum(x, *, reverse: bool = False):
   """Inclusive cumulative sum of x [n] (from the last entry with `reverse`), by a masked sum."""
-  n = x.shape[0]
-  rows, cols = _iota(n, 0), _iota(n, 1)
-  take = cols >= rows if reverse else cols <= rows
-  return jnp.sum(jnp.where(take, x[None, :], 0.0), axis=1)
+  return jnp.sum(jnp.where(triangular_mask(x.shape[0], reverse=reverse), x[None, :], 0.0), axis=1)
 
 
 def _pair_decay(b, *, strict: bool):
@@ -400,13 +398,6 @@ def _matrix_dot(interpret: bool):
   return lambda a, b, **kw: plgpu.dot(a, b, precision=precision, **kw)
 
 
-def _tf32(x):
-  """float32 x rounded to TF32 (10 mantissa bits, to nearest even), kept in float32."""
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
-  bits = bits + (jnp.uint32(0xFFF) + ((bits >> 13) & jnp.uint32(1)))
-  return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFE000), jnp.float32)
-
-
 def _inverse_dot(interpret: bool, dtype):
   """a @ b for the float32 [C, C] products of the inverse and its gradient: at float32 accuracy
   (`_matrix_dot`) for float32 inputs; TF32 for bf16 inputs (one tensor-core pass: on an H100 the
@@ -415,8 +406,8 @@ def _inverse_dot(interpret: bool, dtype):
   if dtype == jnp.float32:
     return _matrix_dot(interpret)
   if interpret:
-    return lambda a, b, **kw: plgpu.dot(_tf32(a), _tf32(b), precision=lax.Precision.HIGHEST,
-                                        **kw)
+    return lambda a, b, **kw: plgpu.dot(round_mantissa(a, 10), round_mantissa(b, 10),
+                                        precision=lax.Precision.HIGHEST, **kw)
   return lambda a, b, **kw: plgpu.dot(a, b, precision=lax.Precision.DEFAULT, **kw)
 
 
@@ -494,12 +485,14 @@ def _pair_grad(x, dx):
 
 
 def _v_sum(product, refs, block_v: int, rows=None):
-  """sum over the Dv blocks j of `product(*(ref[rows, block j] for ref in refs))`: the refs' last
-  dim is Dv, read `block_v` columns at a time (`rows`: a pl.ds of rows, None: all)."""
+  """sum over the Dv blocks j of `product(*(ref[rows_i, block j] for ref_i in refs))`: the refs'
+  last dim is Dv, read `block_v` columns at a time; `rows`: one pl.ds of rows per ref (None: all
+  rows of every ref; an entry None: all rows of that ref)."""
+  rows = rows or (None,) * len(refs)
   total = None
   for j in range(refs[0].shape[-1] // block_v):
     cols = pl.ds(j * block_v, block_v)
-    part = product(*(ref[(slice(None) if rows is None else rows), cols] for ref in refs))
+    part = product(*(ref[slice(None) if r is None else r, cols] for ref, r in zip(refs, rows)))
     total = part if total is None else total + part
   return total
 
@@ -582,8 +575,7 @@ def _scalar_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_ref
 def _channel_decay(a_ref, cols, matrix_dot):
   """b [C, BK] float32: the cumulative log-decays of the columns `cols` of a_ref [C, Dk]."""
   a = a_ref[:, cols].astype(jnp.float32)
-  rows, tri_cols = _iota(a.shape[0], 0), _iota(a.shape[0], 1)
-  return matrix_dot(jnp.where(tri_cols <= rows, 1.0, 0.0), a)
+  return matrix_dot(jnp.where(triangular_mask(a.shape[0], reverse=False), 1.0, 0.0), a)
 
 
 def _channel_blocks(b):
@@ -648,10 +640,14 @@ def _channel_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_re
                          block_v, dtype, interpret):
   """As `_scalar_grad_kernel` with per-channel log-decays a [C, Dk] (da [C, Dk]). First the
   [C, C] cotangents, summed over the blocks of Dk (dA, through it dM and dG, and dP), then one
-  pass per block of Dk for its columns of dq, dk and da."""
+  pass per block of Dk for its columns of dq, dk and da. The second pass forms each block's b and
+  dw again rather than keep [C, Dk] float32 values live across the first (register spills)."""
   matrix_dot = _matrix_dot(interpret)
   v_sum = functools.partial(_v_sum, block_v=block_v)
   f32 = lambda ref, cols: ref[:, cols].astype(jnp.float32)
+  # x S[cols]^T [C, BK] for x_ref [C, Dv] and the rows `cols` of a state ref [Dk, Dv].
+  times_state_rows = lambda x_ref, s_ref, cols: v_sum(
+      lambda x, s: dot(x, s, dtype, trans_b=True), (x_ref, s_ref), rows=(None, cols))
   n = q_ref.shape[0]
   beta = beta_ref[...].astype(jnp.float32)[:, None]
   inverse = inverse_ref[...]
@@ -665,7 +661,7 @@ def _channel_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_re
   gram = 0.0
   for cols in _column_blocks(k_ref.shape[-1]):
     b, k = _channel_decay(a_ref, cols, matrix_dot), f32(k_ref, cols)
-    dw_j = -_dv_sum_rows(du_ref, state_ref, cols, block_v, dtype)
+    dw_j = -times_state_rows(du_ref, state_ref, cols)
     d_inverse = d_inverse + dot(dw_j, beta * jnp.exp(b) * k, dtype, trans_b=True)
     gram = gram + _channel_pair(k, k, b, dtype)
   strict = _iota(n, 0) > _iota(n, 1)
@@ -681,8 +677,7 @@ def _channel_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_re
   for cols in _column_blocks(k_ref.shape[-1]):
     b, k, q = _channel_decay(a_ref, cols, matrix_dot), f32(k_ref, cols), f32(q_ref, cols)
     eb, to_end = jnp.exp(b), jnp.exp(row(b, n - 1)[None, :] - b)
-    dx_k = dot(inverse, -_dv_sum_rows(du_ref, state_ref, cols, block_v, dtype), dtype,
-               trans_a=True)
+    dx_k = dot(inverse, -times_state_rows(du_ref, state_ref, cols), dtype, trans_a=True)
     dbeta = dbeta + jnp.sum(dx_k * eb * k, axis=1)
     dk = beta * eb * dx_k
     db = dk * k
@@ -692,29 +687,18 @@ def _channel_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_re
     dq, dy = _channel_pair_grads(dp, q, k, b, dtype)
     dk = dk + dy
     db = db + q * dq - k * dy
-    dqd = _dv_sum_rows(do_ref, state_ref, cols, block_v, dtype)
+    dqd = times_state_rows(do_ref, state_ref, cols)
     dq_ref[:, cols] = (dq + dqd * eb).astype(dq_ref.dtype)
     db = db + dqd * q * eb
-    dkd = _dv_sum_rows(u_ref, dstate_ref, cols, block_v, dtype)
+    dkd = times_state_rows(u_ref, dstate_ref, cols)
     dk_ref[:, cols] = (dk + dkd * to_end).astype(dk_ref.dtype)
     to_end_db = dkd * k * to_end
-    s_ds = _v_sum(lambda s, ds: jnp.sum(s.astype(jnp.float32) * ds.astype(jnp.float32), axis=1),
-                  (state_ref, dstate_ref), block_v, rows=cols)
+    s_ds = v_sum(lambda s, ds: jnp.sum(s.astype(jnp.float32) * ds.astype(jnp.float32), axis=1),
+                 (state_ref, dstate_ref), rows=(cols, cols))
     db = db - to_end_db + jnp.where(
         last, (jnp.sum(to_end_db, axis=0) + jnp.exp(row(b, n - 1)) * s_ds)[None, :], 0.0)
-    da_ref[:, cols] = matrix_dot(jnp.where(_iota(n, 1) >= _iota(n, 0), 1.0, 0.0), db)
+    da_ref[:, cols] = matrix_dot(jnp.where(triangular_mask(n, reverse=True), 1.0, 0.0), db)
   dbeta_ref[...] = dbeta
-
-
-def _dv_sum_rows(x_ref, state_ref, cols, block_v: int, dtype):
-  """x S[cols]^T [C, BK]: x_ref [C, Dv] times the rows `cols` of state_ref [Dk, Dv] transposed,
-  summed over Dv blocks."""
-  total = None
-  for j in range(x_ref.shape[-1] // block_v):
-    v_cols = pl.ds(j * block_v, block_v)
-    part = dot(x_ref[:, v_cols], state_ref[cols, v_cols], dtype, trans_b=True)
-    total = part if total is None else total + part
-  return total
 
 
 # Per head_dim_k: (num_warps, num_stages) of the factor kernels and of the backward's per-chunk

@@ -79,7 +79,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import MIN_PROGRAMS, causal_mask, chunk_documents, dot, row
+from pallas_kernels.gpu.chunk_common import (MIN_PROGRAMS, causal_mask, chunk_documents, dot,
+                                             round_mantissa, row, triangular_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,27 +182,16 @@ def _keep_rows(x, keep):
 
 
 def _rounded(x, dtype):
-  """float32 x rounded to bf16 (to nearest even) when `dtype` is bf16, kept in float32: the operand
-  a bf16 dot sees. By integer ops: XLA may elide an f32 -> bf16 -> f32 round trip (interpret
-  mode)."""
-  if dtype == jnp.float32:
-    return x
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
-  bits = bits + (jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1)))
-  return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
-
-
-def _triangular_mask(n: int, reverse: bool):
-  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
-  return cols >= rows if reverse else cols <= rows
+  """float32 x rounded to bf16 when `dtype` is bf16 (`round_mantissa`), kept in float32: the
+  operand a bf16 dot sees."""
+  return x if dtype == jnp.float32 else round_mantissa(x, 7)
 
 
 def _triangular_sum(x, dtype, *, reverse: bool):
   """Inclusive cumulative sum of float32 x along its rows ([n] or [n, D]), from the first row or
   (reverse) from the last. [n]: a masked [n, n] sum; [n, D]: a matmul by a triangular 0/1 matrix,
   x split into three bf16 terms with bf16 inputs (exact to float32 rounding)."""
-  return _masked_sum(_triangular_mask(x.shape[0], reverse), x, dtype)
+  return _masked_sum(triangular_mask(x.shape[0], reverse=reverse), x, dtype)
 
 
 def _masked_sum(mask, x, dtype):
@@ -412,7 +402,7 @@ def _dk_phase(c: _GradChunk, v_ref, do_ref, h_ref, dh_ref, dk_ref, db_ref, db, l
   if c.last_doc is not None:  # sums restart at each document start; `after` reaches the last one
     for i in range(n):
       total = _keep_rows(jnp.zeros_like(db[i]) + after, c.in_last(i))
-      total = total + _masked_sum(_triangular_mask(c.sub, True) & c.same(i, i), db[i], dtype)
+      total = total + _masked_sum(triangular_mask(c.sub, reverse=True) & c.same(i, i), db[i], dtype)
       for j in range(i + 1, n):
         total = total + _masked_sum(c.same(i, j), db[j], dtype)
       db_ref[c.rows[i], ...] = total
