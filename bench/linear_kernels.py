@@ -299,6 +299,8 @@ def main() -> None:
   parser.add_argument("--fla_autotune", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results", "fla_autotune"),
       help="folder of Triton autotune choices: seeds each FLA run, receives its new ones ('' off)")
+  parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the jaxchunk xla path (--no-xla skips its slow compiles)")
   parser.add_argument("--profile", action="store_true",
                       help="also list the costliest GPU kernels of each jaxchunk pallas call")
   parser.add_argument("--fla_worker", choices=OPS, help=argparse.SUPPRESS)
@@ -317,7 +319,8 @@ def main() -> None:
     for t in args.lengths:
       for mode in MODES:
         ours = run_jax("pallas", lambda: jaxchunk_fn(op, "pallas"), op, t, mode, args.reps)
-        xla = run_jax("xla", lambda: jaxchunk_fn(op, "xla"), op, t, mode, args.reps)
+        xla = (run_jax("xla", lambda: jaxchunk_fn(op, "xla"), op, t, mode, args.reps)
+               if args.xla else "skipped")
         jla = run_jax("jla", lambda: jla_fn(op), op, t, mode, args.reps)
         peer = fla.get(f"{t} {mode}", "-")
         counts = kernel_counts(op, t, mode)

@@ -49,8 +49,8 @@ XLA forms the chunk-local factors (W, U_v, Q * exp(b), K * exp(b_C - b), P) here
 accumulation, as FLA's kernels do (the inverse stays float32), and JAX differentiates them; the
 kernel has its own backward for the state pass. Packed documents take the same masked factors,
 and a chunk where a document starts passes b_C = -inf, so that the kernel's decay e^(b_C) of the
-carried state is 0. With `FUSED_FACTORS` (off until timed faster) and no segment ids, the
-factors and their gradients come from fused kernels instead (`fused_delta_rule`).
+carried state is 0. Without segment ids, for the decay kinds `FUSED_FACTORS` names (scalar, by
+default), the factors and their gradients come from fused kernels instead (`fused_delta_rule`).
 
 Compute dtype: float32, or float64 when an input already is float64 (possible only with x64
 enabled), so the reference path can serve as a float64 oracle.
@@ -256,14 +256,12 @@ def _pallas_unsupported(q, k, v) -> str | None:
   return chunk_common.unsupported_reason(q.shape[-1], v.shape[-1])
 
 
-# Whether the "pallas" path takes its chunk-local factors from the fused factor kernels
-# (`fused_delta_rule`) for one document per row. Off: on an H100 (B=8, T=8K, H=16, D=128, bf16;
-# bench/results/linear_kernels-2026-12-07-fused-factors.md) they were slower than the XLA factors,
-# their inverse's products in TF32x3 (Gated DeltaNet fwd 9.7 against 5.4 ms, fwd+bwd 18.6 against
-# 16.6; KDA 24.7 / 80.3 against 13.2 / 71.2). With TF32 products for bf16 inputs (since) the
-# factor kernel's profile fell from 7.6 to 2.3 ms, which would put the forward ahead; not yet
-# timed end to end, so the measured path stays the default.
-FUSED_FACTORS = False
+# Per decay kind, whether the "pallas" path takes its chunk-local factors from the fused factor
+# kernels (`fused_delta_rule`) for one document per row, or from XLA. On an H100 (B=8, T=8K,
+# H=16, D=128, bf16; bench/results/linear_kernels-2026-12-07-delta-defaults.md) the fused kernels
+# took Gated DeltaNet fwd 4.80 -> 3.77 ms and fwd+bwd 14.53 -> 10.92 ms, but KDA's per-channel
+# ones were slower (fwd 12.55 -> 19.25, fwd+bwd 68.44 -> 71.67 ms).
+FUSED_FACTORS = {"scalar": True, "per_channel": False}
 
 
 @functools.partial(jax.jit, static_argnames=("operand_dtype", "fused_factors"))
@@ -347,7 +345,8 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     o, state = _reference(q, k, v, beta, log_decay, state, starts)
   elif path == "pallas":
     o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype,
-                               fused_factors=FUSED_FACTORS)
+                               fused_factors=FUSED_FACTORS["per_channel" if per_channel
+                                                           else "scalar"])
   else:
     o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size)
   return o.astype(out_dtype), (state if output_final_state else None)

@@ -107,7 +107,9 @@ class Config:
 # state pass's blocks for small grids. The head_dim 128 launches won H100 sweeps at B=8, T=8K, H=16
 # (bench/results/linear_kernels-2026-11-24.md): state 64x128 blocks beat 64x64 (simple GLA fwd +
 # rev 0.98 vs 1.70 ms), output Dv blocks of 128 beat 64 and 8 warps, and the gradient kernel with 8
-# warps over whole head dims beat 4 warps and splitting it over 64-column blocks.
+# warps over whole head dims beat 4 warps and splitting it over 64-column blocks. Split gradient
+# kernels (bench/results/linear_kernels-2026-12-07-delta-defaults.md, fwd+bwd): GLA 14.30 -> 8.46
+# ms, simple GLA 3.91 -> 4.63 ms (so only the per-channel decay splits; head dim 64 not timed).
 CONFIGS = {
     (False, 64): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
                         output=Launch(4, 1, block_v=64), grad=Launch(4)),
@@ -116,7 +118,7 @@ CONFIGS = {
     (True, 64): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 64),
                        output=Launch(4, 1, block_v=64), grad=Launch(4)),
     (True, 128): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 128),
-                        output=Launch(4, 1, block_v=128), grad=Launch(8)),
+                        output=Launch(4, 1, block_v=128), grad=Launch(8), split_grad=True),
 }
 
 

@@ -245,7 +245,8 @@ def test_head_dim_128_and_batch(rng, name):
 @pytest.mark.parametrize("name", ["gated_delta_rule", "kda"])
 def test_fused_factors_match_xla_factors(rng, name):
   """The fused factor kernels (scalar and per-channel decays) against the XLA factors of the xla
-  path, every factor over two chunks (their gradients: `test_fused_factor_path_matches_xla`)."""
+  path, every factor over two chunks (their gradients: the default path's gradient tests for the
+  scalar decays, `test_swapped_factor_path_matches_xla` for kda)."""
   q, k, v, g, beta, _ = make_inputs(rng, name, t=128, h=2, hk=2, gate_heads=2)
   gate = g if name == "kda" else g[..., None]
   *expected, b = delta_module._chunk_factors(q, k, v, beta, gate, 64)
@@ -258,21 +259,24 @@ def test_fused_factors_match_xla_factors(rng, name):
 
 
 @pytest.fixture
-def fused_factors(monkeypatch):
-  """The pallas path with its factors from the fused factor kernels (off by default)."""
-  monkeypatch.setattr(delta_module, "FUSED_FACTORS", True)
+def swapped_factors(monkeypatch):
+  """The pallas path with the other source of chunk-local factors than its default, per decay
+  kind: the XLA factors for delta_rule and gated_delta_rule, the fused kernels for kda."""
+  for kind, fused in delta_module.FUSED_FACTORS.items():
+    monkeypatch.setitem(delta_module.FUSED_FACTORS, kind, not fused)
 
 
 @pytest.mark.parametrize("name", [pytest.param("delta_rule", marks=pytest.mark.slow),
                                   "gated_delta_rule", pytest.param("kda", marks=pytest.mark.slow)])
-def test_fused_factor_path_matches_xla(rng, name, fused_factors):
+def test_swapped_factor_path_matches_xla(rng, name, swapped_factors):
   """Values against the oracle and every gradient against the xla path, with the factors from
-  the fused kernels; GQA, ragged T over two kernel chunks."""
+  the source the op does not take by default; GQA, ragged T over two kernel chunks."""
   _check_against_oracle_and_xla(
       rng, name, make_inputs(rng, name, t=100, h=2, hk=1, gate_heads=2))
 
 
 @pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("kda", marks=pytest.mark.slow)])
-def test_fused_factor_path_bf16_gradients_match_float64(rng, name, fused_factors):
-  """bf16: TF32 products in the inverse (rounded alike in interpret mode) stay within 1e-2."""
+def test_swapped_factor_path_bf16_gradients_match_float64(rng, name, swapped_factors):
+  """bf16 on the non-default factors: for kda the fused kernels' TF32 products in the inverse
+  (rounded alike in interpret mode) stay within 1e-2."""
   _bf16_gradients_match_float64(rng, name)

@@ -80,8 +80,10 @@ def test_forward_and_backward_lower(name, monkeypatch):
     ("gated_delta_rule", ("_factor_kernel", "_scalar_grad_kernel")),
     ("kda", ("_channel_factor_kernel", "_channel_grad_kernel"))])
 def test_fused_delta_factor_kernels_lower(name, kernels, monkeypatch):
-  """The delta rules' fused factor kernels (off by default) and their gradient kernels."""
-  monkeypatch.setattr(importlib.import_module("jaxchunk.ops.delta_rule"), "FUSED_FACTORS", True)
+  """The delta rules' fused factor kernels and their gradient kernels (on for every decay kind)."""
+  fused_factors = importlib.import_module("jaxchunk.ops.delta_rule").FUSED_FACTORS
+  for kind in fused_factors:
+    monkeypatch.setitem(fused_factors, kind, True)
   op, args = CASES[name]
   text = lower_for_h100(loss_and_grads(op, *args), *args).as_text()
   for kernel in kernels:
