@@ -1,5 +1,5 @@
 """Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
-mLSTM): their block config and head-dim support, the dot precision rule, the in-chunk causal and
+mLSTM): their block configs and launches, head-dim support, the dot precision rule, the in-chunk causal and
 triangular masks, operand rounding, row extraction without value indexing and the per-chunk
 document index of packed documents. This
 module never imports jaxchunk.
@@ -22,8 +22,33 @@ class Config:
   num_stages: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """One kernel's launch: warps, software-pipelining stages and, where the kernel splits the head
+  dims, the block of key / value columns per program (None: the whole head dim)."""
+  num_warps: int
+  num_stages: int = 1
+  block_k: int | None = None
+  block_v: int | None = None
+
+
 HEAD_DIMS = (64, 128)
 MIN_PROGRAMS = 128  # about the SM count of an H100
+
+
+def fit_launches(config, batch: int, heads: int, dk: int, dv: int):
+  """`config` (a dataclass with a `state` launch over (batch, head, Dk block, Dv block) and an
+  `output` launch over Dv blocks) with its blocks clipped to the head dims and the state pass's
+  blocks halved (down to 32x32) while its grid has fewer than MIN_PROGRAMS programs."""
+  bk, bv = min(config.state.block_k, dk), min(config.state.block_v, dv)
+  while bk * bv > 32 * 32 and batch * heads * (dk // bk) * (dv // bv) < MIN_PROGRAMS:
+    if bv >= bk:
+      bv //= 2
+    else:
+      bk //= 2
+  return dataclasses.replace(
+      config, state=dataclasses.replace(config.state, block_k=bk, block_v=bv),
+      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)))
 
 
 def unsupported_reason(head_dim_k: int, head_dim_v: int) -> str | None:

@@ -79,18 +79,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import (MIN_PROGRAMS, causal_mask, chunk_documents, dot,
-                                             round_mantissa, row, triangular_mask)
-
-
-@dataclasses.dataclass(frozen=True)
-class Launch:
-  """One kernel's launch: warps, software-pipelining stages and, where the kernel splits the head
-  dims, the block of key / value columns per program (None: the whole head dim)."""
-  num_warps: int
-  num_stages: int = 1
-  block_k: int | None = None
-  block_v: int | None = None
+from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_documents, dot,
+                                             fit_launches, round_mantissa, row, triangular_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +93,8 @@ class Config:
   split_grad: bool = False  # two gradient kernels: dq and dv; dk and the decay gradient
 
 
-# Per (per-channel decay, head_dim_k); `_fit` clips the blocks to the head dims and narrows the
-# state pass's blocks for small grids. The head_dim 128 launches won H100 sweeps at B=8, T=8K, H=16
+# Per (per-channel decay, head_dim_k); `fit_launches` clips the blocks to the head dims and narrows
+# the state pass's blocks for small grids. The head_dim 128 launches won H100 sweeps at B=8, T=8K, H=16
 # (bench/results/linear_kernels-2026-11-24.md): state 64x128 blocks beat 64x64 (simple GLA fwd +
 # rev 0.98 vs 1.70 ms), output Dv blocks of 128 beat 64 and 8 warps, and the gradient kernel with 8
 # warps over whole head dims beat 4 warps and splitting it over 64-column blocks. Split gradient
@@ -120,20 +110,6 @@ CONFIGS = {
     (True, 128): Config(chunk=64, sub_chunk=32, state=Launch(4, 3, 64, 128),
                         output=Launch(4, 1, block_v=128), grad=Launch(8), split_grad=True),
 }
-
-
-def _fit(config: Config, batch: int, heads: int, dk: int, dv: int) -> Config:
-  """`config` with its blocks clipped to the head dims and the state pass's blocks halved (down to
-  32) while its grid has fewer than MIN_PROGRAMS programs."""
-  bk, bv = min(config.state.block_k, dk), min(config.state.block_v, dv)
-  while bk * bv > 32 * 32 and batch * heads * (dk // bk) * (dv // bv) < MIN_PROGRAMS:
-    if bv >= bk:
-      bv //= 2
-    else:
-      bk //= 2
-  return dataclasses.replace(
-      config, state=dataclasses.replace(config.state, block_k=bk, block_v=bv),
-      output=dataclasses.replace(config.output, block_v=min(config.output.block_v, dv)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -610,7 +586,7 @@ def gated_linear_attention(q, k, v, log_decay, initial_state, *, scale: float,
   """
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
-  config = _fit(CONFIGS[(log_decay.ndim == 4, dk)], batch, heads, dk, dv)
+  config = fit_launches(CONFIGS[(log_decay.ndim == 4, dk)], batch, heads, dk, dv)
   doc = None if segment_ids is None else chunk_documents(segment_ids, config.chunk)
   pad = (-t) % config.chunk
   if pad:

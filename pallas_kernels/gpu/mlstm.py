@@ -21,10 +21,12 @@ u_j = exp(r_j - M_L) and gamma = g_L (every exponent <= 0: nothing overflows),
 
 The stabilisers (r, M, m_0 and m per token) are O(T) scalar work done in plain JAX by
 `_stabilisers` (the chunk-to-chunk m_0 by an associative max-plus scan, no sequential loop) and
-differentiated by autodiff; the kernels take them as inputs and return their gradients. The grid
-is (batch, heads, Dv blocks); each program walks the chunks with its [Dk, BV] slice of C and the
-whole n in registers (n and qn are recomputed by every Dv block; contributions that would be
-counted once per block carry the factor `first`, 1 in block 0 and 0 elsewhere).
+differentiated by autodiff; the kernels take them as inputs and return their gradients. As FLA's
+`chunk` algorithm does for gated linear attention, the sequential part is only the state pass: a
+kernel per (batch, head, Dk block, Dv block) walks the chunks with its block of C (and n) in
+registers and stores (C, n) at every chunk start, float32 [B, H, T/L, Dk, Dv]; then a fully
+parallel kernel per (batch, head, chunk, Dv block) forms h from q, k, v and the chunk's entering
+state (n and qn are recomputed by every Dv block).
 
 Backward. From dh: dnum = dh / den, dden = -(dh . h) / den, and the max sends dden either to qn
 (dqn = dden sign(qn)) or to the floor exp(-m) (in XLA, O(T Dv)). With dP = dnum v^T + dqn 1^T,
@@ -34,15 +36,14 @@ Backward. From dh: dnum = dh / den, dden = -(dh . h) / den, and the max sends dd
   dC_0 = gamma dC_L + (q g)^T dnum,            dn_0 = gamma dn_L + (q g)^T dqn,
   dr_j = sum_i (dP * P)_ij + B_j,              B_j = u_j k_j . (dC_L v_j + dn_L),
 
-from a kernel walking the chunks forward (dq, and A_i = g_i q_i . (dnum_i C_0^T + dqn_i n_0), the
-gradient of the log inter weight m_0 - M_i) and one walking them in reverse carrying (dC, dn)
-(the rest). num and qn scale as exp(-M_i), so dM_i = -(A_i + sum_j (dP * P)_ij) (this equals
--(dh_i . h_i + dqn_i qn_i), but taken from the kernels' own dP and P it cancels consistently
+from a reverse state pass, which stores (dC, dn) at every chunk end, then one parallel kernel
+per (batch, head, chunk) for dq, dk, dv, dr and A_i = g_i q_i . (dnum_i C_0^T + dqn_i n_0) (the
+gradient of the log inter weight m_0 - M_i). num and qn scale as exp(-M_i), so
+dM_i = -(A_i + sum_j (dP * P)_ij) (this equals -(dh_i . h_i + dqn_i qn_i), but taken from the kernels' own dP and P it cancels consistently
 against dr: with bf16 inputs the forget-gate gradient error drops from about 1.3e-2 to 4e-3).
 The state term of chunk k goes through X_k = <dC_k, C_k> + <dn_k, n_k> at the chunk's entering
 state, which obeys X_k = X_{k+1} + sum_k A - sum_k B (X at the end from the final state and its
-cotangent): dm_0 of chunk k gains X_{k+1} - sum_k B and dM at its last token loses X_{k+1}. No
-[Dk, Dv] state per chunk is ever stored.
+cotangent): dm_0 of chunk k gains X_{k+1} - sum_k B and dM at its last token loses X_{k+1}.
 
 Packed documents (segment_ids): a document start resets (C, n, m) to (0, 0, 0) before the token.
 The kernels then also take each token's document index within its chunk (int32, 0 for the document
@@ -59,12 +60,13 @@ starts in it).
 
 Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision
 IEEE dots), accumulation and states in float32; with bf16 inputs the dots with the state and
-those giving dq, dk keep float32 operands (tf32 on the GPU; see `_dot`). This module never
+those giving dq, dk keep float32 operands (tf32 on the GPU; see `chunk_common.dot`). This module never
 imports jaxchunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -73,207 +75,270 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import (Config, causal_mask, chunk_documents, dot, fit_block_v,
-                                             row)
+from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_documents, dot,
+                                             fit_launches, row)
 
 
-# Block sizes per head_dim_k (`fit_block_v` narrows block_v for small grids).
+@dataclasses.dataclass(frozen=True)
+class Config:
+  chunk: int      # tokens per chunk: (C, n) are stored at chunk starts, their gradients at ends
+  state: Launch   # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
+  output: Launch  # h and q.n (grid: batch, head, chunk, Dv block)
+  grad: Launch    # dq, dk, dv and the stabiliser terms (grid: batch, head, chunk)
+
+
+# Per head_dim_k; `fit_launches` clips the blocks to the head dims and narrows the state pass's
+# blocks for small grids. The launches of the simple GLA kernels of the same shape (the same state
+# pass and per-chunk work, plus the normaliser): bench/results/linear_kernels-2026-11-24.md.
 CONFIGS = {
-    64: Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
-    128: Config(chunk=64, block_v=64, num_warps=4, num_stages=2),
+    64: Config(chunk=64, state=Launch(4, 3, 64, 64), output=Launch(4, 1, block_v=64),
+               grad=Launch(4)),
+    128: Config(chunk=64, state=Launch(4, 3, 64, 128), output=Launch(4, 1, block_v=128),
+                grad=Launch(8)),
 }
-def _config(batch: int, heads: int, dk: int, dv: int) -> Config:
-  return fit_block_v(CONFIGS[dk], batch, heads, dv)
 
 
 # ------------------------------------------------------------------------------------------------
 # In-kernel helpers (values, not refs).
 
 
-def _chunk_weights(r, big_m, m0, causal, doc):
-  """Weights of one chunk from r, M, m_0 [L] and doc [L] int32 or None (module docstring).
-
-  Returns (W [L, L] masked above the diagonal, g [L], u [L], gamma scalar). With documents, W keeps
-  the pairs of one document and u the keys of the chunk's last document (g and gamma need no mask:
-  m_0 is -inf outside the chunk's first document).
-  """
-  mask = causal if doc is None else causal & (doc[:, None] == doc[None, :])
-  w = jnp.exp(jnp.where(mask, r[None, :] - big_m[:, None], -jnp.inf))
+def _carry_weights(r, big_m, m0, doc):
+  """The weights of the carried states in one chunk from r, M, m_0 [L] and doc [L] int32 (None
+  without documents; module docstring): (g [L], u [L], gamma scalar). g_i = exp(m_0 - M_i) weighs
+  the entering state for query i, u_j = exp(r_j - M_L) key j in the state handed on (0 outside the
+  chunk's last document), gamma = g_L the entering state in it. g and gamma need no mask: m_0 is
+  -inf outside the chunk's first document."""
+  last = big_m.shape[0] - 1
   g = jnp.exp(m0 - big_m)
-  u = jnp.exp(r - row(big_m, big_m.shape[0] - 1))
+  u = jnp.exp(r - row(big_m, last))
   if doc is not None:
     u = jnp.where(doc == jnp.max(doc), u, 0.0)
-  return w, g, u, row(g, g.shape[0] - 1)
+  return g, u, row(g, last)
 
 
-def _split(refs, segmented: bool, num_in: int):
-  """Kernel refs -> (q, k, v, r, M, m_0 and doc refs (doc None without documents), the other
-  inputs and the outputs), for `num_in` inputs after the first six (doc not counted)."""
-  load = tuple(refs[:6]) + ((refs[6],) if segmented else (None,))
-  rest = refs[6 + segmented:]
-  return load, rest[:num_in], rest[num_in:]
-
-
-def _load(refs, rows):
-  """q, k (float32, q scaled later), v, the per-token r, M, m_0 and the document indices (None
-  without documents) of the chunk at `rows`."""
-  q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, doc_ref = refs
-  return (q_ref[rows, :].astype(jnp.float32), k_ref[rows, :].astype(jnp.float32), v_ref[rows, :],
-          r_ref[rows], big_m_ref[rows], m0_ref[rows], None if doc_ref is None else doc_ref[rows])
+def _pair_weights(r, big_m, doc):
+  """W [L, L]: exp(r_j - M_i) for keys j <= i of query i's document, 0 elsewhere."""
+  mask = causal_mask(r.shape[0])
+  if doc is not None:
+    mask = mask & (doc[:, None] == doc[None, :])
+  return jnp.exp(jnp.where(mask, r[None, :] - big_m[:, None], -jnp.inf))
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels. Refs are one (batch, head, Dv block): q, k [T, Dk]; v, h, dh [T, BV]; per-token
-# scalars [T]; C and dC [Dk, BV]; n and dn [Dk].
+# Kernels.
 
 
-def _forward_kernel(*refs, chunk, num_chunks, scale, eps, dtype, segmented):
-  causal = causal_mask(chunk)
-  refs, (m_ref, c0_ref, n0_ref), (h_ref, qn_ref, c_ref, n_ref) = _split(refs, segmented, 3)
+def _state_pass_kernel(*refs, chunk, num_chunks, reverse, scale, dtype, segmented):
+  """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV]; r, M, m_0 [T]; C-like carry
+  init [BK, BV] and n-like carry norm_init [BK] float32; with `reverse` inv_den and dqn [T]; doc
+  [T] int32 (only if `segmented`). Outputs: states [NC, BK, BV] and norms [NC, BK], the carries
+  after the walk [BK, BV] and [BK], float32.
 
-  def body(c, carry):
-    state, norm = carry
-    rows = pl.ds(c * chunk, chunk)
-    q, k, v, r, big_m, m0, doc = _load(refs, rows)
-    q = q * scale
-    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal, doc)
-    p = dot(q, k, dtype, trans_b=True) * w
-    num = dot(p, v, dtype) + g[:, None] * dot(q, state, dtype, wide=True)
-    qn = jnp.sum(p, axis=1) + g * jnp.sum(q * norm[None, :], axis=1)
-    den = jnp.maximum(jnp.abs(qn), jnp.exp(-m_ref[rows])) + eps
-    h_ref[rows, :] = (num / den[:, None]).astype(h_ref.dtype)
-    qn_ref[rows] = qn
-    k_u = k * u[:, None]
-    return (gamma * state + dot(k_u, v, dtype, wide=True, trans_a=True),
-            gamma * norm + jnp.sum(k_u, axis=0))
+  The states stay float32 (unlike GLA's): the stabiliser gradient adds the terms A (from the
+  stored C) and B (from the stored dC) to X = <dC, C> + <dn, n> of the carried states, a sum that
+  cancels; C and dC rounded to bf16 put the bf16 gradient of the initial m at 9e-2 from float64.
 
-  state, norm = lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...]))
-  c_ref[...] = state
-  n_ref[...] = norm
-
-
-def _backward_dq_kernel(*refs, chunk, num_chunks, scale, dtype, segmented):
-  causal = causal_mask(chunk)
-  first = (pl.program_id(2) == 0).astype(jnp.float32)
-  refs, (dh_ref, inv_den_ref, dqn_ref, c0_ref, n0_ref), (dq_ref, a_ref) = _split(
-      refs, segmented, 5)
-
-  def body(c, carry):
-    state, norm = carry
-    rows = pl.ds(c * chunk, chunk)
-    q, k, v, r, big_m, m0, doc = _load(refs, rows)
-    q = q * scale
-    dnum = dh_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
-    dqn = first * dqn_ref[rows]
-    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal, doc)
-    dp = dot(dnum, v, dtype, trans_b=True) + dqn[:, None]
-    dq_inter = dot(dnum, state, dtype, wide=True, trans_b=True) + dqn[:, None] * norm[None, :]
-    dq_ref[rows, :] = (dot(dp * w, k, dtype, wide=True) + g[:, None] * dq_inter) * scale
-    a_ref[rows] = g * jnp.sum(q * dq_inter, axis=1)
-    k_u = k * u[:, None]
-    return (gamma * state + dot(k_u, v, dtype, wide=True, trans_a=True),
-            gamma * norm + jnp.sum(k_u, axis=0))
-
-  lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...]))
-
-
-def _backward_dkv_kernel(*refs, chunk, num_chunks, scale, dtype, segmented):
-  causal = causal_mask(chunk)
-  first = (pl.program_id(2) == 0).astype(jnp.float32)
-  refs, (dh_ref, inv_den_ref, dqn_ref, dc_ref, dn_ref), outs = _split(refs, segmented, 5)
-  dk_ref, dv_ref, dr_ref, b_ref, pull_ref, dc0_ref, dn0_ref = outs
+  Forward (x = k, y = v): stores (C, n) at each chunk start, then C <- gamma C + (k u)^T v and
+  n <- gamma n + sum_j u_j k_j. Reverse (x = q, y = dh): walks the chunks backwards storing (dC,
+  dn) at each chunk end, then dC <- gamma dC + (scale q g)^T dnum and dn <- gamma dn +
+  (scale q g)^T dqn, with dnum = dh * inv_den. Packed documents need no mask beyond the weights'.
+  """
+  x_ref, y_ref, r_ref, big_m_ref, m0_ref, init_ref, norm_init_ref, *rest = refs
+  states_ref, norms_ref, last_ref, norm_last_ref = rest[-4:]
+  rest = rest[:-4]
+  doc_ref = rest.pop() if segmented else None
+  inv_den_ref, dqn_ref = rest if reverse else (None, None)
 
   def body(i, carry):
-    dstate, dnorm = carry
-    rows = pl.ds((num_chunks - 1 - i) * chunk, chunk)
-    q, k, v, r, big_m, m0, doc = _load(refs, rows)
-    q = q * scale
-    dnum = dh_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
-    dqn = dqn_ref[rows]
-    w, g, u, gamma = _chunk_weights(r, big_m, m0, causal, doc)
-    p = dot(q, k, dtype, trans_b=True) * w
-    dp = dot(dnum, v, dtype, trans_b=True) + first * dqn[:, None]
-    dk_state = dot(v, dstate, dtype, wide=True, trans_b=True) + first * dnorm[None, :]
-    dk_ref[rows, :] = dot(dp * w, q, dtype, wide=True, trans_a=True) + u[:, None] * dk_state
-    k_u = k * u[:, None]
-    dv = dot(p, dnum, dtype, trans_a=True) + dot(k_u, dstate, dtype, wide=True)
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    state_term = jnp.sum(k_u * dk_state, axis=1)
-    dp_p = dp * p
-    dr_ref[rows] = jnp.sum(dp_p, axis=0) + state_term
-    b_ref[rows] = state_term
-    pull_ref[rows] = jnp.sum(dp_p, axis=1)
-    q_g = q * g[:, None]
-    return (gamma * dstate + dot(q_g, dnum, dtype, wide=True, trans_a=True),
-            gamma * dnorm + jnp.sum(q_g * dqn[:, None], axis=0))
+    state, norm = carry
+    c = num_chunks - 1 - i if reverse else i
+    states_ref[c] = state.astype(states_ref.dtype)
+    norms_ref[c] = norm
+    rows = pl.ds(c * chunk, chunk)
+    g, u, gamma = _carry_weights(r_ref[rows], big_m_ref[rows], m0_ref[rows],
+                                 None if doc_ref is None else doc_ref[rows])
+    x = x_ref[rows, :].astype(jnp.float32)
+    if reverse:
+      x = x * (scale * g)[:, None]
+      y = y_ref[rows, :].astype(jnp.float32) * inv_den_ref[rows][:, None]
+      x_sum = jnp.sum(x * dqn_ref[rows][:, None], axis=0)
+    else:
+      x = x * u[:, None]
+      y = y_ref[rows, :]
+      x_sum = jnp.sum(x, axis=0)
+    return (gamma * state + dot(x, y, dtype, wide=True, trans_a=True), gamma * norm + x_sum)
 
-  dstate, dnorm = lax.fori_loop(0, num_chunks, body, (dc_ref[...], dn_ref[...]))
-  dc0_ref[...] = dstate
-  dn0_ref[...] = dnorm
+  last_ref[...], norm_last_ref[...] = lax.fori_loop(
+      0, num_chunks, body, (init_ref[...], norm_init_ref[...]))
+
+
+def _output_kernel(*refs, scale, eps, dtype, segmented):
+  """Per (batch, head, chunk, Dv block): q, k [L, Dk], v, h [L, BV]; r, M, m_0, m, qn [L]; doc
+  [L] int32 (only if `segmented`); the chunk's entering C [Dk, BV] and n [Dk].
+  h = (g q C + P v) / (max(|qn|, exp(-m)) + eps) with qn = g q.n + sum_j P_ij, P = (q k^T) W."""
+  q_ref, k_ref, v_ref, r_ref, big_m_ref, m0_ref, m_ref, *doc_ref, c_ref, n_ref, h_ref, qn_ref = refs
+  doc = doc_ref[0][...] if segmented else None
+  r, big_m = r_ref[...], big_m_ref[...]
+  g, _, _ = _carry_weights(r, big_m, m0_ref[...], doc)
+  q = q_ref[...].astype(jnp.float32) * scale
+  p = dot(q, k_ref[...], dtype, trans_b=True) * _pair_weights(r, big_m, doc)
+  num = dot(p, v_ref[...], dtype) + g[:, None] * dot(q, c_ref[...], dtype, wide=True)
+  qn = jnp.sum(p, axis=1) + g * jnp.sum(q * n_ref[...][None, :], axis=1)
+  den = jnp.maximum(jnp.abs(qn), jnp.exp(-m_ref[...])) + eps
+  h_ref[...] = (num / den[:, None]).astype(h_ref.dtype)
+  qn_ref[...] = qn
+
+
+def _grad_kernel(*refs, scale, dtype, segmented):
+  """Per (batch, head, chunk): q, k, dq, dk [L, Dk]; v, dh, dv [L, Dv]; r, M, m_0, inv_den, dqn
+  and the outputs dr, A, B, pull [L]; doc [L] int32 (only if `segmented`); the chunk's entering
+  C [Dk, Dv] and n [Dk], the gradients dC [Dk, Dv] and dn [Dk] at its end. The module docstring's
+  backward: dq, dk, dv, dr and the stabiliser terms A, B and pull = sum_j (dP * P)_ij."""
+  (q_ref, k_ref, v_ref, dh_ref, r_ref, big_m_ref, m0_ref, inv_den_ref, dqn_ref, *doc_ref,
+   c_ref, n_ref, dc_ref, dn_ref, dq_ref, dk_ref, dv_ref, dr_ref, a_ref, b_ref, pull_ref) = refs
+  doc = doc_ref[0][...] if segmented else None
+  r, big_m = r_ref[...], big_m_ref[...]
+  g, u, _ = _carry_weights(r, big_m, m0_ref[...], doc)
+  w = _pair_weights(r, big_m, doc)
+  q = q_ref[...].astype(jnp.float32) * scale
+  k = k_ref[...].astype(jnp.float32)
+  v = v_ref[...]
+  dnum = dh_ref[...].astype(jnp.float32) * inv_den_ref[...][:, None]
+  dqn = dqn_ref[...]
+  p = dot(q, k, dtype, trans_b=True) * w
+  dp = dot(dnum, v, dtype, trans_b=True) + dqn[:, None]
+  dp_w = dp * w
+  dq_state = dot(dnum, c_ref[...], dtype, wide=True, trans_b=True) + dqn[:, None] * n_ref[...]
+  dq_ref[...] = ((dot(dp_w, k, dtype, wide=True) + g[:, None] * dq_state) * scale).astype(
+      dq_ref.dtype)
+  a_ref[...] = g * jnp.sum(q * dq_state, axis=1)
+  dk_state = dot(v, dc_ref[...], dtype, wide=True, trans_b=True) + dn_ref[...][None, :]
+  dk_ref[...] = (dot(dp_w, q, dtype, wide=True, trans_a=True) + u[:, None] * dk_state).astype(
+      dk_ref.dtype)
+  k_u = k * u[:, None]
+  dv = dot(p, dnum, dtype, trans_a=True) + dot(k_u, dc_ref[...], dtype, wide=True)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  state_term = jnp.sum(k_u * dk_state, axis=1)
+  dp_p = dp * p
+  dr_ref[...] = jnp.sum(dp_p, axis=0) + state_term
+  b_ref[...] = state_term
+  pull_ref[...] = jnp.sum(dp_p, axis=1)
 
 
 # ------------------------------------------------------------------------------------------------
 # pallas_call wrappers. Arrays: q, k [B,T,H,Dk]; v, h [B,T,H,Dv]; per-token scalars [B,T,H]
-# float32; doc [B,T] int32 (packed documents only); C [B,H,Dk,Dv] and n [B,H,Dk] float32.
-# "partial" outputs have a leading Dv-block axis (summed, or read at block 0 for values every block
-# computes alike). T is a multiple of the chunk.
+# float32; doc [B,T] int32 (packed documents only); states [B,H,NC,Dk,Dv], norms [B,H,NC,Dk];
+# C [B,H,Dk,Dv] and n [B,H,Dk] float32. Outputs that every Dv block computes alike have a leading
+# Dv-block axis and are read at block 0. T is a multiple of the chunk.
 
 
-def _specs(shapes: dict, names, block_v: int):
-  """BlockSpecs over the grid (batch, head, Dv block) for the named operands."""
-  t, dk = shapes["t"], shapes["dk"]
-  table = {
-      "qk": pl.BlockSpec((None, t, None, dk), lambda b, h, j: (b, 0, h, 0)),
-      "v": pl.BlockSpec((None, t, None, block_v), lambda b, h, j: (b, 0, h, j)),
-      "token": pl.BlockSpec((None, t, None), lambda b, h, j: (b, 0, h)),
-      "doc": pl.BlockSpec((None, t), lambda b, h, j: (b, 0)),
-      "state": pl.BlockSpec((None, None, dk, block_v), lambda b, h, j: (b, h, 0, j)),
-      "norm": pl.BlockSpec((None, None, dk), lambda b, h, j: (b, h, 0)),
-      "qk_partial": pl.BlockSpec((None, None, t, None, dk), lambda b, h, j: (j, b, 0, h, 0)),
-      "token_partial": pl.BlockSpec((None, None, t, None), lambda b, h, j: (j, b, 0, h)),
-      "norm_partial": pl.BlockSpec((None, None, None, dk), lambda b, h, j: (j, b, h, 0)),
-  }
-  return tuple(table[n] for n in names)
+def _params(launch: Launch):
+  return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _out_shapes(names, q, v, num_v: int):
-  """ShapeDtypeStructs of the named outputs (float32 except "v", in v's dtype)."""
+def _state_pass(x, y, tokens, init, norm_init, doc, config, interpret, *, reverse, scale):
+  """(states [B,H,NC,Dk,Dv], norms [B,H,NC,Dk], last [B,H,Dk,Dv], norm_last [B,H,Dk], all
+  float32) of `_state_pass_kernel`; tokens: (r, M, m_0) or, reversed, (r, M, m_0, inv_den,
+  dqn)."""
+  batch, t, heads, dk = x.shape
+  dv = y.shape[-1]
+  bk, bv, chunk = config.state.block_k, config.state.block_v, config.chunk
+  num_chunks, num_v = t // chunk, dv // bv
+  token = pl.BlockSpec((None, t, None), lambda i, h, kk, vv: (i, 0, h))
+  norm = pl.BlockSpec((None, None, bk), lambda i, h, kk, vv: (i, h, kk))
+  state = pl.BlockSpec((None, None, bk, bv), lambda i, h, kk, vv: (i, h, kk, vv))
+  extra, extra_specs = tuple(tokens[3:]), [token] * len(tokens[3:])
+  if doc is not None:
+    extra, extra_specs = extra + (doc,), extra_specs + [
+        pl.BlockSpec((None, t), lambda i, h, kk, vv: (i, 0))]
+  states, norms, last, norm_last = pl.pallas_call(
+      functools.partial(_state_pass_kernel, chunk=chunk, num_chunks=num_chunks, reverse=reverse,
+                        scale=scale, dtype=x.dtype, segmented=doc is not None),
+      grid=(batch, heads, dk // bk, num_v),
+      in_specs=(pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)),
+                pl.BlockSpec((None, t, None, bv), lambda i, h, kk, vv: (i, 0, h, vv)),
+                token, token, token, state, norm, *extra_specs),
+      out_specs=(pl.BlockSpec((None, None, num_chunks, bk, bv),
+                              lambda i, h, kk, vv: (i, h, 0, kk, vv)),
+                 pl.BlockSpec((None, None, None, num_chunks, bk),
+                              lambda i, h, kk, vv: (vv, i, h, 0, kk)),
+                 state,
+                 pl.BlockSpec((None, None, None, bk), lambda i, h, kk, vv: (vv, i, h, kk))),
+      out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((num_v, batch, heads, num_chunks, dk), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((num_v, batch, heads, dk), jnp.float32)),
+      compiler_params=_params(config.state),
+      interpret=interpret,
+  )(x, y, *tokens[:3], init, norm_init, *extra)
+  return states, norms[0], last, norm_last[0]
+
+
+def _chunk_spec(chunk: int, width: int | None = None, blocked: bool = False):
+  """BlockSpec of one chunk of a [B,T,H(,width)] array over a grid (batch, head, chunk[, column
+  block]): all columns, or (blocked) the program's column block of `width`."""
+  if width is None:
+    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *j: (i, c, h))
+  return pl.BlockSpec((None, chunk, None, width),
+                      lambda i, h, c, *j: (i, c, h, j[0] if blocked else 0))
+
+
+def _doc_specs(doc, chunk: int):
+  """([BlockSpec of one chunk of doc [B, T] int32], (doc,)) if doc is given, else ([], ())."""
+  if doc is None:
+    return [], ()
+  return [pl.BlockSpec((None, chunk), lambda i, h, c, *j: (i, c))], (doc,)
+
+
+def _output(q, k, v, tokens, doc, states, norms, config, interpret, *, scale, eps):
+  """(h [B,T,H,Dv] in v's dtype, qn [B,T,H] float32); tokens: (r, M, m_0, m)."""
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
-  table = {
-      "v": ((batch, t, heads, dv), v.dtype),
-      "state": ((batch, heads, dk, dv), jnp.float32),
-      "qk_partial": ((num_v, batch, t, heads, dk), jnp.float32),
-      "token_partial": ((num_v, batch, t, heads), jnp.float32),
-      "norm_partial": ((num_v, batch, heads, dk), jnp.float32),
-  }
-  return tuple(jax.ShapeDtypeStruct(*table[n]) for n in names)
-
-
-def _call(kernel, in_names, out_names, q, v, doc, config, interpret, *args, **kw):
-  """Runs `kernel` on q, k, v, r, M, m_0, then doc if given (static: without it the kernels
-  compile with no document mask), then the rest of `args`."""
-  batch, t, heads, dk = q.shape
-  num_v = v.shape[-1] // config.block_v
-  shapes = dict(t=t, dk=dk)
-  segmented = doc is not None
-  if segmented:
-    in_names = in_names[:6] + ("doc",) + in_names[6:]
-    args = args[:6] + (doc,) + args[6:]
-  return pl.pallas_call(
-      functools.partial(kernel, chunk=config.chunk, num_chunks=t // config.chunk, dtype=q.dtype,
-                        segmented=segmented, **kw),
-      grid=(batch, heads, num_v),
-      in_specs=_specs(shapes, in_names, config.block_v),
-      out_specs=_specs(shapes, out_names, config.block_v),
-      out_shape=_out_shapes(out_names, q, v, num_v),
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
+  bv, chunk = config.output.block_v, config.chunk
+  num_v = dv // bv
+  v_spec = _chunk_spec(chunk, bv, blocked=True)
+  doc_specs, docs = _doc_specs(doc, chunk)
+  h, qn = pl.pallas_call(
+      functools.partial(_output_kernel, scale=scale, eps=eps, dtype=q.dtype,
+                        segmented=doc is not None),
+      grid=(batch, heads, t // chunk, num_v),
+      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), v_spec,
+                *[_chunk_spec(chunk)] * 4, *doc_specs,
+                pl.BlockSpec((None, None, None, dk, bv), lambda i, h, c, j: (i, h, c, 0, j)),
+                pl.BlockSpec((None, None, None, dk), lambda i, h, c, j: (i, h, c, 0))),
+      out_specs=(v_spec, pl.BlockSpec((None, None, chunk, None), lambda i, h, c, j: (j, i, c, h))),
+      out_shape=(jax.ShapeDtypeStruct((batch, t, heads, dv), v.dtype),
+                 jax.ShapeDtypeStruct((num_v, batch, t, heads), jnp.float32)),
+      compiler_params=_params(config.output),
       interpret=interpret,
-  )(*args)
+  )(q, k, v, *tokens, *docs, states, norms)
+  return h, qn[0]
 
 
-_IN = ("qk", "qk", "v", "token", "token", "token")   # q, k, v, r, M, m_0
+def _grads(q, k, v, dh, tokens, doc, states, norms, dstates, dnorms, config, interpret, *,
+           scale):
+  """(dq, dk in q's dtype, dv in v's dtype, dr, A, B, pull [B,T,H] float32) of `_grad_kernel`;
+  tokens: (r, M, m_0, inv_den, dqn)."""
+  batch, t, heads, dk = q.shape
+  dv = v.shape[-1]
+  chunk = config.chunk
+  doc_specs, docs = _doc_specs(doc, chunk)
+  state = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
+  norm = pl.BlockSpec((None, None, None, dk), lambda i, h, c: (i, h, c, 0))
+  token = jax.ShapeDtypeStruct((batch, t, heads), jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, scale=scale, dtype=q.dtype, segmented=doc is not None),
+      grid=(batch, heads, t // chunk),
+      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
+                _chunk_spec(chunk, dv), *[_chunk_spec(chunk)] * 5, *doc_specs,
+                state, norm, state, norm),
+      out_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
+                 *[_chunk_spec(chunk)] * 4),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), token, token, token, token),
+      compiler_params=_params(config.grad),
+      interpret=interpret,
+  )(q, k, v, dh, *tokens, *docs, states, norms, dstates, dnorms)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
@@ -285,16 +350,15 @@ def _mlstm_chunks(q, k, v, r, big_m, m0, m, c0, n0, doc, scale, eps, config, int
 
 
 def _mlstm_chunks_forward(q, k, v, r, big_m, m0, m, c0, n0, doc, scale, eps, config, interpret):
-  h, qn, c, n = _call(
-      _forward_kernel, _IN + ("token", "state", "norm"),
-      ("v", "token_partial", "state", "norm_partial"), q, v, doc, config, interpret,
-      q, k, v, r, big_m, m0, m, c0, n0, scale=scale, eps=eps)
-  qn, n = qn[0], n[0]
-  return (h, c, n), (q, k, v, r, big_m, m0, m, c0, n0, doc, h, qn, c, n)
+  states, norms, c, n = _state_pass(k, v, (r, big_m, m0), c0, n0, doc, config, interpret,
+                                    reverse=False, scale=1.0)
+  h, qn = _output(q, k, v, (r, big_m, m0, m), doc, states, norms, config, interpret, scale=scale,
+                  eps=eps)
+  return (h, c, n), (q, k, v, r, big_m, m0, m, doc, h, qn, c, n, states, norms)
 
 
 def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents):
-  q, k, v, r, big_m, m0, m, c0, n0, doc, h, qn, c, n = residuals
+  q, k, v, r, big_m, m0, m, doc, h, qn, c, n, states, norms = residuals
   dh, dc, dn = cotangents
   batch, t, heads, _ = q.shape
   chunk, num_chunks = config.chunk, t // config.chunk
@@ -306,17 +370,12 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   dqn = jnp.where(to_qn, dden * jnp.sign(qn), 0.0)
   dm = jnp.where(to_qn, 0.0, -dden * floor)
   inv_den = 1.0 / den
+  dh = dh.astype(v.dtype)
 
-  dq, a = _call(_backward_dq_kernel, _IN + ("v", "token", "token", "state", "norm"),
-                ("qk_partial", "token_partial"), q, v, doc, config, interpret,
-                q, k, v, r, big_m, m0, dh, inv_den, dqn, c0, n0, scale=scale)
-  dk, dv, dr, b, pull, dc0, dn0 = _call(
-      _backward_dkv_kernel, _IN + ("v", "token", "token", "state", "norm"),
-      ("qk_partial", "v", "token_partial", "token_partial", "token_partial", "state",
-       "norm_partial"), q, v, doc, config, interpret,
-      q, k, v, r, big_m, m0, dh, inv_den, dqn, dc, dn, scale=scale)
-  dq, dk, dr, a, b, pull, dn0 = (dq.sum(0), dk.sum(0), dr.sum(0), a.sum(0), b.sum(0), pull.sum(0),
-                                 dn0[0])
+  dstates, dnorms, dc0, dn0 = _state_pass(q, dh, (r, big_m, m0, inv_den, dqn), dc, dn, doc,
+                                          config, interpret, reverse=True, scale=scale)
+  dq, dk, dv, dr, a, b, pull = _grads(q, k, v, dh, (r, big_m, m0, inv_den, dqn), doc, states,
+                                      norms, dstates, dnorms, config, interpret, scale=scale)
 
   # X_{k+1} = <dC, C> + <dn, n> at the end of each chunk: X_T plus the later chunks' sum A - sum B.
   x_end = jnp.sum(dc * c, axis=(-2, -1)) + jnp.sum(dn * n, axis=-1)              # [B,H]
@@ -327,7 +386,7 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   x_last = jnp.where(at_last, x_after[:, :, None], 0.0).reshape(batch, t, heads)
   dm0 = a - b + x_last
   dbig_m = -(a + pull) - x_last
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv, dr, dbig_m, dm0, dm, dc0, dn0, None)
+  return (dq, dk, dv, dr, dbig_m, dm0, dm, dc0, dn0, None)
 
 
 _mlstm_chunks.defvjp(_mlstm_chunks_forward, _mlstm_chunks_backward)
@@ -429,7 +488,7 @@ def mlstm(q, k, v, log_i, log_f, initial_state, *, scale: float, eps: float,
     state as is.
   """
   batch, t, heads, dk = q.shape
-  config = _config(batch, heads, dk, v.shape[-1])
+  config = fit_launches(CONFIGS[dk], batch, heads, dk, v.shape[-1])
   pad = (-t) % config.chunk
   doc = None if segment_ids is None else chunk_documents(segment_ids, config.chunk)
   log_i, log_f = (x.astype(jnp.float32) for x in (log_i, log_f))
