@@ -36,9 +36,9 @@ Backward. From dh: dnum = dh / den, dden = -(dh . h) / den, and the max sends dd
   dC_0 = gamma dC_L + (q g)^T dnum,            dn_0 = gamma dn_L + (q g)^T dqn,
   dr_j = sum_i (dP * P)_ij + B_j,              B_j = u_j k_j . (dC_L v_j + dn_L),
 
-from a reverse state pass, which stores (dC, dn) at every chunk end, then one parallel kernel
-per (batch, head, chunk) for dq, dk, dv, dr and A_i = g_i q_i . (dnum_i C_0^T + dqn_i n_0) (the
-gradient of the log inter weight m_0 - M_i). num and qn scale as exp(-M_i), so
+from a reverse state pass, which stores (dC, dn) at every chunk end, then two parallel kernels
+per (batch, head, chunk), one with C for dq and A_i = g_i q_i . (dnum_i C_0^T + dqn_i n_0) (the
+gradient of the log inter weight m_0 - M_i), one with dC for dk, dv and dr. num and qn scale as exp(-M_i), so
 dM_i = -(A_i + sum_j (dP * P)_ij) (this equals -(dh_i . h_i + dqn_i qn_i), but taken from the kernels' own dP and P it cancels consistently
 against dr: with bf16 inputs the forget-gate gradient error drops from about 1.3e-2 to 4e-3).
 The state term of chunk k goes through X_k = <dC_k, C_k> + <dn_k, n_k> at the chunk's entering
@@ -84,17 +84,20 @@ class Config:
   chunk: int      # tokens per chunk: (C, n) are stored at chunk starts, their gradients at ends
   state: Launch   # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
   output: Launch  # h and q.n (grid: batch, head, chunk, Dv block)
-  grad: Launch    # dq, dk, dv and the stabiliser terms (grid: batch, head, chunk)
+  grad: Launch    # dq, dk, dv and the stabiliser terms (grid: batch, head, chunk; block_v: the
+                  # Dv columns per step of the sums over Dv inside the kernel)
 
 
 # Per head_dim_k; `fit_launches` clips the blocks to the head dims and narrows the state pass's
-# blocks for small grids. The launches of the simple GLA kernels of the same shape (the same state
-# pass and per-chunk work, plus the normaliser): bench/results/linear_kernels-2026-11-24.md.
+# blocks for small grids. At head dim 128, compiled for sm_90 (`bench/kernel_resources.py`): with
+# 8 warps the state passes (64x128 float32 blocks) do not spill, nor does the output kernel over
+# 64 Dv columns (4 warps: 40 bytes per thread); the gradient kernels spill 128 (dq) and 416 (dkv)
+# bytes per thread at 8 warps, about twice that at 4.
 CONFIGS = {
     64: Config(chunk=64, state=Launch(4, 3, 64, 64), output=Launch(4, 1, block_v=64),
-               grad=Launch(4)),
-    128: Config(chunk=64, state=Launch(4, 3, 64, 128), output=Launch(4, 1, block_v=128),
-                grad=Launch(8)),
+               grad=Launch(4, 1, block_v=64)),
+    128: Config(chunk=64, state=Launch(8, 3, 64, 128), output=Launch(8, 1, block_v=64),
+                grad=Launch(8, 1, block_v=64)),
 }
 
 
@@ -180,8 +183,9 @@ def _output_kernel(*refs, scale, eps, dtype, segmented):
   doc = doc_ref[0][...] if segmented else None
   r, big_m = r_ref[...], big_m_ref[...]
   g, _, _ = _carry_weights(r, big_m, m0_ref[...], doc)
+  # scaled after the dot: q * scale rounded to bf16 as an operand puts bf16 gradients at 2e-2
+  p = dot(q_ref[...], k_ref[...], dtype, trans_b=True) * (scale * _pair_weights(r, big_m, doc))
   q = q_ref[...].astype(jnp.float32) * scale
-  p = dot(q, k_ref[...], dtype, trans_b=True) * _pair_weights(r, big_m, doc)
   num = dot(p, v_ref[...], dtype) + g[:, None] * dot(q, c_ref[...], dtype, wide=True)
   qn = jnp.sum(p, axis=1) + g * jnp.sum(q * n_ref[...][None, :], axis=1)
   den = jnp.maximum(jnp.abs(qn), jnp.exp(-m_ref[...])) + eps
@@ -189,40 +193,54 @@ def _output_kernel(*refs, scale, eps, dtype, segmented):
   qn_ref[...] = qn
 
 
-def _grad_kernel(*refs, scale, dtype, segmented):
-  """Per (batch, head, chunk): q, k, dq, dk [L, Dk]; v, dh, dv [L, Dv]; r, M, m_0, inv_den, dqn
-  and the outputs dr, A, B, pull [L]; doc [L] int32 (only if `segmented`); the chunk's entering
-  C [Dk, Dv] and n [Dk], the gradients dC [Dk, Dv] and dn [Dk] at its end. The module docstring's
-  backward: dq, dk, dv, dr and the stabiliser terms A, B and pull = sum_j (dP * P)_ij."""
-  (q_ref, k_ref, v_ref, dh_ref, r_ref, big_m_ref, m0_ref, inv_den_ref, dqn_ref, *doc_ref,
-   c_ref, n_ref, dc_ref, dn_ref, dq_ref, dk_ref, dv_ref, dr_ref, a_ref, b_ref, pull_ref) = refs
-  doc = doc_ref[0][...] if segmented else None
+def _grad_kernel(*refs, scale, dtype, segmented, part, block_v):
+  """Per (batch, head, chunk): q, k [L, Dk]; v, dh [L, Dv]; r, M, m_0, inv_den, dqn [L]; doc [L]
+  int32 (only if `segmented`); then, for `part` "dq", the chunk's entering C [Dk, Dv] and n [Dk]
+  and the outputs dq [L, Dk], A and pull = sum_j (dP * P)_ij [L]; for "dkv", the gradients dC
+  [Dk, Dv] and dn [Dk] at its end and the outputs dk [L, Dk], dv [L, Dv], dr and B [L] (the
+  module docstring's backward). Each part recomputes P and dP, so that each reads one [Dk, Dv]
+  state and they need no hand-off; the sums over Dv (dP, and dnum C^T or v dC^T) go by blocks of
+  `block_v` columns, so that only a [Dk, block_v] slice of the float32 state is live."""
+  q_ref, k_ref, v_ref, dh_ref, r_ref, big_m_ref, m0_ref, inv_den_ref, dqn_ref, *refs = refs
+  doc = refs.pop(0)[...] if segmented else None
+  state_ref, norm_ref, *outs = refs
   r, big_m = r_ref[...], big_m_ref[...]
   g, u, _ = _carry_weights(r, big_m, m0_ref[...], doc)
   w = _pair_weights(r, big_m, doc)
-  q = q_ref[...].astype(jnp.float32) * scale
-  k = k_ref[...].astype(jnp.float32)
-  v = v_ref[...]
-  dnum = dh_ref[...].astype(jnp.float32) * inv_den_ref[...][:, None]
-  dqn = dqn_ref[...]
-  p = dot(q, k, dtype, trans_b=True) * w
-  dp = dot(dnum, v, dtype, trans_b=True) + dqn[:, None]
-  dp_w = dp * w
-  dq_state = dot(dnum, c_ref[...], dtype, wide=True, trans_b=True) + dqn[:, None] * n_ref[...]
-  dq_ref[...] = ((dot(dp_w, k, dtype, wide=True) + g[:, None] * dq_state) * scale).astype(
-      dq_ref.dtype)
-  a_ref[...] = g * jnp.sum(q * dq_state, axis=1)
-  dk_state = dot(v, dc_ref[...], dtype, wide=True, trans_b=True) + dn_ref[...][None, :]
-  dk_ref[...] = (dot(dp_w, q, dtype, wide=True, trans_a=True) + u[:, None] * dk_state).astype(
-      dk_ref.dtype)
-  k_u = k * u[:, None]
-  dv = dot(p, dnum, dtype, trans_a=True) + dot(k_u, dc_ref[...], dtype, wide=True)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  state_term = jnp.sum(k_u * dk_state, axis=1)
+  # q and k are loaded where used, not kept live across the blocks
+  load_q = lambda: q_ref[...].astype(jnp.float32) * scale  # noqa: E731
+  load_k = lambda: k_ref[...].astype(jnp.float32)  # noqa: E731
+  inv_den, dqn = inv_den_ref[...], dqn_ref[...]
+  p = dot(q_ref[...], k_ref[...], dtype, trans_b=True) * (scale * w)  # see `_output_kernel`
+  dp = dqn[:, None]
+  # sum_j dnum_j C_j^T (dq) or v_j dC_j^T (dkv) over Dv blocks j, plus the norm term
+  state_sum = dqn[:, None] * norm_ref[...] if part == "dq" else norm_ref[...][None, :]
+  for j in range(v_ref.shape[1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    v = v_ref[:, cols]
+    dnum = dh_ref[:, cols].astype(jnp.float32) * inv_den[:, None]
+    dp = dp + dot(dnum, v, dtype, trans_b=True)
+    state = state_ref[:, cols]
+    if part == "dq":
+      state_sum = state_sum + dot(dnum, state, dtype, wide=True, trans_b=True)
+    else:
+      state_sum = state_sum + dot(v, state, dtype, wide=True, trans_b=True)
+      dv = dot(p, dnum, dtype, trans_a=True) + dot(load_k() * u[:, None], state, dtype, wide=True)
+      outs[1][:, cols] = dv.astype(outs[1].dtype)
   dp_p = dp * p
-  dr_ref[...] = jnp.sum(dp_p, axis=0) + state_term
-  b_ref[...] = state_term
-  pull_ref[...] = jnp.sum(dp_p, axis=1)
+  if part == "dq":
+    dq_ref, a_ref, pull_ref = outs
+    dq = dot(dp * w, load_k(), dtype, wide=True) + g[:, None] * state_sum
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    a_ref[...] = g * jnp.sum(load_q() * state_sum, axis=1)
+    pull_ref[...] = jnp.sum(dp_p, axis=1)
+    return
+  dk_ref, _, dr_ref, b_ref = outs
+  dk = dot(dp * w, load_q(), dtype, wide=True, trans_a=True) + u[:, None] * state_sum
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  b = u * jnp.sum(load_k() * state_sum, axis=1)
+  dr_ref[...] = jnp.sum(dp_p, axis=0) + b
+  b_ref[...] = b
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,8 +335,8 @@ def _output(q, k, v, tokens, doc, states, norms, config, interpret, *, scale, ep
 
 def _grads(q, k, v, dh, tokens, doc, states, norms, dstates, dnorms, config, interpret, *,
            scale):
-  """(dq, dk in q's dtype, dv in v's dtype, dr, A, B, pull [B,T,H] float32) of `_grad_kernel`;
-  tokens: (r, M, m_0, inv_den, dqn)."""
+  """(dq, dk in q's dtype, dv in v's dtype, dr, A, B, pull [B,T,H] float32) of the two parts of
+  `_grad_kernel`; tokens: (r, M, m_0, inv_den, dqn)."""
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   chunk = config.chunk
@@ -326,19 +344,28 @@ def _grads(q, k, v, dh, tokens, doc, states, norms, dstates, dnorms, config, int
   state = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
   norm = pl.BlockSpec((None, None, None, dk), lambda i, h, c: (i, h, c, 0))
   token = jax.ShapeDtypeStruct((batch, t, heads), jnp.float32)
-  return pl.pallas_call(
-      functools.partial(_grad_kernel, scale=scale, dtype=q.dtype, segmented=doc is not None),
-      grid=(batch, heads, t // chunk),
-      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-                _chunk_spec(chunk, dv), *[_chunk_spec(chunk)] * 5, *doc_specs,
-                state, norm, state, norm),
-      out_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-                 *[_chunk_spec(chunk)] * 4),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), token, token, token, token),
-      compiler_params=_params(config.grad),
-      interpret=interpret,
-  )(q, k, v, dh, *tokens, *docs, states, norms, dstates, dnorms)
+  in_specs = (_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
+              _chunk_spec(chunk, dv), *[_chunk_spec(chunk)] * 5, *doc_specs, state, norm)
+
+  def call(part, carried, out_specs, out_shape):
+    return pl.pallas_call(
+        functools.partial(_grad_kernel, scale=scale, dtype=q.dtype, segmented=doc is not None,
+                          part=part, block_v=min(config.grad.block_v, dv)),
+        grid=(batch, heads, t // chunk),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_params(config.grad),
+        interpret=interpret,
+    )(q, k, v, dh, *tokens, *docs, *carried)
+
+  dq, a, pull = call("dq", (states, norms), (_chunk_spec(chunk, dk), *[_chunk_spec(chunk)] * 2),
+                     (jax.ShapeDtypeStruct(q.shape, q.dtype), token, token))
+  dk, dv, dr, b = call("dkv", (dstates, dnorms),
+                       (_chunk_spec(chunk, dk), _chunk_spec(chunk, dv), *[_chunk_spec(chunk)] * 2),
+                       (jax.ShapeDtypeStruct(k.shape, k.dtype),
+                        jax.ShapeDtypeStruct(v.shape, v.dtype), token, token))
+  return dq, dk, dv, dr, a, b, pull
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
