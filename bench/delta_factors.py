@@ -1,6 +1,6 @@
-"""The delta rules' pallas path with its chunk-local factors from XLA (the default) or from the
-fused factor kernels (`jaxchunk.ops.delta_rule.FUSED_FACTORS`), and state-pass tiles, against
-jla, on one GPU: the A/B that decides the default.
+"""The delta rules' pallas path with its chunk-local factors from XLA or from the fused factor
+kernels (`jaxchunk.ops.delta_rule.FUSED_FACTORS`, per decay kind), and state-pass tiles, against
+jla, on one GPU: the A/B that decides the defaults.
 
   python bench/delta_factors.py                       # gated_delta_rule and kda
   python bench/delta_factors.py kda --profile         # + the GPU kernels of each op's fwd+bwd
@@ -28,6 +28,12 @@ STATE_TILES = {"gated_delta_rule": ((64, 8, 2), (32, 8, 2), (64, 8, 1)),
                "kda": ((64, 8, 2), (32, 8, 2))}
 
 
+def use_fused(fused: bool) -> None:
+  """Every decay kind takes its factors from the fused kernels (True) or from XLA (False)."""
+  for kind in delta_module.FUSED_FACTORS:
+    delta_module.FUSED_FACTORS[kind] = fused
+
+
 def timed(op: str, args) -> dict[str, float]:
   """fwd and fwd+bwd ms of jaxchunk's pallas `op` as the module is patched now (re-traced)."""
   jax.clear_caches()
@@ -47,16 +53,15 @@ def main() -> None:
   rows = []
   for op in ops:
     args = lk.jax_args(op, T)
-    delta_module.FUSED_FACTORS = False
-    rows.append((op, "XLA factors (default); state passes as CONFIGS", timed(op, args)))
+    use_fused(False)
+    rows.append((op, "XLA factors; state passes as CONFIGS", timed(op, args)))
     for block_v, warps, stages in STATE_TILES[op]:
       delta_kernel.CONFIGS[128] = dataclasses.replace(base, block_v=block_v, num_warps=warps,
                                                       num_stages=stages)
-      delta_module.FUSED_FACTORS = True
+      use_fused(True)
       rows.append((op, f"fused factors; state passes {block_v} cols, {warps} warps, "
                        f"{stages} stages", timed(op, args)))
     delta_kernel.CONFIGS[128] = base
-    delta_module.FUSED_FACTORS = False
     try:
       rows.append((op, "jla", {m: lk.timed_jax(lk.jla_fn(op), args, m, 10) for m in lk.MODES}))
     except Exception as error:
@@ -69,7 +74,7 @@ def main() -> None:
     print(f"| {op} | {name} | {ms['fwd']:.3f} | {ms['fwd+bwd']:.3f} |")
   if "--profile" in sys.argv:
     for fused in (False, True):
-      delta_module.FUSED_FACTORS = fused
+      use_fused(fused)
       for op in ops:
         jax.clear_caches()
         print(f"{op}, fused factors {fused}:", lk.profile_pallas(op, T, "fwd+bwd"))
