@@ -24,9 +24,9 @@ The stabilisers (r, M, m_0 and m per token) are O(T) scalar work done in plain J
 differentiated by autodiff; the kernels take them as inputs and return their gradients. As FLA's
 `chunk` algorithm does for gated linear attention, the sequential part is only the state pass: a
 kernel per (batch, head, Dk block, Dv block) walks the chunks with its block of C (and n) in
-registers and stores (C, n) at every chunk start, float32 [B, H, T/L, Dk, Dv]; then a fully
-parallel kernel per (batch, head, chunk, Dv block) forms h from q, k, v and the chunk's entering
-state (n and qn are recomputed by every Dv block).
+registers and stores (C, n) at every chunk start (C [B, H, T/L, Dk, Dv] in the operand dtype, n
+float32); then a fully parallel kernel per (batch, head, chunk, Dv block) forms h from q, k, v and
+the chunk's entering state (qn is recomputed by every Dv block).
 
 Backward. From dh: dnum = dh / den, dden = -(dh . h) / den, and the max sends dden either to qn
 (dqn = dden sign(qn)) or to the floor exp(-m) (in XLA, O(T Dv)). With dP = dnum v^T + dqn 1^T,
@@ -38,12 +38,16 @@ Backward. From dh: dnum = dh / den, dden = -(dh . h) / den, and the max sends dd
 
 from a reverse state pass, which stores (dC, dn) at every chunk end, then two parallel kernels
 per (batch, head, chunk), one with C for dq and A_i = g_i q_i . (dnum_i C_0^T + dqn_i n_0) (the
-gradient of the log inter weight m_0 - M_i), one with dC for dk, dv and dr. num and qn scale as exp(-M_i), so
-dM_i = -(A_i + sum_j (dP * P)_ij) (this equals -(dh_i . h_i + dqn_i qn_i), but taken from the kernels' own dP and P it cancels consistently
-against dr: with bf16 inputs the forget-gate gradient error drops from about 1.3e-2 to 4e-3).
-The state term of chunk k goes through X_k = <dC_k, C_k> + <dn_k, n_k> at the chunk's entering
-state, which obeys X_k = X_{k+1} + sum_k A - sum_k B (X at the end from the final state and its
-cotangent): dm_0 of chunk k gains X_{k+1} - sum_k B and dM at its last token loses X_{k+1}.
+gradient of the log inter weight m_0 - M_i), one with dC for dk, dv and dr. num and qn scale as
+exp(-M_i), so dM_i = -(A_i + sum_j (dP * P)_ij) (this equals -(dh_i . h_i + dqn_i qn_i), but taken
+from the kernels' own dP and P it cancels consistently against dr: with bf16 inputs the
+forget-gate gradient error drops from about 1.3e-2 to 4e-3). The state term of chunk k goes
+through X_{k+1} = <dC_{k+1}, C_{k+1}> + <dn_{k+1}, n_{k+1}> at its end (the next chunk's stored
+state and the stored gradient; the final state and its cotangent for the last chunk): dm_0 of
+chunk k gains X_{k+1} - sum_k B and dM at its last token loses X_{k+1}. (X also obeys X_k =
+X_{k+1} + sum_k A - sum_k B, but summed that way over chunks from the carried states it mixes the
+stored, rounded C and dC of A and B with the exact carries: with bf16 states the bf16 gradient of
+the initial m was 9e-2 from float64, 4e-3 from the stored states directly.)
 
 Packed documents (segment_ids): a document start resets (C, n, m) to (0, 0, 0) before the token.
 The kernels then also take each token's document index within its chunk (int32, 0 for the document
@@ -54,14 +58,14 @@ state reaches the chunk's first document only, and gamma = g_L = 0 when a docume
 chunk. In the kernels W keeps the pairs of one document and u the keys of the chunk's last
 document. Every backward term then follows from the same masked W, g, u, gamma: A and the dq, dC_0
 state terms vanish outside the first document, B and the dk, dv state terms outside the last, and
-X_k = X_{k+1} + sum A - sum B still holds (the dm_0 rows of tokens with m_0 = -inf are dropped by
-autodiff: a chunk's m_0 then gets the first document's A, plus X_{k+1} - sum B if no document
-starts in it).
+the same X_{k+1} holds (the dm_0 rows of tokens with m_0 = -inf are dropped by autodiff: a
+chunk's m_0 then gets the first document's A, plus X_{k+1} - sum B if no document starts in it).
 
 Operands of the matmuls are in the input dtype (bf16 or float32; float32 with full-precision
-IEEE dots), accumulation and states in float32; with bf16 inputs the dots with the state and
-those giving dq, dk keep float32 operands (tf32 on the GPU; see `chunk_common.dot`). This module never
-imports jaxchunk.
+IEEE dots), accumulation and carried states in float32, stored chunk states (C, dC) in the input
+dtype, as FLA's kernels do. Scores multiply the unscaled q (scale applied after the dot): q * scale
+rounded to bf16 as an operand put bf16 dq at 1.8e-2 from float64 (3e-3 so; 5e-3 at T = 256). This
+module never imports jaxchunk.
 """
 
 from __future__ import annotations
@@ -89,15 +93,15 @@ class Config:
 
 
 # Per head_dim_k; `fit_launches` clips the blocks to the head dims and narrows the state pass's
-# blocks for small grids. At head dim 128, compiled for sm_90 (`bench/kernel_resources.py`): with
-# 8 warps the state passes (64x128 float32 blocks) do not spill, nor does the output kernel over
-# 64 Dv columns (4 warps: 40 bytes per thread); the gradient kernels spill 128 (dq) and 416 (dkv)
-# bytes per thread at 8 warps, about twice that at 4.
+# blocks for small grids. At head dim 128, compiled for sm_90 (`bench/kernel_resources.py`), with
+# 8 warps: the state passes (64x128 blocks) and the output kernel over all 128 Dv columns do not
+# spill; the gradient kernels' sums over Dv in one step spill 0 (dq) and 40 (dkv) bytes per
+# thread, in 64-column steps 16 and 144, in 32-column steps 8 and 72; with 4 warps 328 and 976.
 CONFIGS = {
     64: Config(chunk=64, state=Launch(4, 3, 64, 64), output=Launch(4, 1, block_v=64),
                grad=Launch(4, 1, block_v=64)),
-    128: Config(chunk=64, state=Launch(8, 3, 64, 128), output=Launch(8, 1, block_v=64),
-                grad=Launch(8, 1, block_v=64)),
+    128: Config(chunk=64, state=Launch(8, 3, 64, 128), output=Launch(8, 1, block_v=128),
+                grad=Launch(8, 1, block_v=128)),
 }
 
 
@@ -134,12 +138,8 @@ def _pair_weights(r, big_m, doc):
 def _state_pass_kernel(*refs, chunk, num_chunks, reverse, scale, dtype, segmented):
   """Per (batch, head, Dk block, Dv block): x [T, BK], y [T, BV]; r, M, m_0 [T]; C-like carry
   init [BK, BV] and n-like carry norm_init [BK] float32; with `reverse` inv_den and dqn [T]; doc
-  [T] int32 (only if `segmented`). Outputs: states [NC, BK, BV] and norms [NC, BK], the carries
-  after the walk [BK, BV] and [BK], float32.
-
-  The states stay float32 (unlike GLA's): the stabiliser gradient adds the terms A (from the
-  stored C) and B (from the stored dC) to X = <dC, C> + <dn, n> of the carried states, a sum that
-  cancels; C and dC rounded to bf16 put the bf16 gradient of the initial m at 9e-2 from float64.
+  [T] int32 (only if `segmented`). Outputs: states [NC, BK, BV] in the operand dtype, norms
+  [NC, BK] float32, the carries after the walk [BK, BV] and [BK] float32.
 
   Forward (x = k, y = v): stores (C, n) at each chunk start, then C <- gamma C + (k u)^T v and
   n <- gamma n + sum_j u_j k_j. Reverse (x = q, y = dh): walks the chunks backwards storing (dC,
@@ -169,7 +169,7 @@ def _state_pass_kernel(*refs, chunk, num_chunks, reverse, scale, dtype, segmente
       x = x * u[:, None]
       y = y_ref[rows, :]
       x_sum = jnp.sum(x, axis=0)
-    return (gamma * state + dot(x, y, dtype, wide=True, trans_a=True), gamma * norm + x_sum)
+    return (gamma * state + dot(x, y, dtype, trans_a=True), gamma * norm + x_sum)
 
   last_ref[...], norm_last_ref[...] = lax.fori_loop(
       0, num_chunks, body, (init_ref[...], norm_init_ref[...]))
@@ -186,7 +186,7 @@ def _output_kernel(*refs, scale, eps, dtype, segmented):
   # scaled after the dot: q * scale rounded to bf16 as an operand puts bf16 gradients at 2e-2
   p = dot(q_ref[...], k_ref[...], dtype, trans_b=True) * (scale * _pair_weights(r, big_m, doc))
   q = q_ref[...].astype(jnp.float32) * scale
-  num = dot(p, v_ref[...], dtype) + g[:, None] * dot(q, c_ref[...], dtype, wide=True)
+  num = dot(p, v_ref[...], dtype) + (scale * g)[:, None] * dot(q_ref[...], c_ref[...], dtype)
   qn = jnp.sum(p, axis=1) + g * jnp.sum(q * n_ref[...][None, :], axis=1)
   den = jnp.maximum(jnp.abs(qn), jnp.exp(-m_ref[...])) + eps
   h_ref[...] = (num / den[:, None]).astype(h_ref.dtype)
@@ -222,21 +222,21 @@ def _grad_kernel(*refs, scale, dtype, segmented, part, block_v):
     dp = dp + dot(dnum, v, dtype, trans_b=True)
     state = state_ref[:, cols]
     if part == "dq":
-      state_sum = state_sum + dot(dnum, state, dtype, wide=True, trans_b=True)
+      state_sum = state_sum + dot(dnum, state, dtype, trans_b=True)
     else:
-      state_sum = state_sum + dot(v, state, dtype, wide=True, trans_b=True)
-      dv = dot(p, dnum, dtype, trans_a=True) + dot(load_k() * u[:, None], state, dtype, wide=True)
+      state_sum = state_sum + dot(v, state, dtype, trans_b=True)
+      dv = dot(p, dnum, dtype, trans_a=True) + dot(load_k() * u[:, None], state, dtype)
       outs[1][:, cols] = dv.astype(outs[1].dtype)
   dp_p = dp * p
   if part == "dq":
     dq_ref, a_ref, pull_ref = outs
-    dq = dot(dp * w, load_k(), dtype, wide=True) + g[:, None] * state_sum
+    dq = dot(dp * w, load_k(), dtype) + g[:, None] * state_sum
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
     a_ref[...] = g * jnp.sum(load_q() * state_sum, axis=1)
     pull_ref[...] = jnp.sum(dp_p, axis=1)
     return
   dk_ref, _, dr_ref, b_ref = outs
-  dk = dot(dp * w, load_q(), dtype, wide=True, trans_a=True) + u[:, None] * state_sum
+  dk = scale * dot(dp * w, q_ref[...], dtype, trans_a=True) + u[:, None] * state_sum
   dk_ref[...] = dk.astype(dk_ref.dtype)
   b = u * jnp.sum(load_k() * state_sum, axis=1)
   dr_ref[...] = jnp.sum(dp_p, axis=0) + b
@@ -255,9 +255,9 @@ def _params(launch: Launch):
 
 
 def _state_pass(x, y, tokens, init, norm_init, doc, config, interpret, *, reverse, scale):
-  """(states [B,H,NC,Dk,Dv], norms [B,H,NC,Dk], last [B,H,Dk,Dv], norm_last [B,H,Dk], all
-  float32) of `_state_pass_kernel`; tokens: (r, M, m_0) or, reversed, (r, M, m_0, inv_den,
-  dqn)."""
+  """(states [B,H,NC,Dk,Dv] in x's dtype, then float32 norms [B,H,NC,Dk], last [B,H,Dk,Dv] and
+  norm_last [B,H,Dk]) of `_state_pass_kernel`; tokens: (r, M, m_0) or, reversed, (r, M, m_0,
+  inv_den, dqn)."""
   batch, t, heads, dk = x.shape
   dv = y.shape[-1]
   bk, bv, chunk = config.state.block_k, config.state.block_v, config.chunk
@@ -282,7 +282,7 @@ def _state_pass(x, y, tokens, init, norm_init, doc, config, interpret, *, revers
                               lambda i, h, kk, vv: (vv, i, h, 0, kk)),
                  state,
                  pl.BlockSpec((None, None, None, bk), lambda i, h, kk, vv: (vv, i, h, kk))),
-      out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), jnp.float32),
+      out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), x.dtype),
                  jax.ShapeDtypeStruct((num_v, batch, heads, num_chunks, dk), jnp.float32),
                  jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32),
                  jax.ShapeDtypeStruct((num_v, batch, heads, dk), jnp.float32)),
@@ -404,11 +404,13 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   dq, dk, dv, dr, a, b, pull = _grads(q, k, v, dh, (r, big_m, m0, inv_den, dqn), doc, states,
                                       norms, dstates, dnorms, config, interpret, scale=scale)
 
-  # X_{k+1} = <dC, C> + <dn, n> at the end of each chunk: X_T plus the later chunks' sum A - sum B.
+  # X_{k+1} = <dC, C> + <dn, n> at the end of each chunk k, from the stored states (the next
+  # chunk's) and their gradients, the final state's for the last chunk.
   x_end = jnp.sum(dc * c, axis=(-2, -1)) + jnp.sum(dn * n, axis=-1)              # [B,H]
-  delta = (a - b).reshape(batch, num_chunks, chunk, heads).sum(2)                # [B,N,H]
-  later = jnp.flip(jnp.cumsum(jnp.flip(delta, 1), axis=1), 1) - delta
-  x_after = x_end[:, None] + later                                               # [B,N,H]
+  x_inner = (jnp.sum(dstates[:, :, :-1].astype(jnp.float32) * states[:, :, 1:].astype(jnp.float32),
+                     axis=(-2, -1))
+             + jnp.sum(dnorms[:, :, :-1] * norms[:, :, 1:], axis=-1))            # [B,H,N-1]
+  x_after = jnp.concatenate([x_inner, x_end[..., None]], axis=-1).transpose(0, 2, 1)  # [B,N,H]
   at_last = (jnp.arange(chunk) == chunk - 1)[None, None, :, None]
   x_last = jnp.where(at_last, x_after[:, :, None], 0.0).reshape(batch, t, heads)
   dm0 = a - b + x_last
