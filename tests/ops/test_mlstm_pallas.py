@@ -231,8 +231,9 @@ def test_packed_documents_match_xla(rng):
 
 @pytest.mark.parametrize("segmented", [False, True])
 def test_kernels_lower_for_cuda(segmented, monkeypatch):
-  """Forward and both backward kernels lower to Triton IR for an H100 (on CPU), with and without
-  segment_ids (the document mask is a static flag: two kernel variants)."""
+  """The five kernels (state pass and output; reverse state pass and the two gradient kernels)
+  lower to Triton IR for an H100 (on CPU), with and without segment_ids (the document mask is a
+  static flag: two kernel variants)."""
   from pallas_kernels.gpu.h100_lowering import lower_for_h100
   b, t, h, d = 1, 128, 2, 64
   qkv = tuple(jnp.zeros((b, t, h, d), jnp.bfloat16) for _ in range(3))
@@ -244,4 +245,4 @@ def test_kernels_lower_for_cuda(segmented, monkeypatch):
 
   text = lower_for_h100(lambda *args: (loss(*args), jax.grad(loss, argnums=range(5))(*args)),
                         *qkv, *gates).as_text()
-  assert text.count("__gpu$xla.gpu.triton") >= 3, "expected the forward and 2 backward kernels"
+  assert text.count("__gpu$xla.gpu.triton") >= 5, "expected 2 forward and 3 backward kernels"
