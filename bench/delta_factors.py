@@ -1,6 +1,7 @@
 """The delta rules' pallas path with its chunk-local factors from XLA or from the fused factor
-kernels (`jaxchunk.ops.delta_rule.FUSED_FACTORS`, per decay kind), and state-pass tiles, against
-jla, on one GPU: the A/B that decides the defaults.
+kernels (`jaxchunk.ops.delta_rule.FUSED_FACTORS`, per decay kind), KDA's XLA factors with
+blockwise pair matrices (`BLOCKWISE_PAIRS`), and state-pass tiles, against jla, on one GPU: the
+A/B that decides the defaults.
 
   python bench/delta_factors.py                       # gated_delta_rule and kda
   python bench/delta_factors.py kda --profile         # + the GPU kernels of each op's fwd+bwd
@@ -55,6 +56,10 @@ def main() -> None:
     args = lk.jax_args(op, T)
     use_fused(False)
     rows.append((op, "XLA factors; state passes as CONFIGS", timed(op, args)))
+    if op == "kda":
+      delta_module.BLOCKWISE_PAIRS = True
+      rows.append((op, "XLA factors, blockwise pairs (`BLOCKWISE_PAIRS`)", timed(op, args)))
+      delta_module.BLOCKWISE_PAIRS = False
     for block_v, warps, stages in STATE_TILES[op]:
       delta_kernel.CONFIGS[128] = dataclasses.replace(base, block_v=block_v, num_warps=warps,
                                                       num_stages=stages)
@@ -66,7 +71,7 @@ def main() -> None:
       rows.append((op, "jla", {m: lk.timed_jax(lk.jla_fn(op), args, m, 10) for m in lk.MODES}))
     except Exception as error:
       print(op, "jla error", repr(error)[:300], flush=True)
-    for row in rows[-len(STATE_TILES[op]) - 2:]:
+    for row in rows[-len(STATE_TILES[op]) - 2 - (op == "kda"):]:
       print(row, flush=True)
   print("\n" + versions("jax", "jax-linear-attention"))
   print("| op | variant | fwd ms | fwd+bwd ms |\n|---|---|---:|---:|")

@@ -145,6 +145,46 @@ def _channel_decay_attention(q, k, b, sub_chunk: int, einsum=_einsum):
   return a.reshape(*lead, c, c)
 
 
+# `_blockwise_decay_attention`: query rows per block, and the floor of the log-decays inside a
+# block's pair weights (4 tokens * 16 = 64: every factor stays within float32's normal range).
+BLOCKWISE_ROWS = 8
+BLOCKWISE_DECAY_FLOOR = -16.0
+
+
+def _blockwise_decay_attention(q, k, log_decay, einsum=_einsum):
+  """A [..., C, C] of `_channel_decay_attention` from products only (no [.., C, C, Dk] array).
+
+  q, k, log_decay [..., C, Dk] (per-token log-decays, not their cumulative sum b); C a multiple of
+  BLOCKWISE_ROWS (r). Query rows go in blocks of r. Keys before a block factor e^(b_i - b_j)
+  through its first row f: (q_i e^(b_i - f)) . (k_j e^(f - b_j)), both factors <= 1, exact. Keys
+  inside it factor through its middle row m, with b taken from log-decays floored at
+  BLOCKWISE_DECAY_FLOOR: each factor within e^(+-64), so the products are exact to float32
+  rounding while the log-decays stay above the floor; below it, only pairs inside a block
+  separated by such a token change, from one weight under e^-16 (1.1e-7) to another.
+  """
+  *lead, c, dk = q.shape
+  rows = BLOCKWISE_ROWS
+  n = c // rows
+  b = jnp.cumsum(log_decay, axis=-2)
+  q_blocks, b_blocks = (x.reshape(*lead, n, rows, dk) for x in (q, b))
+  first = b_blocks[..., 0, :]                                                # [..., n, Dk]
+  earlier = jnp.arange(c)[None, :] < rows * jnp.arange(n)[:, None]           # [n, C]
+  k_first = k[..., None, :, :] * jnp.exp(
+      jnp.where(earlier[:, :, None], first[..., :, None, :] - b[..., None, :, :], -jnp.inf))
+  before = einsum("...Iid,...Ijd->...Iij", q_blocks * jnp.exp(b_blocks - first[..., None, :]),
+                  k_first)                                                   # [..., n, r, C]
+
+  floored = jnp.cumsum(jnp.maximum(log_decay, BLOCKWISE_DECAY_FLOOR), axis=-2)
+  floored = floored.reshape(*lead, n, rows, dk)
+  mid = floored[..., rows // 2 : rows // 2 + 1, :]                          # [..., n, 1, Dk]
+  inside = einsum("...Iid,...Ijd->...Iij", q_blocks * jnp.exp(floored - mid),
+                  k.reshape(*lead, n, rows, dk) * jnp.exp(mid - floored))   # [..., n, r, r]
+  inside = jnp.where(jnp.tril(jnp.ones((rows, rows), bool)), inside, 0.0)
+  same_block = (jnp.arange(c) // rows)[None, :] == jnp.arange(n)[:, None]   # [n, C]
+  a = jnp.where(same_block[:, None, :], jnp.tile(inside, (n,)), before)
+  return a.reshape(*lead, c, c)
+
+
 def _document_masks(starts, chunk_size: int):
   """The masks of packed documents (module docstring) for chunks laid out [B, N, H, C, *].
 

@@ -69,7 +69,8 @@ from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, chec
                                   check_step_qkv, compute_dtype,
                                   default_scale, document_starts, pad_seq, pallas_interpret,
                                   repeat_heads, reset_state, resolve_impl)
-from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention, _check_state,
+from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _blockwise_decay_attention,
+                                       _channel_decay_attention, _check_state,
                                        _document_masks, _scalar_decay_attention)
 from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import delta_rule as delta_kernel
@@ -173,15 +174,17 @@ def _operand_einsum(dtype):
                                             preferred_element_type=jnp.float32)
 
 
-def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul_dtype=None):
+def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul_dtype=None,
+                   blockwise: bool = False):
   """The chunk-local factors of the chunked form (module docstring), for all chunks in parallel.
 
   Shapes as `_reference`; masks None (one document) or the packed-document masks of
   `_document_masks`. `matmul_dtype` (None: float32) is the operand dtype of the products forming
   the attention matrices and W, U_v (bf16 for bf16 inputs, as FLA's kernels; the inverse stays
-  float32). T is padded to a multiple of `chunk_size` with q = k = v = beta = 0 and
-  log-decay 0, which leaves the state unchanged. Returns, with N chunks of C tokens, arrays laid out
-  [B, N, H, C, *]: w [..,Dk], u_v [..,Dv], q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b)
+  float32); `blockwise` forms per-channel pair matrices by `_blockwise_decay_attention` (products
+  only, log-decays floored) instead of the exact secondary chunking. T is padded to a multiple of
+  `chunk_size` with q = k = v = beta = 0 and log-decay 0, which leaves the state unchanged.
+  Returns, with N chunks of C tokens, arrays laid out [B, N, H, C, *]: w [..,Dk], u_v [..,Dv], q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b)
   [..,Dk], attention P [..,C] and the cumulative log-decay b [..,Dk or 1].
   """
   bsz, t, h, dk = q.shape
@@ -198,8 +201,12 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul
   einsum = _operand_einsum(matmul_dtype)
   if per_channel:
     sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
-    gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
-    attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
+    if blockwise:
+      gram = _blockwise_decay_attention(k, k, log_decay, einsum)
+      attention = _blockwise_decay_attention(q, k, log_decay, einsum)
+    else:
+      gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
+      attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
   else:
     gram = _scalar_decay_attention(k, k, b, einsum)
     attention = _scalar_decay_attention(q, k, b, einsum)
@@ -262,18 +269,25 @@ def _pallas_unsupported(q, k, v) -> str | None:
 # took Gated DeltaNet fwd 4.80 -> 3.77 ms and fwd+bwd 14.53 -> 10.92 ms, but KDA's per-channel
 # ones were slower (fwd 12.55 -> 19.25, fwd+bwd 68.44 -> 71.67 ms).
 FUSED_FACTORS = {"scalar": True, "per_channel": False}
+# Whether the "pallas" path's XLA factors of a per-channel decay (KDA) form their pair matrices
+# from products only (`_blockwise_decay_attention`: log-decays floored at -16 inside 8-row
+# blocks) instead of the exact secondary chunking, whose diagonal blocks are [C, 16, Dk]
+# elementwise products. Off until timed faster on a GPU (`bench/delta_factors.py`).
+BLOCKWISE_PAIRS = False
 
 
-@functools.partial(jax.jit, static_argnames=("operand_dtype", "fused_factors"))
+@functools.partial(jax.jit,
+                   static_argnames=("operand_dtype", "fused_factors", "blockwise_pairs"))
 def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
-                    fused_factors: bool):
+                    fused_factors: bool, blockwise_pairs: bool):
   """As `_chunked` with the state pass and outputs in the Pallas kernels
   (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size, in `operand_dtype` (q's dtype
   before casting; o comes back in it). With `fused_factors` and one document per row (starts
   None) the factors come from kernels too (`fused_delta_rule`). Otherwise XLA forms them here,
   their products with `operand_dtype` operands and float32 accumulation; packed documents (starts
   [B,T] bool) carry their masks, and a chunk where a document starts gets b_C = -inf, so the
-  kernel's state decay e^(b_C) drops the state carried into it."""
+  kernel's state decay e^(b_C) drops the state carried into it. `blockwise_pairs`: per-channel
+  pair matrices from products only (`_chunk_factors`' `blockwise`)."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
   if fused_factors and starts is None:
@@ -285,7 +299,8 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
         interpret=pallas_interpret())
     return o[:, :t], state
   masks = None if starts is None else _document_masks(starts, chunk)
-  *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype)
+  *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype,
+                               blockwise=blockwise_pairs)
   if masks is not None:
     b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
   w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, (*factors, b))
@@ -346,7 +361,8 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
   elif path == "pallas":
     o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype,
                                fused_factors=FUSED_FACTORS["per_channel" if per_channel
-                                                           else "scalar"])
+                                                           else "scalar"],
+                               blockwise_pairs=BLOCKWISE_PAIRS)
   else:
     o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size)
   return o.astype(out_dtype), (state if output_final_state else None)

@@ -280,3 +280,30 @@ def test_swapped_factor_path_bf16_gradients_match_float64(rng, name, swapped_fac
   """bf16 on the non-default factors: for kda the fused kernels' TF32 products in the inverse
   (rounded alike in interpret mode) stay within 1e-2."""
   _bf16_gradients_match_float64(rng, name)
+
+
+@pytest.mark.parametrize("log_decay_range", [(-1.0, -0.01), (-40.0, -0.01)])
+def test_blockwise_pairs_match_exact_pairs(rng, log_decay_range):
+  """`_blockwise_decay_attention` (products only) against the exact secondary chunking: equal
+  while the log-decays stay above the floor (-16); with log-decays down to -40 every pair weight
+  it changes is below e^-16, and everything stays finite."""
+  from jaxchunk.ops import _gated_chunk
+  c, d = 64, 32
+  q, k = randn(rng, 3, c, d), randn(rng, 3, c, d)
+  log_decay = jnp.asarray(rng.uniform(*log_decay_range, (3, c, d)), jnp.float32)
+  exact = _gated_chunk._channel_decay_attention(q, k, jnp.cumsum(log_decay, axis=-2), 16)
+  blockwise = _gated_chunk._blockwise_decay_attention(q, k, log_decay)
+  assert bool(jnp.all(jnp.isfinite(blockwise)))
+  if log_decay_range[0] > _gated_chunk.BLOCKWISE_DECAY_FLOOR:
+    assert_rel_close(blockwise, exact, F32_TOL, "blockwise pairs")
+  else:
+    assert_rel_close(blockwise, exact, 1e-5, "blockwise pairs, floored decays")
+
+
+@pytest.mark.parametrize("name", ["kda", pytest.param("gated_delta_rule", marks=pytest.mark.slow)])
+def test_blockwise_pair_factor_path_matches_xla(rng, name, monkeypatch):
+  """The pallas path with `BLOCKWISE_PAIRS` (per-channel XLA factors from products only; the
+  scalar decay ignores it): values against the oracle, every gradient against xla."""
+  monkeypatch.setattr(delta_module, "BLOCKWISE_PAIRS", True)
+  _check_against_oracle_and_xla(
+      rng, name, make_inputs(rng, name, t=100, h=2, hk=1, gate_heads=2))
