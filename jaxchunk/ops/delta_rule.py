@@ -184,8 +184,9 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul
   float32); `blockwise` forms per-channel pair matrices by `_blockwise_decay_attention` (products
   only, log-decays floored) instead of the exact secondary chunking. T is padded to a multiple of
   `chunk_size` with q = k = v = beta = 0 and log-decay 0, which leaves the state unchanged.
-  Returns, with N chunks of C tokens, arrays laid out [B, N, H, C, *]: w [..,Dk], u_v [..,Dv], q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b)
-  [..,Dk], attention P [..,C] and the cumulative log-decay b [..,Dk or 1].
+  Returns, with N chunks of C tokens, arrays laid out [B, N, H, C, *]: w [..,Dk], u_v [..,Dv],
+  q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b) [..,Dk], attention P [..,C] and the
+  cumulative log-decay b [..,Dk or 1].
   """
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]

@@ -86,7 +86,7 @@ from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_document
 @dataclasses.dataclass(frozen=True)
 class Config:
   chunk: int        # tokens per chunk: states are stored at chunk starts
-  sub_chunk: int    # rows per block of the in-chunk matrix A (per-channel decay; = chunk for scalar)
+  sub_chunk: int    # rows per block of the in-chunk matrix A (per-channel; = chunk for scalar)
   state: Launch     # forward and reverse state passes (grid: batch, head, Dk block, Dv block)
   output: Launch    # forward output (grid: batch, head, chunk, Dv block)
   grad: Launch      # dq, dk, dv and the decay gradient (grid: batch, head, chunk)
@@ -94,12 +94,13 @@ class Config:
 
 
 # Per (per-channel decay, head_dim_k); `fit_launches` clips the blocks to the head dims and narrows
-# the state pass's blocks for small grids. The head_dim 128 launches won H100 sweeps at B=8, T=8K, H=16
-# (bench/results/linear_kernels-2026-11-24.md): state 64x128 blocks beat 64x64 (simple GLA fwd +
-# rev 0.98 vs 1.70 ms), output Dv blocks of 128 beat 64 and 8 warps, and the gradient kernel with 8
-# warps over whole head dims beat 4 warps and splitting it over 64-column blocks. Split gradient
-# kernels (bench/results/linear_kernels-2026-12-07-delta-defaults.md, fwd+bwd): GLA 14.30 -> 8.46
-# ms, simple GLA 3.91 -> 4.63 ms (so only the per-channel decay splits; head dim 64 not timed).
+# the state pass's blocks for small grids. The head_dim 128 launches won H100 sweeps at B=8, T=8K,
+# H=16 (bench/results/linear_kernels-2026-11-24.md): state 64x128 blocks beat 64x64 (simple GLA
+# fwd + rev 0.98 vs 1.70 ms), output Dv blocks of 128 beat 64 and 8 warps, and the gradient kernel
+# with 8 warps over whole head dims beat 4 warps and splitting it over 64-column blocks. Split
+# gradient kernels (bench/results/linear_kernels-2026-12-07-delta-defaults.md, fwd+bwd): GLA
+# 14.30 -> 8.46 ms, simple GLA 3.91 -> 4.63 ms (only the per-channel decay splits; head dim 64
+# not timed).
 CONFIGS = {
     (False, 64): Config(chunk=64, sub_chunk=64, state=Launch(4, 3, 64, 64),
                         output=Launch(4, 1, block_v=64), grad=Launch(4)),

@@ -388,7 +388,7 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   q, k, v, r, big_m, m0, m, doc, h, qn, c, n, states, norms = residuals
   dh, dc, dn = cotangents
   batch, t, heads, _ = q.shape
-  chunk, num_chunks = config.chunk, t // config.chunk
+  chunk = config.chunk
   floor = jnp.exp(-m)
   den = jnp.maximum(jnp.abs(qn), floor) + eps
   dh_h = jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=-1)
@@ -407,8 +407,8 @@ def _mlstm_chunks_backward(scale, eps, config, interpret, residuals, cotangents)
   # X_{k+1} = <dC, C> + <dn, n> at the end of each chunk k, from the stored states (the next
   # chunk's) and their gradients, the final state's for the last chunk.
   x_end = jnp.sum(dc * c, axis=(-2, -1)) + jnp.sum(dn * n, axis=-1)              # [B,H]
-  x_inner = (jnp.sum(dstates[:, :, :-1].astype(jnp.float32) * states[:, :, 1:].astype(jnp.float32),
-                     axis=(-2, -1))
+  x_inner = (jnp.sum(dstates[:, :, :-1].astype(jnp.float32)
+                     * states[:, :, 1:].astype(jnp.float32), axis=(-2, -1))
              + jnp.sum(dnorms[:, :, :-1] * norms[:, :, 1:], axis=-1))            # [B,H,N-1]
   x_after = jnp.concatenate([x_inner, x_end[..., None]], axis=-1).transpose(0, 2, 1)  # [B,N,H]
   at_last = (jnp.arange(chunk) == chunk - 1)[None, None, :, None]
