@@ -702,10 +702,11 @@ def _channel_grad_kernel(q_ref, k_ref, v_ref, beta_ref, a_ref, inverse_ref, u_re
 
 
 # Per head_dim_k: (num_warps, num_stages) of the factor kernels and of the backward's per-chunk
-# kernels. Compiled for sm_90 at Dk = 128 (`bench/kernel_resources.py`; no timing yet), bytes
-# spilled per thread: scalar decay, the factor kernel 224 with 8 warps (304 with 4), the gradient
-# kernel 392 with 8 (952 with 16, which caps it at 128 registers); per channel with 32-column
-# blocks, 1672 and 2464 (64-column blocks: 1288 and 3904; one [C, Dk] pass: 1888 and 7480).
+# kernels. Compiled for sm_90 at Dk = 128 (`bench/kernel_resources.py`, 2026-12-07), bytes
+# spilled per thread with 8 warps: scalar decay, the factor kernel 0 (TF32 inverse products), the
+# gradient kernel 216; per channel, 32-column blocks and 32-row pair blocks, 1720 and 2760
+# (16-column blocks: 1432 and 2568; 16-row pair blocks: over 4000 each). Earlier, with TF32x3
+# inverse products: 64-column blocks 1288 and 3904, one [C, Dk] pass 1888 and 7480.
 PAIR_SUB = 32       # rows per block of a per-channel pair matrix
 CHANNEL_BLOCK = 32  # key channels per block of the per-channel kernels
 FUSED_LAUNCH = {64: ((4, 1), (4, 1)), 128: ((8, 1), (8, 1))}
