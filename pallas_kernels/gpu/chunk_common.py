@@ -1,5 +1,5 @@
 """Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
-mLSTM): their block configs and launches, head-dim support, the dot precision rule, the in-chunk
+mLSTM): their block configs, launches and BlockSpecs, head-dim support, the dot precision rule, the in-chunk
 causal and triangular masks, operand rounding, row extraction without value indexing and the
 per-chunk document index of packed documents. This module never imports jaxchunk.
 """
@@ -10,6 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
@@ -29,6 +30,25 @@ class Launch:
   num_stages: int = 1
   block_k: int | None = None
   block_v: int | None = None
+
+
+def compiler_params(launch: Launch):
+  return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def chunk_spec(chunk: int, width: int | None = None, blocked: bool = False):
+  """BlockSpec of one chunk of a [B,T,H(,width)] array over a grid (batch, head, chunk[, column
+  block]): all columns, or (blocked) the program's column block of `width`."""
+  if width is None:
+    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *j: (i, c, h))
+  return pl.BlockSpec((None, chunk, None, width),
+                      lambda i, h, c, *j: (i, c, h, j[0] if blocked else 0))
+
+
+def doc_specs(doc, block):
+  """([BlockSpec of doc [B, T] int32 with block (length, index map)], (doc,)) if doc is given,
+  else ([], ())."""
+  return ([], ()) if doc is None else ([pl.BlockSpec((None, block[0]), block[1])], (doc,))
 
 
 HEAD_DIMS = (64, 128)

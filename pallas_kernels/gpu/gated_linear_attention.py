@@ -77,10 +77,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_documents, dot,
-                                             fit_launches, round_mantissa, row, triangular_mask)
+from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_documents, chunk_spec,
+                                             compiler_params, doc_specs, dot, fit_launches,
+                                             round_mantissa, row, triangular_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,15 +434,6 @@ def _grad_kernel(*refs, sub, scale, per_channel, dtype, segmented, part):
 # decays); states [B,H,NC,Dk,Dv]; a state [B,H,Dk,Dv] float32. T is a multiple of the chunk.
 
 
-def _params(launch: Launch):
-  return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
-def _doc_specs(doc, block):
-  """([BlockSpec of doc [B, T] int32], (doc,)) if doc is given, else ([], ())."""
-  return ([], ()) if doc is None else ([pl.BlockSpec((None, block[0]), block[1])], (doc,))
-
-
 def _state_pass(x, y, g, init, doc, config, interpret, *, reverse, scale, states_dtype):
   """(states [B,H,NC,Dk,Dv] in states_dtype, last carry [B,H,Dk,Dv] float32); see the kernel."""
   batch, t, heads, dk = x.shape
@@ -452,7 +443,7 @@ def _state_pass(x, y, g, init, doc, config, interpret, *, reverse, scale, states
   per_channel = g.ndim == 4
   g_spec = (pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)) if per_channel
             else pl.BlockSpec((None, t, None), lambda i, h, kk, vv: (i, 0, h)))
-  doc_specs, docs = _doc_specs(doc, (t, lambda i, h, kk, vv: (i, 0)))
+  doc_spec, docs = doc_specs(doc, (t, lambda i, h, kk, vv: (i, 0)))
   state_spec = pl.BlockSpec((None, None, bk, bv), lambda i, h, kk, vv: (i, h, kk, vv))
   return pl.pallas_call(
       functools.partial(_state_pass_kernel, chunk=chunk, num_chunks=num_chunks, reverse=reverse,
@@ -461,23 +452,14 @@ def _state_pass(x, y, g, init, doc, config, interpret, *, reverse, scale, states
       grid=(batch, heads, dk // bk, dv // bv),
       in_specs=(pl.BlockSpec((None, t, None, bk), lambda i, h, kk, vv: (i, 0, h, kk)),
                 pl.BlockSpec((None, t, None, bv), lambda i, h, kk, vv: (i, 0, h, vv)),
-                g_spec, *doc_specs, state_spec),
+                g_spec, *doc_spec, state_spec),
       out_specs=(pl.BlockSpec((None, None, num_chunks, bk, bv),
                               lambda i, h, kk, vv: (i, h, 0, kk, vv)), state_spec),
       out_shape=(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), states_dtype),
                  jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)),
-      compiler_params=_params(config.state),
+      compiler_params=compiler_params(config.state),
       interpret=interpret,
   )(x, y, g, *docs, init)
-
-
-def _chunk_spec(chunk: int, width: int | None, blocked: bool = False):
-  """BlockSpec of one chunk of a [B,T,H(,width)] array over a grid (batch, head, chunk[, column
-  block]): all columns, or (blocked) the program's column block of `width`."""
-  if width is None:
-    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *j: (i, c, h))
-  return pl.BlockSpec((None, chunk, None, width),
-                      lambda i, h, c, *j: (i, c, h, j[0] if blocked else 0))
 
 
 def _output(q, k, v, g, doc, states, config, interpret, *, scale):
@@ -485,18 +467,18 @@ def _output(q, k, v, g, doc, states, config, interpret, *, scale):
   dv = v.shape[-1]
   bv, chunk = config.output.block_v, config.chunk
   per_channel = g.ndim == 4
-  v_spec = _chunk_spec(chunk, bv, blocked=True)
-  doc_specs, docs = _doc_specs(doc, (chunk, lambda i, h, c, j: (i, c)))
+  v_spec = chunk_spec(chunk, bv, blocked=True)
+  doc_spec, docs = doc_specs(doc, (chunk, lambda i, h, c, j: (i, c)))
   return pl.pallas_call(
       functools.partial(_output_kernel, sub=config.sub_chunk, scale=scale,
                         per_channel=per_channel, dtype=q.dtype, segmented=doc is not None),
       grid=(batch, heads, t // chunk, dv // bv),
-      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), v_spec,
-                _chunk_spec(chunk, dk if per_channel else None), *doc_specs,
+      in_specs=(chunk_spec(chunk, dk), chunk_spec(chunk, dk), v_spec,
+                chunk_spec(chunk, dk if per_channel else None), *doc_spec,
                 pl.BlockSpec((None, None, None, dk, bv), lambda i, h, c, j: (i, h, c, 0, j))),
       out_specs=v_spec,
       out_shape=jax.ShapeDtypeStruct((batch, t, heads, dv), q.dtype),
-      compiler_params=_params(config.output),
+      compiler_params=compiler_params(config.output),
       interpret=interpret,
   )(q, k, v, g, *docs, states)
 
@@ -508,15 +490,15 @@ def _grads(q, k, v, do, g, doc, states, dstates, config, interpret, *, scale):
   chunk = config.chunk
   per_channel = g.ndim == 4
   state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
-  g_spec = _chunk_spec(chunk, dk if per_channel else None)
-  doc_specs, docs = _doc_specs(doc, (chunk, lambda i, h, c: (i, c)))
-  in_specs = (_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-              _chunk_spec(chunk, dv), g_spec, *doc_specs, state_spec, state_spec)
+  g_spec = chunk_spec(chunk, dk if per_channel else None)
+  doc_spec, docs = doc_specs(doc, (chunk, lambda i, h, c: (i, c)))
+  in_specs = (chunk_spec(chunk, dk), chunk_spec(chunk, dk), chunk_spec(chunk, dv),
+              chunk_spec(chunk, dv), g_spec, *doc_spec, state_spec, state_spec)
   shapes = dict(dq=jax.ShapeDtypeStruct(q.shape, q.dtype),
                 dk=jax.ShapeDtypeStruct(k.shape, k.dtype),
                 dv=jax.ShapeDtypeStruct(v.shape, v.dtype),
                 db=jax.ShapeDtypeStruct(g.shape, jnp.float32))
-  specs = dict(dq=_chunk_spec(chunk, dk), dk=_chunk_spec(chunk, dk), dv=_chunk_spec(chunk, dv),
+  specs = dict(dq=chunk_spec(chunk, dk), dk=chunk_spec(chunk, dk), dv=chunk_spec(chunk, dv),
                db=g_spec)
   operands = (q, k, v, do, g, *docs, states, dstates)
 
@@ -529,7 +511,7 @@ def _grads(q, k, v, do, g, doc, states, dstates, config, interpret, *, scale):
         in_specs=in_specs + (g_spec,) * len(extra),
         out_specs=tuple(specs[name] for name in outputs),
         out_shape=tuple(shapes[name] for name in outputs),
-        compiler_params=_params(config.grad),
+        compiler_params=compiler_params(config.grad),
         interpret=interpret,
     )(*operands, *extra)
 

@@ -77,10 +77,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_documents, dot,
-                                             fit_launches, row)
+from pallas_kernels.gpu.chunk_common import (Launch, causal_mask, chunk_documents, chunk_spec,
+                                             compiler_params, doc_specs, dot, fit_launches, row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,10 +249,6 @@ def _grad_kernel(*refs, scale, dtype, segmented, part, block_v):
 # Dv-block axis and are read at block 0. T is a multiple of the chunk.
 
 
-def _params(launch: Launch):
-  return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
 def _state_pass(x, y, tokens, init, norm_init, doc, config, interpret, *, reverse, scale):
   """(states [B,H,NC,Dk,Dv] in x's dtype, then float32 norms [B,H,NC,Dk], last [B,H,Dk,Dv] and
   norm_last [B,H,Dk]) of `_state_pass_kernel`; tokens: (r, M, m_0) or, reversed, (r, M, m_0,
@@ -265,10 +260,8 @@ def _state_pass(x, y, tokens, init, norm_init, doc, config, interpret, *, revers
   token = pl.BlockSpec((None, t, None), lambda i, h, kk, vv: (i, 0, h))
   norm = pl.BlockSpec((None, None, bk), lambda i, h, kk, vv: (i, h, kk))
   state = pl.BlockSpec((None, None, bk, bv), lambda i, h, kk, vv: (i, h, kk, vv))
-  extra, extra_specs = tuple(tokens[3:]), [token] * len(tokens[3:])
-  if doc is not None:
-    extra, extra_specs = extra + (doc,), extra_specs + [
-        pl.BlockSpec((None, t), lambda i, h, kk, vv: (i, 0))]
+  doc_spec, docs = doc_specs(doc, (t, lambda i, h, kk, vv: (i, 0)))
+  extra, extra_specs = tuple(tokens[3:]) + docs, [token] * len(tokens[3:]) + doc_spec
   states, norms, last, norm_last = pl.pallas_call(
       functools.partial(_state_pass_kernel, chunk=chunk, num_chunks=num_chunks, reverse=reverse,
                         scale=scale, dtype=x.dtype, segmented=doc is not None),
@@ -286,26 +279,10 @@ def _state_pass(x, y, tokens, init, norm_init, doc, config, interpret, *, revers
                  jax.ShapeDtypeStruct((num_v, batch, heads, num_chunks, dk), jnp.float32),
                  jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32),
                  jax.ShapeDtypeStruct((num_v, batch, heads, dk), jnp.float32)),
-      compiler_params=_params(config.state),
+      compiler_params=compiler_params(config.state),
       interpret=interpret,
   )(x, y, *tokens[:3], init, norm_init, *extra)
   return states, norms[0], last, norm_last[0]
-
-
-def _chunk_spec(chunk: int, width: int | None = None, blocked: bool = False):
-  """BlockSpec of one chunk of a [B,T,H(,width)] array over a grid (batch, head, chunk[, column
-  block]): all columns, or (blocked) the program's column block of `width`."""
-  if width is None:
-    return pl.BlockSpec((None, chunk, None), lambda i, h, c, *j: (i, c, h))
-  return pl.BlockSpec((None, chunk, None, width),
-                      lambda i, h, c, *j: (i, c, h, j[0] if blocked else 0))
-
-
-def _doc_specs(doc, chunk: int):
-  """([BlockSpec of one chunk of doc [B, T] int32], (doc,)) if doc is given, else ([], ())."""
-  if doc is None:
-    return [], ()
-  return [pl.BlockSpec((None, chunk), lambda i, h, c, *j: (i, c))], (doc,)
 
 
 def _output(q, k, v, tokens, doc, states, norms, config, interpret, *, scale, eps):
@@ -314,20 +291,20 @@ def _output(q, k, v, tokens, doc, states, norms, config, interpret, *, scale, ep
   dv = v.shape[-1]
   bv, chunk = config.output.block_v, config.chunk
   num_v = dv // bv
-  v_spec = _chunk_spec(chunk, bv, blocked=True)
-  doc_specs, docs = _doc_specs(doc, chunk)
+  v_spec = chunk_spec(chunk, bv, blocked=True)
+  doc_spec, docs = doc_specs(doc, (chunk, lambda i, h, c, *j: (i, c)))
   h, qn = pl.pallas_call(
       functools.partial(_output_kernel, scale=scale, eps=eps, dtype=q.dtype,
                         segmented=doc is not None),
       grid=(batch, heads, t // chunk, num_v),
-      in_specs=(_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), v_spec,
-                *[_chunk_spec(chunk)] * 4, *doc_specs,
+      in_specs=(chunk_spec(chunk, dk), chunk_spec(chunk, dk), v_spec,
+                *[chunk_spec(chunk)] * 4, *doc_spec,
                 pl.BlockSpec((None, None, None, dk, bv), lambda i, h, c, j: (i, h, c, 0, j)),
                 pl.BlockSpec((None, None, None, dk), lambda i, h, c, j: (i, h, c, 0))),
       out_specs=(v_spec, pl.BlockSpec((None, None, chunk, None), lambda i, h, c, j: (j, i, c, h))),
       out_shape=(jax.ShapeDtypeStruct((batch, t, heads, dv), v.dtype),
                  jax.ShapeDtypeStruct((num_v, batch, t, heads), jnp.float32)),
-      compiler_params=_params(config.output),
+      compiler_params=compiler_params(config.output),
       interpret=interpret,
   )(q, k, v, *tokens, *docs, states, norms)
   return h, qn[0]
@@ -340,12 +317,12 @@ def _grads(q, k, v, dh, tokens, doc, states, norms, dstates, dnorms, config, int
   batch, t, heads, dk = q.shape
   dv = v.shape[-1]
   chunk = config.chunk
-  doc_specs, docs = _doc_specs(doc, chunk)
+  doc_spec, docs = doc_specs(doc, (chunk, lambda i, h, c, *j: (i, c)))
   state = pl.BlockSpec((None, None, None, dk, dv), lambda i, h, c: (i, h, c, 0, 0))
   norm = pl.BlockSpec((None, None, None, dk), lambda i, h, c: (i, h, c, 0))
   token = jax.ShapeDtypeStruct((batch, t, heads), jnp.float32)
-  in_specs = (_chunk_spec(chunk, dk), _chunk_spec(chunk, dk), _chunk_spec(chunk, dv),
-              _chunk_spec(chunk, dv), *[_chunk_spec(chunk)] * 5, *doc_specs, state, norm)
+  in_specs = (chunk_spec(chunk, dk), chunk_spec(chunk, dk), chunk_spec(chunk, dv),
+              chunk_spec(chunk, dv), *[chunk_spec(chunk)] * 5, *doc_spec, state, norm)
 
   def call(part, carried, out_specs, out_shape):
     return pl.pallas_call(
@@ -355,14 +332,14 @@ def _grads(q, k, v, dh, tokens, doc, states, norms, dstates, dnorms, config, int
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_params(config.grad),
+        compiler_params=compiler_params(config.grad),
         interpret=interpret,
     )(q, k, v, dh, *tokens, *docs, *carried)
 
-  dq, a, pull = call("dq", (states, norms), (_chunk_spec(chunk, dk), *[_chunk_spec(chunk)] * 2),
+  dq, a, pull = call("dq", (states, norms), (chunk_spec(chunk, dk), *[chunk_spec(chunk)] * 2),
                      (jax.ShapeDtypeStruct(q.shape, q.dtype), token, token))
   dk, dv, dr, b = call("dkv", (dstates, dnorms),
-                       (_chunk_spec(chunk, dk), _chunk_spec(chunk, dv), *[_chunk_spec(chunk)] * 2),
+                       (chunk_spec(chunk, dk), chunk_spec(chunk, dv), *[chunk_spec(chunk)] * 2),
                        (jax.ShapeDtypeStruct(k.shape, k.dtype),
                         jax.ShapeDtypeStruct(v.shape, v.dtype), token, token))
   return dq, dk, dv, dr, a, b, pull
