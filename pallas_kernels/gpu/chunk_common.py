@@ -1,7 +1,7 @@
 """Helpers shared by the chunked linear-recurrence kernels (gated linear attention, delta rule,
-mLSTM): their block configs, launches and BlockSpecs, head-dim support, the dot precision rule, the in-chunk
-causal and triangular masks, operand rounding, row extraction without value indexing and the
-per-chunk document index of packed documents. This module never imports jaxchunk.
+mLSTM): their block configs, launches and BlockSpecs, head-dim support, the dot precision rule,
+the in-chunk causal and triangular masks, operand rounding, row extraction without value indexing
+and the per-chunk document index of packed documents. This module never imports jaxchunk.
 """
 
 from __future__ import annotations
