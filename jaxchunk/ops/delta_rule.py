@@ -201,11 +201,11 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul
   b = jnp.cumsum(log_decay, axis=-2)
   einsum = _operand_einsum(matmul_dtype)
   if per_channel:
-    sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
     if blockwise:
       gram = _blockwise_decay_attention(k, k, log_decay, einsum)
       attention = _blockwise_decay_attention(q, k, log_decay, einsum)
     else:
+      sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
       gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
       attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
   else:
