@@ -303,8 +303,9 @@ def test_blockwise_pairs_match_exact_pairs(rng, log_decay_range):
 @pytest.mark.slow  # off by default; the pair matrices themselves are tested in the default run
 @pytest.mark.parametrize("name", ["kda", "gated_delta_rule"])
 def test_blockwise_pair_factor_path_matches_xla(rng, name, monkeypatch):
-  """The pallas path with `BLOCKWISE_PAIRS` (per-channel XLA factors from products only; the
-  scalar decay ignores it): values against the oracle, every gradient against xla."""
-  monkeypatch.setattr(delta_module, "BLOCKWISE_PAIRS", True)
+  """The pallas path with `BLOCKWISE_PAIRS` swapped from its default (per-channel XLA factors
+  from the exact secondary chunking or from products only; the scalar decay ignores it): values
+  against the oracle, every gradient against xla."""
+  monkeypatch.setattr(delta_module, "BLOCKWISE_PAIRS", not delta_module.BLOCKWISE_PAIRS)
   _check_against_oracle_and_xla(
       rng, name, make_inputs(rng, name, t=100, h=2, hk=1, gate_heads=2))
