@@ -15,14 +15,21 @@ for i >= j. Numerical safety of that matrix:
 
 - scalar decay: exp(b_i - b_j) is a [C, C] factor whose exponent is masked to -inf above the
   diagonal *before* `exp`, so nothing overflows and the gradient through the mask is exactly 0.
-- per-channel decay (secondary chunking, as FLA's `chunk_gla`): the chunk is split into sub-chunks
-  of c = gcd(C, `_SUB_CHUNK`) tokens. For a query sub-chunk I and an earlier key sub-chunk J < I
-  the reference r = b at the first token of I lies between every key j of J and query i of I, so
-  exp(b_i - b_j) = exp(b_i - r) * exp(r - b_j) with both factors in (0, 1]: the block is one matmul
-  of q * exp(b - r) and k * exp(r - b) and nothing can overflow (an underflowing factor means the
-  true product underflows too). Diagonal blocks (I == J) are exact, with a [c, c, Dk] decay tensor
-  per sub-chunk masked before `exp`. Memory is O(T * C * Dk / c) for the decayed keys and
-  O(T * c * Dk) for the diagonal blocks: linear in T, never T x T.
+- per-channel decay, where C is a multiple of BLOCKWISE_ROWS (8; the default chunk sizes):
+  `_blockwise_decay_attention` forms the matrix from products only. Query rows go in blocks of 8.
+  For keys before a block the reference r = b at the block's first row lies between every such
+  key j and query i, so exp(b_i - b_j) = exp(b_i - r) * exp(r - b_j) with both factors in (0, 1]:
+  one matmul of q * exp(b - r) and k * exp(r - b) per block, and nothing can overflow (an
+  underflowing factor means the true product underflows too). Keys inside the block go through
+  its middle row with the log-decays floored at BLOCKWISE_DECAY_FLOOR (-16), so each factor stays
+  within e^(+-64); that changes only pair weights already below e^-16. On the CPU backend (T=2K,
+  H=4, D=128, float32) it took GLA's xla fwd+bwd from 312 to 131 ms and KDA's from 420 to 213 ms
+  against the exact form below. Memory is O(T * C * Dk / 8) for the decayed keys.
+- per-channel decay, other C (secondary chunking, as FLA's `chunk_gla`): the chunk is split into
+  sub-chunks of c = gcd(C, `_SUB_CHUNK`) tokens; an earlier key sub-chunk factors through the
+  query sub-chunk's first row as above, and diagonal blocks (I == J) are exact, with a [c, c, Dk]
+  decay tensor per sub-chunk masked before `exp`. Memory is O(T * C * Dk / c) for the decayed
+  keys and O(T * c * Dk) for the diagonal blocks: linear in T, never T x T.
 
 The inter-chunk state pass is a `lax.scan` over chunks carrying S; the per-chunk contributions
 sum_j (k_j exp(b_C - b_j))^T v_j are computed for all chunks in parallel beforehand.
@@ -185,6 +192,17 @@ def _blockwise_decay_attention(q, k, log_decay, einsum=_einsum):
   return a.reshape(*lead, c, c)
 
 
+def _channel_pair_attention(q, k, log_decay, b, einsum=_einsum):
+  """The per-channel intra-chunk attention A [..., C, C] of q, k [..., C, Dk] with per-token
+  log-decays `log_decay` and their cumulative sum `b` (both [..., C, Dk]):
+  `_blockwise_decay_attention` where C is a multiple of BLOCKWISE_ROWS, else the exact secondary
+  chunking of `_channel_decay_attention` (module docstring)."""
+  c = q.shape[-2]
+  if c % BLOCKWISE_ROWS == 0:
+    return _blockwise_decay_attention(q, k, log_decay, einsum)
+  return _channel_decay_attention(q, k, b, math.gcd(c, _SUB_CHUNK), einsum)
+
+
 def _document_masks(starts, chunk_size: int):
   """The masks of packed documents (module docstring) for chunks laid out [B, N, H, C, *].
 
@@ -214,7 +232,7 @@ def _chunked(q, k, v, log_decay, state, starts, *, chunk_size: int):
   q, k, v, log_decay = map(to_chunks, padded)
   b = jnp.cumsum(log_decay, axis=-2)
   if per_channel:
-    a = _channel_decay_attention(q, k, b, math.gcd(chunk_size, _SUB_CHUNK))
+    a = _channel_pair_attention(q, k, log_decay, b)
   else:
     a = _scalar_decay_attention(q, k, b)
 

@@ -31,8 +31,9 @@ and the outputs follow in parallel from each chunk's starting state:
   O = (Q * exp(b)) S_0 + P U,  P_ij = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0.
 
 Every exponent outside M and P is <= 0. M and P use the overflow-free decayed attention matrices of
-`jaxchunk.ops._gated_chunk` (exponents masked before `exp` for a scalar decay, secondary chunking
-with in-between reference points for a per-channel decay).
+`jaxchunk.ops._gated_chunk` (exponents masked before `exp` for a scalar decay; for a per-channel
+decay, products through in-between reference points, with log-decays floored at -16 inside 8-row
+blocks, or the exact secondary chunking for chunk sizes not a multiple of 8).
 
 Packed documents (`segment_ids`, the state reset to zero where a document starts): a token's
 S_{i-1} then unrolls only over the keys of its own document, plus S_0 for the chunk's first
@@ -69,8 +70,8 @@ from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, chec
                                   check_step_qkv, compute_dtype,
                                   default_scale, document_starts, pad_seq, pallas_interpret,
                                   repeat_heads, reset_state, resolve_impl)
-from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _blockwise_decay_attention,
-                                       _channel_decay_attention, _check_state,
+from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention,
+                                       _channel_pair_attention, _check_state,
                                        _document_masks, _scalar_decay_attention)
 from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import delta_rule as delta_kernel
@@ -181,8 +182,9 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul
   Shapes as `_reference`; masks None (one document) or the packed-document masks of
   `_document_masks`. `matmul_dtype` (None: float32) is the operand dtype of the products forming
   the attention matrices and W, U_v (bf16 for bf16 inputs, as FLA's kernels; the inverse stays
-  float32); `blockwise` forms per-channel pair matrices by `_blockwise_decay_attention` (products
-  only, log-decays floored) instead of the exact secondary chunking. T is padded to a multiple of
+  float32); `blockwise` forms per-channel pair matrices by `_channel_pair_attention` (products
+  only, log-decays floored, where the chunk is a multiple of 8 rows) instead of the exact
+  secondary chunking. T is padded to a multiple of
   `chunk_size` with q = k = v = beta = 0 and log-decay 0, which leaves the state unchanged.
   Returns, with N chunks of C tokens, arrays laid out [B, N, H, C, *]: w [..,Dk], u_v [..,Dv],
   q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b) [..,Dk], attention P [..,C] and the
@@ -200,14 +202,13 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul
   q, k, v, beta, log_decay = map(to_chunks, padded)
   b = jnp.cumsum(log_decay, axis=-2)
   einsum = _operand_einsum(matmul_dtype)
-  if per_channel:
-    if blockwise:
-      gram = _blockwise_decay_attention(k, k, log_decay, einsum)
-      attention = _blockwise_decay_attention(q, k, log_decay, einsum)
-    else:
-      sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
-      gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
-      attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
+  if per_channel and blockwise:
+    gram = _channel_pair_attention(k, k, log_decay, b, einsum)
+    attention = _channel_pair_attention(q, k, log_decay, b, einsum)
+  elif per_channel:
+    sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
+    gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
+    attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
   else:
     gram = _scalar_decay_attention(k, k, b, einsum)
     attention = _scalar_decay_attention(q, k, b, einsum)
@@ -238,7 +239,7 @@ def _chunked(q, k, v, beta, log_decay, state, starts, *, chunk_size: int):
   document)."""
   masks = None if starts is None else _document_masks(starts, chunk_size)
   w, u_v, q_decayed, k_to_end, attention, b = _chunk_factors(q, k, v, beta, log_decay, chunk_size,
-                                                             masks)
+                                                             masks, blockwise=True)
   chunk_decays = jnp.exp(b[..., -1, :])[..., None]                           # [B,N,H,Dk or 1,1]
   if masks is not None:
     chunk_decays = jnp.where(masks[3], chunk_decays, 0)

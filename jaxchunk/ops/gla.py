@@ -2,11 +2,12 @@
 
   S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t,
 
-with a [Dk, Dv] float32 state per head. The "xla" path is chunkwise-parallel with secondary chunking
-for the intra-chunk attention matrix: off-diagonal sub-chunk blocks factor exp(b_i - b_j) through a
-reference point between the key and query sub-chunks so both factors are <= 1, and diagonal blocks
-use an exact masked [c, c, Dk] decay tensor. Nothing overflows even with strong decays over a whole
-chunk; see `jaxchunk.ops._gated_chunk` for the derivation.
+with a [Dk, Dv] float32 state per head. The "xla" path is chunkwise-parallel. Its intra-chunk
+attention matrix goes by blocks of 8 query rows: earlier keys factor exp(b_i - b_j) through a
+reference point between key and query, so both factors are <= 1; keys inside a block go through
+its middle row with log-decays floored at -16 (a change only to weights below e^-16). Chunk sizes
+not a multiple of 8 use FLA's exact secondary chunking instead. Nothing overflows even with
+strong decays over a whole chunk; see `jaxchunk.ops._gated_chunk` for the derivation.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 with a [Dk, Dv] float32 state per head: the decay acts on the state's rows (key channels) before the
 delta-rule update. The "xla" path is the chunked WY / UT-transform form shared with
 `jaxchunk.ops.delta_rule` (see its module docstring); the per-channel decays inside a chunk go
-through secondary chunking so no exponent can overflow.
+through in-between reference points so no exponent can overflow (`jaxchunk.ops._gated_chunk`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ def op_inputs(rng, op, **kwargs):
     (37, 64, 4, 1, 4, True),    # a single padded chunk, gates on q heads
     (50, 24, 2, 1, 2, True),    # a chunk size that is not a power of two (nor a multiple of
                                 # gla's sub-chunk)
+    (50, 20, 2, 1, 2, True),    # not a multiple of 8 rows: gla's exact secondary chunking
 ])
 def test_forward_matches_oracle(rng, op, impl, t, chunk_size, h, hk, gate_heads, with_state):
   fn, _ = OPS[op]

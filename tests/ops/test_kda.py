@@ -23,6 +23,7 @@ def make_inputs(rng, **kwargs):
     (37, 16, 4, 2, 2, True),    # T not a multiple, GQA, gates on kv heads, initial state
     (37, 64, 4, 1, 4, True),    # a single padded chunk (default size), gates on q heads
     (37, 24, 2, 1, 2, True),    # chunk not a multiple of the 16-token sub-chunk
+    (37, 20, 2, 1, 2, True),    # not a multiple of 8 rows: the exact secondary chunking
 ])
 def test_forward_matches_oracle(rng, impl, t, chunk_size, h, hk, gate_heads, with_state):
   q, k, v, gk, beta, s0 = make_inputs(rng, t=t, h=h, hk=hk, gate_heads=gate_heads)
