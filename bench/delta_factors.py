@@ -19,6 +19,7 @@ import sys
 import jax
 
 import linear_kernels as lk
+from jaxchunk.ops import _gated_chunk
 from pallas_kernels.gpu import delta_rule as delta_kernel
 from report import versions
 
@@ -55,13 +56,13 @@ def main() -> None:
   for op in ops:
     args = lk.jax_args(op, T)
     use_fused(False)
-    default_pairs = delta_module.BLOCKWISE_PAIRS
-    delta_module.BLOCKWISE_PAIRS = False
+    default_pairs = _gated_chunk.BLOCKWISE_PAIRS
+    _gated_chunk.BLOCKWISE_PAIRS = False
     rows.append((op, "XLA factors; state passes as CONFIGS", timed(op, args)))
     if op == "kda":
-      delta_module.BLOCKWISE_PAIRS = True
+      _gated_chunk.BLOCKWISE_PAIRS = True
       rows.append((op, "XLA factors, blockwise pairs (`BLOCKWISE_PAIRS`)", timed(op, args)))
-    delta_module.BLOCKWISE_PAIRS = default_pairs
+    _gated_chunk.BLOCKWISE_PAIRS = default_pairs
     for block_v, warps, stages in STATE_TILES[op]:
       delta_kernel.CONFIGS[128] = dataclasses.replace(base, block_v=block_v, num_warps=warps,
                                                       num_stages=stages)

@@ -22,9 +22,9 @@ for i >= j. Numerical safety of that matrix:
   one matmul of q * exp(b - r) and k * exp(r - b) per block, and nothing can overflow (an
   underflowing factor means the true product underflows too). Keys inside the block go through
   its middle row with the log-decays floored at BLOCKWISE_DECAY_FLOOR (-16), so each factor stays
-  within e^(+-64); that changes only pair weights already below e^-16. On the CPU backend (T=2K,
-  H=4, D=128, float32) it took GLA's xla fwd+bwd from 312 to 131 ms and KDA's from 420 to 213 ms
-  against the exact form below. Memory is O(T * C * Dk / 8) for the decayed keys.
+  within e^(+-64); that changes only pair weights already below e^-16. Against the exact form
+  below it halves the xla path's fwd+bwd on the CPU backend (BLOCKWISE_PAIRS). Memory is
+  O(T * C * Dk / 8) for the decayed keys.
 - per-channel decay, other C (secondary chunking, as FLA's `chunk_gla`): the chunk is split into
   sub-chunks of c = gcd(C, `_SUB_CHUNK`) tokens; an earlier key sub-chunk factors through the
   query sub-chunk's first row as above, and diagonal blocks (I == J) are exact, with a [c, c, Dk]
@@ -156,6 +156,16 @@ def _channel_decay_attention(q, k, b, sub_chunk: int, einsum=_einsum):
 # block's pair weights (4 tokens * 16 = 64: every factor stays within float32's normal range).
 BLOCKWISE_ROWS = 8
 BLOCKWISE_DECAY_FLOOR = -16.0
+# Whether per-channel pair matrices (GLA's and KDA's xla paths, KDA's pallas path with XLA factors)
+# are formed by `_blockwise_decay_attention` where the chunk allows it, rather than by the exact
+# secondary chunking, whose diagonal blocks are [C, 16, Dk] elementwise products. Read when an op
+# is called and passed on as a static argument. Blockwise was faster everywhere it was timed: on
+# the CPU backend (`bench/pair_matrices.py`, T=2K, H=4, D=128, float32;
+# bench/results/pair_matrices-2026-12-07-cpu.md) GLA's xla fwd+bwd 251 -> 130 ms and KDA's 368 ->
+# 205 ms, the forwards unchanged; on an H100 (B=8, T=8K, H=16, D=128, bf16; `bench/delta_factors.py`,
+# bench/results/linear_kernels-2026-12-07-bf16-states.md) KDA's pallas fwd 12.58 -> 10.61 ms and
+# fwd+bwd 68.45 -> 42.14 ms.
+BLOCKWISE_PAIRS = True
 
 
 def _blockwise_decay_attention(q, k, log_decay, einsum=_einsum):
@@ -192,13 +202,13 @@ def _blockwise_decay_attention(q, k, log_decay, einsum=_einsum):
   return a.reshape(*lead, c, c)
 
 
-def _channel_pair_attention(q, k, log_decay, b, einsum=_einsum):
+def _channel_pair_attention(q, k, log_decay, b, einsum=_einsum, *, blockwise: bool):
   """The per-channel intra-chunk attention A [..., C, C] of q, k [..., C, Dk] with per-token
-  log-decays `log_decay` and their cumulative sum `b` (both [..., C, Dk]):
-  `_blockwise_decay_attention` where C is a multiple of BLOCKWISE_ROWS, else the exact secondary
+  log-decays `log_decay` and their cumulative sum `b` (both [..., C, Dk]): with `blockwise` and C
+  a multiple of BLOCKWISE_ROWS by `_blockwise_decay_attention`, else by the exact secondary
   chunking of `_channel_decay_attention` (module docstring)."""
   c = q.shape[-2]
-  if c % BLOCKWISE_ROWS == 0:
+  if blockwise and c % BLOCKWISE_ROWS == 0:
     return _blockwise_decay_attention(q, k, log_decay, einsum)
   return _channel_decay_attention(q, k, b, math.gcd(c, _SUB_CHUNK), einsum)
 
@@ -214,9 +224,9 @@ def _document_masks(starts, chunk_size: int):
   return same_document(doc[..., 0]), doc == 0, doc == doc[..., -1:, :], doc[..., -1:, :] == 0
 
 
-def _chunked(q, k, v, log_decay, state, starts, *, chunk_size: int):
+def _chunked(q, k, v, log_decay, state, starts, *, chunk_size: int, blockwise: bool):
   """Chunkwise-parallel form. Shapes as `_reference`, starts [B,T] bool or None (one document);
-  T is padded to a multiple of `chunk_size`.
+  T is padded to a multiple of `chunk_size`; `blockwise`: see BLOCKWISE_PAIRS.
 
   Padding uses k = v = 0, log-decay 0 and no document start, which leaves the state unchanged.
   """
@@ -232,7 +242,7 @@ def _chunked(q, k, v, log_decay, state, starts, *, chunk_size: int):
   q, k, v, log_decay = map(to_chunks, padded)
   b = jnp.cumsum(log_decay, axis=-2)
   if per_channel:
-    a = _channel_pair_attention(q, k, log_decay, b)
+    a = _channel_pair_attention(q, k, log_decay, b, blockwise=blockwise)
   else:
     a = _scalar_decay_attention(q, k, b)
 
@@ -280,8 +290,9 @@ def _prepare(q, k, v, log_decay, state, scale, dtype, head_axis):
   return q, k, v, log_decay, state.astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("path", "chunk_size", "dtype"))
-def _forward(q, k, v, log_decay, state, segment_ids, scale, *, path: str, chunk_size: int, dtype):
+@functools.partial(jax.jit, static_argnames=("path", "chunk_size", "dtype", "blockwise"))
+def _forward(q, k, v, log_decay, state, segment_ids, scale, *, path: str, chunk_size: int, dtype,
+             blockwise: bool):
   """q [B,T,H,Dk]; k [B,T,Hk,Dk]; v [B,T,Hk,Dv]; log_decay [B,T,H or Hk(,Dk)];
   state [B,H,Dk,Dv] or None; segment_ids [B,T] int or None.
   Returns (o [B,T,H,Dv] in q's dtype, final state [B,H,Dk,Dv])."""
@@ -293,7 +304,8 @@ def _forward(q, k, v, log_decay, state, segment_ids, scale, *, path: str, chunk_
       starts = jnp.zeros(q.shape[:2], bool)
     o, state = _reference(q, k, v, log_decay, state, starts)
   else:
-    o, state = _chunked(q, k, v, log_decay, state, starts, chunk_size=chunk_size)
+    o, state = _chunked(q, k, v, log_decay, state, starts, chunk_size=chunk_size,
+                        blockwise=blockwise)
   return o.astype(out_dtype), state
 
 
@@ -357,7 +369,8 @@ def gated_linear_attention(op_name: str, q, k, v, gate, gate_name: str, *, per_c
   else:
     o, state = _forward(q, k, v, gate, initial_state, segment_ids, default_scale(scale, dk),
                         path=path, chunk_size=chunk_size,
-                        dtype=compute_dtype(q, k, v, gate, initial_state))
+                        dtype=compute_dtype(q, k, v, gate, initial_state),
+                        blockwise=BLOCKWISE_PAIRS)
   return o, (state if output_final_state else None)
 
 

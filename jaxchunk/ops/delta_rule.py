@@ -60,7 +60,6 @@ enabled), so the reference path can serve as a float64 oracle.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +69,8 @@ from jaxchunk.ops._common import (check_gate, check_nonpositive, check_qkv, chec
                                   check_step_qkv, compute_dtype,
                                   default_scale, document_starts, pad_seq, pallas_interpret,
                                   repeat_heads, reset_state, resolve_impl)
-from jaxchunk.ops._gated_chunk import (_SUB_CHUNK, _channel_decay_attention,
-                                       _channel_pair_attention, _check_state,
+from jaxchunk.ops import _gated_chunk
+from jaxchunk.ops._gated_chunk import (_channel_pair_attention, _check_state,
                                        _document_masks, _scalar_decay_attention)
 from pallas_kernels.gpu import chunk_common
 from pallas_kernels.gpu import delta_rule as delta_kernel
@@ -175,16 +174,15 @@ def _operand_einsum(dtype):
                                             preferred_element_type=jnp.float32)
 
 
-def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul_dtype=None,
-                   blockwise: bool = False):
+def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul_dtype=None, *,
+                   blockwise: bool):
   """The chunk-local factors of the chunked form (module docstring), for all chunks in parallel.
 
   Shapes as `_reference`; masks None (one document) or the packed-document masks of
   `_document_masks`. `matmul_dtype` (None: float32) is the operand dtype of the products forming
   the attention matrices and W, U_v (bf16 for bf16 inputs, as FLA's kernels; the inverse stays
-  float32); `blockwise` forms per-channel pair matrices by `_channel_pair_attention` (products
-  only, log-decays floored, where the chunk is a multiple of 8 rows) instead of the exact
-  secondary chunking. T is padded to a multiple of
+  float32); `blockwise`: per-channel pair matrices from products only, log-decays floored, where
+  the chunk is a multiple of 8 rows (`_channel_pair_attention`). T is padded to a multiple of
   `chunk_size` with q = k = v = beta = 0 and log-decay 0, which leaves the state unchanged.
   Returns, with N chunks of C tokens, arrays laid out [B, N, H, C, *]: w [..,Dk], u_v [..,Dv],
   q_decayed = q e^b [..,Dk], k_to_end = k e^(b_C - b) [..,Dk], attention P [..,C] and the
@@ -202,13 +200,9 @@ def _chunk_factors(q, k, v, beta, log_decay, chunk_size: int, masks=None, matmul
   q, k, v, beta, log_decay = map(to_chunks, padded)
   b = jnp.cumsum(log_decay, axis=-2)
   einsum = _operand_einsum(matmul_dtype)
-  if per_channel and blockwise:
-    gram = _channel_pair_attention(k, k, log_decay, b, einsum)
-    attention = _channel_pair_attention(q, k, log_decay, b, einsum)
-  elif per_channel:
-    sub_chunk = math.gcd(chunk_size, _SUB_CHUNK)
-    gram = _channel_decay_attention(k, k, b, sub_chunk, einsum)
-    attention = _channel_decay_attention(q, k, b, sub_chunk, einsum)
+  if per_channel:
+    gram = _channel_pair_attention(k, k, log_decay, b, einsum, blockwise=blockwise)
+    attention = _channel_pair_attention(q, k, log_decay, b, einsum, blockwise=blockwise)
   else:
     gram = _scalar_decay_attention(k, k, b, einsum)
     attention = _scalar_decay_attention(q, k, b, einsum)
@@ -232,14 +226,14 @@ def _from_chunks(x):
   return x.transpose(0, 1, 3, 2, 4).reshape(bsz, n * c, h, d)
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
-def _chunked(q, k, v, beta, log_decay, state, starts, *, chunk_size: int):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "blockwise"))
+def _chunked(q, k, v, beta, log_decay, state, starts, *, chunk_size: int, blockwise: bool):
   """Chunkwise-parallel form (module docstring): the factors of `_chunk_factors`, then a
   `lax.scan` over chunks for the state. Shapes as `_reference`, starts [B,T] bool or None (one
-  document)."""
+  document); `blockwise`: `_gated_chunk.BLOCKWISE_PAIRS`."""
   masks = None if starts is None else _document_masks(starts, chunk_size)
   w, u_v, q_decayed, k_to_end, attention, b = _chunk_factors(q, k, v, beta, log_decay, chunk_size,
-                                                             masks, blockwise=True)
+                                                             masks, blockwise=blockwise)
   chunk_decays = jnp.exp(b[..., -1, :])[..., None]                           # [B,N,H,Dk or 1,1]
   if masks is not None:
     chunk_decays = jnp.where(masks[3], chunk_decays, 0)
@@ -271,13 +265,6 @@ def _pallas_unsupported(q, k, v) -> str | None:
 # took Gated DeltaNet fwd 4.80 -> 3.77 ms and fwd+bwd 14.53 -> 10.92 ms, but KDA's per-channel
 # ones were slower (fwd 12.55 -> 19.25, fwd+bwd 68.44 -> 71.67 ms).
 FUSED_FACTORS = {"scalar": True, "per_channel": False}
-# Whether the "pallas" path's XLA factors of a per-channel decay (KDA) form their pair matrices
-# from products only (`_blockwise_decay_attention`: log-decays floored at -16 inside 8-row
-# blocks) instead of the exact secondary chunking, whose diagonal blocks are [C, 16, Dk]
-# elementwise products. On an H100 (`bench/delta_factors.py`, B=8, T=8K, H=16, D=128, bf16;
-# bench/results/delta_factors-2026-12-07-blockwise.md) it took KDA fwd 12.58 -> 10.61 ms and
-# fwd+bwd 68.45 -> 42.14 ms.
-BLOCKWISE_PAIRS = True
 
 
 @functools.partial(jax.jit,
@@ -290,8 +277,8 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
   None) the factors come from kernels too (`fused_delta_rule`). Otherwise XLA forms them here,
   their products with `operand_dtype` operands and float32 accumulation; packed documents (starts
   [B,T] bool) carry their masks, and a chunk where a document starts gets b_C = -inf, so the
-  kernel's state decay e^(b_C) drops the state carried into it. `blockwise_pairs`: per-channel
-  pair matrices from products only (`_chunk_factors`' `blockwise`)."""
+  kernel's state decay e^(b_C) drops the state carried into it. `blockwise_pairs`:
+  `_gated_chunk.BLOCKWISE_PAIRS` (`_chunk_factors`' `blockwise`)."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
   if fused_factors and starts is None:
@@ -366,9 +353,10 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype,
                                fused_factors=FUSED_FACTORS["per_channel" if per_channel
                                                            else "scalar"],
-                               blockwise_pairs=BLOCKWISE_PAIRS)
+                               blockwise_pairs=_gated_chunk.BLOCKWISE_PAIRS)
   else:
-    o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size)
+    o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size,
+                        blockwise=_gated_chunk.BLOCKWISE_PAIRS)
   return o.astype(out_dtype), (state if output_final_state else None)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxchunk.ops import _gated_chunk
 from jaxchunk.ops.delta_rule import delta_rule, gated_delta_rule, gated_delta_rule_step
 from jaxchunk.ops.kda import kda
 from pallas_kernels.gpu import delta_rule as delta_kernel
@@ -249,7 +250,7 @@ def test_fused_factors_match_xla_factors(rng, name):
   scalar decays, `test_swapped_factor_path_matches_xla` for kda)."""
   q, k, v, g, beta, _ = make_inputs(rng, name, t=128, h=2, hk=2, gate_heads=2)
   gate = g if name == "kda" else g[..., None]
-  *expected, b = delta_module._chunk_factors(q, k, v, beta, gate, 64)
+  *expected, b = delta_module._chunk_factors(q, k, v, beta, gate, 64, blockwise=False)
   b = delta_module._from_chunks(b)
   expected = (*map(delta_module._from_chunks, expected), b if name == "kda" else b[..., 0])
   fused = delta_kernel._factors(q, k, v, beta, g, jax.default_backend() == "cpu",
@@ -287,7 +288,6 @@ def test_blockwise_pairs_match_exact_pairs(rng, log_decay_range):
   """`_blockwise_decay_attention` (products only) against the exact secondary chunking: equal
   while the log-decays stay above the floor (-16); with log-decays down to -40 every pair weight
   it changes is below e^-16, and everything stays finite."""
-  from jaxchunk.ops import _gated_chunk
   c, d = 64, 32
   q, k = randn(rng, 3, c, d), randn(rng, 3, c, d)
   log_decay = jnp.asarray(rng.uniform(*log_decay_range, (3, c, d)), jnp.float32)
@@ -306,6 +306,6 @@ def test_blockwise_pair_factor_path_matches_xla(rng, name, monkeypatch):
   """The pallas path with `BLOCKWISE_PAIRS` swapped from its default (per-channel XLA factors
   from the exact secondary chunking or from products only; the scalar decay ignores it): values
   against the oracle, every gradient against xla."""
-  monkeypatch.setattr(delta_module, "BLOCKWISE_PAIRS", not delta_module.BLOCKWISE_PAIRS)
+  monkeypatch.setattr(_gated_chunk, "BLOCKWISE_PAIRS", not _gated_chunk.BLOCKWISE_PAIRS)
   _check_against_oracle_and_xla(
       rng, name, make_inputs(rng, name, t=100, h=2, hk=1, gate_heads=2))
