@@ -69,7 +69,8 @@ def main() -> None:
            f"{datetime.date.today()}; {versions('jax')}; `python bench/pair_matrices.py "
            f"--length {args.length} --heads {args.heads} --dim {args.dim} --dtype {args.dtype}` "
            f"(B = 1; median of 5 calls after a warm-up).", "",
-           "| op | mode | exact ms | blockwise ms | exact / blockwise |", "|---|---|---:|---:|---:|"]
+           "| op | mode | exact ms | blockwise ms | exact / blockwise |",
+           "|---|---|---:|---:|---:|"]
   for op, ms in rows:
     for mode in ("fwd", "fwd+bwd"):
       lines.append(f"| {op} | {mode} | {ms[False][mode]:.1f} | {ms[True][mode]:.1f} | "

@@ -162,9 +162,9 @@ BLOCKWISE_DECAY_FLOOR = -16.0
 # is called and passed on as a static argument. Blockwise was faster everywhere it was timed: on
 # the CPU backend (`bench/pair_matrices.py`, T=2K, H=4, D=128, float32;
 # bench/results/pair_matrices-2026-12-07-cpu.md) GLA's xla fwd+bwd 251 -> 130 ms and KDA's 368 ->
-# 205 ms, the forwards unchanged; on an H100 (B=8, T=8K, H=16, D=128, bf16; `bench/delta_factors.py`,
-# bench/results/linear_kernels-2026-12-07-bf16-states.md) KDA's pallas fwd 12.58 -> 10.61 ms and
-# fwd+bwd 68.45 -> 42.14 ms.
+# 205 ms, the forwards unchanged; on an H100 (B=8, T=8K, H=16, D=128, bf16;
+# `bench/delta_factors.py`, bench/results/linear_kernels-2026-12-07-bf16-states.md) KDA's pallas
+# fwd 12.58 -> 10.61 ms and fwd+bwd 68.45 -> 42.14 ms.
 BLOCKWISE_PAIRS = True
 
 

@@ -85,15 +85,16 @@ def loss_fn(op, impl, ct, proj, chunk_size=16):
   return loss
 
 
-def assert_gradients_match(op, inputs, names, ct, proj, argnums=None):
+def assert_gradients_match(op, inputs, names, ct, proj, argnums=None, chunk_size=16):
   """Checks the gradients of loss_fn(op, ., ct, proj) w.r.t. inputs[i] for i in `argnums`.
 
   `inputs` are the op's float32 inputs then the initial state (`names` name them all); argnums
-  defaults to all. The xla path must match the reference path in float32, and both the reference
-  path's gradients in float64 (`jax.enable_x64`), within 1e-5 relative.
+  defaults to all; `chunk_size` is the xla path's. The xla path must match the reference path in
+  float32, and both the reference path's gradients in float64 (`jax.enable_x64`), within 1e-5
+  relative.
   """
   argnums = tuple(range(len(inputs))) if argnums is None else argnums
-  grads_xla = jax.grad(loss_fn(op, "xla", ct, proj), argnums)(*inputs)
+  grads_xla = jax.grad(loss_fn(op, "xla", ct, proj, chunk_size), argnums)(*inputs)
   grads_ref = jax.grad(loss_fn(op, "reference", ct, proj), argnums)(*inputs)
   with jax.enable_x64(True):
     grads_64 = jax.grad(loss_fn(op, "reference", ct.astype(np.float64), proj.astype(np.float64)),

@@ -80,13 +80,14 @@ def test_bf16_inputs(rng, op, impl):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_gradients_xla_match_reference_and_float64(rng, op):
+@pytest.mark.parametrize("chunk_size", [16, 20])  # 20: gla's exact secondary chunking
+def test_gradients_xla_match_reference_and_float64(rng, op, chunk_size):
   fn, _ = OPS[op]
   q, k, v, g, s0 = op_inputs(rng, op, t=37)
   ct = randn(rng, *q.shape[:3], v.shape[-1])
   proj = randn(rng, *s0.shape)
   assert_gradients_match(fn, (q, k, v, g, s0), ("q", "k", "v", GATE_NAMES[op], "initial_state"),
-                         ct, proj)
+                         ct, proj, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -68,12 +68,14 @@ def test_bf16_inputs(rng, impl):
   assert_rel_close(s, s_ref, 1e-2, "final state")
 
 
-def test_gradients_xla_match_reference_and_float64(rng):
+@pytest.mark.parametrize("chunk_size", [16, 20])  # 20: the exact secondary chunking
+def test_gradients_xla_match_reference_and_float64(rng, chunk_size):
   q, k, v, gk, beta, s0 = make_inputs(rng, gate_heads=4)
   ct = randn(rng, *q.shape[:3], v.shape[-1])
   proj = randn(rng, *s0.shape)
   assert_gradients_match(kda, (q, k, v, gk, beta, s0),
-                         ("q", "k", "v", "gk", "beta", "initial_state"), ct, proj)
+                         ("q", "k", "v", "gk", "beta", "initial_state"), ct, proj,
+                         chunk_size=chunk_size)
 
 
 def test_decode_continues_prefill(rng):
