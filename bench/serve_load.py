@@ -32,7 +32,13 @@ Where a tail comes from: the report counts each run's steps by kind (decodes onl
 one prefill piece in one call, pieces only) with their wall-time percentiles and the p50 / p99 of
 each part of a step's host time (schedule, dispatch, fetch, record: `Engine.last_step_times`), and
 lists the slowest steps that decoded; `--call-times REPS` also times each jitted call shape alone
-on the idle engine (the host's dispatch, and until its results are ready).
+on the idle engine (the host's dispatch, and until its results are ready). `--calls-only` times
+just the decode and the longest mixed call that way, with no warm-up of the other shapes and no
+trace (serve_load-<date>-calls.md, XLA_FLAGS in its header): one process per setting of XLA's
+flags, to see where a call's dispatch goes:
+
+  for f in "" --xla_gpu_enable_command_buffer=; do
+    XLA_FLAGS="$f" python bench/serve_load.py --calls-only --out /tmp/calls-"${f##*=}"; done
 
 Python's cyclic garbage collector is off while a run or the steady state is timed (collected and
 frozen before): its pauses land on random steps, as in any serving process that does not tune it,
@@ -53,6 +59,7 @@ import datetime
 import functools
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -68,6 +75,9 @@ from report import versions, write_report
 from serve_decode import RESULTS, VERSIONED, preset_config
 from timing import profile_kernels
 
+# Calls of a shape before `call_times` times it: on a GPU the first runs XLA's executable op by op
+# and the second records its CUDA graphs (docs/serving.md).
+UNTIMED_CALLS = 2
 # Sizes that --smoke replaces (argument name -> smoke value).
 SMOKE_ARGS = dict(slots=4, max_len=128, page_size=8, chunk_size=4, requests=16, rate=50.0,
                   prompt_mean=24, output_mean=8, steady_steps=8, call_times=2)
@@ -224,16 +234,19 @@ def call_shapes(engine: Engine, *, position: int) -> dict[str, Callable[[], obje
   return shapes
 
 
-def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
-  """Host and total time of each jitted call shape alone (`call_shapes`), on an idle engine.
+def call_times(engine: Engine, *, position: int, reps: int, names=None) -> dict[str, dict]:
+  """Host and total time of each jitted call shape alone (`call_shapes`, or those of them in
+  `names`), on an idle engine.
 
   dispatch ms: until the call returns (the host's part: argument transfers and kernel launches);
-  total ms: until its results are ready (medians of `reps`).
+  total ms: until its results are ready (medians of `reps`, after UNTIMED_CALLS calls).
   """
   times = {}
   for name, call in call_shapes(engine, position=position).items():
+    if names is not None and name not in names:
+      continue
     dispatch, total = [], []
-    for _ in range(reps + 1):  # the first is untimed
+    for _ in range(UNTIMED_CALLS + reps):
       jax.block_until_ready(engine.last_tokens)
       start = time.perf_counter()
       call()
@@ -241,8 +254,8 @@ def call_times(engine: Engine, *, position: int, reps: int) -> dict[str, dict]:
       jax.block_until_ready(engine.last_tokens)
       dispatch.append(returned - start)
       total.append(time.perf_counter() - start)
-    times[name] = {"dispatch_ms": 1e3 * float(np.median(dispatch[1:])),
-                   "total_ms": 1e3 * float(np.median(total[1:]))}
+    times[name] = {"dispatch_ms": 1e3 * float(np.median(dispatch[UNTIMED_CALLS:])),
+                   "total_ms": 1e3 * float(np.median(total[UNTIMED_CALLS:]))}
   return times
 
 
@@ -267,6 +280,13 @@ def measure(args) -> dict:
   print(results["versions"], flush=True)
   # The trace's typical context: the call shapes' position, the steady state's prompts.
   context = min(int(args.prompt_mean), args.max_len // 2)
+  if args.calls_only:
+    engine = Engine(model, variables, EngineConfig(
+        num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
+        chunk_size=args.chunk_size))
+    results["calls"] = call_times(engine, position=context, reps=args.call_times or 20,
+                                  names=("decode", f"mixed {args.chunk_size}"))
+    return results
   runs = [("chunked", False)] + [("prefill_first", True)] * args.baseline
   for name, prefill_first in (runs[::-1] if args.baseline_first else runs):
     engine = Engine(model, variables, EngineConfig(
@@ -290,6 +310,16 @@ def measure(args) -> dict:
     results[name]["traces_after_warmup"] = engine.num_traces - traces  # 0: nothing recompiled
     print(name, json.dumps(results[name]), flush=True)
   return results
+
+
+def calls_table(calls: dict) -> str:
+  """The markdown table of `call_times`."""
+  lines = ["Each jitted call alone on an idle engine (`--call-times`; medians): dispatch = until "
+           "the call returns, total = until its results are ready.", "",
+           "| call | dispatch ms | total ms |", "|---|---:|---:|"]
+  lines += [f"| {name} | {t['dispatch_ms']:.3f} | {t['total_ms']:.3f} |"
+            for name, t in calls.items()]
+  return "\n".join(lines)
 
 
 def render(results: dict) -> str:
@@ -333,11 +363,7 @@ def render(results: dict) -> str:
         f"{s['wall_ms']:.2f} ms ({s['decodes']} decodes, pieces (start, length) "
         f"{[tuple(p) for p in s['pieces']]})" for s in results["chunked"]["steps"]["slowest"])]
   if "calls" in results:
-    lines += ["", "Each jitted call alone on an idle engine (`--call-times`; medians): dispatch = "
-              "until the call returns, total = until its results are ready.", "",
-              "| call | dispatch ms | total ms |", "|---|---:|---:|"]
-    lines += [f"| {name} | {t['dispatch_ms']:.3f} | {t['total_ms']:.3f} |"
-              for name, t in results["calls"].items()]
+    lines += ["", calls_table(results["calls"])]
   for name, kernels in results.get("profile", {}).items():
     lines += ["", f"Costliest GPU kernels of the {name} call (`--profile`; ms per call, "
               f"{sum(kernels.values()):.3f} ms in these):", "", "| kernel | ms |", "|---|---:|"]
@@ -367,6 +393,9 @@ def main(argv=None) -> str:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--call-times", type=int, default=0, metavar="REPS",
                       help="also time each jitted call shape alone, REPS times (0: skip)")
+  parser.add_argument("--calls-only", action="store_true",
+                      help="only time the decode and the longest mixed call (--call-times reps, "
+                           "20 if 0), no trace")
   parser.add_argument("--profile", type=int, default=0, metavar="CALLS",
                       help="also print the costliest GPU kernels of the decode, prefill and mixed "
                            "calls, over CALLS calls each (0: skip)")
@@ -381,13 +410,23 @@ def main(argv=None) -> str:
       jax.config.update("jax_compilation_cache_dir", cache_dir)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     results = measure(args)
+  command = f"`bench/serve_load.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+  smoke = "-smoke" if args.smoke else ""
+  if args.calls_only:
+    report = (f"# Serving: the dispatch of single calls\n\ndate {results['date']}; "
+              f"{results['versions']}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n\n"
+              f"{command}: {args.preset} (bf16, random weights), {args.slots} slots, chunk "
+              f"{args.chunk_size}, page {args.page_size}, every slot at position "
+              f"{min(int(args.prompt_mean), args.max_len // 2)}.\n\n"
+              f"{calls_table(results['calls'])}\n")
+    print("\n" + report, flush=True)
+    return write_report(args.out, f"serve_load-{results['date']}{smoke}-calls", report, results)
   base = results["steady"]["tbt_p50_ms"]
   ratios = ", ".join(f"{name.replace('_', '-')} {results[name]['tbt_p99_ms'] / base:.2f}x"
                      for name in ("chunked", "prefill_first") if name in results)
   report = (f"# Serving under load{' (smoke: tiny model)' if args.smoke else ''}\n\n"
             f"date {results['date']}; {results['versions']}\n\n"
-            f"`bench/serve_load.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
-            f"{args.preset} (layers {results['layer_pattern']}; bf16, random weights), "
+            f"{command}: {args.preset} (layers {results['layer_pattern']}; bf16, random weights), "
             f"{args.slots} slots, chunk {args.chunk_size}, page "
             f"{args.page_size}; {args.requests} requests, Poisson {args.rate:g}/s, exponential "
             f"prompt (mean {args.prompt_mean:g}) and output (mean {args.output_mean:g}) lengths. "
@@ -395,8 +434,7 @@ def main(argv=None) -> str:
             f"ratio).\n\n{render(results)}\n\n"
             f"TBT p99 under arrivals / steady TBT p50: {ratios} (target for chunked <= 1.5x).\n")
   print("\n" + report, flush=True)
-  return write_report(args.out, f"serve_load-{results['date']}{'-smoke' if args.smoke else ''}",
-                      report, results)
+  return write_report(args.out, f"serve_load-{results['date']}{smoke}", report, results)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,19 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 
 
-def run_smoke(tmp_path, script: str) -> tuple[str, dict]:
-  """Runs bench/<script>.py --smoke --out tmp_path; returns its markdown report and JSON results."""
+def run_smoke(tmp_path, script: str, *args: str, suffix: str = "smoke") -> tuple[str, dict]:
+  """Runs bench/<script>.py --smoke `args` --out tmp_path; returns its markdown report and JSON
+  results, written as <script>-<date>-<suffix>.md / .json."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  proc = subprocess.run([sys.executable, os.path.join(BENCH, f"{script}.py"), "--smoke", "--out",
-                         str(tmp_path)], env=env, capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, f"{script}.py"), "--smoke", *args,
+                         "--out", str(tmp_path)], env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   names = sorted(os.listdir(tmp_path))
   assert len(names) == 2 and all(n.startswith(f"{script}-") for n in names), names
-  assert [n.rsplit("-", 1)[1] for n in names] == ["smoke.json", "smoke.md"]
+  assert [n.removesuffix(".json").removesuffix(".md").endswith(f"-{suffix}") for n in names] == [
+      True, True], names
+  assert [n.rsplit(".", 1)[1] for n in names] == ["json", "md"]
   with open(tmp_path / names[1]) as f:
     report = f.read()
   with open(tmp_path / names[0]) as f:
@@ -92,6 +95,17 @@ def test_serve_load_smoke(tmp_path):
   assert "| mixed 4 |" in report and "| chunked | mixed |" in report
   # Both runs replay one trace: same requests, same greedy lengths.
   assert results["chunked"]["output_tokens"] == results["prefill_first"]["output_tokens"]
+
+
+def test_serve_load_calls_only_smoke(tmp_path):
+  """--calls-only: the decode and the longest mixed call timed alone, no trace, XLA_FLAGS in the
+  report."""
+  report, results = run_smoke(tmp_path, "serve_load", "--calls-only", suffix="smoke-calls")
+  assert "XLA_FLAGS=''" in report and "device: 1 x cpu" in report
+  assert list(results["calls"]) == ["decode", "mixed 4"]
+  for times in results["calls"].values():
+    assert 0 < times["dispatch_ms"] <= times["total_ms"]
+  assert "| mixed 4 |" in report and "steady" not in results and "chunked" not in results
 
 
 def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
