@@ -37,8 +37,8 @@ just the decode and the longest mixed call that way, with no warm-up of the othe
 trace (serve_load-<date>-calls.md, XLA_FLAGS in its header): one process per setting of XLA's
 flags, to see where a call's dispatch goes:
 
-  for f in "" --xla_gpu_enable_command_buffer=; do
-    XLA_FLAGS="$f" python bench/serve_load.py --calls-only --out /tmp/calls-"${f##*=}"; done
+  i=0; for f in "" --xla_gpu_enable_command_buffer=; do
+    XLA_FLAGS="$f" python bench/serve_load.py --calls-only --out /tmp/calls/$((i++)); done
 
 Python's cyclic garbage collector is off while a run or the steady state is timed (collected and
 frozen before): its pauses land on random steps, as in any serving process that does not tune it,
@@ -285,7 +285,7 @@ def measure(args) -> dict:
         num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
         chunk_size=args.chunk_size))
     results["calls"] = call_times(engine, position=context, reps=args.call_times or 20,
-                                  names=("decode", f"mixed {args.chunk_size}"))
+                                  names=("decode", f"mixed {max(engine.piece_lengths)}"))
     return results
   runs = [("chunked", False)] + [("prefill_first", True)] * args.baseline
   for name, prefill_first in (runs[::-1] if args.baseline_first else runs):
