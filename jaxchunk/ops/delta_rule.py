@@ -268,17 +268,17 @@ FUSED_FACTORS = {"scalar": True, "per_channel": False}
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("operand_dtype", "fused_factors", "blockwise_pairs"))
+                   static_argnames=("operand_dtype", "fused_factors", "blockwise"))
 def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
-                    fused_factors: bool, blockwise_pairs: bool):
+                    fused_factors: bool, blockwise: bool):
   """As `_chunked` with the state pass and outputs in the Pallas kernels
   (`pallas_kernels.gpu.delta_rule`), at the kernel's chunk size, in `operand_dtype` (q's dtype
   before casting; o comes back in it). With `fused_factors` and one document per row (starts
   None) the factors come from kernels too (`fused_delta_rule`). Otherwise XLA forms them here,
   their products with `operand_dtype` operands and float32 accumulation; packed documents (starts
   [B,T] bool) carry their masks, and a chunk where a document starts gets b_C = -inf, so the
-  kernel's state decay e^(b_C) drops the state carried into it. `blockwise_pairs`:
-  `_gated_chunk.BLOCKWISE_PAIRS` (`_chunk_factors`' `blockwise`)."""
+  kernel's state decay e^(b_C) drops the state carried into it. `blockwise`:
+  `_gated_chunk.BLOCKWISE_PAIRS`."""
   t = q.shape[1]
   chunk = delta_kernel.chunk_size(q.shape[-1])
   if fused_factors and starts is None:
@@ -291,7 +291,7 @@ def _chunked_pallas(q, k, v, beta, log_decay, state, starts, *, operand_dtype,
     return o[:, :t], state
   masks = None if starts is None else _document_masks(starts, chunk)
   *factors, b = _chunk_factors(q, k, v, beta, log_decay, chunk, masks, operand_dtype,
-                               blockwise=blockwise_pairs)
+                               blockwise=blockwise)
   if masks is not None:
     b = b.at[..., -1:, :].set(jnp.where(masks[3], b[..., -1:, :], -jnp.inf))
   w, u_v, q_decayed, k_to_end, attention, b = map(_from_chunks, (*factors, b))
@@ -353,7 +353,7 @@ def _delta_family(op_name: str, q, k, v, beta, gate, gate_name: str, *, per_chan
     o, state = _chunked_pallas(q, k, v, beta, log_decay, state, starts, operand_dtype=out_dtype,
                                fused_factors=FUSED_FACTORS["per_channel" if per_channel
                                                            else "scalar"],
-                               blockwise_pairs=_gated_chunk.BLOCKWISE_PAIRS)
+                               blockwise=_gated_chunk.BLOCKWISE_PAIRS)
   else:
     o, state = _chunked(q, k, v, beta, log_decay, state, starts, chunk_size=chunk_size,
                         blockwise=_gated_chunk.BLOCKWISE_PAIRS)

@@ -199,7 +199,7 @@ def _grad_kernel(*refs, scale, dtype, segmented, part, block_v):
   [Dk, Dv] and dn [Dk] at its end and the outputs dk [L, Dk], dv [L, Dv], dr and B [L] (the
   module docstring's backward). Each part recomputes P and dP, so that each reads one [Dk, Dv]
   state and they need no hand-off; the sums over Dv (dP, and dnum C^T or v dC^T) go by blocks of
-  `block_v` columns, so that only a [Dk, block_v] slice of the float32 state is live."""
+  `block_v` columns, so that only a [Dk, block_v] slice of the stored state is live."""
   q_ref, k_ref, v_ref, dh_ref, r_ref, big_m_ref, m0_ref, inv_den_ref, dqn_ref, *refs = refs
   doc = refs.pop(0)[...] if segmented else None
   state_ref, norm_ref, *outs = refs
