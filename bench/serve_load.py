@@ -73,7 +73,7 @@ from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 from report import versions, write_report
 from serve_decode import RESULTS, VERSIONED, preset_config
-from timing import profile_kernels
+from timing import profile_host, profile_kernels
 
 # Calls of a shape before `call_times` times it: on a GPU the first runs XLA's executable op by op
 # and the second records its CUDA graphs (docs/serving.md).
@@ -284,8 +284,14 @@ def measure(args) -> dict:
     engine = Engine(model, variables, EngineConfig(
         num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
         chunk_size=args.chunk_size))
+    names = ("decode", f"mixed {max(engine.piece_lengths)}")
     results["calls"] = call_times(engine, position=context, reps=args.call_times or 20,
-                                  names=("decode", f"mixed {max(engine.piece_lengths)}"))
+                                  names=names)
+    if args.host_profile:
+      shapes = call_shapes(engine, position=context)
+      results["host_profile"] = {
+          name: profile_host(shapes[name], args.host_profile, wait=lambda: engine.cache,
+                             label=f"{name} call") for name in names}
     return results
   runs = [("chunked", False)] + [("prefill_first", True)] * args.baseline
   for name, prefill_first in (runs[::-1] if args.baseline_first else runs):
@@ -319,6 +325,18 @@ def calls_table(calls: dict) -> str:
            "| call | dispatch ms | total ms |", "|---|---:|---:|"]
   lines += [f"| {name} | {t['dispatch_ms']:.3f} | {t['total_ms']:.3f} |"
             for name, t in calls.items()]
+  return "\n".join(lines)
+
+
+def host_tables(results: dict) -> str:
+  """The markdown tables of `--host-profile` (empty without it)."""
+  lines = []
+  for name, events in results.get("host_profile", {}).items():
+    lines += ["", f"Costliest host trace events of the {name} call (`--host-profile`; inclusive "
+              "ms and events per call, each call dispatched on an idle device):", "",
+              "| event | ms | events |", "|---|---:|---:|"]
+    lines += [f"| `{event[:90]}` | {ms:.4f} | {count:.1f} |"
+              for event, (ms, count) in events.items()]
   return "\n".join(lines)
 
 
@@ -399,6 +417,9 @@ def main(argv=None) -> str:
   parser.add_argument("--profile", type=int, default=0, metavar="CALLS",
                       help="also print the costliest GPU kernels of the decode, prefill and mixed "
                            "calls, over CALLS calls each (0: skip)")
+  parser.add_argument("--host-profile", type=int, default=0, metavar="CALLS",
+                      help="with --calls-only, also print the costliest host trace events of "
+                           "each call over CALLS calls (0: skip)")
   parser.add_argument("--out", default=RESULTS, help="folder of the report")
   args = parser.parse_args(argv)
   if args.smoke:
@@ -418,7 +439,7 @@ def main(argv=None) -> str:
               f"{command}: {args.preset} (bf16, random weights), {args.slots} slots, chunk "
               f"{args.chunk_size}, page {args.page_size}, every slot at position "
               f"{min(int(args.prompt_mean), args.max_len // 2)}.\n\n"
-              f"{calls_table(results['calls'])}\n")
+              f"{calls_table(results['calls'])}\n{host_tables(results)}")
     print("\n" + report, flush=True)
     return write_report(args.out, f"serve_load-{results['date']}{smoke}-calls", report, results)
   base = results["steady"]["tbt_p50_ms"]

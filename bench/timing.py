@@ -69,16 +69,7 @@ def profile_kernels(call, calls: int, *, wait=lambda: None, per_call: float = 1.
   processes; on a machine without a GPU the table is empty). `call()` dispatches the work and may
   return arrays; the trace ends after the last call's outputs and `wait()`'s arrays (e.g. a
   donated cache that each call replaces) are ready. Prints the table and returns it."""
-  folder = tempfile.mkdtemp(prefix="jaxchunk_trace_")
-  jax.block_until_ready(wait())
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    for _ in range(calls):
-      out = call()
-    jax.block_until_ready((out, wait()))
-  [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
-  with gzip.open(path) as f:
-    events = json.load(f)
-  totals = kernel_totals(events["traceEvents"] if isinstance(events, dict) else events)
+  totals = kernel_totals(trace_events(call, calls, wait=wait))
   ranked = sorted(((name, ms / (calls * per_call)) for name, ms in totals.items()),
                   key=lambda kv: -kv[1])
   print(f"GPU kernel time per {label}: {sum(totals.values()) / (calls * per_call):.3f} ms in "
@@ -89,11 +80,67 @@ def profile_kernels(call, calls: int, *, wait=lambda: None, per_call: float = 1.
   return dict(ranked[:top])
 
 
+def trace_events(call, calls: int, *, wait=lambda: None) -> list[dict]:
+  """The perfetto trace events of `calls` calls of `call` (a JAX profiler trace that ends once
+  the last call's outputs and `wait()`'s arrays are ready)."""
+  folder = tempfile.mkdtemp(prefix="jaxchunk_trace_")
+  jax.block_until_ready(wait())
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
+    for _ in range(calls):
+      out = call()
+    jax.block_until_ready((out, wait()))
+  [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    events = json.load(f)
+  return events["traceEvents"] if isinstance(events, dict) else events
+
+
+# Python frames of starting and stopping the trace itself, left out of `profile_host`'s table.
+_TRACE_CONTROL = ("$profiler.py", "$contextlib.py")
+
+
+def profile_host(call, calls: int, *, wait=lambda: None, label: str = "call",
+                 top: int = 30) -> dict[str, tuple[float, float]]:
+  """Host time per `label` of the `top` costliest host trace events (by name; inclusive times,
+  so a parent's includes its children's) over `calls` calls of `call`: {name: (ms per call,
+  events per call)}. Each call is dispatched on an idle device (the previous one waited for), so
+  the events are the host's work for one call: JAX's argument handling, XLA's thunks, command
+  buffer updates and launches. Prints the table and returns it."""
+  def one_call():
+    jax.block_until_ready(wait())
+    return call()
+  totals = host_totals(trace_events(one_call, calls, wait=wait))
+  totals = {name: value for name, value in totals.items() if not name.startswith(_TRACE_CONTROL)}
+  ranked = sorted(((name, (ms / calls, count / calls)) for name, (ms, count) in totals.items()),
+                  key=lambda kv: -kv[1][0])
+  print(f"Host trace events per {label} (inclusive ms, events):", flush=True)
+  for name, (ms, count) in ranked[:top]:
+    print(f"  {ms:8.4f} ms  {count:7.1f}  {name[:110]}", flush=True)
+  return dict(ranked[:top])
+
+
+def host_totals(events: list[dict]) -> dict[str, tuple[float, int]]:
+  """(total milliseconds, count) per event name of a perfetto trace's complete ("X") events in
+  the processes not named like a GPU."""
+  gpu = _gpu_pids(events)
+  totals: dict[str, tuple[float, int]] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") not in gpu:
+      ms, count = totals.get(e["name"], (0.0, 0))
+      totals[e["name"]] = (ms + e.get("dur", 0.0) / 1e3, count + 1)
+  return totals
+
+
+def _gpu_pids(events: list[dict]) -> set:
+  """The pids of a perfetto trace's processes named like a GPU ("process_name" metadata)."""
+  return {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+          and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+
+
 def kernel_totals(events: list[dict]) -> dict[str, float]:
   """Total milliseconds per kernel name of a perfetto trace's events: the complete ("X") events
   of the processes named like a GPU (the trace's "process_name" metadata)."""
-  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-         and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  gpu = _gpu_pids(events)
   totals: dict[str, float] = {}
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in gpu:

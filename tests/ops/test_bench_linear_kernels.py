@@ -43,6 +43,7 @@ def test_kernel_totals_sums_gpu_events_only(monkeypatch):
       {"ph": "i", "pid": 7, "name": "marker"},
   ]
   assert timing.kernel_totals(events) == {"delta_rule_fwd": 2.0, "gemm_fusion": 0.25}
+  assert timing.host_totals(events) == {"host_work": (9.0, 1)}
 
 
 def test_profile_pallas_runs_on_cpu(monkeypatch):

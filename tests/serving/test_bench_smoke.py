@@ -100,12 +100,18 @@ def test_serve_load_smoke(tmp_path):
 def test_serve_load_calls_only_smoke(tmp_path):
   """--calls-only: the decode and the longest mixed call timed alone, no trace, XLA_FLAGS in the
   report."""
-  report, results = run_smoke(tmp_path, "serve_load", "--calls-only", suffix="smoke-calls")
+  report, results = run_smoke(tmp_path, "serve_load", "--calls-only", "--host-profile", "2",
+                              suffix="smoke-calls")
   assert "XLA_FLAGS=''" in report and "device: 1 x cpu" in report
   assert list(results["calls"]) == ["decode", "mixed 4"]
   for times in results["calls"].values():
     assert 0 < times["dispatch_ms"] <= times["total_ms"]
   assert "| mixed 4 |" in report and "steady" not in results and "chunked" not in results
+  # --host-profile: the host's trace events of each call (the jitted call's own among them).
+  assert list(results["host_profile"]) == ["decode", "mixed 4"]
+  for events in results["host_profile"].values():
+    assert events and all(ms >= 0 and count > 0 for ms, count in events.values())
+  assert "Costliest host trace events of the mixed 4 call" in report
 
 
 def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
