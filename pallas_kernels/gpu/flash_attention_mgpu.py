@@ -237,6 +237,35 @@ def _masked_loops(body, blocks, carry, *, mask_first: bool):
   return loop(full_hi, hi, True, carry)
 
 
+def _edge_split_loops(body, blocks, carry, *, q_first, rows: int, block_kv: int,
+                      window: int | None):
+  """`_masked_loops(body, blocks, carry, mask_first=window is not None)` for a warpgroup's query
+  rows q_first .. q_first + rows - 1, where a masked edge block of which one half is masked for
+  every row runs as a half step, body(j, carry, masked=True, half=h) over its other half h:
+  the first half of the window's lower-edge block lo when no row reaches back into it, the
+  second half of the last (diagonal) block when it starts after the last row. With 64-row query
+  blocks and 128-key blocks one of each two warpgroups has such a block at every diagonal (and
+  with a window a multiple of 128 keys the other one at the lower edge): half a block less
+  matrix work of the 9 of a 1024-key window."""
+  lo, full_lo, full_hi, hi = blocks
+  half = block_kv // 2
+
+  def loop(first, end, carry, **kwargs):
+    if isinstance(first, int) and isinstance(end, int) and first >= end:
+      return carry  # statically empty
+    return lax.fori_loop(first, end, functools.partial(body, **kwargs), carry)
+
+  hi_half = ((full_hi < hi) & ((hi - 1) * block_kv + half >= q_first + rows)).astype(jnp.int32)
+  if window is not None:
+    lo_half = ((lo < full_lo)
+               & (lo * block_kv + half <= q_first - (window - 1))).astype(jnp.int32)
+    carry = loop(lo, lo + lo_half, carry, masked=True, half=1)
+    carry = loop(lo + lo_half, full_lo, carry, masked=True)
+  carry = loop(full_lo, full_hi, carry, masked=False)
+  carry = loop(full_hi, hi - hi_half, carry, masked=True)
+  return loop(hi - hi_half, hi, carry, masked=True, half=0)
+
+
 def _stream_steps(ring_base, first, end, stages: int, consumed, load):
   """Producer loop: issues `load(j, slot)` for j in [first, end), block j into ring slot
   (ring_base + j - first) % stages, waiting on the `consumed(slot)` barriers of the block that
@@ -394,21 +423,25 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
           release(program_lo, kv_lo)
           plgpu.barrier_wait(k_barriers.at[slot_of(kv_lo)])
 
-        def kv_step(step, carry, *, masked: bool):
+        def kv_step(step, carry, *, masked: bool, half: int | None = None):
+          # half 0 or 1: only that half of the block's keys (the other is masked for every row).
           acc, row_max, row_sum = carry
           slot = slot_of(step)
+          cols = block_kv if half is None else block_kv // 2
+          keys = (slice(None) if half is None else pl.ds(half * cols, cols))
+          k_block, v_block = k_smem.at[slot, keys], v_smem.at[slot, keys]
 
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, k_block.transpose((1, 0)))
             schedule()
           # Unscaled logits: the scale joins exp2's argument (one fused multiply-add per logit).
-          s = _run_acc((block_q, block_kv), qk)
+          s = _run_acc((block_q, cols), qk)
           if prescale != 1.0:
             s = s * prescale
           plgpu.barrier_arrive(k_consumed.at[slot])
           if masked:
-            mask = _causal_mask(s.shape, q_first, step * block_kv, rows_are_queries=True,
-                                window=window)
+            mask = _causal_mask(s.shape, q_first, step * block_kv + (half or 0) * cols,
+                                rows_are_queries=True, window=window)
             # With a window, a row can see no key of its first blocks; a finite mask value keeps
             # its running max finite (no inf - inf), those blocks add nothing, and the rescale
             # by exp2(scale * -1e30 - max) = 0 at its first visible key is harmless.
@@ -439,7 +472,7 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
             @pl.when(next_step < kv_hi)
             def _():
               plgpu.barrier_wait(k_barriers.at[slot_of(next_step)])
-          acc, = _wgmma_update([(acc, p16, v_smem.at[slot])], interpret=interpret,
+          acc, = _wgmma_update([(acc, p16, v_block)], interpret=interpret,
                                while_running=wait_next_k)
           plgpu.barrier_arrive(v_consumed.at[slot])
           return acc, new_max, row_sum
@@ -450,7 +483,8 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32),
                                    plgpu.Layout.WGMMA.reduce(1)))
         if causal:
-          carry = _masked_loops(kv_step, kv_blocks, carry, mask_first=window is not None)
+          carry = _edge_split_loops(kv_step, kv_blocks, carry, q_first=q_first, rows=block_q,
+                                    block_kv=block_kv, window=window)
           release(kv_hi, program_hi)  # the first warpgroup's rows end before the second's
         else:
           carry = lax.fori_loop(0, num_kv, functools.partial(kv_step, masked=False), carry)
