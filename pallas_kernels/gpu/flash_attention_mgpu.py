@@ -18,8 +18,9 @@ per slot and operand, a "consumed" barrier per slot that both compute warpgroups
   barrier). Causal programs stop at the diagonal, windowed ones start at the first key block a row
   of the program sees (the producer streams exactly the program's blocks); each warpgroup reads
   the blocks its own rows see and releases the others unread (keeping the schedule barrier in
-  step). Only the diagonal blocks and the blocks at the window's lower edge are masked. Writes o
-  and the base-2 log-sum-exp.
+  step). Only the diagonal blocks and the blocks at the window's lower edge are masked; such a
+  block of which one half is masked for all of a warpgroup's rows runs as a half step over the
+  other half (`_edge_split_loops`). Writes o and the base-2 log-sum-exp.
 - dq: grid (H, T / (2 * block_q), B). Each compute warpgroup keeps Q, dO, lse and delta = rowsum(o *
   dO) of its rows and loops over the key blocks the program sees (masked as in the forward):
   dq += (P * (dP - delta)) K.
