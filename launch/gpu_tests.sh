@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Pallas kernel tests on this machine's GPU (CI runs the same tests on CPU, the kernels in
-# interpret mode): the compiled Triton kernels against the float64 oracles and the xla paths,
+# interpret mode): the compiled Triton and Mosaic GPU kernels against the float64 oracles and the xla paths,
 # slow tests included. Compiling dominates, so several pytest workers (pytest-xdist, where
 # installed) share the GPU, which then must not be preallocated. Arguments go to pytest.
 #
@@ -18,4 +18,5 @@ fi
 exec "$python" -m pytest -q -p no:warnings "${workers[@]}" \
   tests/ops/test_gated_pallas.py tests/ops/test_delta_pallas.py tests/ops/test_mlstm_pallas.py \
   tests/ops/test_rat_pallas.py tests/ops/test_rat_aggregate.py tests/ops/test_rat_segments.py \
-  tests/ops/test_attention_pallas.py tests/ops/test_paged_attention_pallas.py "$@"
+  tests/ops/test_attention_pallas.py tests/ops/test_attention_mgpu.py \
+  tests/ops/test_paged_attention_pallas.py "$@"

@@ -77,6 +77,7 @@ _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _LOG2E = math.log2(math.e)
 _SCHEDULE_BARRIER_ID = 8  # hardware named barrier of the forward's ping-pong (Mosaic uses low ids)
+_MIN_HALF_KEYS = 64  # the forward's half steps need halves of at least one 128-byte swizzle row
 _MASK_VALUE = -1e30  # masked logits (base 2) under a window: exp2(_MASK_VALUE - finite) == 0
 
 
@@ -248,6 +249,8 @@ def _edge_split_loops(body, blocks, carry, *, q_first, rows: int, block_kv: int,
   blocks and 128-key blocks one of each two warpgroups has such a block at every diagonal (and
   with a window a multiple of 128 keys the other one at the lower edge): half a block less
   matrix work of the 9 of a 1024-key window."""
+  if block_kv < 2 * _MIN_HALF_KEYS:
+    return _masked_loops(body, blocks, carry, mask_first=window is not None)
   lo, full_lo, full_hi, hi = blocks
   half = block_kv // 2
 
