@@ -36,7 +36,8 @@ from jaxchunk.layers.packing import packed_projections
 from jaxchunk.layers.rotary import apply_rotary
 from jaxchunk.config import ModelConfig
 from jaxchunk.ops.attention import attention
-from jaxchunk.ops.paged_attention import chunked_prefill_attention, paged_write
+from jaxchunk.ops.paged_attention import (chunked_prefill_attention, paged_slots, paged_write,
+                                          paged_write_slots)
 from jaxchunk.parallel.api import SequenceParallel, active_sequence_parallel
 
 
@@ -82,10 +83,15 @@ def _write_cache(cache: jax.Array, update: jax.Array, starts: jax.Array) -> jax.
 def _attend_streams(q, k, v, positions, caches: tuple, streams, *, window, impl):
   """Streams form of the paged branch: q [1,N,H,Dh], k/v [1,N,Hk,Dh], positions [1,N], one paged
   cache per stream over the same pools. Returns (o [1,N,H,Dh], the per-stream new caches)."""
-  qs, ks, vs, ps = (streams_lib.split(a, streams) for a in (q, k, v, positions))
+  qs, ps = streams_lib.split(q, streams), streams_lib.split(positions, streams)
   k_pages, v_pages = caches[0]["k_pages"], caches[0]["v_pages"]
-  for k_i, v_i, p_i, cache in zip(ks, vs, ps, caches):
-    k_pages, v_pages = paged_write(k_pages, v_pages, k_i, v_i, cache["page_table"], p_i)
+  # Every stream's keys in one scatter per pool (the row holds them in the streams' order). No two
+  # streams write one slot: a slot's row decodes or takes a piece, never both, and only the
+  # scratch page is shared.
+  page_size = k_pages.shape[1]
+  slots = jnp.concatenate([paged_slots(cache["page_table"], p_i, page_size)
+                           for p_i, cache in zip(ps, caches)])
+  k_pages, v_pages = paged_write_slots(k_pages, v_pages, k[0], v[0], slots)
   o = streams_lib.join([
       chunked_prefill_attention(q_i, k_pages, v_pages, cache["page_table"],
                                 p_i[:, 0].astype(jnp.int32), window=window, impl=impl)

@@ -76,15 +76,33 @@ def paged_write(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Arr
   page_size, hk, d = _check_pages(k_pages, v_pages, page_table, b)
   check_shape(k, (b, t, hk, d), "k", "[batch, seq, kv_heads, head_dim]")
   check_shape(v, (b, t, hk, d), "v", "[batch, seq, kv_heads, head_dim]")
+  return paged_write_slots(k_pages, v_pages, k.reshape(b * t, hk, d), v.reshape(b * t, hk, d),
+                           paged_slots(page_table, positions, page_size))
+
+
+def paged_slots(page_table: jax.Array, positions: jax.Array, page_size: int) -> jax.Array:
+  """The slots [B*T] of the flat pool [num_pages * page_size] that positions [B,T] of each row
+  map to through page_table [B, pages_per_seq] (row-major, as k.reshape(B*T, ...))."""
   positions = positions.astype(jnp.int32)
   page = jnp.take_along_axis(page_table.astype(jnp.int32), positions // page_size, axis=1)
-  flat = (page * page_size + positions % page_size).reshape(-1)  # [B*T] slots of the flat pool
-  num_pages = k_pages.shape[0]
+  return (page * page_size + positions % page_size).reshape(-1)
+
+
+def paged_write_slots(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+                      slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes k, v [N,Hk,D] at the flat pool slots [N] (`paged_slots`, possibly of several page
+  tables concatenated: one scatter per pool for all of them); returns the new pools. Slots written
+  twice (a scratch page) keep one of the values."""
+  check_rank(k_pages, 4, "k_pages", "[num_pages, page_size, kv_heads, head_dim]")
+  num_pages, page_size, hk, d = k_pages.shape
+  check_shape(v_pages, k_pages.shape, "v_pages", "[num_pages, page_size, kv_heads, head_dim]")
+  check_rank(slots, 1, "slots", "[tokens]")
+  check_shape(k, (slots.shape[0], hk, d), "k", "[tokens, kv_heads, head_dim]")
+  check_shape(v, (slots.shape[0], hk, d), "v", "[tokens, kv_heads, head_dim]")
 
   def write(pool, new):
     pool = pool.reshape(num_pages * page_size, hk, d)
-    pool = pool.at[flat].set(new.reshape(b * t, hk, d).astype(pool.dtype))
-    return pool.reshape(num_pages, page_size, hk, d)
+    return pool.at[slots].set(new.astype(pool.dtype)).reshape(num_pages, page_size, hk, d)
   return write(k_pages, k), write(v_pages, v)
 
 
