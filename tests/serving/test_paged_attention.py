@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxchunk.ops.paged_attention import (chunked_prefill_attention, paged_decode_attention,
-                                          paged_write)
+                                          paged_slots, paged_write, paged_write_slots)
 from tests.utils import assert_rel_close, randn
 
 B, H, HK, D, PAGE, PAGES_PER_SEQ = 2, 4, 2, 8, 4, 5
@@ -43,6 +43,30 @@ def setup(rng, t, q_offset):
   k_pages, v_pages = paged_write(*pools, jnp.asarray(k), jnp.asarray(v), jnp.asarray(table),
                                  jnp.asarray(positions))
   return k, v, k_pages, v_pages, jnp.asarray(table)
+
+
+def test_write_slots_of_two_tables_equals_two_writes(rng):
+  """One scatter for two streams (decodes [B, 1] and a piece [1, 6], each with its page table)
+  writes what two `paged_write` calls write."""
+  num_pages = B * PAGES_PER_SEQ + 1
+  pools = [jnp.asarray(randn(rng, num_pages, PAGE, HK, D)) for _ in range(2)]
+  tables = rng.permutation(np.arange(1, num_pages)).reshape(B, PAGES_PER_SEQ).astype(np.int32)
+  streams = [(jnp.asarray(tables), jnp.asarray([[7], [2]], jnp.int32)),
+             (jnp.asarray(tables[1:]), jnp.asarray([np.arange(9, 15)], jnp.int32))]
+  ks = [jnp.asarray(randn(rng, *p.shape, HK, D)) for _, p in streams]
+  vs = [jnp.asarray(randn(rng, *p.shape, HK, D)) for _, p in streams]
+  expected = pools
+  for (table, positions), k, v in zip(streams, ks, vs):
+    expected = paged_write(*expected, k, v, table, positions)
+  slots = jnp.concatenate([paged_slots(table, positions, PAGE) for table, positions in streams])
+  flat = lambda xs: jnp.concatenate([x.reshape(-1, HK, D) for x in xs])
+  got = paged_write_slots(*pools, flat(ks), flat(vs), slots)
+  for g, e in zip(got, expected):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+  with pytest.raises(ValueError, match="slots"):
+    paged_write_slots(*pools, flat(ks), flat(vs), slots[None])
+  with pytest.raises(ValueError, match="k must"):
+    paged_write_slots(*pools, flat(ks)[1:], flat(vs), slots)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
