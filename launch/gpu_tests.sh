@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Pallas kernel tests on this machine's GPU (CI runs the same tests on CPU, the kernels in
-# interpret mode): the compiled Triton and Mosaic GPU kernels against the float64 oracles and the xla paths,
-# slow tests included. Compiling dominates, so several pytest workers (pytest-xdist, where
-# installed) share the GPU, which then must not be preallocated. Arguments go to pytest.
+# interpret mode): the compiled Triton and Mosaic GPU kernels against the float64 oracles and the
+# xla paths, slow tests included. Compiling dominates, so several pytest workers (pytest-xdist,
+# where installed) share the GPU, which then must not be preallocated. Arguments go to pytest.
 #
 #   bash launch/gpu_tests.sh                      # every kernel test file
 #   bash launch/gpu_tests.sh -k "mlstm or delta"  # a subset

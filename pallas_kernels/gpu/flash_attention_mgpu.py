@@ -77,7 +77,7 @@ _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _LOG2E = math.log2(math.e)
 _SCHEDULE_BARRIER_ID = 8  # hardware named barrier of the forward's ping-pong (Mosaic uses low ids)
-_MIN_HALF_KEYS = 64  # the forward's half steps need halves of at least one 128-byte swizzle row
+_MIN_HALF_KEYS = 64  # the forward's half steps: 32-key halves (of 64-key blocks) fail to lower
 _MASK_VALUE = -1e30  # masked logits (base 2) under a window: exp2(_MASK_VALUE - finite) == 0
 
 
@@ -432,7 +432,7 @@ def _forward(q, k, v, *, causal: bool, window: int | None, scale: float, interpr
           acc, row_max, row_sum = carry
           slot = slot_of(step)
           cols = block_kv if half is None else block_kv // 2
-          keys = (slice(None) if half is None else pl.ds(half * cols, cols))
+          keys = slice(None) if half is None else pl.ds(half * cols, cols)
           k_block, v_block = k_smem.at[slot, keys], v_smem.at[slot, keys]
 
           def qk(acc_ref):
