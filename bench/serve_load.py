@@ -73,7 +73,7 @@ from jaxchunk.models.language_model import LanguageModel
 from jaxchunk.serving import Engine, EngineConfig, SamplingParams
 from report import versions, write_report
 from serve_decode import RESULTS, VERSIONED, preset_config
-from timing import profile_host, profile_kernels
+from timing import profile_host, profile_kernels, profile_launches
 
 # Calls of a shape before `call_times` times it: on a GPU the first runs XLA's executable op by op
 # and the second records its CUDA graphs (docs/serving.md).
@@ -259,13 +259,18 @@ def call_times(engine: Engine, *, position: int, reps: int, names=None) -> dict[
   return times
 
 
-def profile_calls(engine: Engine, *, position: int, calls: int) -> dict[str, dict[str, float]]:
-  """GPU time per call (ms) of the costliest kernels of the decode, the longest prefill piece and
-  the mixed call with it (`call_shapes`), each over `calls` calls (profiler trace)."""
+def profile_calls(engine: Engine, *, position: int, calls: int, names=None) -> tuple[dict, dict]:
+  """GPU profiles of the decode, the longest prefill piece and the mixed call with it
+  (`call_shapes`, or those of them in `names`), each over `calls` calls (profiler traces):
+  ({name: {kernel: ms per call}} of the costliest kernels, {name: `profile_launches`})."""
   shapes = call_shapes(engine, position=position)
-  longest = engine.config.chunk_size
-  return {name: profile_kernels(shapes[name], calls, wait=lambda: engine.cache, label=f"{name} call")
-          for name in ("decode", f"prefill {longest}", f"mixed {longest}")}
+  longest = max(engine.piece_lengths)
+  names = names or ("decode", f"prefill {longest}", f"mixed {longest}")
+  kernels = {name: profile_kernels(shapes[name], calls, wait=lambda: engine.cache,
+                                   label=f"{name} call") for name in names}
+  launches = {name: profile_launches(shapes[name], calls, wait=lambda: engine.cache)
+              for name in names}
+  return kernels, launches
 
 
 def measure(args) -> dict:
@@ -287,6 +292,9 @@ def measure(args) -> dict:
     names = ("decode", f"mixed {max(engine.piece_lengths)}")
     results["calls"] = call_times(engine, position=context, reps=args.call_times or 20,
                                   names=names)
+    if args.profile:
+      results["profile"], results["launches"] = profile_calls(
+          engine, position=context, calls=args.profile, names=names)
     if args.host_profile:
       shapes = call_shapes(engine, position=context)
       results["host_profile"] = {
@@ -305,7 +313,8 @@ def measure(args) -> dict:
     if name == "chunked" and args.call_times:
       results["calls"] = call_times(engine, position=context, reps=args.call_times)
     if name == "chunked" and args.profile:
-      results["profile"] = profile_calls(engine, position=context, calls=args.profile)
+      results["profile"], results["launches"] = profile_calls(engine, position=context,
+                                                               calls=args.profile)
     if name == "chunked":
       with gc_paused():
         results["steady"] = steady_state(
@@ -325,6 +334,24 @@ def calls_table(calls: dict) -> str:
            "| call | dispatch ms | total ms |", "|---|---:|---:|"]
   lines += [f"| {name} | {t['dispatch_ms']:.3f} | {t['total_ms']:.3f} |"
             for name, t in calls.items()]
+  return "\n".join(lines)
+
+
+def profile_tables(results: dict) -> str:
+  """The markdown tables of `--profile` (empty without it): each call's GPU launches, busy time
+  and span, and its costliest kernels."""
+  lines = []
+  if "launches" in results:
+    lines += ["", "Each call on the GPU (`--profile`; calls one at a time on an idle device): "
+              "kernel launches, their summed time, and the span from the first kernel's start "
+              "to the last one's end (median).", "",
+              "| call | launches | busy ms | span ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {g['launches']:.0f} | {g['busy_ms']:.3f} | {g['span_ms']:.3f} |"
+              for name, g in results["launches"].items()]
+  for name, kernels in results.get("profile", {}).items():
+    lines += ["", f"Costliest GPU kernels of the {name} call (`--profile`; ms per call, "
+              f"{sum(kernels.values()):.3f} ms in these):", "", "| kernel | ms |", "|---|---:|"]
+    lines += [f"| `{kernel[:90]}` | {ms:.4f} |" for kernel, ms in kernels.items()]
   return "\n".join(lines)
 
 
@@ -382,11 +409,7 @@ def render(results: dict) -> str:
         f"{[tuple(p) for p in s['pieces']]})" for s in results["chunked"]["steps"]["slowest"])]
   if "calls" in results:
     lines += ["", calls_table(results["calls"])]
-  for name, kernels in results.get("profile", {}).items():
-    lines += ["", f"Costliest GPU kernels of the {name} call (`--profile`; ms per call, "
-              f"{sum(kernels.values()):.3f} ms in these):", "", "| kernel | ms |", "|---|---:|"]
-    lines += [f"| `{kernel[:90]}` | {ms:.4f} |" for kernel, ms in kernels.items()]
-  return "\n".join(lines)
+  return "\n".join(lines) + profile_tables(results)
 
 
 def main(argv=None) -> str:
@@ -415,8 +438,9 @@ def main(argv=None) -> str:
                       help="only time the decode and the longest mixed call (--call-times reps, "
                            "20 if 0), no trace")
   parser.add_argument("--profile", type=int, default=0, metavar="CALLS",
-                      help="also print the costliest GPU kernels of the decode, prefill and mixed "
-                           "calls, over CALLS calls each (0: skip)")
+                      help="also print the costliest GPU kernels and the launches, busy time "
+                           "and GPU span of the decode, prefill and mixed calls (with "
+                           "--calls-only: of its two calls), over CALLS calls each (0: skip)")
   parser.add_argument("--host-profile", type=int, default=0, metavar="CALLS",
                       help="with --calls-only, also print the costliest host trace events of "
                            "each call over CALLS calls (0: skip)")
@@ -439,7 +463,8 @@ def main(argv=None) -> str:
               f"{command}: {args.preset} (bf16, random weights), {args.slots} slots, chunk "
               f"{args.chunk_size}, page {args.page_size}, every slot at position "
               f"{min(int(args.prompt_mean), args.max_len // 2)}.\n\n"
-              f"{calls_table(results['calls'])}\n{host_tables(results)}")
+              f"{calls_table(results['calls'])}\n{profile_tables(results)}"
+              f"{host_tables(results)}")
     print("\n" + report, flush=True)
     return write_report(args.out, f"serve_load-{results['date']}{smoke}-calls", report, results)
   base = results["steady"]["tbt_p50_ms"]

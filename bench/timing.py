@@ -137,6 +137,38 @@ def _gpu_pids(events: list[dict]) -> set:
           and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
 
 
+def profile_launches(call, calls: int, *, wait=lambda: None, gap_us: float = 300.0) -> dict:
+  """How one call of `call` occupies the GPU, over `calls` calls dispatched one at a time on an
+  idle device: {"launches": kernels per call, "busy_ms": their summed time per call,
+  "span_ms": the median span from a call's first kernel start to its last kernel end}. A span
+  ends at an idle gap longer than `gap_us` (a call's own gaps are a few us); spans under 10 us
+  (the transfers around a call) are left out. Without GPU events every figure is 0."""
+  def one_call():
+    jax.block_until_ready(wait())
+    return call()
+  return launch_summary(trace_events(one_call, calls, wait=wait), calls, gap_us=gap_us)
+
+
+def launch_summary(events: list[dict], calls: int, *, gap_us: float = 300.0) -> dict:
+  """`profile_launches`' figures from a perfetto trace's events of `calls` calls."""
+  gpu = _gpu_pids(events)
+  kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu),
+                   key=lambda e: e["ts"])
+  spans, start, end = [], None, None
+  for e in kernels:
+    if start is not None and e["ts"] - end > gap_us:
+      spans.append((end - start) / 1e3)
+      start = None
+    start = e["ts"] if start is None else start
+    end = e["ts"] + e.get("dur", 0.0) if end is None else max(end, e["ts"] + e.get("dur", 0.0))
+  if start is not None:
+    spans.append((end - start) / 1e3)
+  spans = [span for span in spans if span >= 0.01]
+  return {"launches": len(kernels) / calls,
+          "busy_ms": sum(e.get("dur", 0.0) for e in kernels) / 1e3 / calls,
+          "span_ms": statistics.median(spans) if spans else 0.0}
+
+
 def kernel_totals(events: list[dict]) -> dict[str, float]:
   """Total milliseconds per kernel name of a perfetto trace's events: the complete ("X") events
   of the processes named like a GPU (the trace's "process_name" metadata)."""

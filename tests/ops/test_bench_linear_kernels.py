@@ -1,7 +1,9 @@
-"""bench/linear_kernels.py's keeping of Triton autotune choices between runs (the GPU parts run on
-the device machine only)."""
+"""bench/linear_kernels.py's keeping of Triton autotune choices between runs, and bench/timing.py's
+reading of profiler traces (the GPU parts run on the device machine only)."""
 
 import os
+
+import pytest
 
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
@@ -44,6 +46,17 @@ def test_kernel_totals_sums_gpu_events_only(monkeypatch):
   ]
   assert timing.kernel_totals(events) == {"delta_rule_fwd": 2.0, "gemm_fusion": 0.25}
   assert timing.host_totals(events) == {"host_work": (9.0, 1)}
+  # Two calls on the GPU: spans end at idle gaps over 300 us; spans under 10 us are transfers.
+  two_calls = events[:2] + [
+      {"ph": "X", "pid": 7, "name": "a", "ts": 0.0, "dur": 100.0},
+      {"ph": "X", "pid": 7, "name": "b", "ts": 105.0, "dur": 95.0},     # first call: 0.2 ms
+      {"ph": "X", "pid": 7, "name": "MemcpyD2H", "ts": 700.0, "dur": 2.0},
+      {"ph": "X", "pid": 7, "name": "a", "ts": 5000.0, "dur": 150.0},
+      {"ph": "X", "pid": 7, "name": "b", "ts": 5160.0, "dur": 240.0},   # second call: 0.4 ms
+      {"ph": "X", "pid": 3, "name": "host_work", "ts": 0.0, "dur": 9000.0}]
+  summary = timing.launch_summary(two_calls, calls=2)
+  assert summary["launches"] == 2.5 and summary["span_ms"] == pytest.approx(0.3)
+  assert summary["busy_ms"] == pytest.approx(0.2935)
 
 
 def test_profile_pallas_runs_on_cpu(monkeypatch):

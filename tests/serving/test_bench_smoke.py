@@ -101,7 +101,7 @@ def test_serve_load_calls_only_smoke(tmp_path):
   """--calls-only: the decode and the longest mixed call timed alone, no trace, XLA_FLAGS in the
   report."""
   report, results = run_smoke(tmp_path, "serve_load", "--calls-only", "--host-profile", "2",
-                              suffix="smoke-calls")
+                              "--profile", "2", suffix="smoke-calls")
   assert "XLA_FLAGS=''" in report and "device: 1 x cpu" in report
   assert list(results["calls"]) == ["decode", "mixed 4"]
   for times in results["calls"].values():
@@ -112,6 +112,8 @@ def test_serve_load_calls_only_smoke(tmp_path):
   for events in results["host_profile"].values():
     assert events and all(ms >= 0 and count > 0 for ms, count in events.values())
   assert "Costliest host trace events of the mixed 4 call" in report
+  # --profile: no GPU events on CPU, so no launches; the table still names both calls.
+  assert list(results["launches"]) == ["decode", "mixed 4"] and "| decode | 0 |" in report
 
 
 def test_serve_load_step_summary_splits_decodes_by_the_step_before(monkeypatch):
