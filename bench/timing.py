@@ -139,7 +139,8 @@ def _gpu_pids(events: list[dict]) -> set:
 
 def profile_launches(call, calls: int, *, wait=lambda: None, gap_us: float = 300.0) -> dict:
   """How one call of `call` occupies the GPU, over `calls` calls dispatched one at a time on an
-  idle device: {"launches": kernels per call, "busy_ms": their summed time per call,
+  idle device: {"launches": GPU events per call (kernels, and the copies of its inputs and
+  outputs), "busy_ms": their summed time per call,
   "span_ms": the median span from a call's first kernel start to its last kernel end}. A span
   ends at an idle gap longer than `gap_us` (a call's own gaps are a few us); spans under 10 us
   (the transfers around a call) are left out. Without GPU events every figure is 0."""
