@@ -343,8 +343,8 @@ def profile_tables(results: dict) -> str:
   lines = []
   if "launches" in results:
     lines += ["", "Each call on the GPU (`--profile`; calls one at a time on an idle device): "
-              "kernel launches (and copies), their summed time, and the span from the first kernel's start "
-              "to the last one's end (median).", "",
+              "kernel launches (and copies), their summed time, and the span from the first "
+              "kernel's start to the last one's end (median).", "",
               "| call | launches | busy ms | span ms |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {g['launches']:.0f} | {g['busy_ms']:.3f} | {g['span_ms']:.3f} |"
               for name, g in results["launches"].items()]

@@ -95,6 +95,14 @@ def trace_events(call, calls: int, *, wait=lambda: None) -> list[dict]:
   return events["traceEvents"] if isinstance(events, dict) else events
 
 
+def _on_idle_device(call, wait):
+  """`call`, dispatched only once the previous call's `wait()` arrays are ready."""
+  def one_call():
+    jax.block_until_ready(wait())
+    return call()
+  return one_call
+
+
 # Python frames of starting and stopping the trace itself, left out of `profile_host`'s table.
 _TRACE_CONTROL = ("$profiler.py", "$contextlib.py")
 
@@ -106,10 +114,7 @@ def profile_host(call, calls: int, *, wait=lambda: None, label: str = "call",
   events per call)}. Each call is dispatched on an idle device (the previous one waited for), so
   the events are the host's work for one call: JAX's argument handling, XLA's thunks, command
   buffer updates and launches. Prints the table and returns it."""
-  def one_call():
-    jax.block_until_ready(wait())
-    return call()
-  totals = host_totals(trace_events(one_call, calls, wait=wait))
+  totals = host_totals(trace_events(_on_idle_device(call, wait), calls, wait=wait))
   totals = {name: value for name, value in totals.items() if not name.startswith(_TRACE_CONTROL)}
   ranked = sorted(((name, (ms / calls, count / calls)) for name, (ms, count) in totals.items()),
                   key=lambda kv: -kv[1][0])
@@ -144,10 +149,8 @@ def profile_launches(call, calls: int, *, wait=lambda: None, gap_us: float = 300
   "span_ms": the median span from a call's first kernel start to its last kernel end}. A span
   ends at an idle gap longer than `gap_us` (a call's own gaps are a few us); spans under 10 us
   (the transfers around a call) are left out. Without GPU events every figure is 0."""
-  def one_call():
-    jax.block_until_ready(wait())
-    return call()
-  return launch_summary(trace_events(one_call, calls, wait=wait), calls, gap_us=gap_us)
+  events = trace_events(_on_idle_device(call, wait), calls, wait=wait)
+  return launch_summary(events, calls, gap_us=gap_us)
 
 
 def launch_summary(events: list[dict], calls: int, *, gap_us: float = 300.0) -> dict:
