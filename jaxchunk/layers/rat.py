@@ -86,9 +86,14 @@ def _per_row(op, q, k, v, f, state: RATState):
   """Runs op(q, k, v, f, state) -> (o, RATState) on each batch row when state.length is [B].
 
   q, k, v, f have the batch axis first; each row runs as a batch of one with a scalar length.
+  A batch of one (the serving engine's prefill pieces) runs as it is: under vmap the op's
+  dynamic slices and updates at the row's offset would become gathers and scatters.
   """
   if state.length.ndim == 0:
     return op(q, k, v, f, state)
+  if q.shape[0] == 1:
+    o, new = op(q, k, v, f, state._replace(length=state.length[0]))
+    return o, new._replace(length=new.length[None])
 
   def row(q, k, v, f, state):
     o, new = op(q[None], k[None], v[None], f[None],

@@ -182,9 +182,10 @@ def _cast_state(state: RATState, capacity: int, dtype) -> RATState:
   summary_dtype = jnp.result_type(state.k_chunks)
   summary_dtype = summary_dtype if summary_dtype in _NARROW else dtype
   k_chunks, v_chunks = (jnp.asarray(x, summary_dtype) for x in state[:2])
-  pad = [(0, 0), (0, capacity - k_chunks.shape[1]), (0, 0), (0, 0)]
-  return RATState(jnp.pad(k_chunks, pad), jnp.pad(v_chunks, pad), k_run, v_run,
-                  jnp.asarray(state.length, jnp.int32))
+  if capacity > k_chunks.shape[1]:
+    pad = [(0, 0), (0, capacity - k_chunks.shape[1]), (0, 0), (0, 0)]
+    k_chunks, v_chunks = jnp.pad(k_chunks, pad), jnp.pad(v_chunks, pad)
+  return RATState(k_chunks, v_chunks, k_run, v_run, jnp.asarray(state.length, jnp.int32))
 
 
 def _run_update(k_run, v_run, k, v, f, lengths, chunk_size: int):
@@ -445,20 +446,15 @@ def _summary_slots(old, new, first_chunk, old_chunks: int, dtype):
                                          new.astype(dtype), first_chunk, axis=1)
 
 
-def _attend_pallas(q, k_agg, v_agg, k_new, v_new, state: RATState, first_chunk, scale, *,
-                   old_chunks: int, chunk_size: int, dtype):
+def _attend_pallas(q, k_agg, v_agg, k_sum, v_sum, first_chunk, scale, *, chunk_size: int, dtype):
   """The cross-chunk attention by the Pallas kernel (`pallas_kernels.gpu.rat`).
 
-  q [B, P, Hk, G, D]; k_agg, v_agg [B, P, Hk, D] running aggregates; k_new, v_new [B, nc, Hk, D]
-  summaries of the buffer's chunks (chunk first_chunk + i). The kernel wants slot j = chunk j: the
-  state's first `old_chunks` summaries, overwritten from slot first_chunk by the new ones. Operands
-  go to the kernel in `dtype` (q's input dtype); the scale is folded into q.
+  q [B, P, Hk, G, D]; k_agg, v_agg [B, P, Hk, D] running aggregates; k_sum, v_sum [B, M, Hk, D]
+  the summaries, slot j = chunk j, holding every slot a query of chunk first_chunk + t // C sees
+  (the kernel visits no slot past M). Operands go to the kernel in `dtype` (q's input dtype); the
+  scale is folded into q.
   """
   b, p, hk, g, d = q.shape
-  # New summaries are stored in the state's summary dtype, as a decode step would keep them.
-  put = lambda old, new: _summary_slots(old, new, first_chunk, old_chunks,
-                                        old.dtype if old_chunks else new.dtype)
-  k_sum, v_sum = put(state.k_chunks, k_new), put(state.v_chunks, v_new)
   cast = lambda x: x.astype(dtype)
   o = rat_kernel.rat_attention(cast((q * scale).reshape(b, p, hk * g, d)), cast(k_agg),
                                cast(v_agg), cast(k_sum), cast(v_sum), first_chunk,
@@ -512,14 +508,26 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
     k_in = jnp.where(inject, state.k_run[:, None], k_in)
     v_in = jnp.where(inject, state.v_run[:, None], v_in)
   new_chunk = first_chunk + jnp.arange(nc)
+  # The final summary buffer: the state's, with the chunks the new tokens complete (slots
+  # first_chunk .. end // C - 1) from new [B, nc, Hk, D].
+  end = length + t
+  slots = jnp.arange(state.k_chunks.shape[1])
+  fresh = ((slots >= first_chunk) & (slots < end // c))[None, :, None, None]
+  src = jnp.clip(slots - first_chunk, 0, nc - 1)
+  merge = lambda old, new: jnp.where(fresh, jnp.take(new, src, axis=1).astype(old.dtype), old)
 
   if kernel_dtype is not None:
     # Aggregates in the kernel dtype, summaries [B, nc, Hk, D] in float32. By the gate-1 padding the
     # running aggregate at the last token is its chunk's summary, so the state stays float32.
     k_agg, v_agg, k_new, v_new = rat_aggregate.chunk_aggregate(
         gate, k_in, v_in, chunk_size=c, out_dtype=kernel_dtype, interpret=pallas_interpret())
-    o = _attend_pallas(place(q, 0), k_agg, v_agg, k_new, v_new, state, first_chunk, scale,
-                       old_chunks=old_chunks if continued else 0, chunk_size=c, dtype=kernel_dtype)
+    k_chunks, v_chunks = merge(state.k_chunks, k_new), merge(state.v_chunks, v_new)
+    # A query of chunk j sees slots < j: the state's below first_chunk, then complete new chunks,
+    # all in the final buffer (summaries in the state's dtype, as decode steps keep them). Queries
+    # of padding chunks may see fewer slots; their outputs are dropped.
+    k_sum, v_sum = (k_chunks, v_chunks) if continued and old_chunks else (k_new, v_new)
+    o = _attend_pallas(place(q, 0), k_agg, v_agg, k_sum, v_sum, first_chunk, scale,
+                       chunk_size=c, dtype=kernel_dtype)
     k_last, v_last = (lax.dynamic_index_in_dim(x, (offset + t - 1) // c, axis=1, keepdims=False)
                       for x in (k_new, v_new))
   else:
@@ -546,16 +554,9 @@ def _rat_xla(q, k, v, f, state: RATState, scale, *, chunk_size: int, continued: 
     o = lax.map(attend, (q_blocks(place(q, 0)), q_blocks(k_agg.reshape(b, p, hk, d)),
                          q_blocks(v_agg.reshape(b, p, hk, d)), q_chunk))
     o = jnp.moveaxis(o, 0, 1).reshape(b, p, hk, g, d)
+    k_chunks, v_chunks = merge(state.k_chunks, k_new), merge(state.v_chunks, v_new)
   o = lax.dynamic_slice_in_dim(o, offset, t, axis=1)
-
-  end = length + t
-  slots = jnp.arange(state.k_chunks.shape[1])
-  fresh = ((slots >= first_chunk) & (slots < end // c))[None, :, None, None]
-  src = jnp.clip(slots - first_chunk, 0, nc - 1)
-  merge = lambda old, new: jnp.where(fresh, jnp.take(new, src, axis=1).astype(old.dtype), old)
-  final = RATState(merge(state.k_chunks, k_new), merge(state.v_chunks, v_new), k_last, v_last,
-                   end)
-  return o, final
+  return o, RATState(k_chunks, v_chunks, k_last, v_last, end)
 
 
 def scatter_slots(x, slot, size: int, fill):

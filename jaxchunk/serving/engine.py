@@ -2,8 +2,8 @@
 
 The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`). For a
 `LanguageModel`: attention layers keep their keys/values in a shared page pool
-(`jaxchunk.serving.pages`), RAT layers a `RATState` with one length per slot, linear layers their
-per-slot recurrent state and short-conv history. For a `MoRLanguageModel` (recursive /
+(`jaxchunk.serving.pages`), RAT layers a `RATState` without its length (a step passes its rows'
+positions instead), linear layers their per-slot recurrent state and short-conv history. For a `MoRLanguageModel` (recursive /
 Mixture-of-Recursions): its own cache (`init_mor_cache`) without "length", every leaf one row per
 slot: the unshared first/last blocks' caches and, per recursion, the tokens it has processed
 ("count" [num_slots]) and its block caches (dense keys/values [num_slots, max_len + 1, ...], no
@@ -188,7 +188,8 @@ def init_engine_cache(config: ModelConfig | MoRConfig, engine_config: EngineConf
   """The caches of all slots, every leaf zeros.
 
   `LanguageModel` (a ModelConfig): a tuple of per-layer caches, page pools
-  {"k_pages", "v_pages": [pool_pages, page_size, Hk, D]} for attention, per-slot states otherwise.
+  {"k_pages", "v_pages": [pool_pages, page_size, Hk, D]} for attention, per-slot states otherwise
+  (a `RATState`'s length None: the steps set it from their positions, `Engine._attach`).
   `MoRLanguageModel` (a MoRConfig): `init_mor_cache` for num_slots rows of max_len + 1 tokens
   without its "length" (dense keys/values [num_slots, max_len + 1, Hk, D], position max_len a
   scratch slot); every leaf has the slot axis first.
@@ -219,10 +220,10 @@ def _cache_layout(config: ModelConfig | MoRConfig, engine_config: EngineConfig):
                config.head_dim)
       layers.append({"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)})
     elif kind == "rat":
-      layers.append(init_rat_cache(config, slots, max_len, dtype))
+      layers.append(init_rat_cache(config, slots, max_len, dtype)._replace(length=None))
     else:
       layers.append(init_linear_attention_cache(config, kind, slots, max_len, dtype))
-  return _per_slot_rat_lengths(tuple(layers), slots)
+  return tuple(layers)
 
 
 def _is_pool(path) -> bool:
@@ -387,13 +388,23 @@ class Engine:
   # ------------------------------------------------------------------------------------------
   # Jitted step functions.
 
-  def _attach_tables(self, layers, table):
-    return tuple(dict(c, page_table=table) if kind in ATTENTION_KINDS else c
-                 for kind, c in zip(self.kinds, layers))
+  def _attach(self, layers, table, lengths):
+    """The layer caches as the model takes them: attention pools with page tables table [B,
+    pages_per_seq], RAT states with lengths [B] (the rows' positions: the engine keeps no RAT
+    length, so rows need no clearing or selecting of one)."""
+    def attach(kind, c):
+      if kind in ATTENTION_KINDS:
+        return dict(c, page_table=table)
+      return c._replace(length=lengths) if kind == "rat" else c
+    return tuple(attach(kind, c) for kind, c in zip(self.kinds, layers))
 
-  def _detach_tables(self, layers):
-    return tuple({k: c[k] for k in _POOL_KEYS} if kind in ATTENTION_KINDS else c
-                 for kind, c in zip(self.kinds, layers))
+  def _detach(self, layers):
+    """The inverse of `_attach`: the layer caches in the engine's layout."""
+    def detach(kind, c):
+      if kind in ATTENTION_KINDS:
+        return {k: c[k] for k in _POOL_KEYS}
+      return c._replace(length=None) if kind == "rat" else c
+    return tuple(detach(kind, c) for kind, c in zip(self.kinds, layers))
 
   def _apply(self, variables, tokens, positions, cache, table):
     """The model on tokens [B, T] at positions [B, T] (consecutive per row), continuing `cache`
@@ -406,8 +417,8 @@ class Engine:
       return logits, {name: aux["cache"][name] for name in cache}
     logits, new = self.model.apply(variables, tokens, positions=positions,
                                    cache={"length": length,
-                                          "layers": self._attach_tables(cache, table)})
-    return logits, self._detach_tables(new["layers"])
+                                          "layers": self._attach(cache, table, length)})
+    return logits, self._detach(new["layers"])
 
   def _decode_inputs(self, last, tokens, from_last, positions, table, active):
     """A decode's (tokens, positions, table) [S] / [S, pages]: a row's token is last[row] where
@@ -499,8 +510,8 @@ class Engine:
     row, cache = jax.lax.optimization_barrier((row, cache))
     tokens, positions, table = self._decode_inputs(last, tokens, from_last, positions, table,
                                                    active)
-    decode_layers = self._attach_tables(cache, table)
-    row_layers = self._attach_tables(row, table_row)
+    decode_layers = self._attach(cache, table, positions)
+    row_layers = self._attach(row, table_row, jnp.reshape(start, (1,)))
     num_slots, length = tokens.shape[0], piece.shape[1]
     logits, new = self.model.apply(
         variables, jnp.concatenate([tokens, piece[0]])[None],
@@ -513,8 +524,8 @@ class Engine:
     # copying the buffers (a mixed step of the 350M RAT+local preset spent 0.31 ms in memcpy on
     # an H100 without this barrier, about two copies of its RAT summaries).
     logits, new = jax.lax.optimization_barrier((logits, new))
-    new_decode = self._detach_tables(tuple(d for d, _ in new["layers"]))
-    new_row = self._detach_tables(tuple(r for _, r in new["layers"]))
+    new_decode = self._detach(tuple(d for d, _ in new["layers"]))
+    new_row = self._detach(tuple(r for _, r in new["layers"]))
     cache = _put_row(_select_rows(active, new_decode, cache), new_row, slot)
     next_tokens, logprobs = sample_tokens(logits[0, :num_slots], *decode_sampling)
     token, logprob = sample_tokens(logits[0, -1:], *prefill_sampling)

@@ -244,10 +244,11 @@ def test_streams_match_separate_calls(rng, case):
   slots, decode_at, piece_at, piece_len = 4, 5, 3, 4
   engine_config = EngineConfig(num_slots=slots, max_len=16, page_size=4)
   lengths = np.array([decode_at] * 3 + [piece_at], np.int32)
-  layers = jax.tree.map(
-      lambda x: (jnp.asarray(lengths) if jnp.issubdtype(x.dtype, jnp.integer)
-                 else jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype)),
-      init_engine_cache(cfg, engine_config))
+  layers = jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype),
+                        init_engine_cache(cfg, engine_config))
+  # The engine keeps no RAT length (its steps pass their positions): the rows' lengths.
+  layers = tuple(layer._replace(length=jnp.asarray(lengths)) if kind == "rat" else layer
+                 for kind, layer in zip(pattern, layers))
   pages = engine_config.pages_per_seq
   table = jnp.arange(1, 1 + slots * pages, dtype=jnp.int32).reshape(slots, pages)
 
