@@ -351,6 +351,23 @@ def test_rat_cache_matches_full_sequence(rng):
   assert_rel_close(y, full, TOL, "two-piece prefill")
 
 
+@pytest.mark.parametrize("b", [1, 2])
+def test_rat_cache_with_per_row_lengths(rng, b):
+  # The serving engine's caches hold one length per row: a piece continues each row by the op
+  # per row (vmapped), or as is for a batch of one (a prefill piece). Both equal the whole call.
+  cfg = tiny_config(impl="xla")
+  layer = RATLayer(cfg)
+  t = 15
+  x = randn(rng, b, t, cfg.d_model)
+  variables = init_params(layer, x, arange_positions(b, t))
+  full, _ = apply_fn(layer)(variables, x, arange_positions(b, t))
+  _, cache = run_cached(layer, variables, x[:, :6], [6], init_rat_cache(cfg, b, 20, jnp.float32))
+  cache = cache._replace(length=jnp.full((b,), 6, jnp.int32))
+  y, new = apply_fn(layer)(variables, x[:, 6:], arange_positions(b, t - 6, 6), None, cache)
+  assert_rel_close(y, full[:, 6:], TOL, "per-row continuation")
+  assert new.length.shape == (b,) and np.all(np.asarray(new.length) == t)
+
+
 def test_rat_grad_xla_matches_reference(rng):
   b, t = 2, 10
   x = randn(rng, b, t, 32)
