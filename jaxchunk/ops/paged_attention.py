@@ -91,8 +91,12 @@ def paged_slots(page_table: jax.Array, positions: jax.Array, page_size: int) -> 
 def paged_write_slots(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
                       slots: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Writes k, v [N,Hk,D] at the flat pool slots [N] (`paged_slots`, possibly of several page
-  tables concatenated: one scatter per pool for all of them); returns the new pools. Slots written
-  twice (a scratch page) keep one of the values."""
+  tables concatenated: one scatter per pool for all of them); returns the new pools.
+
+  The scatter tells XLA the slots are unique, so that it stores without atomic updates. A slot
+  written twice (the engine's scratch page, where idle rows write) then holds, per element, one
+  of the values written to it (XLA: implementation-defined).
+  """
   check_rank(k_pages, 4, "k_pages", "[num_pages, page_size, kv_heads, head_dim]")
   num_pages, page_size, hk, d = k_pages.shape
   check_shape(v_pages, k_pages.shape, "v_pages", "[num_pages, page_size, kv_heads, head_dim]")
@@ -102,7 +106,8 @@ def paged_write_slots(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: j
 
   def write(pool, new):
     pool = pool.reshape(num_pages * page_size, hk, d)
-    return pool.at[slots].set(new.astype(pool.dtype)).reshape(num_pages, page_size, hk, d)
+    return pool.at[slots].set(new.astype(pool.dtype), unique_indices=True).reshape(
+        num_pages, page_size, hk, d)
   return write(k_pages, k), write(v_pages, v)
 
 

@@ -204,7 +204,9 @@ def _append(buf, run, lengths, chunk_size: int):
   write = ((lengths + 1) % chunk_size == 0) & (chunk < n)
   slot = jnp.where(write, chunk, n)  # out of bounds: dropped
   rows = jnp.arange(buf.shape[0])
-  return buf.at[rows, slot].set(run.astype(buf.dtype), mode="drop")
+  # One (row, slot) per row: unique and sorted, so XLA stores without atomic updates.
+  return buf.at[rows, slot].set(run.astype(buf.dtype), mode="drop", indices_are_sorted=True,
+                                unique_indices=True)
 
 
 def _step(state: RATState, token, *, chunk_size: int, scale: float):
