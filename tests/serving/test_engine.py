@@ -216,6 +216,36 @@ def test_steps_update_cache_buffers_in_place():
     assert not copied & buffers, copied & buffers
 
 
+def _count_primitives(jaxpr, names) -> int:
+  """Equations of `jaxpr` (a ClosedJaxpr) and its sub-jaxprs whose primitive is in `names`."""
+  count = 0
+  for eqn in jaxpr.jaxpr.eqns:
+    count += eqn.primitive.name in names
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _count_primitives(jax.extend.core.ClosedJaxpr(sub, ()), names)
+  return count
+
+
+def test_mixed_step_adds_no_scatter():
+  """A RAT+local mixed step has the decode step's scatters plus the one that stores the piece's
+  sample: the piece's keys ride in the decode's pool writes, and its RAT op, run on a batch of
+  one, updates its buffers by dynamic updates (vmapped over the one row, each dynamic slice and
+  update became a gather or a scatter: 72 scatters and 36 gathers more per mixed call of the
+  350M preset, each a kernel on a GPU)."""
+  model, variables, _ = tiny_model(("rat", "local"))
+  engine = Engine(model, variables, ENGINE)
+  decode_args = engine._idle_decode_args()
+  prefill_args = engine._idle_prefill_args(ENGINE.chunk_size, slot=1, start=4)
+  counts = {}
+  for name, step, groups in [("decode", engine._decode, (decode_args,)),
+                             ("mixed", engine._mixed, (decode_args, prefill_args))]:
+    packed, layout = engine_module._pack(groups)
+    jaxpr = jax.make_jaxpr(step, static_argnums=4)(engine.variables, engine.cache,
+                                                   engine.last_tokens, packed, layout)
+    counts[name] = _count_primitives(jaxpr, {"scatter"})
+  assert counts["mixed"] == counts["decode"] + 1, counts
+
+
 @pytest.mark.parametrize("pattern", [("attention",), ("rat", "local"), ("gla",)])
 def test_cache_is_allocated_once(monkeypatch, pattern):
   """`init_engine_cache` only traces the layers' cache initialisers and allocates each leaf once,
