@@ -91,7 +91,7 @@ def test_serve_load_smoke(tmp_path):
   assert list(calls) == ["decode", "prefill 4", "mixed 4", "prefill 2", "mixed 2", "prefill 1",
                          "mixed 1"]
   for times in calls.values():
-    assert 0 < times["dispatch_ms"] <= times["total_ms"]
+    assert 0 < times["dispatch_ms"] <= times["total_ms"] and times["back_to_back_ms"] > 0
   assert "| mixed 4 |" in report and "| chunked | mixed |" in report
   # Both runs replay one trace: same requests, same greedy lengths.
   assert results["chunked"]["output_tokens"] == results["prefill_first"]["output_tokens"]
@@ -105,7 +105,7 @@ def test_serve_load_calls_only_smoke(tmp_path):
   assert "XLA_FLAGS=''" in report and "device: 1 x cpu" in report
   assert list(results["calls"]) == ["decode", "mixed 4"]
   for times in results["calls"].values():
-    assert 0 < times["dispatch_ms"] <= times["total_ms"]
+    assert 0 < times["dispatch_ms"] <= times["total_ms"] and times["back_to_back_ms"] > 0
   assert "| mixed 4 |" in report and "steady" not in results and "chunked" not in results
   # --host-profile: the host's trace events of each call (the jitted call's own among them).
   assert list(results["host_profile"]) == ["decode", "mixed 4"]
