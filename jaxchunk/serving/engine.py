@@ -256,16 +256,37 @@ def _is_dense_kv(path) -> bool:
   return keys[-1] in ("k", "v") and (len(keys) < 2 or keys[-2] != "conv")
 
 
+def _kept_whole(path) -> bool:
+  """Whether `_select_rows` takes a leaf from the new cache whole, unselected: pools, RAT summary
+  buffers (see `_SUMMARY_FIELDS`) and dense KV caches (written at the scratch position by rows
+  that are not active: `Engine._decode_fn`)."""
+  return (_is_pool(path) or _is_dense_kv(path)
+          or any(getattr(e, "name", None) in _SUMMARY_FIELDS for e in path))
+
+
 def _select_rows(active, new, old):
-  """Per-slot leaves from `new` where active [S] else from `old`; pools, RAT summary buffers
-  (see `_SUMMARY_FIELDS`) and dense KV caches (written at the scratch position by rows that are
-  not active: `Engine._decode_fn`) from `new`."""
+  """Per-slot leaves from `new` where active [S] else from `old`; those `_kept_whole` from
+  `new`."""
   def select(path, n, o):
-    if (_is_pool(path) or _is_dense_kv(path)
-        or any(getattr(e, "name", None) in _SUMMARY_FIELDS for e in path)):
+    if _kept_whole(path):
       return n
     return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
   return jax.tree_util.tree_map_with_path(select, new, old)
+
+
+def _select_rows_and_put_row(active, new, old, row, slot):
+  """`_put_row(_select_rows(active, new, old), row, slot)`, the selected leaves in one pass:
+  row `slot` joins the select (one fusion per leaf instead of a select and an update)."""
+  def put(path, n, o, r):
+    if _is_pool(path):
+      return r
+    if _kept_whole(path):
+      return jax.lax.dynamic_update_slice_in_dim(n, r, slot, 0)
+    shape = (-1,) + (1,) * (n.ndim - 1)
+    rows = jnp.arange(n.shape[0])
+    return jnp.where((rows == slot).reshape(shape), r,
+                     jnp.where(active.reshape(shape), n, o))
+  return jax.tree_util.tree_map_with_path(put, new, old, row)
 
 
 def _pack(groups) -> tuple[np.ndarray, tuple]:
@@ -526,7 +547,7 @@ class Engine:
     logits, new = jax.lax.optimization_barrier((logits, new))
     new_decode = self._detach(tuple(d for d, _ in new["layers"]))
     new_row = self._detach(tuple(r for _, r in new["layers"]))
-    cache = _put_row(_select_rows(active, new_decode, cache), new_row, slot)
+    cache = _select_rows_and_put_row(active, new_decode, cache, new_row, slot)
     next_tokens, logprobs = sample_tokens(logits[0, :num_slots], *decode_sampling)
     token, logprob = sample_tokens(logits[0, -1:], *prefill_sampling)
     last = jnp.where(active, next_tokens, last).at[slot].set(token[0])

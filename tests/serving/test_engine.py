@@ -36,13 +36,16 @@ DEFAULT_LOGPROB_TOL = 5e-4
 
 
 @functools.cache
+def tiny_config(pattern, vocab_size=64) -> ModelConfig:
+  return ModelConfig(vocab_size=vocab_size, d_model=32, layer_pattern=pattern, num_heads=2,
+                     num_kv_heads=1, head_dim=8, mlp_hidden=64, window=6, rat_chunk_size=4,
+                     linear_chunk_size=8, conv_size=3)
+
+
 def tiny_model(pattern, vocab_size=64):
   """(model, variables, jitted log-probs (variables, tokens) of the full sequence) of a tiny
   model."""
-  cfg = ModelConfig(vocab_size=vocab_size, d_model=32, layer_pattern=pattern, num_heads=2,
-                    num_kv_heads=1, head_dim=8, mlp_hidden=64, window=6, rat_chunk_size=4,
-                    linear_chunk_size=8, conv_size=3)
-  model = LanguageModel(cfg)
+  model = LanguageModel(tiny_config(pattern, vocab_size))
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 1), jnp.int32))
   # Sharper logits than the default init: greedy paths that vary from token to token.
   variables = jax.tree.map(lambda x: x * 3.0, variables)
@@ -214,6 +217,22 @@ def test_steps_update_cache_buffers_in_place():
     copied = set(re.findall(r"= (\w+\[[\d,]*\])\{[^}]*\} copy\(", hlo))
     assert copied, "no copies at all: the pattern no longer matches XLA's text"
     assert not copied & buffers, copied & buffers
+
+
+def test_select_rows_and_put_row_is_select_then_put(rng):
+  """The mixed step's one-pass write-back equals `_select_rows` then `_put_row`, leaf by leaf
+  (pools, RAT summaries and states, linear states and conv histories), on random contents."""
+  layout = engine_module.init_engine_cache(tiny_config(("rat", "local", "gla")), ENGINE)
+  fill = lambda tree: jax.tree.map(
+      lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
+  new, old = fill(layout), fill(layout)
+  row = fill(engine_module._take_row(layout, 0))
+  active, slot = jnp.asarray([True, False, True]), jnp.int32(1)
+  expected = engine_module._put_row(engine_module._select_rows(active, new, old), row, slot)
+  got = engine_module._select_rows_and_put_row(active, new, old, row, slot)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
 
 
 def _count_primitives(jaxpr, names) -> int:
