@@ -3,12 +3,12 @@
 The device holds one cache pytree for all `num_slots` slots (`init_engine_cache`). For a
 `LanguageModel`: attention layers keep their keys/values in a shared page pool
 (`jaxchunk.serving.pages`), RAT layers a `RATState` without its length (a step passes its rows'
-positions instead), linear layers their per-slot recurrent state and short-conv history. For a `MoRLanguageModel` (recursive /
-Mixture-of-Recursions): its own cache (`init_mor_cache`) without "length", every leaf one row per
-slot: the unshared first/last blocks' caches and, per recursion, the tokens it has processed
-("count" [num_slots]) and its block caches (dense keys/values [num_slots, max_len + 1, ...], no
-pages, the last position a scratch slot;
-with kv_strategy "share_first" only the first recursion's). Jitted functions update it:
+positions instead), linear layers their per-slot recurrent state and short-conv history. For a
+`MoRLanguageModel` (recursive / Mixture-of-Recursions): its own cache (`init_mor_cache`) without
+"length", every leaf one row per slot: the unshared first/last blocks' caches and, per recursion,
+the tokens it has processed ("count" [num_slots]) and its block caches (dense keys/values
+[num_slots, max_len + 1, ...], no pages, the last position a scratch slot; with kv_strategy
+"share_first" only the first recursion's). Jitted functions update it:
 
 - decode: one token for every slot ([num_slots, 1] tokens at per-slot positions); idle slots and
   slots still in prefill are masked (their rows of the cache are kept, their page-table rows point at
