@@ -236,12 +236,12 @@ def test_select_rows_and_put_row_is_select_then_put(rng):
 
 
 def _count_primitives(jaxpr, names) -> int:
-  """Equations of `jaxpr` (a ClosedJaxpr) and its sub-jaxprs whose primitive is in `names`."""
+  """Equations of `jaxpr` (a Jaxpr) and its sub-jaxprs whose primitive is in `names`."""
   count = 0
-  for eqn in jaxpr.jaxpr.eqns:
+  for eqn in jaxpr.eqns:
     count += eqn.primitive.name in names
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      count += _count_primitives(jax.extend.core.ClosedJaxpr(sub, ()), names)
+      count += _count_primitives(sub, names)
   return count
 
 
@@ -261,7 +261,7 @@ def test_mixed_step_adds_no_scatter():
     packed, layout = engine_module._pack(groups)
     jaxpr = jax.make_jaxpr(step, static_argnums=4)(engine.variables, engine.cache,
                                                    engine.last_tokens, packed, layout)
-    counts[name] = _count_primitives(jaxpr, {"scatter"})
+    counts[name] = _count_primitives(jaxpr.jaxpr, {"scatter"})
   assert counts["mixed"] == counts["decode"] + 1, counts
 
 
