@@ -314,10 +314,16 @@ def measure(args) -> dict:
   for name, prefill_first in (runs[::-1] if args.baseline_first else runs):
     engine = Engine(model, variables, EngineConfig(
         num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
-        chunk_size=args.chunk_size, prefill_first=prefill_first))
+        chunk_size=args.chunk_size, prefill_first=prefill_first,
+        mixed_step_limit=None if prefill_first else args.mixed_step_limit))
     start = time.perf_counter()
     engine.warmup()
     print(f"{name}: warm-up (compilation) {time.perf_counter() - start:.1f} s", flush=True)
+    if engine.step_times:
+      results["step_times_ms"] = {k: 1e3 * v for k, v in engine.step_times.items()}
+      results["mixed_chunk_size"] = engine.scheduler.mixed_chunk_size
+      print("step times", json.dumps(results["step_times_ms"]), "-> pieces of steps that decode "
+            f"<= {engine.scheduler.mixed_chunk_size}", flush=True)
     traces = engine.num_traces
     if name == "chunked" and args.call_times:
       results["calls"] = call_times(engine, position=context, reps=args.call_times)
@@ -419,6 +425,12 @@ def render(results: dict) -> str:
         f"{[tuple(p) for p in s['pieces']]})" for s in results["chunked"]["steps"]["slowest"])]
   if "calls" in results:
     lines += ["", calls_table(results["calls"])]
+  if "step_times_ms" in results:
+    lines += ["", f"`--mixed-step-limit {results['args']['mixed_step_limit']:g}`: the chunked "
+              "engine's warm-up timed each step shape back to back (ms per call: " + ", ".join(
+                  f"{name} {ms:.2f}" for name, ms in results["step_times_ms"].items())
+              + f") and capped the piece of a step that decodes at {results['mixed_chunk_size']} "
+              "tokens."]
   return "\n".join(lines) + profile_tables(results)
 
 
@@ -432,6 +444,10 @@ def main(argv=None) -> str:
   parser.add_argument("--max-len", type=int, default=4096)
   parser.add_argument("--page-size", type=int, default=64)
   parser.add_argument("--chunk-size", type=int, default=128)
+  parser.add_argument("--mixed-step-limit", type=float, default=None, metavar="RATIO",
+                      help="the chunked engine's EngineConfig.mixed_step_limit: pieces of steps "
+                           "that decode are capped so that such a step takes at most RATIO times "
+                           "a decode step (timed at warm-up); default none")
   parser.add_argument("--requests", type=int, default=128)
   parser.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second")
   parser.add_argument("--prompt-mean", type=float, default=1024)

@@ -62,6 +62,10 @@ _POOL_KEYS = ("k_pages", "v_pages")
 # Runs of every step shape in `Engine.warmup`: the first runs op by op, the second records the
 # CUDA graph, the third is the first replay.
 WARMUP_RUNS = 3
+# `Engine.warmup`'s timing of step shapes for `EngineConfig.mixed_step_limit`: rounds (the median
+# is kept) of calls issued back to back.
+CALIBRATION_ROUNDS = 3
+CALIBRATION_CALLS = 8
 # RAT's chunk-summary buffers. A decode step writes a row's buffer only at the slot of the chunk in
 # progress (length // chunk_size, when the token completes it). For a slot that is not decoding
 # (mid-prefill, or free) that slot is never read before its prefill completes the chunk and writes
@@ -91,6 +95,12 @@ class EngineConfig:
       host's per-step work (scheduling, dispatch, fetching tokens) once per that many tokens;
       tokens then stream in bursts of that many, and a request that stops early discards the rest
       of its burst. Outputs are the same as with 1 (sampling keys count the generated tokens).
+    mixed_step_limit: a bound on the steps that decode and prefill together (Sarathi-Serve's TBT
+      target): `Engine.warmup` times the decode step and each mixed step (the decode with one
+      prefill piece of each length) issued back to back, as the engine issues its steps, and caps
+      the pieces of steps that decode at the longest length whose step takes at most this
+      multiple of the decode step's time (the shortest length when none does). Steps without
+      decodes still take pieces of up to chunk_size. None: no timing, pieces up to chunk_size.
     pack_projections: serve a `LanguageModel` from `LanguageModel.pack_projections` (each
       block's projections of one input in one kernel, packed once at construction: one matmul
       per group in every step; outputs equal up to float rounding; `Engine.variables` then
@@ -107,6 +117,7 @@ class EngineConfig:
   prefill_first: bool = False
   cache_dtype: str | None = None
   decode_steps: int = 1
+  mixed_step_limit: float | None = None
   pack_projections: bool = True
 
   def __post_init__(self):
@@ -121,6 +132,11 @@ class EngineConfig:
     if self.num_pages is not None and self.num_pages - 1 < self.pages_per_seq:
       raise ValueError(f"num_pages ({self.num_pages}) must exceed the {self.pages_per_seq} pages "
                        "of one max_len request (page 0 is scratch)")
+    if self.mixed_step_limit is not None and not (
+        isinstance(self.mixed_step_limit, (int, float))
+        and not isinstance(self.mixed_step_limit, bool) and self.mixed_step_limit >= 1):
+      raise ValueError(f"mixed_step_limit must be a number >= 1 or None, got "
+                       f"{self.mixed_step_limit!r}")
     if self.token_budget is not None and self.token_budget < self.num_slots + 1:
       raise ValueError(f"token_budget ({self.token_budget}) must exceed num_slots "
                        f"({self.num_slots}) so prefills always progress")
@@ -289,6 +305,13 @@ def _select_rows_and_put_row(active, new, old, row, slot):
   return jax.tree_util.tree_map_with_path(put, new, old, row)
 
 
+def longest_piece_within(limit: float, decode_time: float, mixed_times: dict[int, float]) -> int:
+  """The longest piece length L whose mixed step (mixed_times[L], seconds) takes at most `limit`
+  times the decode step's `decode_time`; the shortest length when none does."""
+  fits = [length for length, seconds in mixed_times.items() if seconds <= limit * decode_time]
+  return max(fits) if fits else min(mixed_times)
+
+
 def _pack(groups) -> tuple[np.ndarray, tuple]:
   """Host arrays (tuples of int32 / uint32 / float32 / bool arrays or scalars) -> (one int32
   vector of all their bits, the layout that `_unpack` cuts it back by).
@@ -383,6 +406,8 @@ class Engine:
     self.num_mixed_steps = 0  # jitted calls that ran a decode and a prefill piece together
     self.last_schedule: Schedule | None = None  # the latest step's work (for monitoring)
     self.last_step_times: dict[str, float] = {}  # where the latest step's host time went
+    # Seconds per call of each step shape, timed by `warmup` for `mixed_step_limit` (else empty).
+    self.step_times: dict[str, float] = {}
     self.last_tokens = jnp.zeros((config.num_slots,), jnp.int32)  # each slot's latest sample
     # The previous step's results, not fetched yet: (request, column, samples) as in `step`.
     self._pending: list[tuple[Request, int, jax.Array]] = []
@@ -570,6 +595,9 @@ class Engine:
     ms to tens of ms for a model's step) the second; running every shape twice or more here keeps
     both out of the steps that serve requests. Runs on the scratch page only (slot 0's row is
     cleared by its next request's first prefill piece); call it while the engine is idle.
+
+    With `EngineConfig.mixed_step_limit`, then times the step shapes (`step_times`) and sets the
+    longest prefill piece of a step that decodes (`scheduler.mixed_chunk_size`) from them.
     """
     if runs < 1:
       raise ValueError(f"runs must be >= 1, got {runs}")
@@ -586,6 +614,33 @@ class Engine:
           self._run(self._prefill, piece_args)
           self._run(self._mixed, mixed_decode_args, piece_args)
       jax.block_until_ready(self.last_tokens)
+      if self.config.mixed_step_limit is not None:
+        self.step_times = self._time_steps()
+        self.scheduler.mixed_chunk_size = longest_piece_within(
+            self.config.mixed_step_limit, self.step_times["decode"],
+            {length: self.step_times[f"mixed {length}"] for length in self.piece_lengths})
+
+  def _time_steps(self) -> dict[str, float]:
+    """Seconds per call of the decode ("decode") and of each mixed step ("mixed L"), every slot
+    decoding at position max_len // 2 and the piece starting there (on the scratch page, slot 0:
+    its next request's first piece clears its row), each shape's calls issued back to back; the
+    median of CALIBRATION_ROUNDS rounds that time every shape in turn."""
+    position = self.config.max_len // 2
+    decode_args = self._idle_decode_args(position=position)
+    shapes = {"decode": (self._decode, (decode_args,))}
+    for length in self.piece_lengths:
+      piece_args = self._idle_prefill_args(length, start=position)
+      shapes[f"mixed {length}"] = (self._mixed, (decode_args, piece_args))
+    times = {name: [] for name in shapes}
+    for _ in range(CALIBRATION_ROUNDS):
+      for name, (step, groups) in shapes.items():
+        jax.block_until_ready(self.last_tokens)
+        start = time.perf_counter()
+        for _ in range(CALIBRATION_CALLS):
+          self._run(step, *groups)
+        jax.block_until_ready(self.last_tokens)
+        times[name].append((time.perf_counter() - start) / CALIBRATION_CALLS)
+    return {name: float(np.median(seconds)) for name, seconds in times.items()}
 
   def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
     """Queues a request; returns its id. Raises ValueError on a bad prompt or params."""

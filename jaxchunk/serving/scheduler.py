@@ -4,10 +4,12 @@ Every step the scheduler (1) admits waiting requests into free slots, (2) schedu
 token for every running request, oldest first, and (3) fills what is left of `token_budget` with
 prefill pieces of the admitted requests, oldest first. A piece has a power-of-two length of at most
 `chunk_size` tokens (so the engine compiles one prefill shape per power of two and no padding token
-ever enters a recurrent state). A step that decodes takes one piece, the largest that fits (the
-engine runs the decodes and that piece in one jitted call, so the step's time is one decode plus at
-most one `chunk_size` piece); a step without decodes fills the budget with as many pieces as fit.
-A long prompt therefore never stalls the decodes for more than one piece per token.
+ever enters a recurrent state). A step that decodes takes one piece, the largest that fits and at
+most `mixed_chunk_size` tokens (the engine runs the decodes and that piece in one jitted call, so
+the step's time is one decode plus at most one such piece; the engine may lower
+`mixed_chunk_size` below `chunk_size` to keep those steps within a time limit); a step without
+decodes fills the budget with as many pieces of up to `chunk_size` as fit. A long prompt therefore
+never stalls the decodes for more than one piece per token.
 
 Tokens sampled on the device but not yet fetched by the host count in `Request.pending`: the
 engine dispatches a step before it fetches the previous step's tokens, so a request may decode
@@ -131,6 +133,7 @@ class Scheduler:
     self.num_slots = num_slots
     self.max_len = max_len
     self.chunk_size = chunk_size
+    self.mixed_chunk_size = chunk_size  # the longest piece of a step that decodes
     self.token_budget = token_budget
     self.tables = tables
     self.prefill_first = prefill_first
@@ -170,9 +173,10 @@ class Scheduler:
         continue
       remaining = len(request.tokens) - request.num_computed
       n = remaining if budget is None else min(remaining, budget)
-      lengths = power_of_two_pieces(n, self.chunk_size)
-      if decodes:
-        lengths = lengths[:1]  # the largest piece that fits
+      if decodes:  # the largest piece that fits
+        lengths = power_of_two_pieces(n, self.mixed_chunk_size)[:1]
+      else:
+        lengths = power_of_two_pieces(n, self.chunk_size)
       n = sum(lengths)
       if not self._reserve(request, request.num_computed + n, scheduled):
         continue

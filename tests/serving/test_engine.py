@@ -3,6 +3,7 @@ RAT+local, GLA, Gated DeltaNet models; staggered arrivals, chunked prefill under
 preemption), compilation counts, page accounting, sampling, streaming, cancellation, bad input."""
 
 import collections
+import dataclasses
 import functools
 import re
 
@@ -344,6 +345,46 @@ def test_warmup_runs_every_step_shape_and_compiles_once(monkeypatch):
   assert engine.num_traces == traces
   with pytest.raises(ValueError, match="runs"):
     engine.warmup(runs=0)
+
+
+def test_mixed_step_limit_caps_the_pieces_of_steps_that_decode(rng, monkeypatch):
+  engine = warm_engine(("rat", "local"))
+  monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, mixed_step_limit=1.5))
+  monkeypatch.setattr(engine, "step_times", {})
+  monkeypatch.setattr(engine.scheduler, "mixed_chunk_size", engine.scheduler.mixed_chunk_size)
+  traces = engine.num_traces
+  engine.warmup(runs=1)
+  times = engine.step_times
+  assert set(times) == {"decode"} | {f"mixed {n}" for n in engine.piece_lengths}
+  assert all(t > 0 for t in times.values())
+  assert engine.scheduler.mixed_chunk_size == engine_module.longest_piece_within(
+      1.5, times["decode"], {n: times[f"mixed {n}"] for n in engine.piece_lengths})
+  # A cap under the budget: steps that decode take pieces of one token, steps without decodes
+  # pieces up to chunk_size; the tokens are unchanged and nothing compiles.
+  engine.scheduler.mixed_chunk_size = 1
+  schedules, step = [], engine.step
+
+  def recording_step():
+    events = step()
+    schedules.append(engine.last_schedule)
+    return events
+
+  monkeypatch.setattr(engine, "step", recording_step)
+  check_matches_reference(engine, ("rat", "local"), rng, num_prompts=4, max_tokens=6)
+  pieces = [(bool(s.decodes), p.length) for s in schedules for p in s.prefills]
+  assert {length for decodes, length in pieces if decodes} == {1}
+  assert max(length for decodes, length in pieces if not decodes) > 1
+  assert engine.num_traces == traces
+
+
+def test_longest_piece_within():
+  mixed = {1: 1.1, 2: 1.2, 4: 1.6, 8: 2.5}
+  assert engine_module.longest_piece_within(1.5, 1.0, mixed) == 2
+  assert engine_module.longest_piece_within(2.5, 1.0, mixed) == 8
+  assert engine_module.longest_piece_within(1.0, 1.0, mixed) == 1  # none fits: the shortest
+  for bad in (0.5, True, "2"):
+    with pytest.raises(ValueError, match="mixed_step_limit"):
+      EngineConfig(mixed_step_limit=bad)
 
 
 def test_seeded_sampling_is_reproducible_across_batches(rng):

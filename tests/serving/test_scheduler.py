@@ -54,6 +54,23 @@ def test_budget_puts_decodes_first_then_one_prefill_piece():
                                                                                   (10, 1)]
 
 
+def test_mixed_chunk_size_caps_only_the_piece_of_a_step_that_decodes():
+  scheduler = Scheduler(2, max_len=64, chunk_size=8, token_budget=9, tables=None)
+  scheduler.mixed_chunk_size = 2
+  params = SamplingParams(max_tokens=4)
+  running = Request(0, [1, 2, 3], params, 0, 0.0, tokens=[1, 2, 3])
+  scheduler.add(running)
+  # No decodes yet: pieces up to chunk_size fill the budget.
+  assert [p.length for p in scheduler.schedule().prefills] == [2, 1]
+  running.tokens.append(4)
+  running.status = running.status.DECODE
+  scheduler.add(Request(1, list(range(20)), params, 0, 0.0, tokens=list(range(20))))
+  second = scheduler.schedule()
+  assert second.decodes == [running] and [p.length for p in second.prefills] == [2]
+  scheduler.finish(running, "stop")
+  assert [p.length for p in scheduler.schedule().prefills] == [8, 1]
+
+
 def test_sampler_filters():
   logits = jnp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000, np.float32)))
   n = logits.shape[0]
