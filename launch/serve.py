@@ -34,6 +34,9 @@ def main() -> None:
   parser.add_argument("--chunk-size", type=int, default=64)
   parser.add_argument("--decode-steps", type=int, default=1,
                       help="decode tokens per slot per jitted call while nothing waits")
+  parser.add_argument("--mixed-step-limit", type=float, default=None,
+                      help="cap prefill pieces so a step that also decodes takes at most this "
+                           "multiple of a decode step (timed at warm-up)")
   parser.add_argument("--dtype", default="float32")
   args = parser.parse_args()
 
@@ -47,7 +50,8 @@ def main() -> None:
   engine = Engine(LanguageModel(config), variables,
                   EngineConfig(num_slots=args.slots, max_len=args.max_len,
                                page_size=args.page_size, chunk_size=args.chunk_size,
-                               decode_steps=args.decode_steps),
+                               decode_steps=args.decode_steps,
+                               mixed_step_limit=args.mixed_step_limit),
                   tokenizer=ByteTokenizer())
   engine.warmup()
   server, loop = make_server(engine, ByteTokenizer(), host=args.host, port=args.port)
