@@ -83,15 +83,15 @@ def profile_kernels(call, calls: int, *, wait=lambda: None, per_call: float = 1.
 def trace_events(call, calls: int, *, wait=lambda: None) -> list[dict]:
   """The perfetto trace events of `calls` calls of `call` (a JAX profiler trace that ends once
   the last call's outputs and `wait()`'s arrays are ready)."""
-  folder = tempfile.mkdtemp(prefix="jaxchunk_trace_")
   jax.block_until_ready(wait())
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    for _ in range(calls):
-      out = call()
-    jax.block_until_ready((out, wait()))
-  [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
-  with gzip.open(path) as f:
-    events = json.load(f)
+  with tempfile.TemporaryDirectory(prefix="jaxchunk_trace_") as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      for _ in range(calls):
+        out = call()
+      jax.block_until_ready((out, wait()))
+    [path] = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)
   return events["traceEvents"] if isinstance(events, dict) else events
 
 
