@@ -622,10 +622,11 @@ class Engine:
 
   def _time_steps(self) -> dict[str, float]:
     """Seconds per call of the decode ("decode") and of each mixed step ("mixed L"), every slot
-    decoding at position max_len // 2 and the piece starting there (on the scratch page, slot 0:
-    its next request's first piece clears its row), each shape's calls issued back to back; the
-    median of CALIBRATION_ROUNDS rounds that time every shape in turn."""
-    position = self.config.max_len // 2
+    decoding at position max_len // 2 (at most max_len - chunk_size) and the piece on slot 0
+    starting there, each shape's calls issued back to back; the median of CALIBRATION_ROUNDS
+    rounds that time every shape in turn. The calls write the scratch page and every slot's
+    per-slot states, which each slot's next request clears with its first piece."""
+    position = max(0, min(self.config.max_len // 2, self.config.max_len - self.config.chunk_size))
     decode_args = self._idle_decode_args(position=position)
     shapes = {"decode": (self._decode, (decode_args,))}
     for length in self.piece_lengths:
