@@ -593,8 +593,9 @@ class Engine:
 
     On a GPU, XLA runs a new executable op by op the first time and records its CUDA graph (a few
     ms to tens of ms for a model's step) the second; running every shape twice or more here keeps
-    both out of the steps that serve requests. Runs on the scratch page only (slot 0's row is
-    cleared by its next request's first prefill piece); call it while the engine is idle.
+    both out of the steps that serve requests. The calls write only the scratch page of the pools,
+    but every slot's per-slot states (the decode runs all slots, the pieces slot 0), which each
+    slot's next request clears with its first piece; call it while the engine is idle.
 
     With `EngineConfig.mixed_step_limit`, then times the step shapes (`step_times`) and sets the
     longest prefill piece of a step that decodes (`scheduler.mixed_chunk_size`) from them.
