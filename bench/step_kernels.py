@@ -2,14 +2,14 @@
 
   pip install "jax[cuda13]==0.11.2"  # a separate venv: its CUDA plugin holds XLA's GPU compiler
   python bench/step_kernels.py                            # rat_local_350m, 16 slots, pieces of 128
-  python bench/step_kernels.py --pieces 1,16,128 --blocks # per-piece counts, one block's kernels
+  python bench/step_kernels.py --pieces 1,16,128 --blocks # per piece length; blocks 0-1 listed
 
 On a GPU host a step's time is often its dispatch, and a CUDA graph's launch grows with its kernels
 (docs/serving.md, "Measured"). This script compiles the engine's decode, mixed and prefill calls
 for an H100 on any machine: XLA's deviceless (ahead-of-time) compilation, given the H100's
 description (`H100_TARGET`), with jaxchunk's Pallas kernels real (`targeting_h100`). It counts the
 ops of each optimized program's entry computation that launch work (fusions, Pallas/Triton and
-other custom calls, copies, scatters...), which is the kernel count of the call's CUDA graph.
+other custom calls, copies...): about the kernels of the call's CUDA graph.
 Without a device XLA does not autotune, so its GEMM choices (split-K and their reduction
 kernels) can differ from a GPU's compile; on 2026-12-07 the counts were within 1% of the profiled
 launches (decode 351 vs 354, mixed 128 451 vs 452, prefill 128 414 vs 416).
@@ -92,9 +92,9 @@ def launches(hlo_text: str) -> list[tuple[str, str]]:
   return ops
 
 
-def engine_calls(args) -> dict[str, tuple]:
-  """The engine (random weights never materialised: zeros) and its calls to count:
-  name -> (jitted step, argument groups)."""
+def engine_calls(args) -> tuple[Engine, dict[str, tuple]]:
+  """The engine (zero weights: only their shapes matter) and its calls to count, as
+  {name: (jitted step, argument groups)}."""
   config = preset_config(args.preset, smoke=args.smoke)
   model = LanguageModel(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32)))
