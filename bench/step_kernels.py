@@ -1,6 +1,6 @@
 """Kernels per serving-engine call on an H100, counted without a GPU.
 
-  pip install "jax[cuda13]==0.11.2"  # a separate venv: its CUDA plugin holds XLA's GPU compiler
+  pip install "jax[cuda13]==0.11.2" -e .  # a separate venv: the CUDA plugin has XLA's GPU compiler
   python bench/step_kernels.py                            # rat_local_350m, 16 slots, pieces of 128
   python bench/step_kernels.py --pieces 1,16,128 --blocks # per piece length; blocks 0-1 listed
 
