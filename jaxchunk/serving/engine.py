@@ -55,7 +55,7 @@ from jaxchunk.config import ATTENTION_KINDS, ModelConfig
 from jaxchunk.models.mor import MoRConfig, init_mor_cache
 from jaxchunk.ops.rat import RATState
 from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables
-from jaxchunk.serving.sampling import SamplingParams, sample_tokens
+from jaxchunk.serving.sampling import SamplingParams, _is_number, sample_tokens
 from jaxchunk.serving.scheduler import PrefillPiece, Request, Schedule, Scheduler, Status
 
 _POOL_KEYS = ("k_pages", "v_pages")
@@ -133,8 +133,7 @@ class EngineConfig:
       raise ValueError(f"num_pages ({self.num_pages}) must exceed the {self.pages_per_seq} pages "
                        "of one max_len request (page 0 is scratch)")
     if self.mixed_step_limit is not None and not (
-        isinstance(self.mixed_step_limit, (int, float))
-        and not isinstance(self.mixed_step_limit, bool) and self.mixed_step_limit >= 1):
+        _is_number(self.mixed_step_limit) and self.mixed_step_limit >= 1):
       raise ValueError(f"mixed_step_limit must be a number >= 1 or None, got "
                        f"{self.mixed_step_limit!r}")
     if self.token_budget is not None and self.token_budget < self.num_slots + 1:
