@@ -55,7 +55,7 @@ from jaxchunk.config import ATTENTION_KINDS, ModelConfig
 from jaxchunk.models.mor import MoRConfig, init_mor_cache
 from jaxchunk.ops.rat import RATState
 from jaxchunk.serving.pages import SCRATCH_PAGE, PagePool, PageTables
-from jaxchunk.serving.sampling import SamplingParams, _is_number, sample_tokens
+from jaxchunk.serving.sampling import SamplingParams, _is_int, _is_number, sample_tokens
 from jaxchunk.serving.scheduler import PrefillPiece, Request, Schedule, Scheduler, Status
 
 _POOL_KEYS = ("k_pages", "v_pages")
@@ -122,8 +122,14 @@ class EngineConfig:
 
   def __post_init__(self):
     for name in ("num_slots", "max_len", "page_size", "chunk_size", "decode_steps"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    for name in ("num_pages", "token_budget"):
+      if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+        raise ValueError(f"{name} must be an int or None, got {getattr(self, name)!r}")
+    for name in ("prefill_first", "pack_projections"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
     if self.max_len % self.page_size:
       raise ValueError(f"max_len ({self.max_len}) must be a multiple of page_size "
                        f"({self.page_size})")

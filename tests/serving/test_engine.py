@@ -467,5 +467,9 @@ def test_bad_input_raises_and_engine_continues():
     EngineConfig(chunk_size=6)
   with pytest.raises(ValueError, match="num_pages"):
     EngineConfig(max_len=32, page_size=4, num_pages=5)
+  for name, bad in (("num_slots", True), ("decode_steps", 2.0), ("token_budget", 80.0),
+                    ("num_pages", "9"), ("prefill_first", 1)):
+    with pytest.raises(ValueError, match=name):
+      EngineConfig(**{name: bad})
   assert len(engine.generate([[5, 6]], SamplingParams(max_tokens=3))[0].tokens) == 3
   assert engine.generate([np.array([5, 6])], SamplingParams(max_tokens=3))[0].prompt == [5, 6]
