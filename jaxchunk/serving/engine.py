@@ -578,10 +578,13 @@ class Engine:
     new_decode = self._detach(tuple(d for d, _ in new["layers"]))
     new_row = self._detach(tuple(r for _, r in new["layers"]))
     cache = _select_rows_and_put_row(active, new_decode, cache, new_row, slot)
-    next_tokens, logprobs = sample_tokens(logits[0, :num_slots], *decode_sampling)
-    token, logprob = sample_tokens(logits[0, -1:], *prefill_sampling)
-    last = jnp.where(active, next_tokens, last).at[slot].set(token[0])
-    return cache, last, jnp.append(next_tokens, token), jnp.append(logprobs, logprob)
+    # Both streams' rows sampled together (one launch of each sampling kernel; rows are drawn
+    # independently): the decodes' last logits, then the piece's.
+    tokens, logprobs = sample_tokens(
+        jnp.concatenate([logits[0, :num_slots], logits[0, -1:]]),
+        *(jnp.concatenate([d, p]) for d, p in zip(decode_sampling, prefill_sampling)))
+    last = jnp.where(active, tokens[:num_slots], last).at[slot].set(tokens[num_slots])
+    return cache, last, tokens, logprobs
 
   # ------------------------------------------------------------------------------------------
   # Host side.
