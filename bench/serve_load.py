@@ -198,9 +198,16 @@ def steady_state(engine: Engine, rng, *, prompt_len: int, steps: int, vocab: int
   slots, max_len = engine.config.num_slots, engine.config.max_len
   ids = [engine.submit(list(rng.integers(0, vocab, size=prompt_len)),
                        SamplingParams(max_tokens=max_len - prompt_len)) for _ in range(slots)]
+  # Prefill (chunked, interleaved with the first decodes) with pieces of up to chunk_size even
+  # where `mixed_step_limit` capped them: at a cap of 1 the first slots would finish decoding
+  # before the last prompts are in.
+  cap, engine.scheduler.mixed_chunk_size = engine.scheduler.mixed_chunk_size, engine.config.chunk_size
   started = set()
-  while len(started) < slots:  # prefill (chunked, interleaved with the first decodes)
-    started.update(e.request_id for e in engine.step() if e.token is not None)
+  try:
+    while len(started) < slots:
+      started.update(e.request_id for e in engine.step() if e.token is not None)
+  finally:
+    engine.scheduler.mixed_chunk_size = cap
   full_step(engine)  # untimed: the timed gaps start at its tokens
   start = time.perf_counter()
   for _ in range(steps):

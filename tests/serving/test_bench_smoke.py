@@ -167,3 +167,27 @@ def test_serve_decode_lists_out_of_memory_and_goes_on(monkeypatch):
   table = serve_decode.render_presets(rows, args)
   assert "| attention_350m | " in table and " | 4 | 64 | OOM |" in table
   assert "rat_local_350m 3.000x at batch 2" in table and "at batch 4" not in table
+
+
+def test_serve_load_steady_state_fills_whatever_the_piece_cap(monkeypatch):
+  """The steady state's prompts go in with pieces of up to chunk_size even where
+  `mixed_step_limit` capped the piece of a step that decodes at 1 (at that cap the first slots
+  would finish decoding before the last prompt is in); the cap is kept for what follows."""
+  monkeypatch.syspath_prepend(BENCH)
+  import serve_load  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jaxchunk.config import ModelConfig  # noqa: PLC0415
+  from jaxchunk.models.language_model import LanguageModel  # noqa: PLC0415
+  from jaxchunk.serving import Engine, EngineConfig  # noqa: PLC0415
+
+  model = LanguageModel(ModelConfig(vocab_size=64, d_model=16, layer_pattern=("attention",),
+                                    num_heads=2, num_kv_heads=1, head_dim=8, mlp_hidden=32))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  engine = Engine(model, variables, EngineConfig(num_slots=3, max_len=48, page_size=8,
+                                                 chunk_size=8))
+  engine.scheduler.mixed_chunk_size = 1
+  steady = serve_load.steady_state(engine, np.random.default_rng(0), prompt_len=24, steps=4,
+                                   vocab=64)
+  assert (steady["slots"], steady["steps"]) == (3, 4) and steady["tbt_p50_ms"] > 0
+  assert engine.scheduler.mixed_chunk_size == 1 and not engine.has_work()
