@@ -77,6 +77,9 @@ def test_serve_load_smoke(tmp_path):
                     "throughput_tok_s", "seconds")
     assert run["ttft_p50_ms"] <= run["ttft_p99_ms"] and run["tbt_p50_ms"] <= run["tbt_p99_ms"]
     assert f"| {name.replace('_', '-')} |" in report
+    # both ratios in the run's row: to the steady TBT p50 (the target's) and p99
+    assert (f"{run['tbt_p99_ms'] / steady['tbt_p50_ms']:.2f}x | "
+            f"{run['tbt_p99_ms'] / steady['tbt_p99_ms']:.2f}x |") in report
   # Chunked prefill runs decodes and a piece in one call; prefill-first never does.
   kinds = {name: results[name]["steps"]["kinds"] for name in ("chunked", "prefill_first")}
   assert {"decode", "mixed"} <= set(kinds["chunked"]) and "mixed" not in kinds["prefill_first"]
