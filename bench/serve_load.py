@@ -201,7 +201,8 @@ def steady_state(engine: Engine, rng, *, prompt_len: int, steps: int, vocab: int
   # Prefill (chunked, interleaved with the first decodes) with pieces of up to chunk_size even
   # where `mixed_step_limit` capped them: at a cap of 1 the first slots would finish decoding
   # before the last prompts are in.
-  cap, engine.scheduler.mixed_chunk_size = engine.scheduler.mixed_chunk_size, engine.config.chunk_size
+  cap = engine.scheduler.mixed_chunk_size
+  engine.scheduler.mixed_chunk_size = engine.config.chunk_size
   started = set()
   try:
     while len(started) < slots:

@@ -101,6 +101,8 @@ class EngineConfig:
       the pieces of steps that decode at the longest length whose step takes at most this
       multiple of the decode step's time (the shortest length when none does). Steps without
       decodes still take pieces of up to chunk_size. None: no timing, pieces up to chunk_size.
+      On the 350M RAT+local preset's heavy load trace (H100) the cap did not pay: a mixed step's
+      cost is mostly per piece, so shorter pieces made more slow steps (docs/serving.md).
     pack_projections: serve a `LanguageModel` from `LanguageModel.pack_projections` (each
       block's projections of one input in one kernel, packed once at construction: one matmul
       per group in every step; outputs equal up to float rounding; `Engine.variables` then
